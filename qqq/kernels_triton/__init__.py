@@ -1,0 +1,1 @@
+"""Triton kernels for W4A8 inference and the int4 packing they read."""

@@ -1,0 +1,116 @@
+"""Quantized linear layers: the fake-quant accuracy path and the real packed W4A8 layer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from qqq import numerics
+from qqq.kernels_triton.packing import pack_int4, unpack_int4
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose weight already lies on a quantization grid and whose input is optionally
+    fake-quantized per token to int8. Used for baselines that have no packed kernel here
+    (W4A16, SmoothQuant W8A8) and for smoothing's calibration forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantize_input: bool):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.quantize_input = quantize_input
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_input:
+            x = numerics.fake_quantize_per_token(x)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quantize_input={self.quantize_input}"
+
+
+def triton_available_for(x: torch.Tensor) -> bool:
+    """Use the Triton kernels on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class QQQLinear(nn.Module):
+    """A W4A8 linear layer: packed int4 weights, per-token int8 activations, int32 accumulation.
+
+    Buffers (the checkpoint format): ``qweight`` (packed codes, see ``qqq.kernels_triton.packing``),
+    ``channel_scale`` fp32 [N], ``group_ratio`` fp16 [N, K // group_size] (per-group only, else empty),
+    and an optional ``bias``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = -1, bias: bool = False,
+                 dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        numerics.check_group_size(group_size, in_features)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", pack_int4(codes))
+        self.register_buffer("channel_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        n_groups = 0 if group_size == -1 else in_features // group_size
+        self.register_buffer("group_ratio", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @property
+    def per_group(self) -> bool:
+        return self.group_size != -1
+
+    @classmethod
+    def from_codes(cls, codes, channel_scale, group_ratio=None, bias=None, group_size=-1, dtype=torch.float16):
+        """Build from 4-bit codes (signed [-7, 7] per-channel, or [0, 15] per-group with their ratios)."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, group_size, bias is not None, dtype, device=codes.device)
+        layer.qweight = pack_int4(codes)
+        layer.channel_scale = channel_scale.float().contiguous()
+        if group_size != -1:
+            layer.group_ratio = group_ratio.to(torch.float16).contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().to(dtype).clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = -1) -> QQQLinear:
+        """Round-to-nearest W4A8 version of ``linear`` (for tests and notebooks)."""
+        weight = linear.weight.detach()
+        numerics.check_group_size(group_size, weight.shape[1])
+        if group_size == -1:
+            codes, scale = numerics.quantize_weight_per_channel(weight)
+            return cls.from_codes(codes, scale, None, linear.bias, -1, weight.dtype)
+        codes, scale = numerics.quantize_weight_per_group(weight, group_size)
+        channel_scale, ratio = numerics.two_level_scales(codes, scale)
+        return cls.from_codes(codes, channel_scale, ratio, linear.bias, group_size, weight.dtype)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.qweight, self.in_features, signed=not self.per_group)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective fp32 weight the GEMM applies (after the int8 step)."""
+        ratio = self.group_ratio if self.per_group else None
+        return numerics.int8_weight(self.codes(), ratio).float() * self.channel_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QQQLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
+        ratio = self.group_ratio if self.per_group else None
+        if triton_available_for(x):
+            from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+
+            return w4a8_linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
+        flat = x.reshape(-1, self.in_features)
+        y = numerics.w4a8_linear_reference(flat, self.codes(), self.channel_scale, ratio, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -1,0 +1,184 @@
+"""The one numeric specification of QQQ's W4A8 formats, in plain PyTorch.
+
+Everything else (the fake-quant accuracy path, the packers, the Triton kernels and their tests) is defined
+by, or checked against, the functions in this file.
+
+Activations: dynamic per-token symmetric int8, ``scale = amax(|row|) / 127`` in fp32, round half to even,
+an all-zero row gets scale 0 and codes 0 (never NaN).
+
+Weights, stored as 4-bit codes:
+- per-channel (``group_size == -1``): signed codes in [-7, 7], ``scale = amax(|row|) / 7`` per output channel;
+  the int8 weight the GEMM uses is the code itself.
+- per-group (``group_size`` in 32/64/128/256): unsigned codes in [0, 15] with zero point 8,
+  ``group_scale = 2 * amax(|group|) / 15``; the GEMM uses two-level scales: a per-channel fp32 scale
+  ``channel_scale = amax(|dequantized row|) / 127`` and an fp16 ratio per group
+  ``ratio = group_scale / channel_scale``; the int8 weight is ``round((code - 8) * ratio)``, which never leaves
+  [-127, 127].
+
+The product of an int8 activation row and an int8 weight row is accumulated exactly in int32, then
+``y = acc * token_scale * channel_scale`` (+ bias) in fp32 and cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
+INT8_MAX = 127
+INT4_SIGNED_MAX = 7
+INT4_ZERO_POINT = 8
+INT4_UNSIGNED_MAX = 15
+
+
+def check_group_size(group_size: int, in_features: int) -> None:
+    """Raise a clear error if ``group_size`` is not supported or does not divide ``in_features``."""
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), got {group_size}")
+    if group_size != -1 and in_features % group_size != 0:
+        raise ValueError(
+            f"in_features={in_features} is not divisible by group_size={group_size}; "
+            "choose a group size that divides the layer's input dimension or use per-channel (-1)"
+        )
+
+
+def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+# ---------------------------------------------------------------- activations
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) symmetric int8 quantization.
+
+    Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    codes = torch.round(x / _safe_divisor(scale)).clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded onto its per-token int8 grid, in ``x``'s dtype."""
+    codes, scale = quantize_per_token(x)
+    return (codes.float() * scale).to(x.dtype)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, scale: torch.Tensor | None = None):
+    """Signed int4 codes in [-7, 7] per output channel: ``weight ~= codes * scale[:, None]``.
+
+    ``scale`` (fp32 [N]) defaults to ``amax(|row|) / 7``; GPTQ passes its own (e.g. clipped) scale.
+    """
+    w = weight.float()
+    if scale is None:
+        scale = w.abs().amax(dim=1) / INT4_SIGNED_MAX
+    codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT4_SIGNED_MAX, INT4_SIGNED_MAX)
+    return codes.to(torch.int8), scale.float()
+
+
+def group_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group scales ``2 * amax(|group|) / 15`` (fp32 [N, K // group_size])."""
+    n, k = weight.shape
+    check_group_size(group_size, k)
+    return weight.float().reshape(n, k // group_size, group_size).abs().amax(dim=-1) * 2 / INT4_UNSIGNED_MAX
+
+
+def quantize_weight_per_group(weight: torch.Tensor, group_size: int, scale: torch.Tensor | None = None):
+    """Unsigned int4 codes in [0, 15] with zero point 8: ``weight ~= (codes - 8) * scale`` per group.
+
+    Returns ``(codes uint8 [N, K], group_scale fp32 [N, K // group_size])``.
+    """
+    n, k = weight.shape
+    if scale is None:
+        scale = group_scales(weight, group_size)
+    check_group_size(group_size, k)
+    per_column = _safe_divisor(scale).repeat_interleave(group_size, dim=1)
+    codes = (torch.round(weight.float() / per_column) + INT4_ZERO_POINT).clamp_(0, INT4_UNSIGNED_MAX)
+    return codes.to(torch.uint8), scale.float()
+
+
+def two_level_scales(codes: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 scale and fp16 group ratios for per-group codes (QQQ's FusedDequantQuant format).
+
+    Returns ``(channel_scale fp32 [N], ratio fp16 [N, K // group_size])``.
+    """
+    group_size = codes.shape[1] // group_scale.shape[1]
+    centred = codes.float() - INT4_ZERO_POINT
+    dequantized = centred * group_scale.repeat_interleave(group_size, dim=1)
+    channel_scale = dequantized.abs().amax(dim=1) / INT8_MAX
+    ratio = (group_scale / _safe_divisor(channel_scale)[:, None]).to(torch.float16)
+    return channel_scale, ratio
+
+
+def int8_weight_from_groups(codes: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The int8 weight the per-group GEMM uses: ``round_half_even((code - 8) * ratio)`` in [-127, 127].
+
+    ``(code - 8) * ratio`` is exact in fp32 (a 4-bit integer times an fp16 number), so this matches the
+    original kernel's single-rounding fp16 FMA.
+    """
+    group_size = codes.shape[1] // ratio.shape[1]
+    product = (codes.float() - INT4_ZERO_POINT) * ratio.float().repeat_interleave(group_size, dim=1)
+    return torch.round(product).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale[:, None]
+
+
+def dequantize_two_level(codes: torch.Tensor, channel_scale: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The effective weight of the per-group GEMM: ``channel_scale * int8_weight``."""
+    return int8_weight_from_groups(codes, ratio).float() * channel_scale[:, None]
+
+
+def quantize_weight_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per-channel weights (the SmoothQuant W8A8 baseline): codes in [-127, 127]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / INT8_MAX
+    codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+def fake_quantize_weight(weight: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """Round-to-nearest weight on the W4A8 grid (per-channel or two-level per-group) or the int8 grid."""
+    if bits == 8:
+        codes, scale = quantize_weight_int8_per_channel(weight)
+        out = dequantize_per_channel(codes, scale)
+    elif bits != 4:
+        raise ValueError(f"weight bits must be 4 or 8, got {bits}")
+    elif group_size == -1:
+        codes, scale = quantize_weight_per_channel(weight)
+        out = dequantize_per_channel(codes, scale)
+    else:
+        codes, scale = quantize_weight_per_group(weight, group_size)
+        out = dequantize_two_level(codes, *two_level_scales(codes, scale))
+    return out.to(weight.dtype)
+
+
+def int8_weight(codes: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
+    """The int8 weight matrix a W4A8 GEMM multiplies: per-channel codes as they are, per-group two-level."""
+    if ratio is None:
+        return codes.to(torch.int8)
+    return int8_weight_from_groups(codes, ratio)
+
+
+def w4a8_linear_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    channel_scale: torch.Tensor,
+    ratio: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference W4A8 linear: per-token int8 ``x`` times the int8 weight, exact int accumulation.
+
+    The accumulation is done in float64, exact for ``|acc| < 2**53`` (any real layer).
+    """
+    x_codes, token_scale = quantize_per_token(x)
+    acc = x_codes.double() @ int8_weight(codes, ratio).double().T
+    y = acc.float() * token_scale * channel_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
