@@ -1,0 +1,339 @@
+"""GEMM speed of the W4A8 kernels against FP16 cuBLAS, W8A8 and W4A16 on one GPU.
+
+Writes ``<out>/gemm_speed.csv`` (one row per shape x M x kernel), ``gemm_speed.md`` (tables) and
+``gemm_speed.png`` (speedup curves), each saying how it was made; optionally checks correctness on the GPU
+against ``qqq.numerics`` first (``--check``), measures the activation quantization against copy bandwidth
+(``--act-quant``) and autotunes the W4A8 kernels (``--tune``), writing the JSON config cache.
+
+Timing: every kernel call is captured R times in a CUDA graph, each call on its own weight buffer (R chosen so
+the buffers total 3x the L2), and the graph replay is timed with CUDA events; median of the replays, per call.
+Activation quantization is included in the W8A8 and W4A8 times (they take fp16 input like FP16 and W4A16).
+
+    python experiments/gemm_speed.py --check --act-quant --tune --out results
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qqq import numerics  # noqa: E402
+from qqq.kernels_triton import baselines, tuning  # noqa: E402
+from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
+from qqq.kernels_triton.packing import pack_int4  # noqa: E402
+from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
+
+# (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B
+SHAPES = [
+    ("paper_8192x21760", 8192, 21760),
+    ("llama2-7b_qkv", 12288, 4096), ("llama2-7b_o", 4096, 4096),
+    ("llama2-7b_gate_up", 22016, 4096), ("llama2-7b_down", 4096, 11008),
+    ("llama2-13b_qkv", 15360, 5120), ("llama2-13b_o", 5120, 5120),
+    ("llama2-13b_gate_up", 27648, 5120), ("llama2-13b_down", 5120, 13824),
+    ("llama3-70b_qkv", 10240, 8192), ("llama3-70b_o", 8192, 8192),
+    ("llama3-70b_gate_up", 57344, 8192), ("llama3-70b_down", 8192, 28672),
+]
+M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+REPORT_M = [1, 16, 64, 256, 1024, 4096]
+
+
+def provenance(args) -> dict:
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# ------------------------------------------------------------------------------------------- correctness
+
+def check_correctness() -> bool:
+    """The kernels on the GPU against the numerics reference: exact int32 sums, outputs within fp16 rounding."""
+    ok = True
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for m, n, k in ((1, 4096, 4096), (5, 1000, 1344), (33, 8192, 21760), (300, 2048, 4096), (1024, 4096, 1024)):
+        x = torch.randn(m, k, device="cuda", generator=gen).half() * 3
+        x[0] = 0
+        for group_size in (-1, 32, 64, 128, 256):
+            if group_size != -1 and k % group_size:
+                continue
+            w = torch.randn(n, k, device="cuda", generator=gen)
+            if group_size == -1:
+                codes, scale = numerics.quantize_weight_per_channel(w)
+                ratio = None
+            else:
+                codes, gscale = numerics.quantize_weight_per_group(w, group_size)
+                scale, ratio = numerics.two_level_scales(codes, gscale)
+            bias = torch.randn(n, device="cuda", generator=gen).half()
+            out, acc = w4a8_linear(x, pack_int4(codes), scale, ratio, bias, group_size, return_acc=True)
+            x_codes, token_scale = numerics.quantize_per_token(x)
+            q_codes, q_scale = quantize_per_token(x)
+            ref_acc = (x_codes.double() @ numerics.int8_weight(codes, ratio).double().T)
+            ref = numerics.w4a8_linear_reference(x, codes, scale, ratio, bias)
+            acc_exact = torch.equal(acc.double(), ref_acc)
+            quant_exact = torch.equal(q_codes, x_codes) and torch.equal(q_scale, token_scale[:, 0])
+            err = (out.float() - ref.float()).abs()
+            tol = ref.float().abs() * 2.0**-10 + 2.0**-24
+            within = bool((err <= tol).all())
+            cfg = tuning.get_config("w4a8" if group_size == -1 else "w4a8_group", m, n, k, group_size)
+            good = acc_exact and quant_exact and within and not torch.isnan(out).any()
+            ok &= good
+            print(f"check M={m} N={n} K={k} g={group_size}: quant_exact={quant_exact} acc_exact={acc_exact} "
+                  f"max_err={err.max().item():.3g} within_fp16={within} split_k={cfg['SPLIT_K']} "
+                  f"{'PASS' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def activation_quant_speed(meta, out_dir: Path) -> list[dict]:
+    big = torch.empty(2**29, dtype=torch.uint8, device="cuda")  # 512 MiB
+    dst = torch.empty_like(big)
+    copy_us = tuning.time_cuda_graph([lambda: dst.copy_(big)], repeats=20)
+    copy_gbs = 2 * big.numel() / copy_us / 1e3
+    rows = []
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    for m, k in ((1, 4096), (16, 21760), (256, 4096), (1024, 8192), (4096, 4096), (4096, 21760), (8192, 8192)):
+        copies = tuning.rotation_count(m * k * 2)
+        xs = [torch.randn(m, k, device="cuda").half() for _ in range(copies)]
+        us = tuning.time_cuda_graph([lambda x=x: quantize_per_token(x) for x in xs], repeats=20)
+        moved = m * k * 3 + m * 4
+        gbs = moved / us / 1e3
+        rows.append(dict(M=m, K=k, time_us=round(us, 2), GB_per_s=round(gbs, 1),
+                         fraction_of_copy=round(gbs / copy_gbs, 3), copy_GB_per_s=round(copy_gbs, 1)))
+        print(f"act quant M={m} K={k}: {us:.1f} us, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy", flush=True)
+    with open(out_dir / "act_quant_speed.csv", "w", newline="") as f:
+        f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+class ShapeKernels:
+    """Weights of one shape in every format, R buffers each, and one call per kernel and M."""
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k = n, k
+        dev = "cuda"
+        r16 = tuning.rotation_count(n * k * 2)
+        r8 = tuning.rotation_count(n * k)
+        r4 = tuning.rotation_count(n * k // 2)
+        self.w16 = [torch.randn(n, k, device=dev).half() * 0.02 for _ in range(r16)]
+        self.w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(r8)]
+        self.w8_t = [w.t() for w in self.w8]  # [K, N] column-major, what cuBLAS int8 wants
+        self.w4 = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device=dev)) for _ in range(r4)]
+        self.w4g = [pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)) for _ in range(r4)]
+        self.scale = torch.rand(n, device=dev) * 1e-3
+        self.ratio = (torch.rand(n, k // 128, device=dev) * 8 + 8).half()
+        self.tinygemm = None
+        try:  # torch's int4 weight-only (tinygemm) kernel, bf16 activations, group size 128
+            packed = [torch._convert_weight_to_int4pack(
+                torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev), 8) for _ in range(r4)]
+            scales_zeros = torch.rand(k // 128, n, 2, device=dev).to(torch.bfloat16)
+            self.tinygemm = (packed, scales_zeros)
+        except Exception as err:  # not available in this build
+            print(f"tinygemm unavailable: {type(err).__name__}: {str(err)[:100]}")
+
+    def calls(self, kernel: str, m: int):
+        x = torch.randn(m, self.k, device="cuda").half()
+        n = self.n
+        if kernel == "fp16":
+            return [lambda w=w: torch.nn.functional.linear(x, w) for w in self.w16]
+        if kernel == "w8a8_triton":
+            return [lambda w=w: baselines.w8a8_linear(x, w, self.scale) for w in self.w8]
+        if kernel == "w8a8_cublas":
+            if m <= 16:
+                return None
+            return [lambda w=w: baselines.w8a8_linear_cublas(x, w, self.scale) for w in self.w8_t]
+        if kernel == "w4a16_triton":
+            return [lambda w=w: baselines.w4a16_linear(x, w, self.scale) for w in self.w4]
+        if kernel == "w4a16_tinygemm":
+            if self.tinygemm is None:
+                return None
+            packed, sz = self.tinygemm
+            xb = x.to(torch.bfloat16)
+            return [lambda w=w: torch._weight_int4pack_mm(xb, w, 128, sz) for w in packed]
+        if kernel == "w4a8":
+            return [lambda w=w: w4a8_linear(x, w, self.scale, None, None, -1) for w in self.w4]
+        if kernel == "w4a8_g128":
+            return [lambda w=w: w4a8_linear(x, w, self.scale, self.ratio, None, 128) for w in self.w4g]
+        raise ValueError(kernel)
+
+    def free(self):
+        self.w16 = self.w8 = self.w8_t = self.w4 = self.w4g = self.tinygemm = None
+
+
+MEASURED = ["fp16", "w8a8_triton", "w8a8_cublas", "w4a16_triton", "w4a16_tinygemm", "w4a8", "w4a8_g128"]
+BEST_OF = {"w8a8": ("w8a8_triton", "w8a8_cublas"), "w4a16": ("w4a16_triton", "w4a16_tinygemm")}
+
+
+def bench(shapes, m_values, meta) -> list[dict]:
+    rows = []
+    for name, n, k in shapes:
+        kernels = ShapeKernels(n, k)
+        for m in m_values:
+            times = {}
+            for kernel in MEASURED:
+                calls = kernels.calls(kernel, m)
+                if calls is None:
+                    continue
+                try:
+                    times[kernel] = tuning.time_cuda_graph(calls, repeats=10 if m >= 1024 else 20)
+                except Exception as err:
+                    print(f"{name} M={m} {kernel} failed: {type(err).__name__}: {str(err)[:160]}", flush=True)
+            for best, parts in BEST_OF.items():
+                got = [times[p] for p in parts if p in times]
+                if got:
+                    times[best] = min(got)
+            for kernel, us in times.items():
+                rows.append(dict(shape=name, M=m, N=n, K=k, kernel=kernel, time_us=round(us, 2),
+                                 speedup_vs_fp16=round(times["fp16"] / us, 3), device=meta["device"]))
+            print(f"{name} M={m}: " + " ".join(f"{kk}={times[kk]:.1f}" for kk in times), flush=True)
+        kernels.free()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+REPORT_KERNELS = ["w4a8", "w4a8_g128", "w8a8", "w4a16"]
+
+
+def write_reports(rows, meta, out_dir: Path, m_values):
+    header = "".join(f"# {key}: {value}\n" for key, value in meta.items())
+    with open(out_dir / "gemm_speed.csv", "w", newline="") as f:
+        f.write(header)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    by = {(r["shape"], r["M"], r["kernel"]): r for r in rows}
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    lines = ["# GEMM speed: speedup over FP16 cuBLAS (torch.matmul)", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += ["- timing: CUDA-graph replays of R calls on R rotated weight buffers (3x L2), median of the "
+              "replays, per call; W4A8 and W8A8 include the per-token activation quantization",
+              "- w8a8 = faster of our Triton int8 GEMM and cuBLAS torch._int_mm (M > 16 only); "
+              "w4a16 = faster of our Triton W4A16 (per-channel) and torch's tinygemm int4 (bf16, g128)", ""]
+    shown_m = [m for m in m_values if m in REPORT_M] or m_values
+    for shape in shapes:
+        lines += [f"## {shape}", "", "| kernel | " + " | ".join(f"M={m}" for m in shown_m) + " |",
+                  "|---|" + "---|" * len(shown_m)]
+        fp16 = [by.get((shape, m, "fp16")) for m in shown_m]
+        lines.append("| fp16 time (us) | " + " | ".join(f"{r['time_us']:.1f}" if r else "-" for r in fp16) + " |")
+        for kernel in REPORT_KERNELS:
+            cells = []
+            for m in shown_m:
+                r = by.get((shape, m, kernel))
+                cells.append(f"{r['speedup_vs_fp16']:.2f}x" if r else "-")
+            lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## All M, speedup over FP16", ""]
+    for shape in shapes:
+        lines += [f"### {shape}", "", "| kernel | " + " | ".join(f"{m}" for m in m_values) + " |",
+                  "|---|" + "---|" * len(m_values)]
+        for kernel in ["fp16"] + REPORT_KERNELS + ["w8a8_triton", "w8a8_cublas", "w4a16_triton", "w4a16_tinygemm"]:
+            cells = []
+            for m in m_values:
+                r = by.get((shape, m, kernel))
+                cells.append("-" if r is None else (f"{r['time_us']:.0f}us" if kernel == "fp16"
+                                                    else f"{r['speedup_vs_fp16']:.2f}"))
+            lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out_dir / "gemm_speed.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = 4
+        rows_n = math.ceil(len(shapes) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+        for ax, shape in zip(axes.flat, shapes):
+            for kernel in REPORT_KERNELS:
+                pts = [(m, by[(shape, m, kernel)]["speedup_vs_fp16"]) for m in m_values if (shape, m, kernel) in by]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=kernel)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(shape, fontsize=9)
+            ax.set_xlabel("M (tokens)", fontsize=8)
+            ax.set_ylabel("speedup over FP16", fontsize=8)
+        for ax in list(axes.flat)[len(shapes):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n"
+                     f"{meta['command']}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "gemm_speed.png", dpi=110)
+    except Exception as err:
+        print(f"plot skipped: {err}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--check", action="store_true", help="correctness on the GPU first")
+    parser.add_argument("--act-quant", action="store_true", help="activation quantization vs copy bandwidth")
+    parser.add_argument("--tune", action="store_true", help="autotune W4A8 (per-channel and g128) first")
+    parser.add_argument("--tune-baselines", action="store_true", help="also autotune the Triton baselines")
+    parser.add_argument("--tune-ms", default=",".join(map(str, tuning.M_BUCKETS)))
+    parser.add_argument("--tune-shapes", default="", help="comma-separated shape names (default: --shapes)")
+    parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
+    parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
+    parser.add_argument("--ms", default=",".join(map(str, M_VALUES)))
+    parser.add_argument("--no-bench", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = provenance(args)
+    print(meta, flush=True)
+    t0 = time.time()
+    if args.check and not check_correctness():
+        print("CORRECTNESS FAILED")
+    shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
+    if args.act_quant:
+        activation_quant_speed(meta, out_dir)
+    if args.tune:
+        tune_names = args.tune_shapes.split(",") if args.tune_shapes else [s[0] for s in shapes]
+        tune_shapes = [s for s in SHAPES if s[0] in tune_names]
+        ms = [int(v) for v in args.tune_ms.split(",")]
+        timings = []
+        problems = [(n, k, g) for _, n, k in tune_shapes for g in (-1, 128)]
+        tuning.tune(problems, ms, path=args.config_json, timings=timings)
+        if args.tune_baselines:
+            tuning.tune([(n, k, -1) for _, n, k in tune_shapes], ms, kernels=("w8a8", "w4a16"),
+                        path=args.config_json, timings=timings)
+        with open(out_dir / "tune_timings.csv", "w", newline="") as f:
+            f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
+            writer = csv.writer(f)
+            writer.writerow(["kernel", "N", "K", "group_size", "M_bucket"] + list(tuning.CONFIG_KEYS) + ["time_us"])
+            for kernel, n, k, g, b, cfg, us in timings:
+                writer.writerow([kernel, n, k, g, b] + [cfg[c] for c in tuning.CONFIG_KEYS] + [round(us, 2)])
+        print(f"tuning done at {time.time() - t0:.0f} s", flush=True)
+    if not args.no_bench:
+        m_values = [int(v) for v in args.ms.split(",")]
+        rows = bench(shapes, m_values, meta)
+        write_reports(rows, meta, out_dir, m_values)
+        print(f"\nbench done at {time.time() - t0:.0f} s\n")
+        print((out_dir / "gemm_speed.md").read_text().split("## All M")[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Per-token int8 activation quantization (QQQ's FastFP16toINT8 step) as a Triton kernel.
+
+Computes exactly ``qqq.numerics.quantize_per_token``: ``scale = amax(|row|) / 127`` (fp32, correctly rounded
+division), ``code = round_half_even(x / scale)`` clamped to [-127, 127], an all-zero row gives scale 0 and
+codes 0. One program per row; rows up to 32768 wide stay in registers (one read of x from memory), longer
+rows take a second, cached, pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SINGLE_PASS_K = 32768
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |v| < 2**22 to an integer, half to even
+ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern: (bits(v + MAGIC) - MAGIC_BITS) is that integer
+
+
+@triton.jit
+def round_to_int32(v):
+    """Round fp32 ``v`` (|v| < 2**22) to the nearest integer, ties to even, as int32 (no cvt instruction)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _quantize_per_token_kernel(
+    x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
+    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    codes_row = codes_ptr + row * stride_codes
+    offs = tl.arange(0, BLOCK_K)
+    if SINGLE_PASS:
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    else:
+        running = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            running = tl.maximum(running, tl.abs(xk))
+        amax = tl.max(running, axis=0)
+    scale = tl.div_rn(amax, 127.0)
+    divisor = tl.where(scale > 0.0, scale, 1.0)
+    tl.store(scale_ptr + row, scale)
+    if SINGLE_PASS:
+        codes = round_to_int32(tl.div_rn(x, divisor))
+        codes = tl.minimum(tl.maximum(codes, -127), 127)
+        tl.store(codes_row + offs, codes.to(tl.int8), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            codes = round_to_int32(tl.div_rn(xk, divisor))
+            codes = tl.minimum(tl.maximum(codes, -127), 127)
+            tl.store(codes_row + k0 + offs, codes.to(tl.int8), mask=mask)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of ``x`` [..., K]: returns ``(codes int8 [M, K], scales fp32 [M])`` with
+    ``M = x.numel() // K`` (rows flattened). fp16/bf16 on any device, fp32 too (the interpreter's CPU tests)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"quantize_per_token expects fp16, bf16 or fp32 input, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"quantize_per_token expects a non-empty last dimension, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scales = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scales
+    single_pass = k <= MAX_SINGLE_PASS_K
+    block_k = triton.next_power_of_2(k) if single_pass else 8192
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_kernel[(m,)](
+        rows, codes, scales, k, rows.stride(0), codes.stride(0),
+        BLOCK_K=block_k, SINGLE_PASS=single_pass, num_warps=num_warps,
+    )
+    return codes, scales

@@ -1,0 +1,395 @@
+"""Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, per-GPU JSON cache, autotuning.
+
+A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` (BLOCK_N tiles the
+weight rows = output features, BLOCK_M the tokens). Configs are keyed on the kernel name, N, K, group size and
+a bucketed M (``M_BUCKETS``: M rounded up to a power of two, 16 at least, 4096 at most), so one tuning serves a
+range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file; a shape without a
+tuned entry takes the nearest tuned bucket of the same shape, else a heuristic.
+
+``tune(shapes, ...)`` fills that cache for the current GPU (the ``qqq tune`` command).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
+KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
+SHARED_MEMORY_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB opt-in per block)
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages")
+TARGET_PROGRAMS = 2 * 132  # decode grids aim at about two programs per SM (H100: 132 SMs)
+
+
+def m_bucket(m: int) -> int:
+    for bucket in M_BUCKETS:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+def config_key(kernel: str, n: int, k: int, group_size: int, bucket: int) -> str:
+    return f"{kernel}|N={n}|K={k}|g={group_size}|M={bucket}"
+
+
+def _weight_bytes_per_element(kernel: str) -> float:
+    return 1.0 if kernel == "w8a8" else 0.5
+
+
+def _activation_bytes(kernel: str) -> int:
+    return 2 if kernel == "w4a16" else 1
+
+
+def max_block_k(kernel: str, group_size: int) -> int | None:
+    """Per-group kernels read one ratio per half tile: BLOCK_K <= max(group_size, 64)."""
+    if kernel == "w4a8_group":
+        return max(group_size, 64)
+    return None
+
+
+def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: int) -> None:
+    """Raise ValueError if ``config`` cannot run this problem (the launcher calls it on explicit configs)."""
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"config {config} lacks {missing}")
+    block_k = config["BLOCK_K"]
+    if block_k % 64 or k % block_k:
+        raise ValueError(f"BLOCK_K={block_k} must be a multiple of 64 that divides K={k}")
+    limit = max_block_k(kernel, group_size)
+    if limit is not None and block_k > limit:
+        raise ValueError(f"BLOCK_K={block_k} exceeds {limit} for group size {group_size}")
+    for key in ("BLOCK_N", "BLOCK_M"):
+        if config[key] < 16 or config[key] & (config[key] - 1):
+            raise ValueError(f"{key}={config[key]} must be a power of two >= 16")
+    if config["SPLIT_K"] < 1 or config["SPLIT_K"] > k // block_k:
+        raise ValueError(f"SPLIT_K={config['SPLIT_K']} must be in [1, K // BLOCK_K = {k // block_k}]")
+
+
+def _fits(kernel: str, cfg: dict) -> bool:
+    tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * _weight_bytes_per_element(kernel) \
+        + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
+    if cfg["num_stages"] * tile_bytes > SHARED_MEMORY_BUDGET:
+        return False
+    accumulator_registers = cfg["BLOCK_N"] * cfg["BLOCK_M"] / (32 * cfg["num_warps"])
+    return accumulator_registers <= 128
+
+
+def _auto_split_k(tiles: int, k_tiles: int) -> int:
+    split = 1
+    while split < 16 and tiles * split * 2 <= TARGET_PROGRAMS and k_tiles // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int) -> list[dict]:
+    """The pruned list of configs worth timing for one (kernel, M bucket, N, K, group size)."""
+    raw = []
+    if bucket <= SMALL_M_MAX:
+        block_ms = (16,) if bucket == 16 else (16, 32) if bucket == 32 else (32, 64)
+        for block_m in block_ms:
+            for block_n in (32, 64, 128):
+                for block_k in (64, 128, 256, 512):
+                    for stages in (3, 4):
+                        tiles = math.ceil(n / block_n) * math.ceil(bucket / block_m)
+                        k_tiles = k // block_k if k % block_k == 0 else 0
+                        auto = _auto_split_k(tiles, k_tiles) if k_tiles else 1
+                        for split in sorted({auto, max(1, auto // 2), min(16, auto * 2)}):
+                            raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
+                                            GROUP_N=8, num_warps=4, num_stages=stages))
+    else:
+        large = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
+            (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
+            (128, 128, 64, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (256, 64, 128, 8, 3),
+            (128, 128, 128, 4, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 64, 256, 4, 3),
+        ]
+        for block_n, block_m, block_k, warps, stages in large:
+            if block_m > max(64, bucket):
+                continue
+            raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
+                            num_warps=warps, num_stages=stages))
+    out, seen = [], set()
+    for cfg in raw:
+        if kernel in ("w8a8", "w4a16"):
+            cfg["SPLIT_K"] = 1  # the baselines have no split-K
+        try:
+            check_config(kernel, cfg, bucket, n, k, group_size)
+        except ValueError:
+            continue
+        if not _fits(kernel, cfg):
+            continue
+        key = tuple(cfg[c] for c in CONFIG_KEYS)
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+def heuristic_config(kernel: str, m: int, n: int, k: int, group_size: int) -> dict:
+    """A reasonable config without tuning (also what the CPU interpreter runs)."""
+    limit = max_block_k(kernel, group_size) or 512
+    if m <= SMALL_M_MAX:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        block_n = 64
+        block_k = next(b for b in (256, 128, 64) if b <= limit and k % b == 0)
+        tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
+        cfg = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+                   SPLIT_K=_auto_split_k(tiles, k // block_k), GROUP_N=8, num_warps=4, num_stages=4)
+    else:
+        block_k = next(b for b in (128, 64) if b <= limit and k % b == 0)
+        cfg = dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- the JSON cache
+
+_DEVICE_NAME: list[str] = []
+
+
+def device_name() -> str:
+    """The current GPU's name as a file name (``NVIDIA_H100_80GB_HBM3``), ``cpu`` without CUDA."""
+    if not _DEVICE_NAME:
+        import torch
+
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        _DEVICE_NAME.append(re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
+    return _DEVICE_NAME[0]
+
+
+_CACHE: dict[str, dict] = {}
+_PICKED: dict[tuple, dict] = {}
+
+
+def cache_path(device: str | None = None) -> Path:
+    return CONFIG_DIR / f"{device or device_name()}.json"
+
+
+def load_cache(device: str | None = None) -> dict:
+    device = device or device_name()
+    if device not in _CACHE:
+        path = cache_path(device)
+        _CACHE[device] = json.loads(path.read_text())["configs"] if path.exists() else {}
+    return _CACHE[device]
+
+
+def get_config(kernel: str, m: int, n: int, k: int, group_size: int) -> dict:
+    """The tuned config for this problem on this GPU, the nearest tuned M bucket's, or the heuristic."""
+    picked = _PICKED.get((kernel, m, n, k, group_size))
+    if picked is not None:
+        return picked
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    picked = _pick_config(kernel, m, n, k, group_size)
+    _PICKED[(kernel, m, n, k, group_size)] = picked
+    return picked
+
+
+def _pick_config(kernel: str, m: int, n: int, k: int, group_size: int) -> dict:
+    cache = load_cache()
+    bucket = m_bucket(m)
+    cfg = cache.get(config_key(kernel, n, k, group_size, bucket))
+    if cfg is None:
+        near = [b for b in M_BUCKETS if config_key(kernel, n, k, group_size, b) in cache
+                and (b <= SMALL_M_MAX) == (bucket <= SMALL_M_MAX)]
+        if near:
+            best = min(near, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
+            cfg = cache[config_key(kernel, n, k, group_size, best)]
+    if cfg is not None:
+        cfg = dict(cfg)
+        if cfg["BLOCK_M"] > max(16, triton_next_power_of_2(m)):
+            cfg["BLOCK_M"] = max(16, triton_next_power_of_2(m))
+        try:
+            check_config(kernel, cfg, m, n, k, group_size)
+            return cfg
+        except ValueError:
+            pass
+    return heuristic_config(kernel, m, n, k, group_size)
+
+
+def triton_next_power_of_2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------- timing and tuning
+
+def time_cuda_graph(calls, repeats: int = 20, warmup: int = 3) -> float:
+    """Median time in microseconds of one call, for a list of zero-argument callables run back to back
+    (each on its own weight buffer, so the weights do not stay in L2), captured once in a CUDA graph."""
+    import torch
+
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def rotation_count(bytes_per_buffer: int, l2_bytes: int = 50 * 2**20) -> int:
+    """How many weight buffers to rotate so that together they are three times the L2."""
+    return max(2, min(32, math.ceil(3 * l2_bytes / max(bytes_per_buffer, 1))))
+
+
+def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int):
+    """Random inputs and a ``run(config, buffer_index)`` for one problem of a kernel (CUDA)."""
+    import torch
+
+    from qqq.kernels_triton import baselines, w4a8_gemm
+    from qqq.kernels_triton.packing import pack_int4
+
+    dev = "cuda"
+    a_codes = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
+    a_scale = torch.rand(m, device=dev) * 1e-2
+    scale = torch.rand(n, device=dev) * 1e-2
+    x16 = torch.randn(m, k, device=dev, dtype=torch.float16)
+    weights = []
+    for _ in range(buffers):
+        if kernel == "w8a8":
+            weights.append(torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev))
+        elif kernel == "w4a8_group":
+            weights.append(pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)))
+        else:
+            weights.append(pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device=dev)))
+    ratio = (torch.rand(n, k // group_size, device=dev) * 15 + 1).half() if kernel == "w4a8_group" else None
+
+    def run(cfg, i):
+        if kernel in ("w4a8", "w4a8_group"):
+            return w4a8_gemm.w4a8_gemm(a_codes, a_scale, weights[i], scale, ratio, None, group_size,
+                                       torch.float16, config=cfg)
+        if kernel == "w8a8":
+            return baselines.w8a8_gemm(a_codes, a_scale, weights[i], scale, None, torch.float16, config=cfg)
+        return baselines.w4a16_linear(x16, weights[i], scale, None, config=cfg)
+
+    return run
+
+
+def _compile_worker(args) -> int:
+    kernel, n, k, group_size, jobs = args
+    import torch
+
+    runs, failed = {}, 0
+    for m, cfg in jobs:
+        if m not in runs:
+            runs[m] = _problem(kernel, m, n, k, group_size, 1)
+        try:
+            runs[m](cfg, 0)
+            torch.cuda.synchronize()
+        except Exception:
+            failed += 1
+    return failed
+
+
+def precompile(kernel: str, n: int, k: int, group_size: int, jobs, workers: int = 14) -> None:
+    """Compile ``jobs`` (a list of ``(m, config)``) in parallel processes into Triton's on-disk cache, so the
+    timing loop only loads them (the kernels do not specialize on M, so one shape serves all M)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = list(jobs)
+    workers = max(1, min(workers, len(jobs)))
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile_worker, [(kernel, n, k, group_size, chunk) for chunk in chunks]))
+
+
+def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: int = 10,
+                 timings: list | None = None) -> tuple[dict, float]:
+    """Time every candidate config of one problem; return the best and its time (us). Every timing is
+    appended to ``timings`` as ``(config, us)`` when given."""
+    bucket = m_bucket(m)
+    candidates = candidate_configs(kernel, bucket, n, k, group_size)
+    if not candidates:
+        return heuristic_config(kernel, m, n, k, group_size), float("nan")
+    buffers = rotation_count(int(n * k * _weight_bytes_per_element(kernel)))
+    run = _problem(kernel, m, n, k, group_size, buffers)
+    best, best_us = None, float("inf")
+    for cfg in candidates:
+        try:
+            us = time_cuda_graph([lambda i=i: run(cfg, i) for i in range(buffers)], repeats=repeats)
+        except Exception as err:  # a config the compiler rejects (resources) is skipped
+            print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        if timings is not None:
+            timings.append((cfg, us))
+        if us < best_us:
+            best, best_us = cfg, us
+    return best or heuristic_config(kernel, m, n, k, group_size), best_us
+
+
+def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
+         timings: list | None = None) -> dict:
+    """Autotune W4A8 kernels for ``shapes`` (a list of ``(N, K, group_size)``; group_size -1 = per-channel)
+    over the M buckets of ``m_values`` and merge the winners into the JSON cache of the current GPU.
+
+    ``kernels`` defaults to the W4A8 kernel that matches each group size; pass e.g. ``("w8a8", "w4a16")`` to
+    tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
+    collects every measured ``(kernel, N, K, group_size, bucket, config, us)``. Returns {key: config}."""
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("tune() needs a CUDA GPU")
+    device = device_name()
+    path = Path(path) if path else cache_path(device)
+    existing = json.loads(path.read_text())["configs"] if path.exists() else {}
+    tuned = {}
+    compiled = set()
+    for n, k, group_size in shapes:
+        names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))
+        for kernel in names:
+            if (kernel == "w4a8_group") != (group_size != -1):
+                continue
+            jobs = {}
+            for bucket in sorted({m_bucket(m) for m in m_values}):
+                for cfg in candidate_configs(kernel, bucket, n, k, group_size):
+                    sig = (kernel, group_size) + tuple(cfg[c] for c in CONFIG_KEYS)
+                    if sig not in compiled:
+                        compiled.add(sig)
+                        jobs[sig] = (bucket, cfg)
+            if jobs:
+                t0 = time.time()
+                precompile(kernel, n, k, group_size, jobs.values())
+                if verbose:
+                    print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
+            for bucket in sorted({m_bucket(m) for m in m_values}):
+                t0 = time.time()
+                measured = []
+                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured)
+                if timings is not None:
+                    timings.extend((kernel, n, k, group_size, bucket, c, t) for c, t in measured)
+                key = config_key(kernel, n, k, group_size, bucket)
+                tuned[key] = dict(cfg, time_us=round(us, 2))
+                if verbose:
+                    print(f"tuned {key}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
+    existing.update(tuned)
+    _PICKED.clear()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "triton": triton.__version__, "configs": existing}, indent=1, sort_keys=True))
+    _CACHE.pop(device, None)
+    return tuned

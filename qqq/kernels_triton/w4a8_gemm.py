@@ -1,0 +1,260 @@
+"""W4A8 GEMM: int8 per-token activations x packed int4 weights -> int32 accumulation -> fp16/bf16 out.
+
+One kernel serves both weight formats of ``qqq.numerics`` (selected by the constexpr ``GROUP_SIZE``):
+
+- per-channel (``GROUP_SIZE == -1``): signed nibbles become int8 lanes holding ``16 * code`` with one mask
+  (high nibble) or one shift (low nibble); the x16 is undone exactly (a power of two) in the epilogue.
+- per-group (``GROUP_SIZE`` in 32/64/128/256, QQQ's FusedDequantQuant): the nibble ``q`` is turned into
+  ``q - 8`` in fp32 through the exponent trick, multiplied by the fp16 group ratio (exact in fp32), rounded
+  half to even to int8 with the magic-number trick (FastFP16toINT8 in fp32). The whole K loop stays in int32.
+
+The operands are swapped (``acc[BLOCK_N, BLOCK_M] += W @ A^T``) so that the unpacked weight is the left,
+register-resident operand of the tensor-core instruction on Hopper, and the activation tile (K-major) is the
+right operand. Each packed byte is loaded once (see ``packing.py``): its low nibbles go to one dot with the
+activation columns ``k0 + 64c + j`` and its high nibbles to a second dot with the columns shifted by 32.
+
+Small M (decode) uses the same kernel with a 16-row activation tile, narrow weight tiles and split-K: the
+SPLIT_K programs of a tile add their int32 partial sums atomically into a zeroed workspace and the last one
+to arrive (a per-tile ticket counter) reads the total back, zeroes the workspace and runs the epilogue, so
+the result stays exactly the int32 sum of the spec.
+
+The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
+config from ``tuning`` (the tuned JSON cache for this GPU, else a heuristic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qqq import numerics
+from qqq.kernels_triton import tuning
+from qqq.kernels_triton.activation_quant import quantize_per_token, round_to_int32
+from qqq.kernels_triton.packing import PACK_CHUNK_K, PACK_HALF_K, check_packable
+
+
+@triton.jit
+def int8_from_group_codes(q, ratio):
+    """``clamp(round_half_even((q - 8) * ratio), -127, 127)`` as int8, for int32 nibbles ``q`` in [0, 15] and
+    fp32 ratios (fp16 values, so the product is exact in fp32 and only the final rounding happens)."""
+    centred = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # (2**23 + q) - (2**23 + 8)
+    w = round_to_int32(centred * ratio)
+    w = tl.minimum(tl.maximum(w, -127), 127)
+    return w.to(tl.int8)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+              acc_out_ptr, N, stride_om,
+              GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n])."""
+    mask = n_mask[:, None] & m_mask[None, :]
+    if GROUP_SIZE == -1:
+        true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
+    else:
+        true_acc = acc
+    if WRITE_ACC:
+        tl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], true_acc, mask=mask)
+    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32)
+    if GROUP_SIZE == -1:
+        y = y * 0.0625  # exact: float(16 * a) == 16 * float(a)
+    y = (y * token_scale[None, :]) * channel_scale[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y + bias[:, None]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "n_groups"])
+def _w4a8_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr,
+    workspace_ptr, tickets_ptr, acc_out_ptr,
+    M, N, K, n_groups, stride_am, stride_wn, stride_om,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    # GROUP_N consecutive weight tiles are swept over all activation tiles before moving on (L2 reuse).
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_n
+    pid_m = (pid % pids_per_group) // group_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_byte = tl.arange(0, BLOCK_K // 2)
+    # activation columns of the low nibbles: k0 + 64c + j (j < 32); the high nibbles are 32 further
+    offs_k_low = (offs_byte // HALF) * (2 * HALF) + offs_byte % HALF
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_byte[None, :]
+    a_low_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_k_low[:, None]
+
+    k_tiles = K // BLOCK_K
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    kt_start = pid_k * tiles_per_split
+    kt_end = tl.minimum(kt_start + tiles_per_split, k_tiles)
+    w_ptrs += kt_start * (BLOCK_K // 2)
+    a_low_ptrs += kt_start * BLOCK_K
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    for kt in range(kt_start, kt_end):
+        packed = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        a_low = tl.load(a_low_ptrs, mask=m_mask[None, :], other=0)
+        a_high = tl.load(a_low_ptrs + HALF, mask=m_mask[None, :], other=0)
+        if GROUP_SIZE == -1:
+            w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+            w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+        else:
+            # the pruner keeps BLOCK_K <= max(GROUP_SIZE, 64): one group per half tile
+            k0 = kt * BLOCK_K
+            r_low = tl.load(ratio_ptr + offs_n * n_groups + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+            r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask, other=0.0)
+            w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
+            w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
+        acc = tl.dot(w_low, a_low, acc=acc, out_dtype=tl.int32)
+        acc = tl.dot(w_high, a_high, acc=acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K // 2
+        a_low_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                  acc_out_ptr, N, stride_om, GROUP_SIZE, HAS_BIAS, WRITE_ACC)
+    else:
+        mask = n_mask[:, None] & m_mask[None, :]
+        ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tile = pid_m * num_pid_n + pid_n
+        ticket = tl.atomic_add(tickets_ptr + tile, 1)
+        if ticket == SPLIT_K - 1:  # last split of this tile: every partial sum is in the workspace
+            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
+            tl.atomic_xchg(tickets_ptr + tile, 0)
+            _epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                      acc_out_ptr, N, stride_om, GROUP_SIZE, HAS_BIAS, WRITE_ACC)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+_SPLIT_K_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_workspace(device: torch.device, acc_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed int32 workspace and ticket counters for split-K, kept per device (the kernel leaves them zeroed
+    again, so one allocation serves every call; not safe for concurrent launches on several streams)."""
+    cached = _SPLIT_K_WORKSPACES.get(device)
+    if cached is None or cached[0].numel() < acc_elems or cached[1].numel() < tiles:
+        size = max(acc_elems, 0 if cached is None else cached[0].numel(), 1 << 16)
+        counters = max(tiles, 0 if cached is None else cached[1].numel(), 1 << 12)
+        cached = (torch.zeros(size, dtype=torch.int32, device=device),
+                  torch.zeros(counters, dtype=torch.int32, device=device))
+        _SPLIT_K_WORKSPACES[device] = cached
+    return cached
+
+
+def _check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_features, device):
+    numerics.check_group_size(group_size, in_features)
+    check_packable(in_features)
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != in_features // 2:
+        raise ValueError(f"qweight must be uint8 [N, {in_features // 2}] from pack_int4, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if not qweight.is_contiguous():
+        raise ValueError("qweight must be contiguous")
+    n = qweight.shape[0]
+    if channel_scale.dtype != torch.float32 or channel_scale.shape != (n,) or not channel_scale.is_contiguous():
+        raise ValueError(f"channel_scale must be a contiguous fp32 [{n}] tensor, got {channel_scale.dtype} "
+                         f"{tuple(channel_scale.shape)}")
+    if group_size == -1:
+        if group_ratio is not None and group_ratio.numel() != 0:
+            raise ValueError("group_ratio must be None for per-channel weights (group_size -1)")
+    else:
+        expected = (n, in_features // group_size)
+        if group_ratio is None or group_ratio.dtype != torch.float16 or tuple(group_ratio.shape) != expected \
+                or not group_ratio.is_contiguous():
+            got = None if group_ratio is None else (group_ratio.dtype, tuple(group_ratio.shape))
+            raise ValueError(f"group_ratio must be a contiguous fp16 {list(expected)} tensor, got {got}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("channel_scale", channel_scale), ("group_ratio", group_ratio),
+                    ("bias", bias)):
+        if t is not None and t.numel() and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the input on {device}")
+
+
+def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
+              config: dict | None = None, return_acc: bool = False):
+    """GEMM on already quantized activations: ``a_codes`` int8 [M, K], ``a_scale`` fp32 [M].
+
+    Returns ``out`` [M, N] in ``out_dtype`` (and the exact int32 accumulator [M, N] if ``return_acc``)."""
+    if a_codes.dtype != torch.int8 or a_codes.dim() != 2 or a_codes.stride(1) != 1:
+        raise ValueError("a_codes must be a 2-D int8 tensor with contiguous rows")
+    m, k = a_codes.shape
+    _check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, a_codes.device)
+    if a_scale.dtype != torch.float32 or a_scale.shape != (m,):
+        raise ValueError(f"a_scale must be fp32 [{m}]")
+    n = qweight.shape[0]
+    if max(m * k, n * k // 2, m * n) >= 2**31:
+        raise ValueError("tensors with 2**31 or more elements are not supported (int32 offsets)")
+    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+    acc_out = torch.empty((m, n), dtype=torch.int32, device=a_codes.device) if return_acc else out
+    if m == 0:
+        return (out, acc_out) if return_acc else out
+    kernel_name = "w4a8" if group_size == -1 else "w4a8_group"
+    if config is None:
+        config = tuning.get_config(kernel_name, m, n, k, group_size)
+    else:
+        tuning.check_config(kernel_name, config, m, n, k, group_size)
+    block_n, block_m, split_k = config["BLOCK_N"], config["BLOCK_M"], config["SPLIT_K"]
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if split_k > 1:
+        workspace, tickets = split_k_workspace(a_codes.device, m * n, tiles)
+    else:
+        workspace = tickets = out  # unused
+    ratio = group_ratio if group_size != -1 else channel_scale  # any pointer when unused
+    n_groups = k // group_size if group_size != -1 else 1
+    _w4a8_gemm_kernel[(tiles, split_k)](
+        a_codes, a_scale, qweight, channel_scale, ratio, bias if bias is not None else channel_scale, out,
+        workspace, tickets, acc_out,
+        m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
+        GROUP_N=config["GROUP_N"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return (out, acc_out) if return_acc else out
+
+
+def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_size=-1, *,
+                config: dict | None = None, return_acc: bool = False):
+    """QQQ W4A8 linear: ``x`` [..., K] fp16/bf16 (fp32 accepted on CPU for the interpreter) -> [..., N] in
+    ``x``'s dtype. Quantizes ``x`` per token, then runs the W4A8 GEMM (+ bias).
+
+    ``qweight`` = ``pack_int4(codes)`` (uint8 [N, K // 2]); ``channel_scale`` fp32 [N], the true per-channel scale
+    of ``qqq.numerics``; ``group_ratio`` fp16 [N, K // group_size] or None when ``group_size == -1``.
+    ``return_acc`` also returns the exact int32 accumulator (a test hook)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) and not (x.dtype == torch.float32 and not x.is_cuda):
+        raise ValueError(f"w4a8_linear expects fp16 or bf16 input (fp32 only on CPU), got {x.dtype} on {x.device}")
+    if x.dim() == 0 or qweight.dim() != 2 or x.shape[-1] != 2 * qweight.shape[1]:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not match qweight {tuple(qweight.shape)} "
+                         f"(expects last dim {2 * qweight.shape[-1] if qweight.dim() == 2 else '?'})")
+    k = x.shape[-1]
+    _check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, x.device)
+    a_codes, a_scale = quantize_per_token(x)
+    result = w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, x.dtype,
+                       config=config, return_acc=return_acc)
+    lead = x.shape[:-1]
+    if return_acc:
+        out, acc = result
+        return out.reshape(*lead, -1), acc.reshape(*lead, -1)
+    return result.reshape(*lead, -1)
+
+
+__all__ = ["w4a8_linear", "w4a8_gemm", "PACK_CHUNK_K", "PACK_HALF_K"]

@@ -1,0 +1,185 @@
+"""The Triton W4A8 kernels under TRITON_INTERPRET=1 (see conftest.py) against qqq.numerics."""
+
+import pytest
+import torch
+
+from qqq import numerics
+from qqq.kernels_triton import tuning
+from qqq.kernels_triton.activation_quant import quantize_per_token
+from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
+from qqq.kernels_triton.packing import pack_int4, unpack_int4
+from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+from qqq.linear import QQQLinear
+
+
+def make_layer(n, k, group_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    if group_size == -1:
+        codes, scale = numerics.quantize_weight_per_channel(w)
+        return codes, scale, None
+    codes, group_scale = numerics.quantize_weight_per_group(w, group_size)
+    channel_scale, ratio = numerics.two_level_scales(codes, group_scale)
+    return codes, channel_scale, ratio
+
+
+def config(block_n=32, block_m=16, block_k=64, split_k=1, stages=2):
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_N=2, num_warps=4,
+                num_stages=stages)
+
+
+def fp16_tolerance(ref):
+    """One fp16 rounding step of the reference (relative 2**-10) plus a tiny absolute floor."""
+    return ref.abs() * 2.0**-10 + 1e-6
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_roundtrip(signed):
+    gen = torch.Generator().manual_seed(1)
+    if signed:
+        codes = torch.randint(-8, 8, (5, 192), generator=gen).to(torch.int8)
+    else:
+        codes = torch.randint(0, 16, (5, 192), generator=gen).to(torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 96)
+    assert torch.equal(unpack_int4(packed, 192, signed), codes)
+    # byte j of chunk c holds column 64c + j (low nibble) and 64c + 32 + j (high nibble)
+    assert int(packed[0, 33]) == (int(codes[0, 65]) & 0xF) | ((int(codes[0, 97]) & 0xF) << 4)
+
+
+def test_pack_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pack_int4(torch.zeros(4, 96, dtype=torch.int8))
+    with pytest.raises(ValueError):
+        pack_int4(torch.zeros(4, 64, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("m,k,dtype", [(1, 64, torch.float16), (3, 200, torch.bfloat16), (17, 96, torch.float32)])
+def test_quantize_per_token_matches_numerics(m, k, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    x[0, :] = 0  # an all-zero row: scale 0, codes 0, no NaN
+    codes, scales = quantize_per_token(x)
+    ref_codes, ref_scales = numerics.quantize_per_token(x)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scales, ref_scales[:, 0])
+    assert scales[0] == 0 and not torch.isnan(scales).any()
+
+
+def test_quantize_per_token_long_rows_two_pass(monkeypatch):
+    from qqq.kernels_triton import activation_quant
+
+    monkeypatch.setattr(activation_quant, "MAX_SINGLE_PASS_K", 64)
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)).half()
+    codes, scales = quantize_per_token(x)
+    ref_codes, ref_scales = numerics.quantize_per_token(x)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales[:, 0])
+
+
+CASES = [  # (M, N, K, group_size, config)
+    (1, 48, 128, -1, config()),
+    (3, 64, 192, -1, config(block_k=64, split_k=3)),
+    (17, 80, 256, -1, config(block_n=64, block_m=16, block_k=128, split_k=2)),
+    (64, 32, 128, -1, config(block_n=32, block_m=32, block_k=128)),
+    (3, 40, 128, 32, config(block_k=64, split_k=2)),
+    (17, 64, 256, 64, config(block_k=64)),
+    (1, 64, 256, 128, config(block_k=128, split_k=2)),
+    (64, 48, 256, 128, config(block_m=64, block_k=128)),
+    (3, 32, 512, 256, config(block_k=256, split_k=2)),
+    (17, 32, 512, 256, None),
+]
+
+
+@pytest.mark.parametrize("m,n,k,group_size,cfg", CASES)
+def test_w4a8_matches_reference(m, n, k, group_size, cfg):
+    codes, channel_scale, ratio = make_layer(n, k, group_size, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+    bias = torch.randn(n) if m % 2 else None
+    out, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, bias, group_size, config=cfg,
+                           return_acc=True)
+    x_codes, _ = numerics.quantize_per_token(x)
+    ref_acc = x_codes.double() @ numerics.int8_weight(codes, ratio).double().T
+    assert torch.equal(acc.double(), ref_acc)  # the int32 accumulation is exact
+    ref = numerics.w4a8_linear_reference(x, codes, channel_scale, ratio, bias)
+    assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
+
+
+def test_w4a8_half_precision_and_batched_input():
+    codes, channel_scale, ratio = make_layer(64, 128, 64, seed=5)
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(6)).half()
+    out = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, None, 64, config=config(block_k=64))
+    assert out.shape == (2, 3, 64) and out.dtype == torch.float16
+    ref = numerics.w4a8_linear_reference(x.reshape(6, 128), codes, channel_scale, ratio).reshape(2, 3, 64)
+    assert torch.all((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-10 + 1e-3)
+
+
+def test_w4a8_per_group_extreme_ratios_clamp_like_reference():
+    # ratios that push |(q - 8) * r| to the int8 edge (and past it, where the reference clamps to +-127)
+    codes = torch.randint(0, 16, (32, 64), generator=torch.Generator().manual_seed(7)).to(torch.uint8)
+    ratio = torch.tensor([[127 / 8], [15.9], [17.0], [1 / 3]]).repeat(8, 2).half()
+    channel_scale = torch.rand(32) + 0.5
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    _, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, None, 32, config=config(), return_acc=True)
+    x_codes, _ = numerics.quantize_per_token(x)
+    assert torch.equal(acc.double(), x_codes.double() @ numerics.int8_weight(codes, ratio).double().T)
+
+
+def test_w4a8_rejects_bad_inputs():
+    codes, channel_scale, ratio = make_layer(32, 128, 64)
+    packed = pack_int4(codes)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        w4a8_linear(x.double(), packed, channel_scale, ratio, None, 64)
+    with pytest.raises(ValueError, match="does not match"):
+        w4a8_linear(torch.randn(2, 192), packed, channel_scale, ratio, None, 64)
+    with pytest.raises(ValueError, match="group_ratio"):
+        w4a8_linear(x, packed, channel_scale, None, None, 64)
+    with pytest.raises(ValueError, match="group_ratio"):
+        w4a8_linear(x, packed, channel_scale, ratio.float(), None, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        w4a8_linear(x, packed, channel_scale, ratio, None, 48)
+    with pytest.raises(ValueError, match="channel_scale"):
+        w4a8_linear(x, packed, channel_scale.half(), ratio, None, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        w4a8_linear(x, packed.t().contiguous().t(), channel_scale, ratio, None, 64)
+    with pytest.raises(ValueError, match="bias"):
+        w4a8_linear(x, packed, channel_scale, ratio, torch.zeros(31), 64)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        w4a8_linear(x, packed, channel_scale, ratio, None, 64, config=config(block_k=128))
+
+
+def test_qqq_linear_forward_runs_the_kernels():
+    torch.manual_seed(9)
+    linear = torch.nn.Linear(128, 48, bias=True)
+    for group_size in (-1, 128):
+        layer = QQQLinear.from_linear(linear, group_size)
+        x = torch.randn(3, 128)
+        ref = numerics.w4a8_linear_reference(x, layer.codes(), layer.channel_scale,
+                                             layer.group_ratio if group_size != -1 else None, layer.bias)
+        assert torch.all((layer(x) - ref).abs() <= fp16_tolerance(ref))
+
+
+def test_baselines_match_reference():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(5, 128, generator=gen)
+    w8, s8 = numerics.quantize_weight_int8_per_channel(torch.randn(48, 128, generator=gen))
+    out = w8a8_linear(x, w8, s8, None, config=config(block_k=128))
+    x_codes, ts = numerics.quantize_per_token(x)
+    ref = (x_codes.double() @ w8.double().T).float() * ts * s8
+    assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
+    codes, scale, _ = make_layer(48, 128, -1)
+    out = w4a16_linear(x, pack_int4(codes), scale, None, config=config(block_k=128))
+    ref = x @ numerics.dequantize_per_channel(codes, scale).T
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tuning_candidates_are_valid():
+    for kernel, gs in (("w4a8", -1), ("w4a8_group", 32), ("w4a8_group", 128), ("w8a8", -1)):
+        for bucket in tuning.M_BUCKETS:
+            cands = tuning.candidate_configs(kernel, bucket, 8192, 21760, gs)
+            assert cands, (kernel, bucket)
+            for cfg in cands:
+                tuning.check_config(kernel, cfg, bucket, 8192, 21760, gs)
+    assert tuning.m_bucket(1) == 16 and tuning.m_bucket(100) == 128 and tuning.m_bucket(10**5) == 4096
+    cfg = tuning.heuristic_config("w4a8_group", 1, 4096, 4096, 32)
+    assert cfg["BLOCK_K"] <= 64
