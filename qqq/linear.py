@@ -33,7 +33,12 @@ class FakeQuantLinear(nn.Module):
 
 
 def triton_available_for(x: torch.Tensor) -> bool:
-    """Use the Triton kernels on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``."""
+    """Use the Triton kernels on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``.
+
+    ``QQQ_BACKEND=reference`` forces the PyTorch reference everywhere (for debugging and fast CPU tests).
+    """
+    if os.environ.get("QQQ_BACKEND", "auto") == "reference":
+        return False
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
@@ -68,14 +73,19 @@ class QQQLinear(nn.Module):
         return self.group_size != -1
 
     @classmethod
-    def from_codes(cls, codes, channel_scale, group_ratio=None, bias=None, group_size=-1, dtype=torch.float16):
-        """Build from 4-bit codes (signed [-7, 7] per-channel, or [0, 15] per-group with their ratios)."""
+    def from_quantized(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                       group_size: int = -1, dtype: torch.dtype = torch.float16) -> QQQLinear:
+        """Build from 4-bit codes and their scales as ``numerics`` defines them: signed codes in [-7, 7] with a
+        per-channel scale [N], or codes in [0, 15] with group scales [N, K // group_size] (turned into the
+        two-level per-channel scale and fp16 ratios here)."""
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, group_size, bias is not None, dtype, device=codes.device)
         layer.qweight = pack_int4(codes)
-        layer.channel_scale = channel_scale.float().contiguous()
-        if group_size != -1:
-            layer.group_ratio = group_ratio.to(torch.float16).contiguous()
+        if group_size == -1:
+            layer.channel_scale = scale.float().contiguous()
+        else:
+            channel_scale, ratio = numerics.two_level_scales(codes, scale)
+            layer.channel_scale, layer.group_ratio = channel_scale.contiguous(), ratio.contiguous()
         if bias is not None:
             layer.bias = bias.detach().to(dtype).clone()
         return layer
@@ -84,13 +94,8 @@ class QQQLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group_size: int = -1) -> QQQLinear:
         """Round-to-nearest W4A8 version of ``linear`` (for tests and notebooks)."""
         weight = linear.weight.detach()
-        numerics.check_group_size(group_size, weight.shape[1])
-        if group_size == -1:
-            codes, scale = numerics.quantize_weight_per_channel(weight)
-            return cls.from_codes(codes, scale, None, linear.bias, -1, weight.dtype)
-        codes, scale = numerics.quantize_weight_per_group(weight, group_size)
-        channel_scale, ratio = numerics.two_level_scales(codes, scale)
-        return cls.from_codes(codes, channel_scale, ratio, linear.bias, group_size, weight.dtype)
+        codes, scale = numerics.quantize_weight_rtn(weight, group_size)
+        return cls.from_quantized(codes, scale, linear.bias, group_size, weight.dtype)
 
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.qweight, self.in_features, signed=not self.per_group)

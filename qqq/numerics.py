@@ -129,6 +129,20 @@ def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return codes.float() * scale[:, None]
 
 
+def dequantize_per_group(codes: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """The 4-bit per-group weight itself, ``(code - 8) * group_scale`` (what a W4A16 GEMM applies)."""
+    group_size = codes.shape[1] // group_scale.shape[1]
+    return (codes.float() - INT4_ZERO_POINT) * group_scale.float().repeat_interleave(group_size, dim=1)
+
+
+def quantize_weight_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit codes and scales, per-channel (``group_size == -1``) or per group."""
+    check_group_size(group_size, weight.shape[1])
+    if group_size == -1:
+        return quantize_weight_per_channel(weight)
+    return quantize_weight_per_group(weight, group_size)
+
+
 def dequantize_two_level(codes: torch.Tensor, channel_scale: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """The effective weight of the per-group GEMM: ``channel_scale * int8_weight``."""
     return int8_weight_from_groups(codes, ratio).float() * channel_scale[:, None]
@@ -150,8 +164,7 @@ def fake_quantize_weight(weight: torch.Tensor, group_size: int, bits: int = 4) -
     elif bits != 4:
         raise ValueError(f"weight bits must be 4 or 8, got {bits}")
     elif group_size == -1:
-        codes, scale = quantize_weight_per_channel(weight)
-        out = dequantize_per_channel(codes, scale)
+        out = dequantize_per_channel(*quantize_weight_per_channel(weight))
     else:
         codes, scale = quantize_weight_per_group(weight, group_size)
         out = dequantize_two_level(codes, *two_level_scales(codes, scale))

@@ -2,8 +2,13 @@
 
 Computes exactly ``qqq.numerics.quantize_per_token``: ``scale = amax(|row|) / 127`` (fp32, correctly rounded
 division), ``code = round_half_even(x / scale)`` clamped to [-127, 127], an all-zero row gives scale 0 and
-codes 0. One program per row; rows up to 32768 wide stay in registers (one read of x from memory), longer
-rows take a second, cached, pass.
+codes 0. Three launch shapes, one formula:
+
+- rows up to ``MAX_SINGLE_PASS_K`` wide: one program per row, the row stays in registers (one read of x);
+- longer rows with many tokens: one program per row, two passes over the row (the second hits L1/L2);
+- longer rows with few tokens (decode): each row is cut into ``ROW_CHUNKS`` chunks over as many programs; one
+  launch writes each chunk's absmax, a second reduces those (a few floats) and quantizes its chunk, so a
+  decode step does not wait on one program streaming a whole 20k-wide row.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SINGLE_PASS_K = 32768
+MAX_SINGLE_PASS_K = 8192
+TWO_PASS_BLOCK_K = 4096
+ROW_CHUNKS = 16  # chunks per row on the decode path
+FEW_ROWS = 128  # fewer rows than this (and rows longer than MAX_SINGLE_PASS_K) take the chunked path
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |v| < 2**22 to an integer, half to even
 ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern: (bits(v + MAGIC) - MAGIC_BITS) is that integer
 
@@ -58,6 +66,33 @@ def _quantize_per_token_kernel(
             tl.store(codes_row + k0 + offs, codes.to(tl.int8), mask=mask)
 
 
+@triton.jit
+def _chunk_absmax_kernel(x_ptr, partial_ptr, K, stride_x, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + row * NUM_CHUNKS + chunk, tl.max(tl.abs(x), axis=0))
+
+
+@triton.jit
+def _quantize_chunk_kernel(x_ptr, partial_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
+                           CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    amax = tl.max(tl.load(partial_ptr + row * NUM_CHUNKS + tl.arange(0, NUM_CHUNKS)), axis=0)
+    scale = tl.div_rn(amax, 127.0)
+    divisor = tl.where(scale > 0.0, scale, 1.0)
+    if chunk == 0:
+        tl.store(scale_ptr + row, scale)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    codes = round_to_int32(tl.div_rn(x, divisor))
+    codes = tl.minimum(tl.maximum(codes, -127), 127)
+    tl.store(codes_ptr + row * stride_codes + offs, codes.to(tl.int8), mask=mask)
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 quantization of ``x`` [..., K]: returns ``(codes int8 [M, K], scales fp32 [M])`` with
     ``M = x.numel() // K`` (rows flattened). fp16/bf16 on any device, fp32 too (the interpreter's CPU tests)."""
@@ -75,8 +110,17 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m == 0:
         return codes, scales
     single_pass = k <= MAX_SINGLE_PASS_K
-    block_k = triton.next_power_of_2(k) if single_pass else 8192
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    if not single_pass and m < FEW_ROWS:
+        chunk = triton.next_power_of_2(triton.cdiv(k, ROW_CHUNKS))
+        partial = torch.empty((m, ROW_CHUNKS), dtype=torch.float32, device=x.device)
+        warps = 4 if chunk <= 2048 else 8
+        _chunk_absmax_kernel[(m, ROW_CHUNKS)](rows, partial, k, rows.stride(0), CHUNK=chunk,
+                                              NUM_CHUNKS=ROW_CHUNKS, num_warps=warps)
+        _quantize_chunk_kernel[(m, ROW_CHUNKS)](rows, partial, codes, scales, k, rows.stride(0), codes.stride(0),
+                                                CHUNK=chunk, NUM_CHUNKS=ROW_CHUNKS, num_warps=warps)
+        return codes, scales
+    block_k = triton.next_power_of_2(k) if single_pass else TWO_PASS_BLOCK_K
+    num_warps = 4 if block_k <= 2048 else 8
     _quantize_per_token_kernel[(m,)](
         rows, codes, scales, k, rows.stride(0), codes.stride(0),
         BLOCK_K=block_k, SINGLE_PASS=single_pass, num_warps=num_warps,

@@ -95,7 +95,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
         for block_m in block_ms:
             for block_n in (32, 64, 128):
                 for block_k in (64, 128, 256, 512):
-                    for stages in (3, 4):
+                    for stages in (4, 6, 8):
                         tiles = math.ceil(n / block_n) * math.ceil(bucket / block_m)
                         k_tiles = k // block_k if k % block_k == 0 else 0
                         auto = _auto_split_k(tiles, k_tiles) if k_tiles else 1
@@ -107,6 +107,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
             (128, 128, 64, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (256, 64, 128, 8, 3),
             (128, 128, 128, 4, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 64, 256, 4, 3),
+            (256, 128, 128, 8, 4), (128, 256, 128, 8, 4), (64, 64, 256, 4, 4), (64, 128, 256, 4, 3),
         ]
         for block_n, block_m, block_k, warps, stages in large:
             if block_m > max(64, bucket):
@@ -138,11 +139,13 @@ def heuristic_config(kernel: str, m: int, n: int, k: int, group_size: int) -> di
         block_n = 64
         block_k = next(b for b in (256, 128, 64) if b <= limit and k % b == 0)
         tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
+        split_k = max(1, _auto_split_k(tiles, k // block_k) // 2)
         cfg = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-                   SPLIT_K=_auto_split_k(tiles, k // block_k), GROUP_N=8, num_warps=4, num_stages=4)
+                   SPLIT_K=split_k, GROUP_N=8, num_warps=4, num_stages=4)
     else:
         block_k = next(b for b in (128, 64) if b <= limit and k % b == 0)
-        cfg = dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3)
+        block_m = 256 if kernel == "w4a8_group" else 128
+        cfg = dict(BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3)
     return cfg
 
 

@@ -24,6 +24,8 @@ config from ``tuning`` (the tuned JSON cache for this GPU, else a heuristic).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,65 @@ def int8_from_group_codes(q, ratio):
     w = round_to_int32(centred * ratio)
     w = tl.minimum(tl.maximum(w, -127), 127)
     return w.to(tl.int8)
+
+
+@triton.jit
+def unpack_signed_x16_asm(packed):
+    """Per-channel unpack on the GPU, 4 bytes per instruction: (low, high) int8 lanes holding 16 * code."""
+    w_low = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r", [packed],
+        dtype=tl.int8, is_pure=True, pack=4)
+    w_high = tl.inline_asm_elementwise(
+        "and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    return w_low, w_high
+
+
+@triton.jit
+def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
+    """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
+    word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
+    ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
+    (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
+    ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
+    nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
+    Returns (low-nibble weights, high-nibble weights)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x, a, b, c, d, k1032, k1152, kmin, kmax;
+        mov.b32 k1032, 0x64086408;
+        mov.b32 k1152, 0x64806480;
+        mov.b32 kmin, 0x64016401;
+        mov.b32 kmax, 0x647F647F;
+        mov.b32 x, $2;
+        lop3.b32 a, x, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 b, x, 8;
+        lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 c, x, 4;
+        lop3.b32 c, c, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 d, x, 12;
+        lop3.b32 d, d, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 a, a, k1032;
+        sub.f16x2 b, b, k1032;
+        sub.f16x2 c, c, k1032;
+        sub.f16x2 d, d, k1032;
+        fma.rn.f16x2 a, a, $3, k1152;
+        fma.rn.f16x2 b, b, $3, k1152;
+        fma.rn.f16x2 c, c, $7, k1152;
+        fma.rn.f16x2 d, d, $7, k1152;
+        max.f16x2 a, a, kmin;
+        max.f16x2 b, b, kmin;
+        max.f16x2 c, c, kmin;
+        max.f16x2 d, d, kmin;
+        min.f16x2 a, a, kmax;
+        min.f16x2 b, b, kmax;
+        min.f16x2 c, c, kmax;
+        min.f16x2 d, d, kmax;
+        prmt.b32 a, a, b, 0x6240;
+        prmt.b32 c, c, d, 0x6240;
+        xor.b32 $0, a, 0x80808080;
+        xor.b32 $1, c, 0x80808080;
+        }""",
+        "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -76,7 +137,7 @@ def _w4a8_gemm_kernel(
     M, N, K, n_groups, stride_am, stride_wn, stride_om,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
     pid = tl.program_id(0)
@@ -113,15 +174,29 @@ def _w4a8_gemm_kernel(
         a_low = tl.load(a_low_ptrs, mask=m_mask[None, :], other=0)
         a_high = tl.load(a_low_ptrs + HALF, mask=m_mask[None, :], other=0)
         if GROUP_SIZE == -1:
-            w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
-            w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+            if USE_ASM:
+                w_low, w_high = unpack_signed_x16_asm(packed)
+            else:
+                w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+                w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
         else:
             # the pruner keeps BLOCK_K <= max(GROUP_SIZE, 64): one group per half tile
             k0 = kt * BLOCK_K
             r_low = tl.load(ratio_ptr + offs_n * n_groups + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
-            r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask, other=0.0)
-            w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
-            w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
+            if GROUP_SIZE >= 2 * HALF:
+                r_high = r_low
+            else:
+                r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask,
+                                 other=0.0)
+            if USE_ASM:
+                bits_low = r_low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                pair_low = tl.broadcast_to((bits_low | (bits_low << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair_high = tl.broadcast_to((bits_high | (bits_high << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+                w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
+            else:
+                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
+                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
         acc = tl.dot(w_low, a_low, acc=acc, out_dtype=tl.int32)
         acc = tl.dot(w_high, a_high, acc=acc, out_dtype=tl.int32)
         w_ptrs += BLOCK_K // 2
@@ -159,6 +234,11 @@ def split_k_workspace(device: torch.device, acc_elems: int, tiles: int) -> tuple
                   torch.zeros(counters, dtype=torch.int32, device=device))
         _SPLIT_K_WORKSPACES[device] = cached
     return cached
+
+
+def use_inline_asm(t: torch.Tensor) -> bool:
+    """The PTX unpack paths run on CUDA; the interpreter (CPU tests) runs the plain Triton formulation."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_features, device):
@@ -227,7 +307,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
-        GROUP_N=config["GROUP_N"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+        GROUP_N=config["GROUP_N"], USE_ASM=use_inline_asm(a_codes), num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return (out, acc_out) if return_acc else out
 

