@@ -2,3 +2,41 @@ import os
 
 # Triton kernels run on the CPU through the interpreter; this must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_config(model_type: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, vocab: int = 320):
+    """A small decoder of the given family, built from a config (no download): GQA, RoPE, SwiGLU."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
+    return config_class(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **sizes):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **sizes), dtype=torch.float32).eval()
+    with torch.no_grad():  # outlier channels, as real LLM activations have, so smoothing has work to do
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.mul_(1 + 8 * (torch.rand_like(layer.input_layernorm.weight) > 0.95))
+            if model_type == "qwen2":
+                layer.self_attn.v_proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """Run QQQLinear through the PyTorch reference (model-level tests; the kernels have their own tests)."""
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+
+
+def token_batch(n: int = 4, seq_len: int = 32, vocab: int = 320, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=generator)
