@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+from qqq.checkpoint import load_quantized, save_quantized
+from qqq.linear import QQQLinear
+from qqq.models import is_qqq_checkpoint
+from qqq.pipeline import QuantizeSettings, quantize_model
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256])
+def test_round_trip_gives_identical_logits(group_size, tmp_path, reference_backend):
+    model = tiny_model("qwen2")
+    quantize_model(model, "rtn", None, QuantizeSettings(group_size=group_size))
+    ids = token_batch(2, 20, seed=4)
+    with torch.no_grad():
+        before = model(ids).logits
+    save_quantized(model, tmp_path, extra={"method": "w4a8_rtn"})
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "qqq" and config["group_size"] == group_size and config["wbits"] == 4
+    assert is_qqq_checkpoint(tmp_path)
+
+    loaded = load_quantized(tmp_path, dtype=torch.float32)
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QQQLinear) and q_proj.group_size == group_size and q_proj.bias is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_gptq_checkpoint_round_trip(tmp_path, reference_backend):
+    model = tiny_model("llama")
+    quantize_model(model, "w4a8_gptq", token_batch(4, 32), QuantizeSettings(group_size=128))
+    ids = token_batch(1, 16, seed=6)
+    with torch.no_grad():
+        before = model(ids).logits
+    save_quantized(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path, dtype=torch.float32)(ids).logits, before)
+
+
+def test_saving_an_unquantized_model_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no QQQLinear"):
+        save_quantized(tiny_model("llama"), tmp_path)
+
+
+def test_loading_a_plain_model_folder_as_qqq_is_an_error(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    assert not is_qqq_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="not a QQQ checkpoint"):
+        load_quantized(tmp_path)

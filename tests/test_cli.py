@@ -1,0 +1,56 @@
+import re
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from qqq.cli import main
+from qqq.models import EMBEDDED_MODEL, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama with the embedded model's tokenizer, saved like any Hugging Face model folder."""
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", hidden=64, intermediate=128, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def perplexities(output: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+): perplexity ([\d.]+)", output, re.MULTILINE)}
+
+
+def test_quantize_save_and_score_the_checkpoint(tiny_model_dir, tmp_path, capsys, reference_backend):
+    out = tmp_path / "w4a8"
+    eval_args = ["--eval-windows", "2", "--eval-seqlen", "64", "--device", "cpu"]
+    main(["quantize", str(tiny_model_dir), "--method", "gptq", "--group-size", "32", "--nsamples", "4",
+          "--seqlen", "64", "--out", str(out), "--eval", *eval_args])
+    printed = perplexities(capsys.readouterr().out)
+    assert set(printed) == {"FP", "gptq"} and all(v > 1 for v in printed.values())
+    main(["ppl", str(out), *eval_args])
+    assert perplexities(capsys.readouterr().out)[str(out)] == printed["gptq"]
+
+
+def test_methods_without_a_packed_format_are_not_saved(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no packed format"):
+        main(["quantize", str(tiny_model_dir), "--method", "w4a16_rtn", "--out", str(tmp_path / "x"),
+              "--device", "cpu"])
+
+
+def test_bad_arguments_exit_with_a_message(tiny_model_dir):
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["quantize", str(tiny_model_dir), "--method", "awq", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        main(["ppl", str(tiny_model_dir), "--eval-dataset", "nope", "--device", "cpu"])
+
+
+def test_embedded_model_loads_as_llama_with_chat_eos():
+    model, tokenizer = load_model(EMBEDDED_MODEL)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] != tokenizer.bos_token_id  # no BOS added
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

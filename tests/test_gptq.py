@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from qqq import numerics
+from qqq.gptq import GPTQ, GPTQConfig
+
+
+def correlated_inputs(n=512, k=256, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=generator) / k ** 0.5
+    x = torch.randn(n, k, generator=generator) @ (torch.eye(k) + 2 * mixing)
+    x[:, :4] *= 10
+    return x
+
+
+def output_error(x, weight, approx):
+    return float((x @ weight.T - x @ approx.T).pow(2).mean().detach())
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256])
+@pytest.mark.parametrize("mse_clip", [False, True])
+def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    x = correlated_inputs()
+    solver = GPTQ(linear)
+    for chunk in x.split(128):
+        solver.add_batch(chunk)
+    result = solver.quantize(GPTQConfig(group_size=group_size, mse_clip=mse_clip))
+    if group_size == -1:
+        assert result.codes.dtype == torch.int8 and result.codes.abs().max() <= 7
+    else:
+        assert result.codes.dtype == torch.uint8 and result.codes.max() <= 15
+        assert result.scale.shape == (96, 256 // group_size)
+    rtn = numerics.quantize_weight_rtn(linear.weight, group_size)
+    rtn_weight = (numerics.dequantize_per_channel(*rtn) if group_size == -1 else numerics.dequantize_per_group(*rtn))
+    gptq_error = output_error(x, linear.weight.detach(), result.dequantized())
+    assert gptq_error < 0.8 * output_error(x, linear.weight.detach(), rtn_weight)
+
+
+def test_static_groups_keep_original_group_scales_under_act_order():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(128, 16, bias=False)
+    solver = GPTQ(linear)
+    solver.add_batch(correlated_inputs(256, 128))
+    result = solver.quantize(GPTQConfig(group_size=32, act_order=True))
+    assert torch.equal(result.scale, numerics.group_scales(linear.weight.detach(), 32))
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_dead_input_columns_quantize_to_zero(group_size):
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    x = torch.randn(100, 64)
+    x[:, 5] = 0
+    solver = GPTQ(linear)
+    solver.add_batch(x)
+    result = solver.quantize(GPTQConfig(group_size=group_size))
+    assert (result.dequantized()[:, 5] == 0).all()
+    assert torch.isfinite(result.dequantized()).all()
+
+
+def test_group_size_must_divide_the_layer():
+    solver = GPTQ(torch.nn.Linear(96, 8))
+    solver.add_batch(torch.randn(10, 96))
+    with pytest.raises(ValueError, match="divisible"):
+        solver.quantize(GPTQConfig(group_size=64))

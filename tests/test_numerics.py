@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from qqq import numerics
+
+
+def test_per_token_codes_scales_and_zero_rows():
+    x = torch.randn(5, 67) * 3
+    x[2] = 0
+    codes, scale = numerics.quantize_per_token(x)
+    assert codes.dtype == torch.int8 and scale.shape == (5, 1)
+    assert codes.abs().max() <= 127 and (codes.abs().amax(dim=1)[[0, 1, 3, 4]] == 127).all()
+    assert scale[2] == 0 and (codes[2] == 0).all()
+    assert torch.isfinite(numerics.fake_quantize_per_token(x)).all()
+    assert ((codes.float() * scale - x).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_per_token_rounds_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5]])
+    codes, scale = numerics.quantize_per_token(x)
+    assert scale.item() == 1.0
+    assert codes.tolist() == [[127, 0, 2, 2, 0]]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_two_level_int8_weight_stays_in_range_and_matches_groups(group_size):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 512) * torch.rand(48, 1) * 4
+    weight[:, :group_size] *= 50  # one group with a huge range next to small ones
+    codes, group_scale = numerics.quantize_weight_per_group(weight, group_size)
+    assert codes.dtype == torch.uint8 and 0 <= codes.min() and codes.max() <= 15
+    channel_scale, ratio = numerics.two_level_scales(codes, group_scale)
+    assert ratio.dtype == torch.float16 and ratio.shape == (48, 512 // group_size)
+    w8 = numerics.int8_weight_from_groups(codes, ratio)
+    assert w8.abs().max() <= 127 and w8.abs().max() >= 126
+    # the int8 step moves each weight by at most half an int8 step plus the fp16 error of the ratio
+    group_deq = numerics.dequantize_per_group(codes, group_scale)
+    two_level = numerics.dequantize_two_level(codes, channel_scale, ratio)
+    bound = channel_scale[:, None] * (0.5 + 8 * 128 * 2 ** -11)
+    assert ((two_level - group_deq).abs() <= bound).all()
+
+
+def test_int8_weight_products_are_exact_in_fp32():
+    codes = torch.arange(16, dtype=torch.uint8).repeat(1, 2)
+    ratio = torch.tensor([[15.875, 0.3333]], dtype=torch.float16)
+    expected = [round((c - 8) * float(r)) for r in ratio[0].float().tolist() for c in range(16)]
+    assert numerics.int8_weight_from_groups(codes, ratio)[0].tolist() == expected
+
+
+def test_per_channel_codes():
+    weight = torch.randn(16, 40)
+    codes, scale = numerics.quantize_weight_per_channel(weight)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 7
+    assert torch.allclose(scale, weight.abs().amax(dim=1) / 7)
+    assert ((numerics.dequantize_per_channel(codes, scale) - weight).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_reference_linear_accumulates_exactly(group_size):
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(7, 256), torch.randn(33, 256), torch.randn(33)
+    codes, scale = numerics.quantize_weight_rtn(weight, group_size)
+    if group_size == -1:
+        channel_scale, ratio = scale, None
+    else:
+        channel_scale, ratio = numerics.two_level_scales(codes, scale)
+    y = numerics.w4a8_linear_reference(x, codes, channel_scale, ratio, bias)
+    x_codes, token_scale = numerics.quantize_per_token(x)
+    acc = x_codes.long() @ numerics.int8_weight(codes, ratio).long().T  # exact integer product
+    assert torch.equal(y, acc.float() * token_scale * channel_scale + bias)
+
+
+@pytest.mark.parametrize("group_size,in_features", [(128, 192), (48, 96), (0, 64)])
+def test_bad_group_sizes_are_rejected(group_size, in_features):
+    with pytest.raises(ValueError, match="group_size"):
+        numerics.quantize_weight_rtn(torch.randn(4, in_features), group_size)
+
+
+def test_weight_bits_other_than_4_or_8_are_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        numerics.fake_quantize_weight(torch.randn(4, 64), -1, bits=3)

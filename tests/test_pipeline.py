@@ -1,0 +1,63 @@
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+from qqq.linear import FakeQuantLinear, QQQLinear
+from qqq.model_families import family_of
+from qqq.pipeline import METHODS, QuantizeSettings, get_method, quantize_model
+
+
+def fast_settings(group_size=-1):
+    return QuantizeSettings(group_size=group_size, smoothing_samples=2, min_thresholds=10, batch_size=4)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_quantizes_every_decoder_linear(method, reference_backend):
+    model = tiny_model("qwen2")
+    ids = token_batch(2, 24, seed=9)
+    report = quantize_model(model, method, token_batch(4, 32), fast_settings(64), torch.device("cpu"))
+    linears = [m for layer in family_of(model).decoder_layers(model) for m in family_of(model).linears(layer).values()]
+    expected = {"fp16": torch.nn.Linear}.get(method, QQQLinear if METHODS[method].packs_w4a8 else FakeQuantLinear)
+    assert all(type(m) is expected for m in linears)
+    assert report.method == method
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_qqq_is_closer_to_fp_than_round_to_nearest(reference_backend):
+    ids = token_batch(4, 48, seed=11)
+    reference = tiny_model("llama")
+    with torch.no_grad():
+        target = reference(ids).logits
+    errors = {}
+    for method in ("w4a8_rtn", "qqq"):
+        model = tiny_model("llama")
+        quantize_model(model, method, token_batch(8, 48), fast_settings(), torch.device("cpu"))
+        with torch.no_grad():
+            errors[method] = float((model(ids).logits - target).pow(2).mean())
+    assert errors["qqq"] < errors["w4a8_rtn"]
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(NotImplementedError, match="llama.*mistral.*qwen2"):
+        quantize_model(model, "rtn", None)
+
+
+def test_group_size_that_does_not_divide_the_layers_is_rejected():
+    model = tiny_model("llama", hidden=96, intermediate=192, heads=2, kv_heads=1)
+    with pytest.raises(ValueError, match="not divisible by group_size=64"):
+        quantize_model(model, "rtn", None, QuantizeSettings(group_size=64))
+
+
+def test_calibrated_methods_need_calibration_data():
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(tiny_model("llama"), "qqq", None)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match="w4a8_rtn"):
+        get_method("awq")
+    assert get_method("rtn").name == "w4a8_rtn"

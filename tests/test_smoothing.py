@@ -1,0 +1,76 @@
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+from qqq import numerics
+from qqq.model_families import family_of
+from qqq.smoothing import KVHeadTying, SmoothingConfig, fold_scale, search_scale, smooth_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_folding_random_scales_leaves_fp_output_unchanged(model_type):
+    model = tiny_model(model_type)
+    ids = token_batch(2, 24)
+    before = logits(model, ids)
+    family = family_of(model)
+    tying = KVHeadTying(*family.head_layout(model))
+    generator = torch.Generator().manual_seed(3)
+    for layer in family.decoder_layers(model):
+        for point in family.smoothing_points:
+            width = layer.get_submodule(point.consumers[0]).in_features
+            scale = torch.rand(width, generator=generator) * 4 + 0.25
+            if point.producer.endswith("v_proj"):
+                scale = tying.tie(scale)  # GQA: one scale per key/value channel
+            fold_scale(layer, point, scale, tying)
+    assert torch.allclose(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_head_tying_shares_scales_across_query_heads():
+    tying = KVHeadTying(heads=6, kv_heads=2, head_dim=4)
+    stat = torch.rand(24)
+    tied = tying.tie(stat).view(2, 3, 4)
+    assert torch.equal(tied[:, 0], tied[:, 1]) and torch.equal(tied[:, 0], tied[:, 2])
+    assert torch.equal(tied[:, 0], stat.view(2, 3, 4).amax(dim=1))
+    assert torch.equal(tying.to_value_rows(tying.tie(stat)), tied[:, 0].reshape(-1))
+
+
+@pytest.mark.parametrize("model_type,rule", [("llama", "search"), ("qwen2", "search"), ("llama", "smoothquant")])
+def test_smooth_model_keeps_the_fp_function(model_type, rule):
+    model = tiny_model(model_type)
+    ids = token_batch(2, 24, seed=5)
+    before = logits(model, ids)
+    config = SmoothingConfig(rule=rule, group_size=64, min_thresholds=20)
+    scales = smooth_model(model, family_of(model), token_batch(2, 32), config, torch.device("cpu"))
+    assert len(scales) == 2 and set(scales[0]) == {"qkv", "o", "gate_up", "down"}
+    assert any((s != 1).any() for layer in scales for s in layer.values())
+    assert torch.allclose(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_search_is_never_worse_than_no_smoothing_on_calibration():
+    torch.manual_seed(0)
+    x = torch.randn(64, 128)
+    x[:, :3] *= 40  # outlier channels
+    weight = torch.randn(96, 128) * 0.05
+    config = SmoothingConfig(group_size=-1, min_thresholds=50)
+
+    def block(inp, weights, biases):
+        return torch.nn.functional.linear(inp, weights[0], biases[0])
+
+    def loss(scale):
+        w_q = numerics.fake_quantize_weight(weight * scale, -1)
+        return float((block(numerics.fake_quantize_per_token(x / scale), [w_q], [None]) - x @ weight.T)
+                     .pow(2).sum(-1).mean())
+
+    scale, threshold = search_scale(x, [weight], [None], block, config)
+    assert (scale >= 1).all() and threshold < x.abs().max()
+    assert loss(scale) < 0.5 * loss(torch.ones(128))
+
+
+def test_unknown_rule_is_rejected():
+    with pytest.raises(ValueError, match="rule"):
+        SmoothingConfig(rule="awq")
