@@ -23,9 +23,9 @@ def make_layer(n, k, group_size, seed=0):
     return codes, channel_scale, ratio
 
 
-def config(block_n=32, block_m=16, block_k=64, split_k=1, stages=2):
+def config(block_n=32, block_m=16, block_k=64, split_k=1, stages=2, dequant=0):
     return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_N=2, num_warps=4,
-                num_stages=stages)
+                num_stages=stages, DEQUANT=dequant)
 
 
 def fp16_tolerance(ref):
@@ -66,11 +66,15 @@ def test_quantize_per_token_matches_numerics(m, k, dtype):
     assert scales[0] == 0 and not torch.isnan(scales).any()
 
 
-def test_quantize_per_token_long_rows_two_pass(monkeypatch):
+@pytest.mark.parametrize("few_rows", [0, 128])  # 0: two passes per row; 128: rows cut into chunks (decode)
+def test_quantize_per_token_long_rows(monkeypatch, few_rows):
     from qqq.kernels_triton import activation_quant
 
     monkeypatch.setattr(activation_quant, "MAX_SINGLE_PASS_K", 64)
-    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)).half()
+    monkeypatch.setattr(activation_quant, "TWO_PASS_BLOCK_K", 64)
+    monkeypatch.setattr(activation_quant, "FEW_ROWS", few_rows)
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(3)).half()
+    x[1] = 0
     codes, scales = quantize_per_token(x)
     ref_codes, ref_scales = numerics.quantize_per_token(x)
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales[:, 0])
@@ -87,6 +91,10 @@ CASES = [  # (M, N, K, group_size, config)
     (64, 48, 256, 128, config(block_m=64, block_k=128)),
     (3, 32, 512, 256, config(block_k=256, split_k=2)),
     (17, 32, 512, 256, None),
+    # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
+    (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
+    (17, 40, 256, 32, config(block_k=128, dequant=1)),
+    (3, 64, 512, 256, config(block_k=256, dequant=1)),
 ]
 
 

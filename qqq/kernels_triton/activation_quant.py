@@ -6,9 +6,9 @@ codes 0. Three launch shapes, one formula:
 
 - rows up to ``MAX_SINGLE_PASS_K`` wide: one program per row, the row stays in registers (one read of x);
 - longer rows with many tokens: one program per row, two passes over the row (the second hits L1/L2);
-- longer rows with few tokens (decode): each row is cut into ``ROW_CHUNKS`` chunks over as many programs; one
-  launch writes each chunk's absmax, a second reduces those (a few floats) and quantizes its chunk, so a
-  decode step does not wait on one program streaming a whole 20k-wide row.
+- longer rows (up to ``MAX_CHUNKED_K``) with few tokens (decode): each row is cut into ``ROW_CHUNKS`` chunks over
+  as many programs; each program reads the whole row once for its absmax (from L2, all loads in flight) and
+  quantizes only its chunk, so a decode step does not wait on one program streaming a 20k-wide row.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import triton.language as tl
 MAX_SINGLE_PASS_K = 8192
 TWO_PASS_BLOCK_K = 4096
 ROW_CHUNKS = 16  # chunks per row on the decode path
+MAX_CHUNKED_K = 32768
 FEW_ROWS = 128  # fewer rows than this (and rows longer than MAX_SINGLE_PASS_K) take the chunked path
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |v| < 2**22 to an integer, half to even
 ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern: (bits(v + MAGIC) - MAGIC_BITS) is that integer
@@ -67,20 +68,13 @@ def _quantize_per_token_kernel(
 
 
 @triton.jit
-def _chunk_absmax_kernel(x_ptr, partial_ptr, K, stride_x, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+def _quantize_chunk_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
+                           ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + row * NUM_CHUNKS + chunk, tl.max(tl.abs(x), axis=0))
-
-
-@triton.jit
-def _quantize_chunk_kernel(x_ptr, partial_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
-                           CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    amax = tl.max(tl.load(partial_ptr + row * NUM_CHUNKS + tl.arange(0, NUM_CHUNKS)), axis=0)
+    offs_row = tl.arange(0, ROW_BLOCK)
+    whole = tl.load(x_ptr + row * stride_x + offs_row, mask=offs_row < K, other=0.0)
+    amax = tl.max(tl.abs(whole), axis=0).to(tl.float32)
     scale = tl.div_rn(amax, 127.0)
     divisor = tl.where(scale > 0.0, scale, 1.0)
     if chunk == 0:
@@ -110,14 +104,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m == 0:
         return codes, scales
     single_pass = k <= MAX_SINGLE_PASS_K
-    if not single_pass and m < FEW_ROWS:
+    if not single_pass and m < FEW_ROWS and k <= MAX_CHUNKED_K:
         chunk = triton.next_power_of_2(triton.cdiv(k, ROW_CHUNKS))
-        partial = torch.empty((m, ROW_CHUNKS), dtype=torch.float32, device=x.device)
-        warps = 4 if chunk <= 2048 else 8
-        _chunk_absmax_kernel[(m, ROW_CHUNKS)](rows, partial, k, rows.stride(0), CHUNK=chunk,
-                                              NUM_CHUNKS=ROW_CHUNKS, num_warps=warps)
-        _quantize_chunk_kernel[(m, ROW_CHUNKS)](rows, partial, codes, scales, k, rows.stride(0), codes.stride(0),
-                                                CHUNK=chunk, NUM_CHUNKS=ROW_CHUNKS, num_warps=warps)
+        _quantize_chunk_kernel[(m, triton.cdiv(k, chunk))](
+            rows, codes, scales, k, rows.stride(0), codes.stride(0),
+            ROW_BLOCK=triton.next_power_of_2(k), CHUNK=chunk, num_warps=8)
         return codes, scales
     block_k = triton.next_power_of_2(k) if single_pass else TWO_PASS_BLOCK_K
     num_warps = 4 if block_k <= 2048 else 8

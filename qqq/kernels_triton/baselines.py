@@ -1,8 +1,8 @@
 """Baselines measured in the same harness as the W4A8 kernels.
 
 - W8A8 (SmoothQuant-style): per-token int8 activations x per-channel int8 weights [N, K] -> int32 -> scaled
-  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (same structure as the W4A8 kernel, weight tile on the
-  left, no unpacking); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
+  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``w4a8_gemm.int8_gemm_kernel``, the same kernel the
+  W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
   scale epilogue in PyTorch. Both quantize the activations with ``activation_quant``.
 - W4A16: fp16/bf16 activations x per-channel int4 weights in the W4A8 packing -> fp32 accumulation. The
   nibbles are unpacked to ``16 * code`` exactly as in the W4A8 kernel, converted to the activation dtype
@@ -19,6 +19,7 @@ import triton.language as tl
 from qqq.kernels_triton import tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.packing import check_packable
+from qqq.kernels_triton.w4a8_gemm import launch_int8_gemm
 
 
 @triton.jit
@@ -45,32 +46,6 @@ def _tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.co
     first_pid_n = (pid // pids_per_group) * GROUP_N
     group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
     return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
-
-
-@triton.jit(do_not_specialize=["M"])
-def _w8a8_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_am, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_N: tl.constexpr,
-):
-    pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-    a_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    for _ in range(0, K // BLOCK_K):
-        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
-        a = tl.load(a_ptrs, mask=m_mask[None, :], other=0)
-        acc = tl.dot(w, a, acc=acc, out_dtype=tl.int32)
-        w_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-    _scaled_store(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                  stride_om, True, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -134,14 +109,7 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     _check_common(n, k, channel_scale, bias)
     config = _launch_config("w8a8", config, m, n, k)
     out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
-    grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
-    _w8a8_gemm_kernel[grid](
-        a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out,
-        m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=config["BLOCK_N"], BLOCK_M=config["BLOCK_M"],
-        BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False)
     return out
 
 

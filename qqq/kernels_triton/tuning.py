@@ -1,7 +1,8 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, per-GPU JSON cache, autotuning.
 
-A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` (BLOCK_N tiles the
-weight rows = output features, BLOCK_M the tokens). Configs are keyed on the kernel name, N, K, group size and
+A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages, DEQUANT`` (BLOCK_N
+tiles the weight rows = output features, BLOCK_M the tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize
+the packed weight to int8 once, then the plain int8 GEMM with these tiles). Configs are keyed on the kernel name, N, K, group size and
 a bucketed M (``M_BUCKETS``: M rounded up to a power of two, 16 at least, 4096 at most), so one tuning serves a
 range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file; a shape without a
 tuned entry takes the nearest tuned bucket of the same shape, else a heuristic.
@@ -23,7 +24,7 @@ M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB opt-in per block)
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT")
 TARGET_PROGRAMS = 2 * 132  # decode grids aim at about two programs per SM (H100: 132 SMs)
 
 
@@ -55,14 +56,17 @@ def max_block_k(kernel: str, group_size: int) -> int | None:
 
 def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: int) -> None:
     """Raise ValueError if ``config`` cannot run this problem (the launcher calls it on explicit configs)."""
-    missing = [key for key in CONFIG_KEYS if key not in config]
+    missing = [key for key in CONFIG_KEYS if key not in config and key != "DEQUANT"]
     if missing:
         raise ValueError(f"config {config} lacks {missing}")
     block_k = config["BLOCK_K"]
     if block_k % 64 or k % block_k:
         raise ValueError(f"BLOCK_K={block_k} must be a multiple of 64 that divides K={k}")
     limit = max_block_k(kernel, group_size)
-    if limit is not None and block_k > limit:
+    if config.get("DEQUANT", 0):
+        if kernel not in ("w4a8", "w4a8_group") or config["SPLIT_K"] != 1:
+            raise ValueError("DEQUANT=1 is a W4A8 prefill config without split-K")
+    elif limit is not None and block_k > limit:
         raise ValueError(f"BLOCK_K={block_k} exceeds {limit} for group size {group_size}")
     for key in ("BLOCK_N", "BLOCK_M"):
         if config[key] < 16 or config[key] & (config[key] - 1):
@@ -72,7 +76,8 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
 
 
 def _fits(kernel: str, cfg: dict) -> bool:
-    tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * _weight_bytes_per_element(kernel) \
+    weight_bytes = 1.0 if cfg.get("DEQUANT", 0) else _weight_bytes_per_element(kernel)
+    tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes \
         + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
     if cfg["num_stages"] * tile_bytes > SHARED_MEMORY_BUDGET:
         return False
@@ -95,7 +100,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
         for block_m in block_ms:
             for block_n in (32, 64, 128):
                 for block_k in (64, 128, 256, 512):
-                    for stages in (4, 6, 8):
+                    for stages in (4, 6, 8, 12):
                         tiles = math.ceil(n / block_n) * math.ceil(bucket / block_m)
                         k_tiles = k // block_k if k % block_k == 0 else 0
                         auto = _auto_split_k(tiles, k_tiles) if k_tiles else 1
@@ -114,6 +119,8 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                 continue
             raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
                             num_warps=warps, num_stages=stages))
+            if kernel in ("w4a8", "w4a8_group"):
+                raw.append(dict(raw[-1], DEQUANT=1))
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):
@@ -124,6 +131,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             continue
         if not _fits(kernel, cfg):
             continue
+        cfg.setdefault("DEQUANT", 0)
         key = tuple(cfg[c] for c in CONFIG_KEYS)
         if key not in seen:
             seen.add(key)
@@ -141,11 +149,14 @@ def heuristic_config(kernel: str, m: int, n: int, k: int, group_size: int) -> di
         tiles = math.ceil(n / block_n) * math.ceil(m / block_m)
         split_k = max(1, _auto_split_k(tiles, k // block_k) // 2)
         cfg = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-                   SPLIT_K=split_k, GROUP_N=8, num_warps=4, num_stages=4)
+                   SPLIT_K=split_k, GROUP_N=8, num_warps=4, num_stages=4, DEQUANT=0)
     else:
         block_k = next(b for b in (128, 64) if b <= limit and k % b == 0)
-        block_m = 256 if kernel == "w4a8_group" else 128
-        cfg = dict(BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3)
+        dequant = int(kernel == "w4a8_group" and m >= 1024)
+        if dequant:
+            block_k = 128 if k % 128 == 0 else 64
+        cfg = dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3,
+                   DEQUANT=dequant)
     return cfg
 
 
@@ -370,7 +381,7 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
             jobs = {}
             for bucket in sorted({m_bucket(m) for m in m_values}):
                 for cfg in candidate_configs(kernel, bucket, n, k, group_size):
-                    sig = (kernel, group_size) + tuple(cfg[c] for c in CONFIG_KEYS)
+                    sig = (kernel, group_size) + tuple(cfg.get(c, 0) for c in CONFIG_KEYS)
                     if sig not in compiled:
                         compiled.add(sig)
                         jobs[sig] = (bucket, cfg)

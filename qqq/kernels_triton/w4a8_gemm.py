@@ -72,7 +72,7 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
         mov.b32 k1032, 0x64086408;
         mov.b32 k1152, 0x64806480;
         mov.b32 kmin, 0x64016401;
-        mov.b32 kmax, 0x647F647F;
+        mov.b32 kmax, 0x64FF64FF;
         mov.b32 x, $2;
         lop3.b32 a, x, 0x000F000F, 0x64006400, 0xEA;
         shr.u32 b, x, 8;
@@ -108,10 +108,11 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
 @triton.jit
 def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
               acc_out_ptr, N, stride_om,
-              GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n])."""
+              X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n]).
+    ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here."""
     mask = n_mask[:, None] & m_mask[None, :]
-    if GROUP_SIZE == -1:
+    if X16:
         true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
     else:
         true_acc = acc
@@ -120,7 +121,7 @@ def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_pt
     token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc.to(tl.float32)
-    if GROUP_SIZE == -1:
+    if X16:
         y = y * 0.0625  # exact: float(16 * a) == 16 * float(a)
     y = (y * token_scale[None, :]) * channel_scale[:, None]
     if HAS_BIAS:
@@ -204,7 +205,7 @@ def _w4a8_gemm_kernel(
 
     if SPLIT_K == 1:
         _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                  acc_out_ptr, N, stride_om, GROUP_SIZE, HAS_BIAS, WRITE_ACC)
+                  acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
     else:
         mask = n_mask[:, None] & m_mask[None, :]
         ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -215,7 +216,111 @@ def _w4a8_gemm_kernel(
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
             tl.atomic_xchg(tickets_ptr + tile, 0)
             _epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                      acc_out_ptr, N, stride_om, GROUP_SIZE, HAS_BIAS, WRITE_ACC)
+                      acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+
+
+@triton.jit(do_not_specialize=["n_groups"])
+def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn, stride_on,
+                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            USE_ASM: tl.constexpr):
+    """Packed int4 [N, K // 2] -> the int8 weight [N, K] the W4A8 GEMM multiplies (per-channel: 16 * code),
+    for the prefill path (dequantize once, then the plain int8 GEMM). BLOCK_K == 64 or <= GROUP_SIZE."""
+    HALF: tl.constexpr = 32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_byte = tl.arange(0, BLOCK_K // 2)
+    offs_k_low = pid_k * BLOCK_K + (offs_byte // HALF) * (2 * HALF) + offs_byte % HALF
+    n_mask = offs_n < N
+    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + pid_k * (BLOCK_K // 2) + offs_byte[None, :],
+                     mask=n_mask[:, None], other=0)
+    if GROUP_SIZE == -1:
+        if USE_ASM:
+            w_low, w_high = unpack_signed_x16_asm(packed)
+        else:
+            w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+            w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+    else:
+        k0 = pid_k * BLOCK_K
+        r_low = tl.load(ratio_ptr + offs_n * n_groups + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+        if GROUP_SIZE >= 2 * HALF:
+            r_high = r_low
+        else:
+            r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask, other=0.0)
+        if USE_ASM:
+            bits_low = r_low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            pair_low = tl.broadcast_to((bits_low | (bits_low << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+            pair_high = tl.broadcast_to((bits_high | (bits_high << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+            w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
+        else:
+            w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
+            w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
+    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k_low[None, :]
+    tl.store(out_ptrs, w_low, mask=n_mask[:, None])
+    tl.store(out_ptrs + HALF, w_high, mask=n_mask[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def int8_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,
+    M, N, K, stride_am, stride_wn, stride_om,
+    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
+    W4A8 (after ``_dequantize_int8_kernel``) and the W8A8 baseline."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_n
+    pid_m = (pid % pids_per_group) // group_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    a_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    for _ in range(0, K // BLOCK_K):
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        a = tl.load(a_ptrs, mask=m_mask[None, :], other=0)
+        acc = tl.dot(w, a, acc=acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+              acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+
+
+def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc):
+    m, k = a_codes.shape
+    n = weight.shape[0]
+    grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
+    int8_gemm_kernel[grid](
+        a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
+        m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
+        X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=config["BLOCK_N"],
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
+def dequantize_int8(qweight, group_ratio, group_size, use_asm: bool) -> torch.Tensor:
+    """The int8 weight [N, K] of the GEMM (per-channel lanes hold 16 * code)."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    out = torch.empty((n, k), dtype=torch.int8, device=qweight.device)
+    block_k = 64 if group_size in (32, 64) else 128
+    block_n = 64
+    ratio = group_ratio if group_size != -1 else qweight
+    n_groups = k // group_size if group_size != -1 else 1
+    _dequantize_int8_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, ratio, out, n, k, n_groups, qweight.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=use_asm, num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -293,6 +398,12 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         config = tuning.get_config(kernel_name, m, n, k, group_size)
     else:
         tuning.check_config(kernel_name, config, m, n, k, group_size)
+    use_asm = use_inline_asm(a_codes)
+    if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
+        weight = dequantize_int8(qweight, group_ratio, group_size, use_asm)
+        launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
+                         group_size == -1, return_acc)
+        return (out, acc_out) if return_acc else out
     block_n, block_m, split_k = config["BLOCK_N"], config["BLOCK_M"], config["SPLIT_K"]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if split_k > 1:
@@ -307,7 +418,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
-        GROUP_N=config["GROUP_N"], USE_ASM=use_inline_asm(a_codes), num_warps=config["num_warps"],
+        GROUP_N=config["GROUP_N"], USE_ASM=use_asm, num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     return (out, acc_out) if return_acc else out
