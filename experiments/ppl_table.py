@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qqq.data import calibration_windows, evaluation_windows, load_text, tokenize
+from qqq.data import calibration_windows, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.gptq import GPTQConfig
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
@@ -57,8 +57,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
-        windows = evaluation_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.seqlen,
-                                     args.windows or None)
+        windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
+                                     args.seqlen, args.windows or None)
         calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
                                     calibration["nsamples"], calibration["seqlen"])
         smoothed = {}
@@ -89,7 +89,8 @@ def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, pat
              f"- evaluation text: {args.dataset}"
              + (" (offline substitute from the exllamav2 wheel: real Wikipedia text, NOT WikiText-2)"
                 if args.dataset.startswith("exllamav2") else ""),
-             f"- windows: first {int(table['windows'].iloc[0])} non-overlapping windows of {args.seqlen} tokens",
+             f"- protocol: {evaluation_protocol(args.dataset, args.seqlen)}; {int(table['windows'].iloc[0])} windows scored"
+             + (" (the first ones: a subset, to fit a 2-core CPU)" if args.windows else ""),
              f"- calibration: {args.calib_dataset}, {calibration}",
              "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
              ]

@@ -1,4 +1,4 @@
-"""The ``qqq`` command line: quantize, ppl, demo."""
+"""The ``qqq`` command line: quantize, eval ppl, demo."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from qqq.data import calibration_windows, dataset_names, evaluation_windows, load_text, tokenize
+from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.gptq import GPTQConfig
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
@@ -83,11 +83,12 @@ def _quantize(model, tokenizer, args, device) -> dict:
 def _perplexity(model, tokenizer, args, device, label: str) -> float:
     from qqq.evaluate import perplexity
 
-    windows = evaluation_windows(tokenize(tokenizer, load_text(args.eval_dataset, split="test")),
-                                 args.eval_seqlen, args.eval_windows)
+    windows = perplexity_windows(tokenize(tokenizer, load_text(args.eval_dataset, split="test")),
+                                 args.eval_dataset, args.eval_seqlen, args.eval_windows)
     value = perplexity(model.to(device), windows, device, desc=f"perplexity {label}")
-    print(f"{label}: perplexity {value:.3f} on {args.eval_dataset}, {windows.shape[0]} windows of "
-          f"{args.eval_seqlen} tokens", flush=True)
+    protocol = evaluation_protocol(args.eval_dataset, args.eval_seqlen)
+    print(f"{label}: perplexity {value:.3f} on {args.eval_dataset} ({protocol}; {windows.shape[0]} windows scored)",
+          flush=True)
     return value
 
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(quantize)
     quantize.set_defaults(run=cmd_quantize)
 
-    ppl = commands.add_parser("ppl", help="perplexity of a model or QQQ checkpoint")
+    evaluate = commands.add_parser("eval", help="evaluate a model or QQQ checkpoint")
+    evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
+    ppl = evaluations.add_parser("ppl", help="perplexity of a model or QQQ checkpoint")
     ppl.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
     _add_eval_arguments(ppl, default_windows=None)
     _add_model_arguments(ppl)

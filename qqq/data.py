@@ -95,6 +95,26 @@ def evaluation_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int |
     return token_ids[0, :n * seq_len].reshape(n, seq_len)
 
 
+C4_EVAL_WINDOWS = 256
+
+
+def evaluation_protocol(source: str, seq_len: int) -> str:
+    """How :func:`perplexity_windows` cuts ``source``, in words, for the tables."""
+    if source in ("c4", "exllamav2-c4"):
+        return f"{C4_EVAL_WINDOWS} random {seq_len}-token windows of the validation text, seed 0"
+    return f"non-overlapping {seq_len}-token windows, tail dropped"
+
+
+def perplexity_windows(token_ids: torch.Tensor, source: str, seq_len: int, max_windows: int | None = None):
+    """The usual protocol per data set: C4 is scored on 256 random windows (seed 0) of its validation text
+    (GPTQ's random-window protocol, here drawn from the joined text rather than per document); everything
+    else on non-overlapping windows."""
+    if source in ("c4", "exllamav2-c4"):
+        count = C4_EVAL_WINDOWS if max_windows is None else min(max_windows, C4_EVAL_WINDOWS)
+        return calibration_windows(token_ids, count, seq_len, seed=0)
+    return evaluation_windows(token_ids, seq_len, max_windows)
+
+
 def calibration_windows(token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens (GPTQ's sampling): [n_samples, seq_len]."""
     total = token_ids.shape[1]

@@ -29,7 +29,7 @@ def test_quantize_save_and_score_the_checkpoint(tiny_model_dir, tmp_path, capsys
           "--seqlen", "64", "--out", str(out), "--eval", *eval_args])
     printed = perplexities(capsys.readouterr().out)
     assert set(printed) == {"FP", "gptq"} and all(v > 1 for v in printed.values())
-    main(["ppl", str(out), *eval_args])
+    main(["eval", "ppl", str(out), *eval_args])
     assert perplexities(capsys.readouterr().out)[str(out)] == printed["gptq"]
 
 
@@ -43,7 +43,7 @@ def test_bad_arguments_exit_with_a_message(tiny_model_dir):
     with pytest.raises(SystemExit, match="unknown method"):
         main(["quantize", str(tiny_model_dir), "--method", "awq", "--device", "cpu"])
     with pytest.raises(SystemExit, match="unknown dataset"):
-        main(["ppl", str(tiny_model_dir), "--eval-dataset", "nope", "--device", "cpu"])
+        main(["eval", "ppl", str(tiny_model_dir), "--eval-dataset", "nope", "--device", "cpu"])
 
 
 def test_embedded_model_loads_as_llama_with_chat_eos():
