@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from qqq import numerics
 from qqq.gptq import GPTQ, GPTQConfig
+from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
 from qqq.model_families import family_of
@@ -160,6 +161,8 @@ def _checked(method: Method | str, model: nn.Module, settings: QuantizeSettings,
     for layer in family.decoder_layers(model):
         for linear in family.linears(layer).values():
             numerics.check_group_size(group_size, linear.in_features)
+            if method.packs_w4a8:
+                check_packable(linear.in_features)
     if needed and calibration_ids is None:
         raise ValueError(f"method {method.name!r} needs calibration data (calibration_ids)")
     return method, group_size, family

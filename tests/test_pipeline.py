@@ -72,3 +72,9 @@ def test_half_precision_models_quantize(dtype, reference_backend):
     with torch.no_grad():
         out = model(token_batch(1, 16, seed=2)).logits
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_w4a8_layers_must_fit_the_kernel_layout_before_any_work():
+    model = tiny_model("llama", hidden=96, intermediate=192, heads=2, kv_heads=1)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_model(model, "qqq", token_batch(2, 16), QuantizeSettings(group_size=32))
