@@ -87,6 +87,8 @@ CASES = [  # (M, N, K, group_size, config)
     (64, 32, 128, -1, config(block_n=32, block_m=32, block_k=128)),
     (3, 40, 128, 32, config(block_k=64, split_k=2)),
     (17, 64, 256, 64, config(block_k=64)),
+    (17, 64, 256, 64, dict(config(block_k=64, split_k=2), PREFETCH=1)),
+    (5, 32, 256, 32, dict(config(block_k=64), PREFETCH=1)),
     (1, 64, 256, 128, config(block_k=128, split_k=2)),
     (64, 48, 256, 128, config(block_m=64, block_k=128)),
     (3, 32, 512, 256, config(block_k=256, split_k=2)),

@@ -1,8 +1,9 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, per-GPU JSON cache, autotuning.
 
-A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages, DEQUANT`` (BLOCK_N
-tiles the weight rows = output features, BLOCK_M the tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize
-the packed weight to int8 once, then the plain int8 GEMM with these tiles). Configs are keyed on the kernel name, N, K, group size and
+A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` plus the optional
+``DEQUANT`` and ``PREFETCH`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens; ``DEQUANT=1``
+is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with these tiles;
+``PREFETCH=1`` loads the per-group ratios one K tile ahead). Configs are keyed on the kernel name, N, K, group size and
 a bucketed M (``M_BUCKETS``: M rounded up to a power of two, 16 at least, 4096 at most), so one tuning serves a
 range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file; a shape without a
 tuned entry takes the nearest tuned bucket of the same shape, else a heuristic.
@@ -24,7 +25,9 @@ M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB opt-in per block)
-CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
+               "PREFETCH")
+OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0}
 TARGET_PROGRAMS = 2 * 132  # decode grids aim at about two programs per SM (H100: 132 SMs)
 
 
@@ -56,7 +59,7 @@ def max_block_k(kernel: str, group_size: int) -> int | None:
 
 def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: int) -> None:
     """Raise ValueError if ``config`` cannot run this problem (the launcher calls it on explicit configs)."""
-    missing = [key for key in CONFIG_KEYS if key not in config and key != "DEQUANT"]
+    missing = [key for key in CONFIG_KEYS if key not in config and key not in OPTIONAL_KEYS]
     if missing:
         raise ValueError(f"config {config} lacks {missing}")
     block_k = config["BLOCK_K"]
@@ -95,18 +98,21 @@ def _auto_split_k(tiles: int, k_tiles: int) -> int:
 def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int) -> list[dict]:
     """The pruned list of configs worth timing for one (kernel, M bucket, N, K, group size)."""
     raw = []
+    prefetch_options = (0, 1) if kernel == "w4a8_group" else (0,)
     if bucket <= SMALL_M_MAX:
         block_ms = (16,) if bucket == 16 else (16, 32) if bucket == 32 else (32, 64)
+        block_ks = (64, 128, 256, 512) if (max_block_k(kernel, group_size) or 512) <= 64 else (128, 256, 512)
         for block_m in block_ms:
-            for block_n in (32, 64, 128):
-                for block_k in (64, 128, 256, 512):
-                    for stages in (4, 6, 8, 12):
+            for block_n, warps in ((32, 4), (64, 4), (128, 8)):
+                for block_k in block_ks:
+                    for stages in ((4, 8, 12) if block_k <= 256 else (4, 8)):
                         tiles = math.ceil(n / block_n) * math.ceil(bucket / block_m)
                         k_tiles = k // block_k if k % block_k == 0 else 0
                         auto = _auto_split_k(tiles, k_tiles) if k_tiles else 1
-                        for split in sorted({auto, max(1, auto // 2), min(16, auto * 2)}):
-                            raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
-                                            GROUP_N=8, num_warps=4, num_stages=stages))
+                        for split in sorted({1, auto}):
+                            for prefetch in prefetch_options:
+                                raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
+                                                GROUP_N=8, num_warps=warps, num_stages=stages, PREFETCH=prefetch))
     else:
         large = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
             (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
@@ -117,10 +123,12 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
         for block_n, block_m, block_k, warps, stages in large:
             if block_m > max(64, bucket):
                 continue
-            raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
-                            num_warps=warps, num_stages=stages))
-            if kernel in ("w4a8", "w4a8_group"):
-                raw.append(dict(raw[-1], DEQUANT=1))
+            base = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
+                        num_warps=warps, num_stages=stages)
+            for prefetch in (prefetch_options if bucket <= 512 else (0,)):
+                raw.append(dict(base, PREFETCH=prefetch))
+            if kernel in ("w4a8", "w4a8_group") and bucket >= 256:
+                raw.append(dict(base, DEQUANT=1))
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):
@@ -131,7 +139,8 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             continue
         if not _fits(kernel, cfg):
             continue
-        cfg.setdefault("DEQUANT", 0)
+        for option, default in OPTIONAL_KEYS.items():
+            cfg.setdefault(option, default)
         key = tuple(cfg[c] for c in CONFIG_KEYS)
         if key not in seen:
             seen.add(key)

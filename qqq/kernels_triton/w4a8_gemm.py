@@ -106,6 +106,22 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
 
 
 @triton.jit
+def _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp16 ratios [BLOCK_N] of the low and high nibbles of K tile ``kt`` (clamped into the loop's range;
+    the pruner keeps BLOCK_K <= max(GROUP_SIZE, 64), so each half tile lies in one group)."""
+    if GROUP_SIZE == -1:
+        return 0.0, 0.0
+    else:
+        k0 = tl.minimum(kt, kt_end - 1) * BLOCK_K
+        r_low = tl.load(ratio_row + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+        if GROUP_SIZE >= 64:
+            r_high = r_low
+        else:
+            r_high = tl.load(ratio_row + (k0 + 32) // GROUP_SIZE, mask=n_mask, other=0.0)
+        return r_low, r_high
+
+
+@triton.jit
 def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
               acc_out_ptr, N, stride_om,
               X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
@@ -138,7 +154,7 @@ def _w4a8_gemm_kernel(
     M, N, K, n_groups, stride_am, stride_wn, stride_om,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
     pid = tl.program_id(0)
@@ -170,6 +186,11 @@ def _w4a8_gemm_kernel(
     a_low_ptrs += kt_start * BLOCK_K
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    # PREFETCH: the group ratios of the next tile are loaded one iteration ahead by hand (the pipeliner only
+    # pipelines dot operands); this costs Triton's in-register dequant layout (an extra shared-memory round
+    # trip), so the tuner chooses per shape.
+    ratio_row = ratio_ptr + offs_n * n_groups
+    r_low_0, r_high_0 = _load_ratios(ratio_row, n_mask, kt_start, kt_end, GROUP_SIZE, BLOCK_K)
     for kt in range(kt_start, kt_end):
         packed = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
         a_low = tl.load(a_low_ptrs, mask=m_mask[None, :], other=0)
@@ -181,14 +202,11 @@ def _w4a8_gemm_kernel(
                 w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
                 w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
         else:
-            # the pruner keeps BLOCK_K <= max(GROUP_SIZE, 64): one group per half tile
-            k0 = kt * BLOCK_K
-            r_low = tl.load(ratio_ptr + offs_n * n_groups + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
-            if GROUP_SIZE >= 2 * HALF:
-                r_high = r_low
+            if PREFETCH:
+                r_low, r_high = r_low_0, r_high_0
+                r_low_0, r_high_0 = _load_ratios(ratio_row, n_mask, kt + 1, kt_end, GROUP_SIZE, BLOCK_K)
             else:
-                r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask,
-                                 other=0.0)
+                r_low, r_high = _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE, BLOCK_K)
             if USE_ASM:
                 bits_low = r_low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -418,7 +436,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
-        GROUP_N=config["GROUP_N"], USE_ASM=use_asm, num_warps=config["num_warps"],
+        GROUP_N=config["GROUP_N"], USE_ASM=use_asm, PREFETCH=int(group_size != -1 and config.get("PREFETCH", 0)),
+        num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     return (out, acc_out) if return_acc else out
