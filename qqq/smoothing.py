@@ -139,9 +139,17 @@ def fold_scale(layer: nn.Module, point: SmoothingPoint, scale: torch.Tensor, tyi
         consumer.weight.data = (consumer.weight.float() * scale.to(consumer.weight.device)).to(consumer.weight.dtype)
 
 
+@dataclass
+class PointScale:
+    """The scale folded at one smoothing point, and the threshold the search chose (None for SmoothQuant)."""
+
+    scale: torch.Tensor
+    threshold: float | None
+
+
 def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, config: SmoothingConfig,
-                 tying: KVHeadTying) -> dict[str, torch.Tensor]:
-    """Find and fold the scale of every smoothing point of ``layer``, in order; returns the scales."""
+                 tying: KVHeadTying) -> dict[str, PointScale]:
+    """Find and fold the scale of every smoothing point of ``layer``, in order; returns them by point name."""
     scales, quantized = {}, []
     for point in family.smoothing_points:
         consumers = [layer.get_submodule(name) for name in point.consumers]
@@ -152,18 +160,18 @@ def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, con
         weights = [c.weight for c in consumers]
         if config.rule == "search":
             block = _block_output(point, layer, inputs)
-            scale, _ = search_scale(x, weights, [c.bias for c in consumers], block, config, tie)
+            scale, threshold = search_scale(x, weights, [c.bias for c in consumers], block, config, tie)
         else:
-            scale = smoothquant_scale(x, weights, config.alpha, tie)
+            scale, threshold = smoothquant_scale(x, weights, config.alpha, tie), None
         fold_scale(layer, point, scale, tying if tie is not None else None)
-        scales[point.name] = scale.cpu()
+        scales[point.name] = PointScale(scale.cpu(), threshold)
         quantized += consumers
     return scales
 
 
 @torch.no_grad()
 def smooth_model(model: nn.Module, family: ModelFamily, calibration_ids: torch.Tensor, config: SmoothingConfig,
-                 device: torch.device) -> list[dict[str, torch.Tensor]]:
+                 device: torch.device) -> list[dict[str, PointScale]]:
     """Smooth every decoder layer in place, sequentially on the fake-quantized calibration model."""
     inputs = capture_layer0_inputs(model, family, calibration_ids, device)
     tying = KVHeadTying(*family.head_layout(model))

@@ -47,7 +47,9 @@ def test_smooth_model_keeps_the_fp_function(model_type, rule):
     config = SmoothingConfig(rule=rule, group_size=64, min_thresholds=20)
     scales = smooth_model(model, family_of(model), token_batch(2, 32), config, torch.device("cpu"))
     assert len(scales) == 2 and set(scales[0]) == {"qkv", "o", "gate_up", "down"}
-    assert any((s != 1).any() for layer in scales for s in layer.values())
+    assert any((s.scale != 1).any() for layer in scales for s in layer.values())
+    thresholds = [s.threshold for layer in scales for s in layer.values()]
+    assert all(t is None for t in thresholds) if rule == "smoothquant" else all(t > 0 for t in thresholds)
     assert torch.allclose(logits(model, ids), before, rtol=1e-4, atol=1e-4)
 
 
