@@ -3,7 +3,8 @@
 Writes ``<out>/gemm_speed.csv`` (one row per shape x M x kernel), ``gemm_speed.md`` (tables) and
 ``gemm_speed.png`` (speedup curves), each saying how it was made; optionally checks correctness on the GPU
 against ``qqq.numerics`` first (``--check``), measures the activation quantization against copy bandwidth
-(``--act-quant``) and autotunes the W4A8 kernels (``--tune``), writing the JSON config cache.
+(``--act-quant`` -> ``gemm_speed_act_quant.csv``) and autotunes the kernels (``--tune``, ``--tune-baselines``
+-> the JSON config cache and ``gemm_speed_tune_timings.csv``).
 
 Timing: every kernel call is captured R times in a CUDA graph, each call on its own weight buffer (R chosen so
 the buffers total 3x the L2), and the graph replay is timed with CUDA events; median of the replays, per call.
@@ -124,7 +125,7 @@ def activation_quant_speed(meta, out_dir: Path) -> list[dict]:
         rows.append(dict(M=m, K=k, time_us=round(us, 2), GB_per_s=round(gbs, 1),
                          fraction_of_copy=round(gbs / copy_gbs, 3), copy_GB_per_s=round(copy_gbs, 1)))
         print(f"act quant M={m} K={k}: {us:.1f} us, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy", flush=True)
-    with open(out_dir / "act_quant_speed.csv", "w", newline="") as f:
+    with open(out_dir / "gemm_speed_act_quant.csv", "w", newline="") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -301,6 +302,7 @@ def main():
     parser.add_argument("--tune", action="store_true", help="autotune W4A8 (per-channel and g128) first")
     parser.add_argument("--tune-baselines", action="store_true", help="also autotune the Triton baselines")
     parser.add_argument("--tune-ms", default=",".join(map(str, tuning.M_BUCKETS)))
+    parser.add_argument("--tune-baseline-ms", default=None, help="M buckets for --tune-baselines (default --tune-ms)")
     parser.add_argument("--tune-shapes", default="", help="comma-separated shape names (default: --shapes)")
     parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
@@ -326,9 +328,10 @@ def main():
         problems = [(n, k, g) for _, n, k in tune_shapes for g in (-1, 128)]
         tuning.tune(problems, ms, path=args.config_json, timings=timings)
         if args.tune_baselines:
-            tuning.tune([(n, k, -1) for _, n, k in tune_shapes], ms, kernels=("w8a8", "w4a16"),
+            base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
+            tuning.tune([(n, k, -1) for _, n, k in tune_shapes], base_ms, kernels=("w8a8", "w4a16"),
                         path=args.config_json, timings=timings)
-        with open(out_dir / "tune_timings.csv", "w", newline="") as f:
+        with open(out_dir / "gemm_speed_tune_timings.csv", "w", newline="") as f:
             f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
             writer = csv.writer(f)
             writer.writerow(["kernel", "N", "K", "group_size", "M_bucket"] + list(tuning.CONFIG_KEYS) + ["time_us"])

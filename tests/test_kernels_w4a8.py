@@ -93,6 +93,10 @@ CASES = [  # (M, N, K, group_size, config)
     (64, 48, 256, 128, config(block_m=64, block_k=128)),
     (3, 32, 512, 256, config(block_k=256, split_k=2)),
     (17, 32, 512, 256, None),
+    # wide tiles: 2 or 4 groups per K tile
+    (3, 48, 512, 128, config(block_k=256)),
+    (17, 32, 512, 64, config(block_k=256, split_k=2)),
+    (5, 32, 1024, 256, config(block_k=512)),
     # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),
@@ -155,7 +159,7 @@ def test_w4a8_rejects_bad_inputs():
     with pytest.raises(ValueError, match="bias"):
         w4a8_linear(x, packed, channel_scale, ratio, torch.zeros(31), 64)
     with pytest.raises(ValueError, match="BLOCK_K"):
-        w4a8_linear(x, packed, channel_scale, ratio, None, 64, config=config(block_k=128))
+        w4a8_linear(x, packed, channel_scale, ratio, None, 64, config=config(block_k=192))
 
 
 def test_qqq_linear_forward_runs_the_kernels():
@@ -193,3 +197,4 @@ def test_tuning_candidates_are_valid():
     assert tuning.m_bucket(1) == 16 and tuning.m_bucket(100) == 128 and tuning.m_bucket(10**5) == 4096
     cfg = tuning.heuristic_config("w4a8_group", 1, 4096, 4096, 32)
     assert cfg["BLOCK_K"] <= 64
+    assert tuning.max_block_k("w4a8_group", 128) == 512 and tuning.max_block_k("w4a8_group", 32) == 64

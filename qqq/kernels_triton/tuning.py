@@ -51,9 +51,10 @@ def _activation_bytes(kernel: str) -> int:
 
 
 def max_block_k(kernel: str, group_size: int) -> int | None:
-    """Per-group kernels read one ratio per half tile: BLOCK_K <= max(group_size, 64)."""
+    """Per-group kernels: BLOCK_K = 64 for groups of 32 (one ratio per half tile), at most 4 groups per tile
+    otherwise (the ratio is selected per column among them)."""
     if kernel == "w4a8_group":
-        return max(group_size, 64)
+        return 64 if group_size < 64 else min(4 * group_size, 512)
     return None
 
 
@@ -141,6 +142,8 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             continue
         for option, default in OPTIONAL_KEYS.items():
             cfg.setdefault(option, default)
+        if kernel != "w4a8_group" or cfg["DEQUANT"] or (group_size >= 64 and cfg["BLOCK_K"] > group_size):
+            cfg["PREFETCH"] = 0  # only the per-group fused kernel with one group per half tile prefetches
         key = tuple(cfg[c] for c in CONFIG_KEYS)
         if key not in seen:
             seen.add(key)
@@ -219,8 +222,8 @@ def _pick_config(kernel: str, m: int, n: int, k: int, group_size: int) -> dict:
     if cfg is None:
         near = [b for b in M_BUCKETS if config_key(kernel, n, k, group_size, b) in cache
                 and (b <= SMALL_M_MAX) == (bucket <= SMALL_M_MAX)]
-        if near:
-            best = min(near, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
+        if near:  # the nearest tuned bucket, the larger one on a tie (its BLOCK_M covers M in one tile)
+            best = min(near, key=lambda b: (abs(math.log2(b) - math.log2(bucket)), -b))
             cfg = cache[config_key(kernel, n, k, group_size, best)]
     if cfg is not None:
         cfg = dict(cfg)
@@ -409,10 +412,18 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
                 tuned[key] = dict(cfg, time_us=round(us, 2))
                 if verbose:
                     print(f"tuned {key}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
+            _save(path, existing, tuned)  # after every shape, so an interrupted run keeps what it tuned
+    _save(path, existing, tuned)
+    return tuned
+
+
+def _save(path: Path, existing: dict, tuned: dict) -> None:
+    import torch
+    import triton
+
     existing.update(tuned)
     _PICKED.clear()
+    _CACHE.pop(device_name(), None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                 "triton": triton.__version__, "configs": existing}, indent=1, sort_keys=True))
-    _CACHE.pop(device, None)
-    return tuned

@@ -106,9 +106,16 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
 
 
 @triton.jit
+def _ratio_pair(r):
+    """fp16 ratios -> int32 words holding the ratio twice (the f16x2 operand of the PTX dequant)."""
+    bits = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
 def _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp16 ratios [BLOCK_N] of the low and high nibbles of K tile ``kt`` (clamped into the loop's range;
-    the pruner keeps BLOCK_K <= max(GROUP_SIZE, 64), so each half tile lies in one group)."""
+    """fp16 ratios [BLOCK_N] of the low and high nibbles of K tile ``kt`` (clamped into the loop's range),
+    for tiles with BLOCK_K <= max(GROUP_SIZE, 64), where each half tile lies in one group."""
     if GROUP_SIZE == -1:
         return 0.0, 0.0
     else:
@@ -201,6 +208,25 @@ def _w4a8_gemm_kernel(
             else:
                 w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
                 w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+        elif GROUP_SIZE >= 2 * HALF and BLOCK_K > GROUP_SIZE:
+            # wide tiles: BLOCK_K // GROUP_SIZE groups per tile; byte column b lies in group b // (GROUP_SIZE / 2)
+            # of the tile (both nibbles). The ratio is selected per column with where() in the dequant layout.
+            first_group = kt * (BLOCK_K // GROUP_SIZE)
+            group_of_column = (offs_byte // (GROUP_SIZE // 2))[None, :]
+            r = tl.load(ratio_row + first_group, mask=n_mask, other=0.0)
+            if USE_ASM:
+                pair = tl.broadcast_to(_ratio_pair(r)[:, None], (BLOCK_N, BLOCK_K // 2))
+                for i in tl.static_range(1, BLOCK_K // GROUP_SIZE):
+                    r_i = tl.load(ratio_row + first_group + i, mask=n_mask, other=0.0)
+                    pair = tl.where(group_of_column == i, _ratio_pair(r_i)[:, None], pair)
+                w_low, w_high = int8_from_group_codes_asm(packed, pair, pair)
+            else:
+                ratio = tl.broadcast_to(r.to(tl.float32)[:, None], (BLOCK_N, BLOCK_K // 2))
+                for i in tl.static_range(1, BLOCK_K // GROUP_SIZE):
+                    r_i = tl.load(ratio_row + first_group + i, mask=n_mask, other=0.0)
+                    ratio = tl.where(group_of_column == i, r_i.to(tl.float32)[:, None], ratio)
+                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), ratio)
+                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), ratio)
         else:
             if PREFETCH:
                 r_low, r_high = r_low_0, r_high_0
@@ -208,10 +234,8 @@ def _w4a8_gemm_kernel(
             else:
                 r_low, r_high = _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE, BLOCK_K)
             if USE_ASM:
-                bits_low = r_low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                pair_low = tl.broadcast_to((bits_low | (bits_low << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
-                pair_high = tl.broadcast_to((bits_high | (bits_high << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair_low = tl.broadcast_to(_ratio_pair(r_low)[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair_high = tl.broadcast_to(_ratio_pair(r_high)[:, None], (BLOCK_N, BLOCK_K // 2))
                 w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
             else:
                 w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
