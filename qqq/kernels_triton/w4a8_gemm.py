@@ -1,22 +1,32 @@
 """W4A8 GEMM: int8 per-token activations x packed int4 weights -> int32 accumulation -> fp16/bf16 out.
 
-One kernel serves both weight formats of ``qqq.numerics`` (selected by the constexpr ``GROUP_SIZE``):
+One fused kernel serves both weight formats of ``qqq.numerics`` (selected by the constexpr ``GROUP_SIZE``):
 
 - per-channel (``GROUP_SIZE == -1``): signed nibbles become int8 lanes holding ``16 * code`` with one mask
   (high nibble) or one shift (low nibble); the x16 is undone exactly (a power of two) in the epilogue.
-- per-group (``GROUP_SIZE`` in 32/64/128/256, QQQ's FusedDequantQuant): the nibble ``q`` is turned into
-  ``q - 8`` in fp32 through the exponent trick, multiplied by the fp16 group ratio (exact in fp32), rounded
-  half to even to int8 with the magic-number trick (FastFP16toINT8 in fp32). The whole K loop stays in int32.
+- per-group (``GROUP_SIZE`` in 32/64/128/256, QQQ's FusedDequantQuant): ``round_half_even((q - 8) * ratio)``
+  formed as int8 in registers; the whole K loop stays in int32 (group scales folded into the int8 weight).
+
+Two formulations of each unpack, the same numbers: on the GPU (``USE_ASM``) PTX through
+``tl.inline_asm_elementwise`` working on 4 packed bytes per instruction (mask/shift for per-channel; the
+0x6400 exponent trick, one ``fma.rn.f16x2`` with +1152 for the rounding and ``prmt`` for per-group, as in the
+original CUDA kernel); under the interpreter (CPU tests) plain Triton ops (fp32 exponent and magic-number
+tricks). The GPU check in ``experiments/gemm_speed.py --check`` compares the PTX path with the reference.
 
 The operands are swapped (``acc[BLOCK_N, BLOCK_M] += W @ A^T``) so that the unpacked weight is the left,
-register-resident operand of the tensor-core instruction on Hopper, and the activation tile (K-major) is the
-right operand. Each packed byte is loaded once (see ``packing.py``): its low nibbles go to one dot with the
-activation columns ``k0 + 64c + j`` and its high nibbles to a second dot with the columns shifted by 32.
+register-resident operand of the Hopper wgmma (IGMMA in the SASS), and the activation tile (K-major) is the
+right operand from shared memory. Each packed byte is loaded once (see ``packing.py``): its low nibbles go to
+one dot with the activation columns ``k0 + 64c + j`` and its high nibbles to a second dot with the columns
+shifted by 32.
 
-Small M (decode) uses the same kernel with a 16-row activation tile, narrow weight tiles and split-K: the
-SPLIT_K programs of a tile add their int32 partial sums atomically into a zeroed workspace and the last one
-to arrive (a per-tile ticket counter) reads the total back, zeroes the workspace and runs the epilogue, so
-the result stays exactly the int32 sum of the spec.
+Small M (decode) uses the same kernel with a 16-row activation tile, narrow weight tiles, deep pipelines and
+optional split-K: the SPLIT_K programs of a tile add their int32 partial sums atomically into a zeroed
+workspace and the last one to arrive (a per-tile ticket counter) reads the total back, zeroes the workspace
+and runs the epilogue, so the result stays exactly the int32 sum of the spec.
+
+Large M (prefill) may instead take ``DEQUANT=1`` configs: dequantize the packed weight to int8 once
+(``_dequantize_int8_kernel``) and run the plain int8 GEMM (``int8_gemm_kernel``, also the W8A8 baseline).
+The tuner picks per (shape, M bucket); on the H100 it picks this at M >= 1024 for per-group.
 
 The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
 config from ``tuning`` (the tuned JSON cache for this GPU, else a heuristic).
@@ -33,7 +43,9 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token, round_to_int32
-from qqq.kernels_triton.packing import PACK_CHUNK_K, PACK_HALF_K, check_packable
+from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
+
+assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
 
 
 @triton.jit
@@ -492,4 +504,4 @@ def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_si
     return result.reshape(*lead, -1)
 
 
-__all__ = ["w4a8_linear", "w4a8_gemm", "PACK_CHUNK_K", "PACK_HALF_K"]
+__all__ = ["w4a8_linear", "w4a8_gemm", "dequantize_int8", "launch_int8_gemm"]
