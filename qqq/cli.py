@@ -1,4 +1,4 @@
-"""The ``qqq`` command line: quantize, eval ppl, demo."""
+"""The ``qqq`` command line: quantize, eval ppl, demo, tune."""
 
 from __future__ import annotations
 
@@ -127,6 +127,35 @@ def cmd_demo(args) -> None:
     cmd_quantize(args)
 
 
+def linear_shapes(model_name: str) -> list[tuple[int, int]]:
+    """(N, K) of every decoder linear of ``model_name``, read from its config alone."""
+    from transformers import AutoConfig
+
+    from qqq.models import embedded_model_path
+
+    config = AutoConfig.from_pretrained(embedded_model_path() if model_name == EMBEDDED_MODEL else model_name)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
+              (intermediate, hidden), (hidden, intermediate)]
+    return list(dict.fromkeys(shapes))
+
+
+def cmd_tune(args) -> None:
+    from qqq.kernels_triton.tuning import tune
+
+    if not torch.cuda.is_available():
+        sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shape]
+    if args.model:
+        shapes += linear_shapes(args.model)
+    if not shapes:
+        sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
+    tune([(n, k, g) for n, k in shapes for g in args.group_size])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qqq", description="W4A8 quantization of LLMs (QQQ) with Triton kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(demo, default_windows=4)
     _add_model_arguments(demo)
     demo.set_defaults(run=cmd_demo, group_size=64, smooth_samples=1)  # 128 does not divide its 576 channels
+
+    tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs")
+    tune.add_argument("model", nargs="?", help="tune every linear shape of this model (id or local folder)")
+    tune.add_argument("--shape", action="append", default=[], help="an extra N x K shape, e.g. 8192x21760")
+    tune.add_argument("--group-size", type=int, nargs="+", default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
+    tune.set_defaults(run=cmd_tune)
     return parser
 
 

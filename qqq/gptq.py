@@ -85,7 +85,7 @@ class GPTQ:
         if config.group_size == -1:
             if config.mse_clip:
                 return _clipped_scale(weight, -1, _quantize_rows_per_channel)
-            return weight.abs().amax(dim=1) / numerics.INT4_SIGNED_MAX
+            return numerics.divide_exactly(weight.abs().amax(dim=1), numerics.INT4_SIGNED_MAX)
         if config.mse_clip:
             return _clipped_scale(weight, config.group_size, _quantize_rows_per_group)
         return numerics.group_scales(weight, config.group_size)

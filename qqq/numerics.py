@@ -41,6 +41,12 @@ def check_group_size(group_size: int, in_features: int) -> None:
         )
 
 
+def divide_exactly(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor``, correctly rounded on every device. (CUDA turns division by a Python scalar into a
+    multiplication by its reciprocal, which is not correctly rounded: scales would differ between devices.)"""
+    return t / torch.full_like(t, divisor)
+
+
 def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -54,7 +60,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``.
     """
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    scale = divide_exactly(x.abs().amax(dim=-1, keepdim=True), INT8_MAX)
     codes = torch.round(x / _safe_divisor(scale)).clamp_(-INT8_MAX, INT8_MAX)
     return codes.to(torch.int8), scale
 
@@ -75,7 +81,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, scale: torch.Tensor | None
     """
     w = weight.float()
     if scale is None:
-        scale = w.abs().amax(dim=1) / INT4_SIGNED_MAX
+        scale = divide_exactly(w.abs().amax(dim=1), INT4_SIGNED_MAX)
     codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT4_SIGNED_MAX, INT4_SIGNED_MAX)
     return codes.to(torch.int8), scale.float()
 
@@ -84,7 +90,8 @@ def group_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per-group scales ``2 * amax(|group|) / 15`` (fp32 [N, K // group_size])."""
     n, k = weight.shape
     check_group_size(group_size, k)
-    return weight.float().reshape(n, k // group_size, group_size).abs().amax(dim=-1) * 2 / INT4_UNSIGNED_MAX
+    return divide_exactly(weight.float().reshape(n, k // group_size, group_size).abs().amax(dim=-1) * 2,
+                          INT4_UNSIGNED_MAX)
 
 
 def quantize_weight_per_group(weight: torch.Tensor, group_size: int, scale: torch.Tensor | None = None):
@@ -109,7 +116,7 @@ def two_level_scales(codes: torch.Tensor, group_scale: torch.Tensor) -> tuple[to
     group_size = codes.shape[1] // group_scale.shape[1]
     centred = codes.float() - INT4_ZERO_POINT
     dequantized = centred * group_scale.repeat_interleave(group_size, dim=1)
-    channel_scale = dequantized.abs().amax(dim=1) / INT8_MAX
+    channel_scale = divide_exactly(dequantized.abs().amax(dim=1), INT8_MAX)
     ratio = (group_scale / _safe_divisor(channel_scale)[:, None]).to(torch.float16)
     return channel_scale, ratio
 
@@ -151,7 +158,7 @@ def dequantize_two_level(codes: torch.Tensor, channel_scale: torch.Tensor, ratio
 def quantize_weight_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per-channel weights (the SmoothQuant W8A8 baseline): codes in [-127, 127]."""
     w = weight.float()
-    scale = w.abs().amax(dim=1) / INT8_MAX
+    scale = divide_exactly(w.abs().amax(dim=1), INT8_MAX)
     codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
     return codes.to(torch.int8), scale
 

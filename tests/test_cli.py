@@ -54,3 +54,17 @@ def test_embedded_model_loads_as_llama_with_chat_eos():
     assert ids[0, 0] != tokenizer.bos_token_id  # no BOS added
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_tune_shapes_come_from_the_model_config(tiny_model_dir):
+    from qqq.cli import linear_shapes
+
+    # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128
+    assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128)]
+
+
+def test_tune_needs_a_gpu_here(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="CUDA"):
+        main(["tune", str(tiny_model_dir)])
