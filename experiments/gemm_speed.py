@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import math
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,6 +31,7 @@ from qqq.kernels_triton import baselines, tuning  # noqa: E402
 from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
 from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
+from qqq.provenance import provenance  # noqa: E402
 
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B
 SHAPES = [
@@ -48,17 +45,6 @@ SHAPES = [
 ]
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 REPORT_M = [1, 16, 64, 256, 1024, 4096]
-
-
-def provenance(args) -> dict:
-    return {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -160,7 +146,6 @@ class ShapeKernels:
 
     def calls(self, kernel: str, m: int):
         x = torch.randn(m, self.k, device="cuda").half()
-        n = self.n
         if kernel == "fp16":
             return [lambda w=w: torch.nn.functional.linear(x, w) for w in self.w16]
         if kernel == "w8a8_triton":
@@ -311,7 +296,7 @@ def main():
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = provenance(args)
+    meta = provenance()
     print(meta, flush=True)
     t0 = time.time()
     if args.check and not check_correctness():

@@ -376,7 +376,6 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
     collects every measured ``(kernel, N, K, group_size, bucket, config, us)``. Returns {key: config}."""
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
