@@ -70,9 +70,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device:
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, replacement)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives tied parameters separate storage
     missing, unexpected = load_safetensors_into(model, str(path / CHECKPOINT_FILE), strict=False)
-    # Non-persistent buffers (rotary inv_freq) are not in the file: rebuild them from the config.
-    missing = [k for k in missing if "rotary_emb" not in k]
+    # The file holds one name per shared tensor (tied embeddings), and no non-persistent buffers (rotary
+    # inv_freq, rebuilt from the config below): neither is missing.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(tensors[k]) for k in tensors if k not in missing}
+    missing = [k for k in missing if "rotary_emb" not in k and id(tensors[k]) not in loaded]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -50,3 +50,22 @@ def test_loading_a_plain_model_folder_as_qqq_is_an_error(tmp_path):
     assert not is_qqq_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="not a QQQ checkpoint"):
         load_quantized(tmp_path)
+
+
+def test_tied_embeddings_stay_tied_through_a_round_trip(tmp_path, reference_backend):
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+
+    config = tiny_config()
+    config.tie_word_embeddings = True  # as the embedded SmolLM2 has
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    quantize_model(model, "rtn", None, QuantizeSettings(group_size=64))
+    ids = token_batch(1, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path, dtype=torch.float32)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
