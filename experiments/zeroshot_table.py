@@ -85,11 +85,12 @@ def main():
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
                                  metric=score["metric"], value=round(score["value"], 4),
                                  stderr=round(score["stderr"], 4), docs=score["docs"], split=score["split"],
-                                 quantize_seconds=round(quantized - start), eval_seconds=round(time.time() - quantized)))
+                                 quantize_seconds=round(quantized - start),
+                                 eval_seconds=round(time.time() - quantized)))
                 print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
             pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
+            write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))  # after each
             del model
-    write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))
 
 
 def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str | None) -> tuple[pd.DataFrame, list]:
@@ -126,8 +127,8 @@ def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, pat
     notes = ["# Zero-shot accuracy (%), lm-evaluation-harness, 0-shot (higher is better)", ""]
     if limited:
         notes += [f"**A limited run: only the first {args.limit} docs of each task** (lm-eval `limit`), so the "
-                  f"numbers are noisy (binomial stderr up to {50 / args.limit ** 0.5:.1f} points per task; per-task stderr "
-                  "in the csv) and not comparable with full-split numbers such as the paper's.", ""]
+                  f"numbers are noisy (binomial stderr up to {50 / args.limit ** 0.5:.1f} points per task; "
+                  "per-task stderr in the csv) and not comparable with full-split numbers such as the paper's.", ""]
     for model in table["model"].unique():
         tasks = [t for t in args.tasks if t in set(table["task"])]
         main, shown = paper_layout(table, model, tasks, None)

