@@ -185,6 +185,19 @@ def int8_weight(codes: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor
     return int8_weight_from_groups(codes, ratio)
 
 
+EXACT_FP32_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: any partial sum of int8 products is exact in fp32
+
+
+def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N]: fp32 matmuls over K-chunks short
+    enough that every partial sum is an integer below 2**24, added in float64 (fast on any device)."""
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], EXACT_FP32_CHUNK):
+        chunk = slice(start, start + EXACT_FP32_CHUNK)
+        acc += (a[:, chunk].float() @ b[:, chunk].float().T).double()
+    return acc
+
+
 def w4a8_linear_reference(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -194,10 +207,10 @@ def w4a8_linear_reference(
 ) -> torch.Tensor:
     """Reference W4A8 linear: per-token int8 ``x`` times the int8 weight, exact int accumulation.
 
-    The accumulation is done in float64, exact for ``|acc| < 2**53`` (any real layer).
+    The int32 accumulation is reproduced exactly by :func:`int8_matmul_exact`.
     """
     x_codes, token_scale = quantize_per_token(x)
-    acc = x_codes.double() @ int8_weight(codes, ratio).double().T
+    acc = int8_matmul_exact(x_codes, int8_weight(codes, ratio))
     y = acc.float() * token_scale * channel_scale.float()
     if bias is not None:
         y = y + bias.float()

@@ -79,3 +79,15 @@ def test_bad_group_sizes_are_rejected(group_size, in_features):
 def test_weight_bits_other_than_4_or_8_are_rejected():
     with pytest.raises(ValueError, match="bits"):
         numerics.fake_quantize_weight(torch.randn(4, 64), -1, bits=3)
+
+
+def test_int8_matmul_is_exact_beyond_fp32_integers():
+    k = 3 * numerics.EXACT_FP32_CHUNK + 17
+    a = torch.full((3, k), 127, dtype=torch.int8)
+    a[1] = -127
+    a[2, ::3] = -128
+    b = torch.randint(-127, 128, (5, k), dtype=torch.int8)
+    b[0] = 127
+    exact = a.long() @ b.long().T  # |values| up to 127 * 127 * k > 2**24
+    assert exact.abs().max() > 2 ** 24
+    assert torch.equal(numerics.int8_matmul_exact(a, b), exact.double())
