@@ -112,7 +112,7 @@ def test_w4a8_matches_reference(m, n, k, group_size, cfg):
     out, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, bias, group_size, config=cfg,
                            return_acc=True)
     x_codes, _ = numerics.quantize_per_token(x)
-    ref_acc = x_codes.double() @ numerics.int8_weight(codes, ratio).double().T
+    ref_acc = numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio))
     assert torch.equal(acc.double(), ref_acc)  # the int32 accumulation is exact
     ref = numerics.w4a8_linear_reference(x, codes, channel_scale, ratio, bias)
     assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
@@ -135,7 +135,7 @@ def test_w4a8_per_group_extreme_ratios_clamp_like_reference():
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
     _, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, None, 32, config=config(), return_acc=True)
     x_codes, _ = numerics.quantize_per_token(x)
-    assert torch.equal(acc.double(), x_codes.double() @ numerics.int8_weight(codes, ratio).double().T)
+    assert torch.equal(acc.double(), numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio)))
 
 
 def test_w4a8_rejects_bad_inputs():
@@ -179,7 +179,7 @@ def test_baselines_match_reference():
     w8, s8 = numerics.quantize_weight_int8_per_channel(torch.randn(48, 128, generator=gen))
     out = w8a8_linear(x, w8, s8, None, config=config(block_k=128))
     x_codes, ts = numerics.quantize_per_token(x)
-    ref = (x_codes.double() @ w8.double().T).float() * ts * s8
+    ref = numerics.int8_matmul_exact(x_codes, w8).float() * ts * s8
     assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
     codes, scale, _ = make_layer(48, 128, -1)
     out = w4a16_linear(x, pack_int4(codes), scale, None, config=config(block_k=128))
