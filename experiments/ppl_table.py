@@ -36,6 +36,7 @@ def parse_args():
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
+    p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
     p.add_argument("--out", default="results/ppl")
     p.add_argument("--device", default=None)
     return p.parse_args()
@@ -51,7 +52,9 @@ def configurations(methods, group_sizes):
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = PAPER if args.paper_settings else DEMO
+    calibration = dict(PAPER if args.paper_settings else DEMO)
+    if args.smooth_samples:
+        calibration["smooth_samples"] = args.smooth_samples
     meta = provenance()
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
