@@ -100,6 +100,10 @@ def _note_if_embedded(name: str) -> None:
 def cmd_quantize(args) -> None:
     from qqq.checkpoint import save_quantized
 
+    method = get_method(args.method)  # fail on a bad name before loading anything
+    if args.out and not method.packs_w4a8:
+        sys.exit(f"qqq: error: --out saves W4A8 checkpoints; {method.name!r} has no packed format "
+                 "(evaluate it with --eval)")
     device = torch.device(args.device) if args.device else default_device()
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
     _note_if_embedded(args.model)
@@ -110,9 +114,7 @@ def cmd_quantize(args) -> None:
     if args.eval:
         _perplexity(model, tokenizer, args, device, args.method)
     if args.out:
-        if not get_method(args.method).packs_w4a8:
-            sys.exit(f"--out saves W4A8 checkpoints; {args.method!r} has no packed format (evaluate it with --eval)")
-        print(f"saved to {save_quantized(model.to('cpu'), args.out, tokenizer, {'method': get_method(args.method).name})}")
+        print(f"saved to {save_quantized(model.to('cpu'), args.out, tokenizer, {'method': method.name})}")
 
 
 def cmd_ppl(args) -> None:
