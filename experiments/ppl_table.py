@@ -8,7 +8,6 @@ Smoothing is searched once per (rule, group size) and shared by the methods that
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -17,13 +16,10 @@ import torch
 
 from qqq.data import calibration_windows, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
-from qqq.gptq import GPTQConfig
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, QuantizeSettings, default_device, get_method, round_weights, smooth
+from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
 from qqq.provenance import markdown_provenance, provenance
 
-DEMO = dict(nsamples=32, seqlen=512, smooth_samples=2)
-PAPER = dict(nsamples=128, seqlen=2048, smooth_samples=8)
 
 
 def parse_args():
@@ -42,17 +38,10 @@ def parse_args():
     return p.parse_args()
 
 
-def configurations(methods, group_sizes):
-    for name in methods:
-        method = get_method(name)
-        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
-            yield method, group_size
-
-
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = dict(PAPER if args.paper_settings else DEMO)
+    calibration = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
     if args.smooth_samples:
         calibration["smooth_samples"] = args.smooth_samples
     meta = provenance()
@@ -64,21 +53,13 @@ def main():
                                      args.seqlen, args.windows or None)
         calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
                                     calibration["nsamples"], calibration["seqlen"])
-        smoothed = {}
-        for method, group_size in configurations(args.methods, args.group_sizes):
-            settings = QuantizeSettings(group_size=group_size, smoothing_samples=calibration["smooth_samples"],
-                                        gptq=GPTQConfig(group_size=group_size))
+        for method, group_size, model, seconds in sweep(base, args.methods, args.group_sizes, calib,
+                                                        calibration["smooth_samples"], device):
             start = time.time()
-            key = (method.smoothing, method.weight_bits, group_size)
-            if method.smoothing and key not in smoothed:
-                smoothed[key] = copy.deepcopy(base)
-                smooth(smoothed[key], method, calib, settings, device)
-            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
-            round_weights(model, method, calib, settings, device)
             value = perplexity(model.to(device), windows, device, desc=f"{method.name} g{group_size}")
             rows.append(dict(model=model_name, method=method.name, group_size=group_size, dataset=args.dataset,
                              seqlen=args.seqlen, windows=windows.shape[0], ppl=round(value, 4),
-                             seconds=round(time.time() - start)))
+                             seconds=round(seconds + time.time() - start)))
             print(rows[-1], flush=True)
             pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
             del model

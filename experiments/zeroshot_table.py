@@ -10,7 +10,6 @@ methods that use it). ``--limit N`` scores the first N docs of each task: a limi
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -18,14 +17,11 @@ import pandas as pd
 import torch
 
 from qqq.data import calibration_windows, load_text, tokenize
-from qqq.gptq import GPTQConfig
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, QuantizeSettings, default_device, get_method, round_weights, smooth
+from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
 from qqq.provenance import markdown_provenance, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
-DEMO = dict(nsamples=32, seqlen=512, smooth_samples=2)
-PAPER = dict(nsamples=128, seqlen=2048, smooth_samples=8)
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -47,37 +43,19 @@ def parse_args():
     return p.parse_args()
 
 
-def configurations(methods, group_sizes):
-    for name in methods:
-        method = get_method(name)
-        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
-            yield method, group_size
-
-
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = PAPER if args.paper_settings else DEMO
+    calibration = PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION
     meta = provenance() | versions()
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
-        calib = None
-        smoothed = {}
-        for method, group_size in configurations(args.methods, args.group_sizes):
-            settings = QuantizeSettings(group_size=group_size, smoothing_samples=calibration["smooth_samples"],
-                                        gptq=GPTQConfig(group_size=group_size))
-            start = time.time()
-            if calib is None and (method.smoothing or method.rounding == "gptq"):
-                calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
-                                            calibration["nsamples"], calibration["seqlen"])
-            key = (method.smoothing, method.weight_bits, group_size)
-            if method.smoothing and key not in smoothed:
-                smoothed[key] = copy.deepcopy(base)
-                smooth(smoothed[key], method, calib, settings, device)
-            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
-            round_weights(model, method, calib, settings, device)
+        calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
+                                    calibration["nsamples"], calibration["seqlen"])
+        for method, group_size, model, seconds in sweep(base, args.methods, args.group_sizes, calib,
+                                                        calibration["smooth_samples"], device):
             quantized = time.time()
             scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
                                max_length=args.max_length, batch_size=args.batch_size, device=device)
@@ -85,7 +63,7 @@ def main():
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
                                  metric=score["metric"], value=round(score["value"], 4),
                                  stderr=round(score["stderr"], 4), docs=score["docs"], split=score["split"],
-                                 quantize_seconds=round(quantized - start),
+                                 quantize_seconds=round(seconds),
                                  eval_seconds=round(time.time() - quantized)))
                 print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
             pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)

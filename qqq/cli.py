@@ -12,12 +12,9 @@ from qqq.data import calibration_windows, dataset_names, evaluation_protocol, lo
 from qqq.gptq import GPTQConfig
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
-from qqq.pipeline import METHOD_ALIASES, METHODS, QuantizeSettings, default_device, get_method, quantize_model
+from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
+                          default_device, get_method, quantize_model)
 
-# The demo settings shrink calibration so that the embedded model quantizes on a 2-core CPU in minutes:
-# 32 windows of 512 tokens for GPTQ (the paper: 128 x 2048) and 2 of them for smoothing (the paper: 8).
-DEMO_CALIBRATION = dict(nsamples=32, seqlen=512, smooth_samples=2)
-PAPER_CALIBRATION = dict(nsamples=128, seqlen=2048, smooth_samples=8)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -5,6 +5,9 @@ Each step is a function a notebook can call on its own; :func:`quantize_model` c
 
 from __future__ import annotations
 
+import copy
+import time
+
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +52,12 @@ METHODS = {m.name: m for m in (
 )}
 METHOD_ALIASES = {"fp": "fp16", "rtn": "w4a8_rtn", "gptq": "w4a8_gptq", "smooth": "w4a8_smooth",
                   "smoothquant": "w8a8_smoothquant"}
+
+
+# Calibration presets. The demo's shrinks calibration so that the embedded model quantizes on a 2-core CPU:
+# 32 windows of 512 tokens for GPTQ and 2 of them for smoothing; the paper's: 128 x 2048 and 8.
+DEMO_CALIBRATION = dict(nsamples=32, seqlen=512, smooth_samples=2)
+PAPER_CALIBRATION = dict(nsamples=128, seqlen=2048, smooth_samples=8)
 
 
 def get_method(name: str | Method) -> Method:
@@ -209,3 +218,23 @@ def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torc
     report.smoothing_scales = smooth(model, method, calibration_ids, settings, device)
     report.gptq_losses = round_weights(model, method, calibration_ids, settings, device)
     return report
+
+
+def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibration_ids: torch.Tensor | None,
+          smoothing_samples: int, device: torch.device):
+    """Quantize a copy of ``base`` for every method x group size (group sizes only for 4-bit methods),
+    searching each smoothing once and sharing it between the methods that use it.
+    Yields ``(method, group_size, quantized_model, seconds)``."""
+    smoothed = {}
+    for name in methods:
+        method = get_method(name)
+        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
+            settings = QuantizeSettings(group_size=group_size, smoothing_samples=smoothing_samples)
+            start = time.time()
+            key = (method.smoothing, method.weight_bits, group_size)
+            if method.smoothing and key not in smoothed:
+                smoothed[key] = copy.deepcopy(base)
+                smooth(smoothed[key], method, calibration_ids, settings, device)
+            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
+            round_weights(model, method, calibration_ids, settings, device)
+            yield method, group_size, model, time.time() - start
