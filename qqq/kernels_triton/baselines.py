@@ -19,7 +19,7 @@ import triton.language as tl
 from qqq.kernels_triton import tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.packing import check_packable
-from qqq.kernels_triton.w4a8_gemm import launch_int8_gemm
+from qqq.kernels_triton.w4a8_gemm import grouped_tile_ids, launch_int8_gemm
 
 
 @triton.jit
@@ -37,17 +37,6 @@ def _scaled_store(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scal
              mask=n_mask[:, None] & m_mask[None, :])
 
 
-@triton.jit
-def _tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
-
-
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_gemm_kernel(
     x_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr,
@@ -56,7 +45,7 @@ def _w4a16_gemm_kernel(
     GROUP_N: tl.constexpr,
 ):
     HALF: tl.constexpr = 32
-    pid_n, pid_m = _tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
+    pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N

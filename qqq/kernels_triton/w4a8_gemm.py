@@ -141,6 +141,19 @@ def _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
+    """(pid_n, pid_m) of this program: GROUP_N consecutive weight tiles are swept over all activation tiles
+    before moving on (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
+
+
+@triton.jit
 def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
               acc_out_ptr, N, stride_om,
               X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
@@ -176,16 +189,8 @@ def _w4a8_gemm_kernel(
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    # GROUP_N consecutive weight tiles are swept over all activation tiles before moving on (L2 reuse).
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % pids_per_group) % group_n
-    pid_m = (pid % pids_per_group) // group_n
+    pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,7 +269,7 @@ def _w4a8_gemm_kernel(
         mask = n_mask[:, None] & m_mask[None, :]
         ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
         tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tile = pid_m * num_pid_n + pid_n
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
         ticket = tl.atomic_add(tickets_ptr + tile, 1)
         if ticket == SPLIT_K - 1:  # last split of this tile: every partial sum is in the workspace
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
@@ -324,14 +329,7 @@ def int8_gemm_kernel(
 ):
     """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
     W4A8 (after ``_dequantize_int8_kernel``) and the W8A8 baseline."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + (pid % pids_per_group) % group_n
-    pid_m = (pid % pids_per_group) // group_n
+    pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
