@@ -210,8 +210,16 @@ def w4a8_linear_reference(
     The int32 accumulation is reproduced exactly by :func:`int8_matmul_exact`.
     """
     x_codes, token_scale = quantize_per_token(x)
-    acc = int8_matmul_exact(x_codes, int8_weight(codes, ratio))
-    y = acc.float() * token_scale * channel_scale.float()
+    return int8_linear_reference(x_codes, token_scale[..., 0], int8_weight(codes, ratio), channel_scale, bias,
+                                 x.dtype)
+
+
+def int8_linear_reference(x_codes: torch.Tensor, token_scale: torch.Tensor, weight: torch.Tensor,
+                          channel_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Already quantized activations (``x_codes`` int8 [M, K], ``token_scale`` fp32 [M]) times an int8 weight
+    [N, K]: exact accumulation, then ``acc * token_scale * channel_scale`` (+ bias) in fp32, cast to ``dtype``."""
+    acc = int8_matmul_exact(x_codes, weight)
+    y = acc.float() * token_scale.float()[:, None] * channel_scale.float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)

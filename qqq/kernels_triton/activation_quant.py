@@ -33,6 +33,15 @@ def round_to_int32(v):
 
 
 @triton.jit
+def int8_codes_and_scale(x, amax):
+    """fp32 values ``x`` of one row with absolute maximum ``amax`` -> (int8 codes, fp32 scale), as numerics."""
+    scale = tl.div_rn(amax, 127.0)
+    divisor = tl.where(scale > 0.0, scale, 1.0)
+    codes = round_to_int32(tl.div_rn(x, divisor))
+    return tl.minimum(tl.maximum(codes, -127), 127).to(tl.int8), scale
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
     BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
@@ -51,20 +60,16 @@ def _quantize_per_token_kernel(
             xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             running = tl.maximum(running, tl.abs(xk))
         amax = tl.max(running, axis=0)
-    scale = tl.div_rn(amax, 127.0)
-    divisor = tl.where(scale > 0.0, scale, 1.0)
-    tl.store(scale_ptr + row, scale)
     if SINGLE_PASS:
-        codes = round_to_int32(tl.div_rn(x, divisor))
-        codes = tl.minimum(tl.maximum(codes, -127), 127)
-        tl.store(codes_row + offs, codes.to(tl.int8), mask=mask)
+        codes, scale = int8_codes_and_scale(x, amax)
+        tl.store(codes_row + offs, codes, mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            codes = round_to_int32(tl.div_rn(xk, divisor))
-            codes = tl.minimum(tl.maximum(codes, -127), 127)
-            tl.store(codes_row + k0 + offs, codes.to(tl.int8), mask=mask)
+            codes, scale = int8_codes_and_scale(xk, amax)
+            tl.store(codes_row + k0 + offs, codes, mask=mask)
+    tl.store(scale_ptr + row, scale)
 
 
 @triton.jit
@@ -75,16 +80,13 @@ def _quantize_chunk_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_code
     offs_row = tl.arange(0, ROW_BLOCK)
     whole = tl.load(x_ptr + row * stride_x + offs_row, mask=offs_row < K, other=0.0)
     amax = tl.max(tl.abs(whole), axis=0).to(tl.float32)
-    scale = tl.div_rn(amax, 127.0)
-    divisor = tl.where(scale > 0.0, scale, 1.0)
-    if chunk == 0:
-        tl.store(scale_ptr + row, scale)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    codes = round_to_int32(tl.div_rn(x, divisor))
-    codes = tl.minimum(tl.maximum(codes, -127), 127)
-    tl.store(codes_ptr + row * stride_codes + offs, codes.to(tl.int8), mask=mask)
+    codes, scale = int8_codes_and_scale(x, amax)
+    tl.store(codes_ptr + row * stride_codes + offs, codes, mask=mask)
+    if chunk == 0:
+        tl.store(scale_ptr + row, scale)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,211 @@
+"""Fused producers: the ops that feed a W4A8 (or W8A8) GEMM write int8 codes and per-token scales directly.
+
+QQQ's end-to-end speed comes from never writing an activation in fp16 only to read it back for quantization:
+
+- ``rmsnorm_quantize``: [residual add +] RMSNorm -> int8 + per-token scale (and the updated residual);
+- ``silu_mul_quantize``: SiLU(gate) * up of a fused gate/up GEMM output -> int8 + per-token scale;
+- ``rope_into_cache``: RoPE on q and k of a fused q/k/v GEMM output, q written for attention and k / v straight
+  into the static KV cache (one launch instead of a dozen small PyTorch ops per layer).
+
+Each computes exactly the plain PyTorch composition in ``qqq.inference`` (the Hugging Face Llama ops, rounded to
+the activation dtype where they round, then ``qqq.numerics.quantize_per_token``), one pass over the data. The
+normalization and SiLU outputs can also be written in the activation dtype (``quantize=False``) so the FP16
+and W4A16 baselines run the same fused ops. Rows up to ``MAX_ROW`` wide stay in registers; with few rows
+(decode), each row is spread over ``ROW_CHUNKS`` programs that each recompute the row's statistics (from L2) and
+write only their chunk, as ``activation_quant`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
+
+MAX_ROW = 32768
+
+
+@triton.jit
+def _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE: tl.constexpr):
+    """Store this program's chunk of the row ``y`` (activation dtype): as it is, or as int8 + the row's scale."""
+    if QUANTIZE:
+        yf = y.to(tl.float32)
+        codes, scale = int8_codes_and_scale(yf, tl.max(tl.abs(yf), axis=0))
+        tl.store(codes_ptr + row * stride_out + offs, codes, mask=mine)
+        if chunk == 0:
+            tl.store(scale_ptr + row, scale)
+    else:
+        tl.store(out_ptr + row * stride_out + offs, y, mask=mine)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_ptr, residual_out_ptr,
+                    K, eps, stride_x, stride_residual, stride_out, stride_residual_out,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    mine = mask & (offs >= chunk * CHUNK) & (offs < chunk * CHUNK + CHUNK)
+    dtype = x_ptr.dtype.element_ty
+    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mine)
+    hf = h.to(tl.float32)
+    variance = tl.sum(hf * hf, axis=0) / K
+    rstd = 1.0 / tl.sqrt_rn(variance + eps)
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    y = ((hf * rstd).to(dtype).to(tl.float32) * weight.to(tl.float32)).to(dtype)
+    _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_in, stride_out,
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, QUANTIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < width
+    mine = mask & (offs >= chunk * CHUNK) & (offs < chunk * CHUNK + CHUNK)
+    dtype = gate_up_ptr.dtype.element_ty
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+    y = (silu.to(tl.float32) * up.to(tl.float32)).to(dtype)
+    _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+
+
+@triton.jit
+def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                            T, n_heads, n_kv_heads, stride_qkv,
+                            stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs,
+                            HALF: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    batch = token // T
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs = tl.arange(0, HALF)
+    source = qkv_ptr + token * stride_qkv + head * (2 * HALF) + offs
+    first = tl.load(source).to(tl.float32)
+    second = tl.load(source + HALF).to(tl.float32)
+    dtype = qkv_ptr.dtype.element_ty
+    if head < n_heads + n_kv_heads:  # q and k heads rotate, v heads are copied
+        cos = tl.load(cos_ptr + pos * HALF + offs)
+        sin = tl.load(sin_ptr + pos * HALF + offs)
+        first, second = first * cos - second * sin, second * cos + first * sin
+    if head < n_heads:
+        target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
+    elif head < n_heads + n_kv_heads:
+        target = k_cache_ptr + batch * stride_cb + (head - n_heads) * stride_ch + pos * stride_cs + offs
+    else:
+        target = v_cache_ptr + batch * stride_cb + (head - n_heads - n_kv_heads) * stride_ch + pos * stride_cs + offs
+    tl.store(target, first.to(dtype))
+    tl.store(target + HALF, second.to(dtype))
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype not in (torch.float16, torch.bfloat16) and not (x.dtype == torch.float32 and not x.is_cuda):
+        raise ValueError(f"{name} expects fp16 or bf16 input (fp32 only on CPU), got {x.dtype} on {x.device}")
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _grid_and_block(m: int, width: int, name: str) -> tuple[tuple[int, int], int, int]:
+    if width > MAX_ROW:
+        raise ValueError(f"{name} keeps a row in registers: at most {MAX_ROW} wide, got {width}")
+    block = triton.next_power_of_2(width)
+    chunks = ROW_CHUNKS if m < FEW_ROWS and width >= 1024 else 1
+    chunk = triton.cdiv(block, chunks)
+    return (m, triton.cdiv(width, chunk)), block, chunk
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _outputs(rows: torch.Tensor, width: int, quantize: bool):
+    m = rows.shape[0]
+    if quantize:
+        codes = torch.empty((m, width), dtype=torch.int8, device=rows.device)
+        return codes, torch.empty((m,), dtype=torch.float32, device=rows.device), codes
+    out = torch.empty((m, width), dtype=rows.dtype, device=rows.device)
+    return out, out, out
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                     quantize: bool = True):
+    """``h = x (+ residual)``, then Llama's RMSNorm of ``h`` with ``weight``.
+
+    Returns ``(codes int8 [M, K], scale fp32 [M])`` if ``quantize`` else the normalized rows [M, K] in ``x``'s dtype,
+    plus ``h`` [M, K] (the updated residual stream) when ``residual`` is given: ``(normalized, h)``."""
+    rows = _rows(x, "rmsnorm_quantize")
+    m, k = rows.shape
+    if weight.shape != (k,) or weight.dtype != rows.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous {rows.dtype} [{k}] tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    grid, block, chunk = _grid_and_block(m, k, "rmsnorm_quantize")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match x "
+                             f"{x.dtype} {tuple(x.shape)}")
+        residual = _rows(residual, "rmsnorm_quantize")
+        updated = torch.empty_like(rows)
+    else:
+        residual = updated = rows  # unused
+    out, scale, codes = _outputs(rows, k, quantize)
+    if m:
+        _rmsnorm_kernel[grid](rows, residual, weight, out, codes, scale, updated, k, eps, rows.stride(0),
+                              residual.stride(0), out.stride(0), updated.stride(0), BLOCK=block, CHUNK=chunk,
+                              HAS_RESIDUAL=updated is not rows, QUANTIZE=quantize, num_warps=_num_warps(block))
+    normalized = (codes, scale) if quantize else out
+    return (normalized, updated) if updated is not rows else normalized
+
+
+def silu_mul_quantize(gate_up: torch.Tensor, quantize: bool = True):
+    """``SiLU(gate) * up`` for ``gate_up = [gate | up]`` [M, 2I] (a fused gate/up GEMM's output).
+
+    Returns ``(codes int8 [M, I], scale fp32 [M])`` if ``quantize`` else [M, I] in the input dtype."""
+    rows = _rows(gate_up, "silu_mul_quantize")
+    m, double = rows.shape
+    if double % 2:
+        raise ValueError(f"gate_up must have an even last dimension (gate and up side by side), got {double}")
+    width = double // 2
+    grid, block, chunk = _grid_and_block(m, width, "silu_mul_quantize")
+    out, scale, codes = _outputs(rows, width, quantize)
+    if m:
+        _silu_mul_kernel[grid](rows, out, codes, scale, width, rows.stride(0), out.stride(0), BLOCK=block,
+                               CHUNK=chunk, QUANTIZE=quantize, num_warps=_num_warps(block))
+    return (codes, scale) if quantize else out
+
+
+def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Split a fused q/k/v output ``qkv`` [B, T, (H + 2 Hkv) * D], rotate q and k (Llama's rotate-half RoPE with
+    ``cos``/``sin`` fp32 [max_positions, D / 2] at ``positions`` int [B, T]), write k and v into the caches
+    [B, Hkv, S, D] at those positions and return q as [B, H, T, D] (contiguous)."""
+    batch, t, width = qkv.shape
+    _, n_kv_heads, capacity, head_dim = k_cache.shape
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"rope_into_cache needs a power-of-two head dim >= 16, got {head_dim}")
+    if width != (n_heads + 2 * n_kv_heads) * head_dim or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {n_heads} q and {n_kv_heads} k/v heads of {head_dim}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < batch \
+            or k_cache.dtype != qkv.dtype or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be alike, [B, Hkv, S, D] in qkv's dtype")
+    if cos.shape != sin.shape or cos.dtype != torch.float32 or cos.shape[1] != head_dim // 2 \
+            or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}]")
+    if positions.shape != (batch, t):
+        raise ValueError(f"positions must be [{batch}, {t}], got {tuple(positions.shape)}")
+    rows = qkv.reshape(batch * t, width)
+    positions = positions.reshape(-1).contiguous()
+    q = torch.empty((batch, n_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if batch * t:
+        _rope_into_cache_kernel[(batch * t, n_heads + 2 * n_kv_heads)](
+            rows, cos, sin, positions, q, k_cache, v_cache, t, n_heads, n_kv_heads, rows.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            HALF=head_dim // 2, num_warps=1 if head_dim <= 128 else 2)
+    return q
