@@ -9,6 +9,7 @@ any update, per contiguous group, so act-order needs no reordering at inference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,12 +35,20 @@ class GPTQResult:
 
     codes: torch.Tensor
     scale: torch.Tensor
-    loss: float  # GPTQ's objective: sum over rows of the (Hessian-weighted) rounding error
+    loss: float  # GPTQ's objective, 1/2 tr((W - Q) H (W - Q)^T) with the damped Hessian H
+    rtn_loss: float  # the same objective for round-to-nearest onto the same grid (same scales, no compensation)
 
     def dequantized(self) -> torch.Tensor:
         if self.scale.dim() == 1:
             return numerics.dequantize_per_channel(self.codes, self.scale)
         return numerics.dequantize_per_group(self.codes, self.scale)
+
+
+class GPTQLoss(NamedTuple):
+    """:func:`output_error` of one linear on its calibration inputs: GPTQ's weight and round-to-nearest's."""
+
+    gptq: float
+    rtn: float
 
 
 def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn) -> torch.Tensor:
@@ -54,6 +63,23 @@ def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn) -> torch.
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, candidate, best)
     return best if group_size == -1 else best.reshape(weight.shape[0], -1)
+
+
+def _round_to_grid(w: torch.Tensor, s: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``w`` on the 4-bit grid with (elementwise) scale ``s``, and their values: signed codes in
+    [-7, 7] per-channel, unsigned codes in [0, 15] with zero point 8 per group."""
+    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    if group_size == -1:
+        code = torch.round(w / safe_s).clamp(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
+        return code, code * s
+    code = (torch.round(w / safe_s) + numerics.INT4_ZERO_POINT).clamp(0, numerics.INT4_UNSIGNED_MAX)
+    return code, (code - numerics.INT4_ZERO_POINT) * s
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """GPTQ's objective for a weight error ``delta`` [N, K]: ``1/2 tr(delta H delta^T)``; with
+    ``H = 2/n sum x x^T`` this is the squared output error ``|delta x|^2`` summed over channels, mean over tokens."""
+    return float(((delta @ hessian) * delta).sum() / 2)
 
 
 def _quantize_rows_per_channel(w, scale):
@@ -106,10 +132,12 @@ class GPTQ:
         else:
             column_scale = scale.repeat_interleave(config.group_size, dim=1)
 
+        hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
+        rtn_loss = output_error(weight - _round_to_grid(weight, column_scale, config.group_size)[1], hessian)
+
         order = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else torch.arange(columns)
         weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
 
-        hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
 
         codes = torch.zeros_like(weight)
@@ -120,14 +148,8 @@ class GPTQ:
             errors = torch.zeros_like(block)
             h_inv_block = h_inv[start:end, start:end]
             for i in range(end - start):
-                w, d, s = block[:, i], h_inv_block[i, i], column_scale[:, start + i]
-                safe_s = torch.where(s > 0, s, torch.ones_like(s))
-                if config.group_size == -1:
-                    code = torch.round(w / safe_s).clamp(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
-                    q = code * s
-                else:
-                    code = (torch.round(w / safe_s) + numerics.INT4_ZERO_POINT).clamp(0, numerics.INT4_UNSIGNED_MAX)
-                    q = (code - numerics.INT4_ZERO_POINT) * s
+                w, d = block[:, i], h_inv_block[i, i]
+                code, q = _round_to_grid(w, column_scale[:, start + i], config.group_size)
                 codes[:, start + i] = code
                 losses += (w - q) ** 2 / d ** 2 / 2
                 err = (w - q) / d
@@ -137,4 +159,4 @@ class GPTQ:
 
         codes = codes[:, torch.argsort(order)]
         dtype = torch.int8 if config.group_size == -1 else torch.uint8
-        return GPTQResult(codes.to(dtype), scale.float(), float(losses.sum()))
+        return GPTQResult(codes.to(dtype), scale.float(), float(losses.sum()), rtn_loss)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qqq import numerics
-from qqq.gptq import GPTQ, GPTQConfig
+from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
@@ -77,6 +77,7 @@ class QuantizeSettings:
     smoothing_samples: int = 8
     smoothquant_alpha: float = 0.5
     min_thresholds: int = 100
+    max_thresholds: int | None = None  # caps the smoothing search's candidates (None: the paper's count)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     batch_size: int = 8
 
@@ -117,8 +118,9 @@ def round_to_nearest(model: nn.Module, method: Method, group_size: int) -> None:
 
 @torch.no_grad()
 def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, config: GPTQConfig,
-               device: torch.device, batch_size: int = 8) -> list[dict[str, float]]:
-    """GPTQ every linear of every decoder layer, layer by layer; returns the per-linear GPTQ losses.
+               device: torch.device, batch_size: int = 8) -> list[dict[str, GPTQLoss]]:
+    """GPTQ every linear of every decoder layer, layer by layer; returns, per layer and linear, GPTQ's
+    objective for its weight and for round-to-nearest onto the same grid (:class:`qqq.gptq.GPTQLoss`).
 
     The Hessians of all seven linears of a layer come from one forward of the not yet quantized layer
     (as in QQQ), then the layer is run again, quantized, to produce the next layer's inputs.
@@ -141,12 +143,12 @@ def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, 
             layer_losses = {}
             for name, solver in solvers.items():
                 result = solver.quantize(config)
-                layer_losses[name] = result.loss
+                layer_losses[name] = GPTQLoss(result.loss, result.rtn_loss)
                 _replace(layer, name, quantized_linear(linears[name], method, config.group_size,
                                                        result.codes, result.scale))
                 del solver.hessian
             losses.append(layer_losses)
-            progress.set_postfix(loss=f"{sum(layer_losses.values()):.3g}")
+            progress.set_postfix(loss=f"{sum(loss.gptq for loss in layer_losses.values()):.3g}")
             inputs.hidden = run_layer(layer, inputs, batch_size)
     return losses
 
@@ -157,6 +159,9 @@ def default_device() -> torch.device:
 
 @dataclass
 class QuantizationReport:
+    """What :func:`quantize_model` chose: per decoder layer, the smoothing scales by point
+    (:class:`qqq.smoothing.PointScale`) and GPTQ's losses by linear (:class:`qqq.gptq.GPTQLoss`)."""
+
     method: str
     group_size: int
     smoothing_scales: list | None = None
@@ -184,7 +189,8 @@ def smooth(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor
     if not method.smoothing:
         return None
     config = SmoothingConfig(rule=method.smoothing, weight_bits=method.weight_bits, group_size=group_size,
-                             min_thresholds=settings.min_thresholds, alpha=settings.smoothquant_alpha,
+                             min_thresholds=settings.min_thresholds,
+                             max_thresholds=settings.max_thresholds, alpha=settings.smoothquant_alpha,
                              batch_size=settings.batch_size)
     return smooth_model(model.eval(), family, calibration_ids[:settings.smoothing_samples], config, device)
 
@@ -192,7 +198,7 @@ def smooth(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor
 def round_weights(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
                   settings: QuantizeSettings, device: torch.device) -> list | None:
     """Step 2: replace every decoder linear by its quantized form, by GPTQ or round-to-nearest.
-    Returns GPTQ's per-layer losses (None for round-to-nearest)."""
+    Returns GPTQ's losses per layer and linear, against round-to-nearest's (None for round-to-nearest)."""
     method, group_size, _ = _checked(method, model, settings, calibration_ids, get_method(method).rounding == "gptq")
     if method.rounding == "gptq":
         gptq_config = GPTQConfig(group_size, settings.gptq.damping, settings.gptq.block_size,

@@ -33,6 +33,9 @@ class SmoothingConfig:
     weight_bits: int = 4  # the weight grid the search (and the calibration forward) fake-quantizes to
     group_size: int = -1
     min_thresholds: int = 100
+    # None: the paper's count of candidate thresholds, max(min_thresholds, max|X| / 0.5); a number caps that
+    # count (a coarser, faster search, e.g. for a notebook on a CPU)
+    max_thresholds: int | None = None
     alpha: float = 0.5  # smoothquant only
     batch_size: int = 8
 
@@ -41,6 +44,13 @@ class SmoothingConfig:
             raise ValueError(f"smoothing rule must be 'search' or 'smoothquant', got {self.rule!r}")
         if self.min_thresholds < 1:
             raise ValueError("min_thresholds must be positive")
+        if self.max_thresholds is not None and self.max_thresholds < 1:
+            raise ValueError(f"max_thresholds must be positive or None, got {self.max_thresholds}")
+
+    def threshold_count(self, t_max: float) -> int:
+        """How many thresholds the search tries between ``t_max`` and 0.1."""
+        count = max(self.min_thresholds, int(t_max / 0.5))
+        return count if self.max_thresholds is None else min(count, self.max_thresholds)
 
 
 @contextmanager
@@ -100,7 +110,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], biases: list, blo
     with torch.no_grad():
         target = block(x, weights, biases)
         t_max = float(channel_max.max())
-        count = max(config.min_thresholds, int(t_max / 0.5))
+        count = config.threshold_count(t_max)
         best = (float("inf"), torch.ones_like(channel_max), t_max)
         for t in torch.linspace(t_max, 0.1, count).tolist() if t_max > 0.1 else [t_max]:
             scale = (channel_max / t).clamp(min=1.0)
@@ -141,10 +151,17 @@ def fold_scale(layer: nn.Module, point: SmoothingPoint, scale: torch.Tensor, tyi
 
 @dataclass
 class PointScale:
-    """The scale folded at one smoothing point, and the threshold the search chose (None for SmoothQuant)."""
+    """The scale folded at one smoothing point, the threshold the search chose (None for SmoothQuant), and
+    ``max |X_j|`` per channel of the activation there over the calibration tokens, as the search saw it (before
+    this point's smoothing; after it, the activation's channel maxima are ``channel_max / scale``)."""
 
     scale: torch.Tensor
     threshold: float | None
+    channel_max: torch.Tensor
+
+    @property
+    def smoothed_channel_max(self) -> torch.Tensor:
+        return self.channel_max / self.scale
 
 
 def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, config: SmoothingConfig,
@@ -164,7 +181,8 @@ def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, con
         else:
             scale, threshold = smoothquant_scale(x, weights, config.alpha, tie), None
         fold_scale(layer, point, scale, tying if tie is not None else None)
-        scales[point.name] = PointScale(scale.cpu(), threshold)
+        channel_max = x.float().abs().flatten(0, -2).amax(dim=0)
+        scales[point.name] = PointScale(scale.cpu(), threshold, channel_max.cpu())
         quantized += consumers
     return scales
 

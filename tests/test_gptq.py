@@ -65,3 +65,27 @@ def test_group_size_must_divide_the_layer():
     solver.add_batch(torch.randn(10, 96))
     with pytest.raises(ValueError, match="divisible"):
         solver.quantize(GPTQConfig(group_size=64))
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_reported_losses_are_the_output_errors_of_gptq_and_round_to_nearest(group_size, act_order):
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(256, 48, bias=False)
+    x = correlated_inputs()
+    solver = GPTQ(linear)
+    solver.add_batch(x)
+    result = solver.quantize(GPTQConfig(group_size=group_size, act_order=act_order, damping=0.01))
+    weight = linear.weight.detach()
+    rtn = numerics.quantize_weight_rtn(weight, group_size)
+    rtn_weight = (numerics.dequantize_per_channel(*rtn) if group_size == -1 else numerics.dequantize_per_group(*rtn))
+    # 1/2 tr(D H D^T) with H = 2/n X^T X + damping * mean(diag) * I: the mean over tokens of |D x|^2 plus the
+    # damping term
+    damping = 0.01 * float(2 * x.pow(2).sum(0).mean() / x.shape[0])
+
+    def expected(delta):
+        return float((x @ delta.T).pow(2).sum(1).mean() + damping / 2 * delta.pow(2).sum())
+
+    assert result.loss == pytest.approx(expected(weight - result.dequantized()), rel=1e-3)
+    assert result.rtn_loss == pytest.approx(expected(weight - rtn_weight), rel=1e-3)
+    assert result.loss < 0.8 * result.rtn_loss

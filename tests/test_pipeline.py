@@ -98,3 +98,13 @@ def test_sweep_shares_one_smoothing_between_methods(reference_backend, monkeypat
     assert torch.equal(norms[("w4a8_smooth", 64)], norms[("qqq", 64)])
     assert not torch.equal(norms[("w4a8_smooth", 64)], norms[("w4a8_smooth", -1)])
     assert torch.equal(base.model.layers[0].input_layernorm.weight, norm_before)  # base left untouched
+
+
+def test_report_has_gptq_and_round_to_nearest_losses_and_the_smoothing_thresholds(reference_backend):
+    model = tiny_model("llama")
+    settings = QuantizeSettings(group_size=64, smoothing_samples=2, min_thresholds=10, max_thresholds=10, batch_size=4)
+    report = quantize_model(model, "qqq", token_batch(8, 48), settings, torch.device("cpu"))
+    assert len(report.gptq_losses) == len(report.smoothing_scales) == 2
+    losses = [loss for layer in report.gptq_losses for loss in layer.values()]
+    assert len(losses) == 14 and all(0 < loss.gptq < loss.rtn for loss in losses)
+    assert all(point.threshold > 0 for layer in report.smoothing_scales for point in layer.values())

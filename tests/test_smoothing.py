@@ -3,6 +3,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 from qqq import numerics
+from qqq.layerwise import recorded_inputs
 from qqq.model_families import family_of
 from qqq.smoothing import KVHeadTying, SmoothingConfig, fold_scale, search_scale, smooth_model
 
@@ -76,3 +77,28 @@ def test_search_is_never_worse_than_no_smoothing_on_calibration():
 def test_unknown_rule_is_rejected():
     with pytest.raises(ValueError, match="rule"):
         SmoothingConfig(rule="awq")
+
+
+def test_point_scales_report_the_activation_maxima_before_and_after_smoothing():
+    model = tiny_model("llama")
+    config = SmoothingConfig(group_size=64, min_thresholds=10)
+    calibration = token_batch(2, 32)
+    scales = smooth_model(model, family_of(model), calibration, config, torch.device("cpu"))
+    family = family_of(model)
+    layer = family.decoder_layers(model)[0]
+    point = scales[0]["qkv"]
+    with torch.no_grad(), recorded_inputs(layer.self_attn.q_proj) as seen:  # the smoothed model, FP weights
+        for row in calibration:
+            model(row[None])
+    smoothed = torch.cat(seen).abs().flatten(0, -2).amax(dim=0)
+    assert point.channel_max.shape == (256,) and point.channel_max.max() > 4 * point.channel_max.median()
+    assert torch.allclose(point.smoothed_channel_max, smoothed, rtol=1e-4)
+    assert point.smoothed_channel_max.max() < point.channel_max.max()
+
+
+def test_max_thresholds_caps_the_search():
+    config = SmoothingConfig(min_thresholds=100, max_thresholds=12)
+    assert config.threshold_count(400.0) == 12
+    assert SmoothingConfig(min_thresholds=100).threshold_count(400.0) == 800
+    with pytest.raises(ValueError, match="max_thresholds"):
+        SmoothingConfig(max_thresholds=0)
