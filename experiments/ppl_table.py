@@ -2,7 +2,9 @@
 
 Default: the embedded SmolLM2-135M on the offline Wikipedia substitute (exllamav2 wiki.utf8), calibrated on
 the offline C4 substitute, with the CLI's demo calibration so that it runs on a 2-core CPU.
-Smoothing is searched once per (rule, group size) and shared by the methods that use it.
+Smoothing is searched once per (rule, group size) and shared by the methods that use it. Quantized models
+are cached on disk (qqq.cache; experiments/zeroshot_table.py reuses them). ``--append`` adds this run's rows
+to results/ppl.csv instead of replacing the table; the markdown names the run (command) behind each row.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from qqq.data import calibration_windows, evaluation_protocol, load_text, perple
 from qqq.evaluate import perplexity
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
-from qqq.provenance import markdown_provenance, provenance
+from qqq.provenance import ResultsTable, provenance
 
+KEY_COLUMNS = ["model", "method", "group_size", "dataset", "seqlen"]
 
 
 def parse_args():
@@ -33,6 +36,10 @@ def parse_args():
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
     p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling")
+    p.add_argument("--no-cache", action="store_true", help="quantize again, neither read nor write the cache")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of --out.csv that this run does not measure again")
     p.add_argument("--out", default="results/ppl")
     p.add_argument("--device", default=None)
     return p.parse_args()
@@ -44,29 +51,39 @@ def main():
     calibration = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
     if args.smooth_samples:
         calibration["smooth_samples"] = args.smooth_samples
-    meta = provenance()
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append)
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
                                      args.seqlen, args.windows or None)
+        if len(results.old) and set(results.old["windows"]) != {windows.shape[0]}:
+            raise ValueError(f"--append: {out}.csv scored {set(results.old['windows'])} windows, this run "
+                             f"{windows.shape[0]}: one table cannot mix them")
         calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
-                                    calibration["nsamples"], calibration["seqlen"])
-        for method, group_size, model, seconds in sweep(base, args.methods, args.group_sizes, calib,
-                                                        calibration["smooth_samples"], device):
+                                    calibration["nsamples"], calibration["seqlen"], args.seed)
+        cache_as = None if args.no_cache else {
+            "model": model_name, "calibration": dict(calibration, dataset=args.calib_dataset, seed=args.seed)}
+        for method, group_size, model, seconds, cached in sweep(base, args.methods, args.group_sizes, calib,
+                                                                calibration["smooth_samples"], device, cache_as):
+            if cached:
+                print(f"{method.name} g{group_size}: loaded from the cache ({cached})", flush=True)
             start = time.time()
             value = perplexity(model.to(device), windows, device, desc=f"{method.name} g{group_size}")
             rows.append(dict(model=model_name, method=method.name, group_size=group_size, dataset=args.dataset,
                              seqlen=args.seqlen, windows=windows.shape[0], ppl=round(value, 4),
-                             seconds=round(seconds + time.time() - start)))
+                             seconds=round(seconds + time.time() - start), from_cache=cached is not None))
             print(rows[-1], flush=True)
-            pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
+            write_markdown(results.write(rows), results, args, calibration, out.with_suffix(".md"))  # after each
             del model
-    write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))
 
 
-def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, path: Path) -> None:
+def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration: dict, path: Path) -> None:
+    order = {name: i for i, name in enumerate(METHODS)}
+    table = table.sort_values(["method", "group_size"], key=lambda c: c.map(order) if c.name == "method" else c,
+                              kind="stable")
     pivot = table.pivot_table(index=["method", "group_size"], columns="model", values="ppl", sort=False)
     notes = [f"# Perplexity ({args.dataset}, {args.seqlen}-token windows, lower is better)", "",
              pivot.reset_index().to_markdown(index=False, floatfmt=".3f"), "",
@@ -75,13 +92,20 @@ def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, pat
                 if args.dataset.startswith("exllamav2") else ""),
              f"- protocol: {evaluation_protocol(args.dataset, args.seqlen)}; {int(table['windows'].iloc[0])} windows scored"
              + (" (the first ones: a subset, to fit a 2-core CPU)" if args.windows else ""),
-             f"- calibration: {args.calib_dataset}, {calibration}",
+             "- calibration: see each run below",
              "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
              ]
-    if EMBEDDED_MODEL in args.models:
+    if EMBEDDED_MODEL in set(table["model"]):
         notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
-    notes += ["", "## How it was made", markdown_provenance(meta), ""]
+        notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
+                     "multiple of 128")
+    notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",
+              "## How it was made", "", results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
+
+
+def configurations(rows: pd.DataFrame) -> str:
+    return ", ".join(f"{m} g{g}" for m, g in zip(rows["method"], rows["group_size"]))
 
 
 if __name__ == "__main__":

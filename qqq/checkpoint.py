@@ -9,6 +9,7 @@ only) and ``bias``; everything else (embeddings, norms, lm_head) in the model's 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,8 +51,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
     """Rebuild the model of a QQQ checkpoint with ``QQQLinear`` layers and load its tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     quant = raw.pop("quantization_config", None) or {}
@@ -59,30 +58,38 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device:
         raise ValueError(f"{path} is not a QQQ checkpoint (quantization_config.quant_method != 'qqq')")
     if quant.get("packing", PACKING_FORMAT) != PACKING_FORMAT:
         raise ValueError(f"{path} uses packing {quant['packing']!r}; this qqq reads {PACKING_FORMAT!r}")
-    config = AutoConfig.for_model(**raw)
+    model = rebuild_and_load(
+        raw, path / CHECKPOINT_FILE, dtype,
+        lambda linear: QQQLinear(linear.in_features, linear.out_features, quant["group_size"],
+                                 linear.bias is not None, dtype))
+    return model.to(device)
+
+
+def rebuild_and_load(raw_config: dict, tensors: Path, dtype: torch.dtype, replacement: Callable[[nn.Linear], nn.Module]):
+    """Build the model of ``raw_config`` (a ``config.json`` without its quantization entry) on the meta device,
+    replace every decoder linear by ``replacement(linear)``, and load the safetensors file ``tensors``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**raw_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     family = family_of(model)
     for layer in family.decoder_layers(model):
         for name, linear in family.linears(layer).items():
-            replacement = QQQLinear(linear.in_features, linear.out_features, quant["group_size"],
-                                    linear.bias is not None, dtype)
             parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, replacement)
+            setattr(layer.get_submodule(parent) if parent else layer, child, replacement(linear))
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives tied parameters separate storage
-    missing, unexpected = load_safetensors_into(model, str(path / CHECKPOINT_FILE), strict=False)
+    missing, unexpected = load_safetensors_into(model, str(tensors), strict=False)
     # The file holds one name per shared tensor (tied embeddings), and no non-persistent buffers (rotary
     # inv_freq, rebuilt from the config below): neither is missing.
-    tensors = model.state_dict(keep_vars=True)
-    loaded = {id(tensors[k]) for k in tensors if k not in missing}
-    missing = [k for k in missing if "rotary_emb" not in k and id(tensors[k]) not in loaded]
+    state = model.state_dict(keep_vars=True)
+    loaded = {id(state[k]) for k in state if k not in missing}
+    missing = [k for k in missing if "rotary_emb" not in k and id(state[k]) not in loaded]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(f"{tensors} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _reset_rotary(model)
-    model.eval()
-    return model.to(device)
+    return model.eval()
 
 
 def _reset_rotary(model: nn.Module) -> None:

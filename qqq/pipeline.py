@@ -9,12 +9,15 @@ import copy
 import time
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qqq import numerics
+from qqq.cache import cache_key, entry_path, load_cached, save_cached
 from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
@@ -226,21 +229,41 @@ def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torc
     return report
 
 
+class SweepResult(NamedTuple):
+    method: Method
+    group_size: int
+    model: nn.Module
+    seconds: float  # quantizing, or loading from the cache
+    cached: Path | None  # the cache entry the model was loaded from (None: quantized here)
+
+
 def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibration_ids: torch.Tensor | None,
-          smoothing_samples: int, device: torch.device):
+          smoothing_samples: int, device: torch.device, cache_as: dict | None = None):
     """Quantize a copy of ``base`` for every method x group size (group sizes only for 4-bit methods),
-    searching each smoothing once and sharing it between the methods that use it.
-    Yields ``(method, group_size, quantized_model, seconds)``."""
+    searching each smoothing once and sharing it between the methods that use it. Yields ``SweepResult``s.
+
+    ``cache_as`` = ``{"model": name or path, "calibration": {dataset, nsamples, seqlen, smooth_samples, seed}}``
+    (describing ``base`` and ``calibration_ids``) turns on the disk cache (``qqq.cache``): a model stored by
+    an earlier run is loaded instead of quantized, and a newly quantized one is stored."""
     smoothed = {}
     for name in methods:
         method = get_method(name)
         for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
             settings = QuantizeSettings(group_size=group_size, smoothing_samples=smoothing_samples)
             start = time.time()
-            key = (method.smoothing, method.weight_bits, group_size)
-            if method.smoothing and key not in smoothed:
-                smoothed[key] = copy.deepcopy(base)
-                smooth(smoothed[key], method, calibration_ids, settings, device)
-            model = copy.deepcopy(smoothed[key] if method.smoothing else base)
+            key = None
+            if cache_as is not None and method.rounding:
+                key = cache_key(cache_as["model"], method, settings, cache_as["calibration"], base.dtype)
+                model = load_cached(key)
+                if model is not None:
+                    yield SweepResult(method, group_size, model, time.time() - start, entry_path(key))
+                    continue
+            smoothing = (method.smoothing, method.weight_bits, group_size)
+            if method.smoothing and smoothing not in smoothed:
+                smoothed[smoothing] = copy.deepcopy(base)
+                smooth(smoothed[smoothing], method, calibration_ids, settings, device)
+            model = copy.deepcopy(smoothed[smoothing] if method.smoothing else base)
             round_weights(model, method, calibration_ids, settings, device)
-            yield method, group_size, model, time.time() - start
+            if key is not None:
+                save_cached(model, key)
+            yield SweepResult(method, group_size, model, time.time() - start, None)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 
@@ -25,8 +29,10 @@ def provenance() -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
+    threads = os.environ.get("OMP_NUM_THREADS")
     return {
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "command": (f"OMP_NUM_THREADS={threads} " if threads else "")
+        + " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
         "device": device_name(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -38,3 +44,43 @@ def provenance() -> dict[str, str]:
 
 def markdown_provenance(meta: dict[str, str]) -> str:
     return "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in meta.items())
+
+
+class ResultsTable:
+    """The rows of ``out.csv`` and the runs that made them (``out.runs.json``): each run's provenance and the
+    configurations it measured. With ``append``, a run adds its rows to the table already there, replacing
+    the old rows of the same ``key_columns`` (e.g. model, method, group size), and the table's markdown then
+    names the run behind every row."""
+
+    def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False):
+        self.out, self.key_columns = Path(out), key_columns
+        csv, runs = self.out.with_suffix(".csv"), self.out.with_suffix(".runs.json")
+        self.old = pd.read_csv(csv) if append and csv.exists() else pd.DataFrame()
+        self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
+        if len(self.old) and ("run" not in self.old or self.old["run"].isna().any()):
+            raise ValueError(f"{csv} has rows without a run in {runs}: cannot say how they were made; rerun them")
+        self.run = max((r["run"] for r in self.runs), default=-1) + 1
+        self.runs.append({"run": self.run, **meta})
+
+    def write(self, rows: list[dict]) -> pd.DataFrame:
+        """Write the table with ``rows`` (this run's rows so far) and return it."""
+        new = pd.DataFrame(rows).assign(run=self.run)
+        old = self.old
+        if len(old):
+            replaced = set(map(tuple, new[self.key_columns].astype(str).values))
+            old = old[[tuple(r) not in replaced for r in old[self.key_columns].astype(str).values]]
+        table = pd.concat([old, new], ignore_index=True) if len(old) else new
+        table.to_csv(self.out.with_suffix(".csv"), index=False)
+        used = [r for r in self.runs if r["run"] in set(table["run"])]
+        self.out.with_suffix(".runs.json").write_text(json.dumps(used, indent=1) + "\n")
+        return table
+
+    def markdown(self, table: pd.DataFrame, describe) -> str:
+        """A "How it was made" block per run; ``describe(rows)`` names the configurations of a run's rows."""
+        blocks = []
+        for run in self.runs:
+            rows = table[table["run"] == run["run"]]
+            if len(rows):
+                blocks += [f"### Run {run['run']}: {describe(rows)}", "",
+                           markdown_provenance({k: v for k, v in run.items() if k != "run"}), ""]
+        return "\n".join(blocks)

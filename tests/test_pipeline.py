@@ -91,9 +91,9 @@ def test_sweep_shares_one_smoothing_between_methods(reference_backend, monkeypat
     norm_before = base.model.layers[0].input_layernorm.weight.clone()
     runs = list(sweep(base, ["w8a8_smoothquant", "w4a8_smooth", "qqq"], [-1, 64], token_batch(4, 32), 2,
                       torch.device("cpu")))
-    assert [(m.name, g) for m, g, _, _ in runs] == [("w8a8_smoothquant", -1), ("w4a8_smooth", -1),
+    assert [(m.name, g) for m, g, *_ in runs] == [("w8a8_smoothquant", -1), ("w4a8_smooth", -1),
                                                     ("w4a8_smooth", 64), ("qqq", -1), ("qqq", 64)]
-    norms = {(m.name, g): model.model.layers[0].input_layernorm.weight for m, g, model, _ in runs}
+    norms = {(m.name, g): model.model.layers[0].input_layernorm.weight for m, g, model, *_ in runs}
     assert [(c.rule, c.group_size) for c in searches] == [("smoothquant", -1), ("search", -1), ("search", 64)]
     assert torch.equal(norms[("w4a8_smooth", 64)], norms[("qqq", 64)])
     assert not torch.equal(norms[("w4a8_smooth", 64)], norms[("w4a8_smooth", -1)])
