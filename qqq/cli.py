@@ -1,4 +1,4 @@
-"""The ``qqq`` command line: quantize, eval ppl, demo, tune."""
+"""The ``qqq`` command line: quantize, eval ppl, eval zeroshot, demo, tune."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
                           default_device, get_method, quantize_model)
+from qqq.zeroshot import EXTRA_TASKS, TASKS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -121,6 +122,21 @@ def cmd_ppl(args) -> None:
     _perplexity(model, tokenizer, args, device, args.model)
 
 
+def cmd_zeroshot(args) -> None:
+    from qqq.zeroshot import data_source, zero_shot
+
+    device = torch.device(args.device) if args.device else default_device()
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    _note_if_embedded(args.model)
+    rows = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
+                     max_length=args.max_length, batch_size=args.batch_size, device=device)
+    docs = f"the first {args.limit} docs of each task" if args.limit else "all docs"
+    print(f"{args.model}: zero-shot (lm-eval, 0-shot), {docs}", flush=True)
+    for row in rows:
+        print(f"{row['task']} {row['metric']} {row['value']:.4f} +- {row['stderr']:.4f} ({row['docs']} docs, "
+              f"{row['split']}; {data_source(row['task'], not args.online)})", flush=True)
+
+
 def cmd_demo(args) -> None:
     args.model, args.out, args.eval = EMBEDDED_MODEL, None, True
     cmd_quantize(args)
@@ -176,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(ppl, default_windows=None)
     _add_model_arguments(ppl)
     ppl.set_defaults(run=cmd_ppl)
+    zeroshot = evaluations.add_parser("zeroshot", help="zero-shot accuracy (lm-evaluation-harness, offline copies)")
+    zeroshot.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    zeroshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + EXTRA_TASKS)
+    zeroshot.add_argument("--limit", type=int, help="score only the first N docs of each task (default: all)")
+    zeroshot.add_argument("--max-length", type=int, default=2048, help="HFLM max_length (set explicitly)")
+    zeroshot.add_argument("--batch-size", type=int, default=8)
+    zeroshot.add_argument("--online", action="store_true", help="lm-eval's own tasks, data from the Hugging Face hub")
+    _add_model_arguments(zeroshot)
+    zeroshot.set_defaults(run=cmd_zeroshot)
 
     demo = commands.add_parser("demo", help="quantize the embedded model with QQQ and print FP and W4A8 perplexity")
     _add_quantize_arguments(demo)

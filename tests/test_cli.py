@@ -68,3 +68,22 @@ def test_tune_needs_a_gpu_here(tiny_model_dir):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="CUDA"):
         main(["tune", str(tiny_model_dir)])
+
+
+def test_eval_zeroshot_scores_a_checkpoint_as_the_library_does(tiny_model_dir, tmp_path, capsys, reference_backend):
+    zeroshot = pytest.importorskip("qqq.zeroshot")
+    try:
+        zeroshot.write_offline_tasks(["piqa", "winogrande"])
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    out = tmp_path / "w4a8"
+    main(["quantize", str(tiny_model_dir), "--method", "w4a8_rtn", "--out", str(out), "--device", "cpu"])
+    capsys.readouterr()
+    main(["eval", "zeroshot", str(out), "--tasks", "piqa", "winogrande", "--limit", "3", "--max-length", "128",
+          "--device", "cpu"])
+    printed = {(m[1], m[2]): (float(m[3]), int(m[4]))
+               for m in re.finditer(r"^(\w+) (acc\w*) ([\d.]+) \+- \S+ \((\d+) docs", capsys.readouterr().out, re.M)}
+    model, tokenizer = load_model(str(out))
+    expected = zeroshot.zero_shot(model, tokenizer, ["piqa", "winogrande"], limit=3, max_length=128, device="cpu")
+    assert printed == {(r["task"], r["metric"]): (round(r["value"], 4), 3) for r in expected}
+    assert set(printed) == {("piqa", "acc"), ("piqa", "acc_norm"), ("winogrande", "acc")}
