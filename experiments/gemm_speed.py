@@ -11,17 +11,18 @@ the buffers total 3x the L2), and the graph replay is timed with CUDA events; me
 Activation quantization is included in the W8A8 and W4A8 times (they take fp16 input like FP16 and W4A16).
 
     python experiments/gemm_speed.py --check --act-quant --tune --out results
+    python experiments/gemm_speed.py --plot-only --out results   # redraw gemm_speed.png from the csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,6 +32,7 @@ from qqq.kernels_triton import baselines, tuning  # noqa: E402
 from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
 from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
+from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
 from qqq.provenance import provenance  # noqa: E402
 
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B
@@ -249,34 +251,9 @@ def write_reports(rows, meta, out_dir: Path, m_values):
             lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
         lines.append("")
     (out_dir / "gemm_speed.md").write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        cols = 4
-        rows_n = math.ceil(len(shapes) / cols)
-        fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
-        for ax, shape in zip(axes.flat, shapes):
-            for kernel in REPORT_KERNELS:
-                pts = [(m, by[(shape, m, kernel)]["speedup_vs_fp16"]) for m in m_values if (shape, m, kernel) in by]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=kernel)
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_title(shape, fontsize=9)
-            ax.set_xlabel("M (tokens)", fontsize=8)
-            ax.set_ylabel("speedup over FP16", fontsize=8)
-        for ax in list(axes.flat)[len(shapes):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        fig.suptitle(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n"
-                     f"{meta['command']}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "gemm_speed.png", dpi=110)
-    except Exception as err:
-        print(f"plot skipped: {err}")
+    table = pd.DataFrame(rows)
+    table.attrs["provenance"] = meta
+    plot_gemm_speedup(table, out_dir / "gemm_speed.png", kernels=REPORT_KERNELS)
 
 
 def main():
@@ -293,9 +270,14 @@ def main():
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
     parser.add_argument("--ms", default=",".join(map(str, M_VALUES)))
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>/gemm_speed.png from the csv")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot_gemm_speedup(read_results_csv(out_dir / "gemm_speed.csv"), out_dir / "gemm_speed.png",
+                          kernels=REPORT_KERNELS)
+        return
     meta = provenance()
     print(meta, flush=True)
     t0 = time.time()
