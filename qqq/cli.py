@@ -1,4 +1,4 @@
-"""The ``qqq`` command line: quantize, eval ppl, eval zeroshot, demo, tune."""
+"""The ``qqq`` command line: quantize, eval (ppl, zeroshot), demo, generate, tune."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.gptq import GPTQConfig
+from qqq.inference import METHODS as FAST_METHODS
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
@@ -142,8 +143,49 @@ def cmd_demo(args) -> None:
     cmd_quantize(args)
 
 
+def cmd_generate(args) -> None:
+    import os
+
+    from qqq.inference import FastLlama, Generator
+    from qqq.linear import triton_available_for
+    from qqq.models import is_qqq_checkpoint
+
+    device = torch.device(args.device) if args.device else default_device()
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
+    _note_if_embedded(args.model)
+    method = "qqq checkpoint" if is_qqq_checkpoint(args.model) else args.method
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    capacity = prompt.shape[1] + args.max_new_tokens
+    fast = FastLlama.from_hf(model, "fp16" if method == "qqq checkpoint" else method, max_positions=capacity)
+    runner = Generator(fast, 1, capacity, use_graph=False if args.no_graph else None)
+    result = runner.generate(prompt, args.max_new_tokens)
+    tokens = result.tokens[0].tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    print(args.prompt + tokenizer.decode(tokens, skip_special_tokens=True))
+    backend = "Triton kernels" if triton_available_for(prompt) else "PyTorch reference ops"
+    print(f"\n[{method}, {backend}{', CUDA graphs' if runner.use_graph else ''}; {fast.weight_bytes() / 1e9:.2f} GB "
+          f"of weights] time to first token {1e3 * result.ttft_s:.1f} ms, decode "
+          f"{result.decode_tokens_per_s:.1f} tokens/s ({args.max_new_tokens} tokens, greedy, {device})", flush=True)
+    if args.check:
+        previous = os.environ.get("QQQ_BACKEND")
+        os.environ["QQQ_BACKEND"] = "reference"
+        try:
+            with torch.no_grad():
+                reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                           max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                           pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:]
+        finally:
+            os.environ.pop("QQQ_BACKEND") if previous is None else os.environ.update(QQQ_BACKEND=previous)
+        same = next((i for i, (a, b) in enumerate(zip(result.tokens[0].tolist(), reference.tolist())) if a != b),
+                    args.max_new_tokens)
+        print(f"check: the first {same} of {args.max_new_tokens} greedy tokens equal the Hugging Face model's "
+              "(PyTorch reference ops)", flush=True)
+
+
 def linear_shapes(model_name: str) -> list[tuple[int, int]]:
-    """(N, K) of every decoder linear of ``model_name``, read from its config alone."""
+    """(N, K) of every decoder linear of ``model_name`` and of the fused q/k/v and gate/up linears that
+    ``qqq.inference`` runs, read from its config alone."""
     from transformers import AutoConfig
 
     from qqq.models import embedded_model_path
@@ -154,7 +196,8 @@ def linear_shapes(model_name: str) -> list[tuple[int, int]]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
-              (intermediate, hidden), (hidden, intermediate)]
+              (intermediate, hidden), (hidden, intermediate),
+              ((heads + 2 * kv_heads) * head_dim, hidden), (2 * intermediate, hidden)]
     return list(dict.fromkeys(shapes))
 
 
@@ -207,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(demo, default_windows=4)
     _add_model_arguments(demo)
     demo.set_defaults(run=cmd_demo, group_size=64, smooth_samples=1)  # 128 does not divide its 576 channels
+
+    generate = commands.add_parser("generate", help="greedy generation with the fast inference path, tokens/s")
+    generate.add_argument("model", nargs="?", default=EMBEDDED_MODEL,
+                          help=f"Hugging Face id, local folder, QQQ checkpoint (default: {EMBEDDED_MODEL!r})")
+    generate.add_argument("--prompt", default="The capital of France is")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--method", default="fp16", choices=FAST_METHODS,
+                          help="format for a model that is not a QQQ checkpoint (quantized ones round to nearest)")
+    generate.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
+    generate.add_argument("--check", action="store_true",
+                          help="compare the greedy tokens with the Hugging Face model's (PyTorch reference ops)")
+    _add_model_arguments(generate)
+    generate.set_defaults(run=cmd_generate)
 
     tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs")
     tune.add_argument("model", nargs="?", help="tune every linear shape of this model (id or local folder)")

@@ -60,7 +60,8 @@ def test_tune_shapes_come_from_the_model_config(tiny_model_dir):
     from qqq.cli import linear_shapes
 
     # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128
-    assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128)]
+    # then the fused q/k/v (128 x 64, already listed) and gate/up (256 x 64) of qqq.inference
+    assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
 
 
 def test_tune_needs_a_gpu_here(tiny_model_dir):
@@ -87,3 +88,18 @@ def test_eval_zeroshot_scores_a_checkpoint_as_the_library_does(tiny_model_dir, t
     expected = zeroshot.zero_shot(model, tokenizer, ["piqa", "winogrande"], limit=3, max_length=128, device="cpu")
     assert printed == {(r["task"], r["metric"]): (round(r["value"], 4), 3) for r in expected}
     assert set(printed) == {("piqa", "acc"), ("piqa", "acc_norm"), ("winogrande", "acc")}
+
+
+@pytest.mark.parametrize("method", ["fp16", "checkpoint"])
+def test_generate_prints_text_speed_and_the_greedy_check(tiny_model_dir, tmp_path, capsys, reference_backend,
+                                                         method):
+    model = str(tiny_model_dir)
+    if method == "checkpoint":
+        model = str(tmp_path / "w4a8")
+        main(["quantize", str(tiny_model_dir), "--method", "w4a8_rtn", "--out", model, "--device", "cpu"])
+        capsys.readouterr()
+    main(["generate", model, "--prompt", "Hello there", "--max-new-tokens", "5", "--check", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("Hello there")
+    assert re.search(r"decode [\d.]+ tokens/s", out) and ("qqq checkpoint" in out) == (method == "checkpoint")
+    assert "check: the first 5 of 5 greedy tokens equal" in out

@@ -37,3 +37,39 @@ def test_qqq_linear_kernel_matches_the_reference_on_cuda(group_size, dtype):
         got = layer(x)
         assert got.dtype == dtype and got.shape == (m, 768)
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (1, 11008), (7, 5120), (300, 4096)])
+def test_fused_producers_match_the_composition_on_cuda(dtype, m, k):
+    from qqq.inference import rmsnorm_reference, silu_mul_reference
+    from qqq.kernels_triton.fused_producers import rmsnorm_quantize, silu_mul_quantize
+
+    torch.manual_seed(0)
+    x, residual = (torch.randn(m, k, device="cuda") * 4).to(dtype), torch.randn(m, k, device="cuda").to(dtype)
+    weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    (codes, scale), h = rmsnorm_quantize(x, weight, 1e-5, residual)
+    expected, expected_h = rmsnorm_reference(x, weight, 1e-5, residual)
+    assert torch.equal(h, expected_h)
+    for got, want in (((codes, scale), expected), (silu_mul_quantize(x), silu_mul_reference(x))):
+        torch.testing.assert_close(got[1], want.scale, rtol=1e-2, atol=0)
+        assert (got[0].int() - want.codes.int()).abs().max() <= 2
+        assert (got[0] == want.codes).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "qqq", "qqq_g128"])
+def test_fast_model_kernels_and_cuda_graph_decode_on_cuda(method, monkeypatch):
+    from qqq.inference import FastLlama, Generator, KVCache
+
+    model = tiny_model(hidden=256, intermediate=512, heads=4, kv_heads=2).half().cuda()
+    fast = FastLlama.from_hf(model, method)
+    prompts = token_batch(2, 12).cuda()
+    positions = torch.arange(12, device="cuda").expand(2, 12)
+    got = fast(prompts, positions, KVCache(fast.arch, 2, 16, fast.dtype, "cuda"))
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+    expected = fast(prompts, positions, KVCache(fast.arch, 2, 16, fast.dtype, "cuda"))
+    monkeypatch.setenv("QQQ_BACKEND", "auto")
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02 * float(expected.abs().max()))
+    graph = Generator(fast, 2, 24).generate(prompts, 10)
+    eager = Generator(fast, 2, 24, use_graph=False).generate(prompts, 10)
+    assert torch.equal(graph.tokens, eager.tokens)

@@ -1,0 +1,212 @@
+"""End-to-end generation speed of FP16, W8A8, W4A16 and QQQ on the Llama-2 architectures, on one GPU.
+
+Random weights of the real shapes (built from the config, layer by layer on the GPU), the paper's serving setup
+without a server: a batch of prompts of ``--input-len`` tokens, ``--output-len`` greedy tokens each. Every method
+runs the same harness (``qqq.inference``): fused q/k/v and gate/up linears, fused producers (int8 for W8A8 and
+QQQ, fp16 for FP16 and W4A16), static KV cache, one CUDA graph per decode step. The lm_head and embeddings stay
+fp16 in every method (as in the paper).
+
+Measured per (model, method, batch), after a warm-up generation (compilation, graph capture):
+- ``ttft_ms``: prefill of the batch and the first token (median over ``--repeats``);
+- ``decode_tok_s``: batch x (output_len - 1) / time of the remaining steps (median over ``--repeats``);
+- ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (weights + cache + activations + graph);
+- ``weight_gb``: the model's weights on the GPU.
+
+Writes ``<out>/e2e_speed.csv``, ``e2e_speed.md`` and ``e2e_speed.png``, each saying how it was made.
+
+    python experiments/e2e_speed.py --out results
+    python experiments/e2e_speed.py --plot-only --out results   # redraw the figure from the csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qqq.inference import METHOD_NOTES, METHODS, FastLlama, Generator  # noqa: E402
+from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+
+LLAMA2 = dict(num_key_value_heads=None, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+              rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)
+ARCHITECTURES = {
+    "llama-2-7b": dict(LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32),
+    "llama-2-13b": dict(LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40),
+}
+
+
+def architecture(name: str):
+    from transformers import LlamaConfig
+
+    kwargs = dict(ARCHITECTURES[name])
+    kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    return LlamaConfig(**kwargs)
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def measure(fast: FastLlama, batch: int, input_len: int, output_len: int, repeats: int, seed: int) -> dict:
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    prompts = torch.randint(0, fast.arch.vocab, (batch, input_len), generator=generator, device="cuda")
+    runner = Generator(fast, batch, input_len + output_len)
+    runner.generate(prompts, 2)  # warm-up: kernel compilation and config choice, graph capture
+    results = [runner.generate(prompts, output_len) for _ in range(repeats)]
+    steps = output_len - 1
+    decode_s = statistics.median(r.decode_s for r in results)
+    del runner
+    return {"ttft_ms": 1e3 * statistics.median(r.ttft_s for r in results),
+            "decode_tok_s": batch * steps / decode_s, "decode_ms_per_step": 1e3 * decode_s / steps}
+
+
+def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) -> list[tuple[str, float]]:
+    """CUDA time per kernel over eager decode steps (the graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = Generator(fast, batch, context + steps + 1, use_graph=False)
+    first = torch.zeros(batch, dtype=torch.long, device="cuda")
+    runner.decode(first, context, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.decode(first, context, steps)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            if us:
+                totals[event.key] = totals.get(event.key, 0.0) + us / steps
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def run(args, meta) -> pd.DataFrame:
+    rows = []
+    for model_name in args.models:
+        config = architecture(model_name)
+        for method in args.methods:
+            free_memory()
+            start = time.time()
+            fast = FastLlama.random(config, method, device="cuda", dtype=torch.float16,
+                                    max_positions=args.input_len + args.output_len, seed=args.seed)
+            weight_gb = fast.weight_bytes() / 1e9
+            print(f"{model_name} {method}: built in {time.time() - start:.1f} s, weights {weight_gb:.2f} GB",
+                  flush=True)
+            for batch in args.batches:
+                free_memory()
+                torch.cuda.reset_peak_memory_stats()
+                row = {"model": model_name, "batch": batch, "method": method, "input_len": args.input_len,
+                       "output_len": args.output_len, "weight_gb": round(weight_gb, 3)}
+                try:
+                    row.update(measure(fast, batch, args.input_len, args.output_len, args.repeats, args.seed))
+                    row["status"] = "ok"
+                except torch.cuda.OutOfMemoryError:
+                    row.update(ttft_ms=float("nan"), decode_tok_s=float("nan"), decode_ms_per_step=float("nan"),
+                               status="out of memory")
+                row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                row["device"] = meta["device"]
+                rows.append(row)
+                print(f"  batch {batch:3d}: {row['status']}, decode {row['decode_tok_s']:9.1f} tok/s "
+                      f"({row['decode_ms_per_step']:.2f} ms/step), TTFT {row['ttft_ms']:8.1f} ms, "
+                      f"peak {row['peak_mem_gb']:.1f} GB", flush=True)
+            if args.profile_batch and method in ("fp16", "qqq"):
+                free_memory()
+                top = profile_decode(fast, args.profile_batch, args.input_len)
+                total = sum(us for _, us in top)
+                print(f"  decode step kernels at batch {args.profile_batch} ({total:.0f} us of GPU time per step):")
+                for name, us in top[:10]:
+                    print(f"    {us:8.1f} us  {name[:100]}")
+            del fast
+    table = pd.DataFrame(rows)
+    fp16 = table[table["method"] == "fp16"].set_index(["model", "batch"])
+    for column, ratio in (("decode_tok_s", "speedup_vs_fp16"), ("ttft_ms", "ttft_vs_fp16"),
+                          ("weight_gb", "weight_vs_fp16")):
+        base = [fp16[column].get((m, b), float("nan")) for m, b in zip(table["model"], table["batch"])]
+        table[ratio] = table[column] / pd.Series(base, index=table.index)
+    return table
+
+
+def write_reports(table: pd.DataFrame, meta: dict, out: Path, plot_only: bool = False) -> None:
+    csv_path = out / "e2e_speed.csv"
+    if not plot_only:
+        with open(csv_path, "w") as f:
+            f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
+            table.to_csv(f, index=False, float_format="%.4g")
+        lines = ["# End-to-end generation speed (random weights of the real shapes)", "",
+                 f"Input {int(table['input_len'].iloc[0])} tokens, output {int(table['output_len'].iloc[0])} "
+                 "greedy tokens per sequence; decode speedup = decode tokens/s over FP16's at the same batch.", ""]
+        for model_name, rows in table.groupby("model", sort=False):
+            lines += [f"## {model_name}", "",
+                      "| method | batch | decode tok/s | ms/step | speedup vs FP16 | TTFT ms | TTFT vs FP16 | "
+                      "weights GB | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+            for _, r in rows.sort_values(["batch", "method"], key=_method_order).iterrows():
+                if r["status"] != "ok":
+                    lines.append(f"| {r['method']} | {r['batch']} | {r['status']} | | | | | {r['weight_gb']:.2f} | "
+                                 f"{r['peak_mem_gb']:.1f} |")
+                    continue
+                lines.append(f"| {r['method']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+                             f"{r['decode_ms_per_step']:.2f} | {_ratio(r['speedup_vs_fp16'])} | {r['ttft_ms']:.1f} | "
+                             f"{_ratio(r['ttft_vs_fp16'])} | {r['weight_gb']:.2f} | {r['peak_mem_gb']:.1f} |")
+            lines.append("")
+        lines += ["## Methods", ""] + [f"- {m}: {METHOD_NOTES[m]}" for m in METHODS] + [
+            "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm and SiLU*up producers, RoPE written "
+            "into a static KV cache, SDPA attention, one CUDA graph per decode step, fp16 embeddings and lm_head",
+            "- random weights (normal, std 0.02), RTN-quantized: speed does not depend on the values", "",
+            "## How it was made", "", markdown_provenance(meta), ""]
+        (out / "e2e_speed.md").write_text("\n".join(lines))
+    try:
+        from qqq.plots import plot_e2e_speedup
+
+        plot_e2e_speedup(table, out / "e2e_speed.png")
+    except ImportError as error:
+        print(f"figure skipped: {error}")
+
+
+def _method_order(column: pd.Series) -> pd.Series:
+    return column.map({m: i for i, m in enumerate(METHODS)}) if column.name == "method" else column
+
+
+def _ratio(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value:.2f}x"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-batch", type=int, default=0,
+                        help="print the decode step's kernel times at this batch for fp16 and qqq (0: off)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from <out>/e2e_speed.csv")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        write_reports(pd.read_csv(out / "e2e_speed.csv", comment="#"), {}, out, plot_only=True)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("e2e_speed measures GPU speed: no CUDA device found")
+    meta = provenance()
+    print(meta, flush=True)
+    table = run(args, meta)
+    write_reports(table, meta, out)
+    print((out / "e2e_speed.md").read_text().split("## Methods")[0])
+
+
+if __name__ == "__main__":
+    main()
