@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qqq.inference import METHOD_NOTES, METHODS, FastLlama, Generator  # noqa: E402
+from qqq.inference import (METHOD_NOTES, METHODS, FastLlama, Generator, projection_from_weight,  # noqa: E402
+                           quantize_rows, reference_linear)
 from qqq.provenance import markdown_provenance, provenance  # noqa: E402
 
 LLAMA2 = dict(num_key_value_heads=None, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -43,6 +44,11 @@ ARCHITECTURES = {
     "llama-2-13b": dict(LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40),
 }
+
+
+# tinygemm is the faster W4A16 GEMM only at M <= 4 (results/gemm_speed.csv: 7.7 ms at M = 16 against 4.5 ms for
+# the Triton W4A16 over a Llama-2-7B step, 29 ms at M = 64, 449 ms at M = 1024), so larger batches use "w4a16"
+TINYGEMM_MAX_BATCH = 4
 
 
 def architecture(name: str):
@@ -56,6 +62,27 @@ def architecture(name: str):
 def free_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def method_dtype(method: str) -> torch.dtype:
+    return torch.bfloat16 if method == "w4a16_tinygemm" else torch.float16
+
+
+def check_method(method: str, n: int = 768, k: int = 1024) -> float:
+    """Largest error of the method's GPU projection against ``qqq.inference.reference_linear``, relative to the
+    output's range (before any timing: no speed of a wrong kernel)."""
+    dtype = method_dtype(method)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") * 0.02).to(dtype)
+    bias = None
+    projection = projection_from_weight(weight, bias, method)
+    worst = 0.0
+    for m in (1, 5, 64, 300):
+        x = torch.randn(m, k, generator=generator, device="cuda").to(dtype)
+        rows = quantize_rows(x) if projection.takes_int8 else x
+        expected = reference_linear(x, weight, bias, method).float()
+        worst = max(worst, float((projection(rows).float() - expected).abs().max() / expected.abs().max()))
+    return worst
 
 
 def measure(fast: FastLlama, batch: int, input_len: int, output_len: int, repeats: int, seed: int) -> dict:
@@ -90,6 +117,25 @@ def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) ->
     return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
+def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float, float]:
+    """GPU kernel time and wall time of one eager prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = Generator(fast, batch, input_len + 1, use_graph=False)
+    prompts = torch.zeros(batch, input_len, dtype=torch.long, device="cuda")
+    runner.prefill(prompts)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    runner.prefill(prompts)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.prefill(prompts)
+        torch.cuda.synchronize()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    return gpu_us / 1e3, wall * 1e3
+
+
 def run(args, meta) -> pd.DataFrame:
     rows = []
     for model_name in args.models:
@@ -97,12 +143,18 @@ def run(args, meta) -> pd.DataFrame:
         for method in args.methods:
             free_memory()
             start = time.time()
-            fast = FastLlama.random(config, method, device="cuda", dtype=torch.float16,
+            error = check_method(method)
+            if error > 0.02:
+                print(f"{model_name} {method}: CHECK FAILED (error {error:.3g} of the output range): not timed")
+                continue
+            fast = FastLlama.random(config, method, device="cuda", dtype=method_dtype(method),
                                     max_positions=args.input_len + args.output_len, seed=args.seed)
             weight_gb = fast.weight_bytes() / 1e9
-            print(f"{model_name} {method}: built in {time.time() - start:.1f} s, weights {weight_gb:.2f} GB",
-                  flush=True)
+            print(f"{model_name} {method}: check against the reference ok (error {error:.1e} of the output range); "
+                  f"built in {time.time() - start:.1f} s, weights {weight_gb:.2f} GB", flush=True)
             for batch in args.batches:
+                if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
+                    continue
                 free_memory()
                 torch.cuda.reset_peak_memory_stats()
                 row = {"model": model_name, "batch": batch, "method": method, "input_len": args.input_len,
@@ -124,8 +176,11 @@ def run(args, meta) -> pd.DataFrame:
                 top = profile_decode(fast, args.profile_batch, args.input_len)
                 total = sum(us for _, us in top)
                 print(f"  decode step kernels at batch {args.profile_batch} ({total:.0f} us of GPU time per step):")
-                for name, us in top[:10]:
+                for name, us in top[:12]:
                     print(f"    {us:8.1f} us  {name[:100]}")
+                gpu_ms, wall_ms = profile_prefill(fast, args.profile_batch, args.input_len)
+                print(f"  prefill at batch {args.profile_batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms "
+                      "wall (eager: the rest is host-side launch time)", flush=True)
             del fast
     table = pd.DataFrame(rows)
     fp16 = table[table["method"] == "fp16"].set_index(["model", "batch"])

@@ -28,14 +28,17 @@ from qqq.kernels_triton.packing import pack_int4, unpack_int4
 from qqq.linear import QQQLinear, triton_available_for
 from qqq.model_families import family_of
 
-METHODS = ("fp16", "w8a8", "w4a16", "qqq", "qqq_g128")
+METHODS = ("fp16", "w8a8", "w4a16", "w4a16_tinygemm", "qqq", "qqq_g128")
 METHOD_NOTES = {
     "fp16": "the model's own dtype, cuBLAS GEMMs",
     "w8a8": "per-channel int8 weights, per-token int8 activations (Triton int8 GEMM)",
     "w4a16": "per-channel int4 weights, fp16 activations (Triton W4A16 GEMM)",
+    "w4a16_tinygemm": "int4 weights in groups of 128, bf16 activations (torch's tinygemm kernel; CUDA, bf16 models)",
     "qqq": "QQQ W4A8 per-channel",
     "qqq_g128": "QQQ W4A8, groups of 128",
 }
+TINYGEMM_GROUP = 128
+TINYGEMM_INNER_K_TILES = 8
 
 
 class Int8Rows(NamedTuple):
@@ -149,6 +152,35 @@ class W4A16Projection(Projection):
         return F.linear(x, weight.to(x.dtype), self.bias)
 
 
+class TinygemmW4A16Projection(Projection):
+    """W4A16 through torch's tinygemm int4 kernel (``torch._weight_int4pack_mm``, the fastest W4A16 GEMM here at
+    M <= 4): codes [0, 15] with zero point 8 in groups of 128, bf16 activations. On the CPU it keeps the codes
+    in the W4A8 packing and runs the dequantized reference."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
+        if weight.is_cuda and weight.dtype != torch.bfloat16:
+            raise ValueError(f"w4a16_tinygemm runs bf16 activations: load the model in bfloat16, not {weight.dtype}")
+        codes, group_scale = numerics.quantize_weight_per_group(weight, TINYGEMM_GROUP)
+        if weight.is_cuda:
+            even_high = (codes[:, ::2].to(torch.int32) << 4 | codes[:, 1::2].to(torch.int32)).to(torch.uint8)
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack(even_high, TINYGEMM_INNER_K_TILES))
+            zeros = torch.zeros_like(group_scale)  # tinygemm: w = (code - 8) * scale + zero
+            self.register_buffer("scales_and_zeros", torch.stack((group_scale, zeros), dim=2).transpose(0, 1)
+                                 .contiguous().to(torch.bfloat16))
+        else:
+            self.register_buffer("qweight", pack_int4(codes))
+            self.register_buffer("scales_and_zeros", group_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            y = torch._weight_int4pack_mm(x.reshape(-1, self.in_features), self.qweight, TINYGEMM_GROUP,
+                                          self.scales_and_zeros)
+            return y if self.bias is None else y + self.bias
+        codes = unpack_int4(self.qweight, self.in_features, signed=False)
+        return F.linear(x, numerics.dequantize_per_group(codes, self.scales_and_zeros).to(x.dtype), self.bias)
+
+
 class W8A8Projection(Projection):
     """SmoothQuant-style W8A8: per-channel int8 weights (round to nearest), per-token int8 activations."""
 
@@ -227,10 +259,37 @@ def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, meth
         return W8A8Projection(weight, bias)
     if method == "w4a16":
         return W4A16Projection(weight, bias)
+    if method == "w4a16_tinygemm":
+        return TinygemmW4A16Projection(weight, bias)
     if method in ("qqq", "qqq_g128"):
         group_size = 128 if method == "qqq_g128" else -1
         codes, scale = numerics.quantize_weight_rtn(weight, group_size)
         return W4A8Projection([QQQLinear.from_quantized(codes, scale, bias, group_size, weight.dtype)], weight.dtype)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> torch.Tensor:
+    """What ``projection_from_weight(weight, bias, method)`` computes for ``x`` [M, K], straight from
+    ``qqq.numerics`` (the independent check of every projection)."""
+    if method == "fp16":
+        return F.linear(x, weight, bias)
+    if method in ("w4a16", "w4a16_tinygemm"):
+        if method == "w4a16":
+            dequantized = numerics.dequantize_per_channel(*numerics.quantize_weight_per_channel(weight))
+        else:
+            dequantized = numerics.dequantize_per_group(*numerics.quantize_weight_per_group(weight, TINYGEMM_GROUP))
+        return F.linear(x.float(), dequantized, None if bias is None else bias.float()).to(x.dtype)
+    if method == "w8a8":
+        codes, scale = numerics.quantize_weight_int8_per_channel(weight)
+        x_codes, token_scale = numerics.quantize_per_token(x)
+        return numerics.int8_linear_reference(x_codes, token_scale[:, 0], codes, scale, bias, x.dtype)
+    if method in ("qqq", "qqq_g128"):
+        group_size = 128 if method == "qqq_g128" else -1
+        codes, scale = numerics.quantize_weight_rtn(weight, group_size)
+        ratio = None
+        if group_size != -1:
+            scale, ratio = numerics.two_level_scales(codes, scale)
+        return numerics.w4a8_linear_reference(x, codes, scale, ratio, bias)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -371,7 +430,7 @@ class FastLlama(nn.Module):
             q = rope(qkv, self.rope_cos, self.rope_sin, positions, cache.k[index], cache.v[index], arch.heads)
             attended = attention(q, cache.k[index][:batch], cache.v[index][:batch], positions)
             attended = attended.transpose(1, 2).reshape(batch * t, arch.heads * arch.head_dim)
-            delta = layer.o(_quantized_rows(attended) if layer.o.takes_int8 else attended)
+            delta = layer.o(quantize_rows(attended) if layer.o.takes_int8 else attended)
             normed, residual = rmsnorm(delta, layer.post_attention_norm, arch.eps, residual, layer.gate_up.takes_int8)
             delta = layer.down(silu_mul(layer.gate_up(normed), layer.down.takes_int8))
         last = slice(t - 1, None, t)  # the last row of each sequence
@@ -379,7 +438,8 @@ class FastLlama(nn.Module):
         return F.linear(final, self.lm_head)
 
 
-def _quantized_rows(x: torch.Tensor) -> Int8Rows:
+def quantize_rows(x: torch.Tensor) -> Int8Rows:
+    """Per-token int8 rows of ``x`` [M, K] (Triton where available, else ``qqq.numerics``)."""
     if triton_available_for(x):
         from qqq.kernels_triton.activation_quant import quantize_per_token
 
@@ -389,11 +449,16 @@ def _quantized_rows(x: torch.Tensor) -> Int8Rows:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Causal attention of ``q`` [B, H, T, D] over the cache ``k``/``v`` [B, Hkv, S, D]: a prefill from position 0
-    (T > 1) or one decode step per sequence (T == 1, keys up to its position)."""
+    (T > 1, SDPA) or one decode step per sequence (T == 1, keys up to its position: ``decode_attention``, or SDPA
+    with a mask as its reference)."""
     t = q.shape[2]
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     if t > 1:
         return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True, **gqa)
+    if triton_available_for(q):
+        from qqq.kernels_triton.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, positions[:, -1])
     visible = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, -1:]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], **gqa)
 

@@ -104,3 +104,4 @@ def test_producers_reject_bad_input():
     with pytest.raises(ValueError, match="power-of-two head dim"):
         rope_into_cache(torch.randn(1, 1, 72), torch.ones(8, 12), torch.ones(8, 12), torch.zeros(1, 1, dtype=torch.long),
                         cache, cache.clone(), 1)
+

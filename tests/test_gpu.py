@@ -73,3 +73,36 @@ def test_fast_model_kernels_and_cuda_graph_decode_on_cuda(method, monkeypatch):
     graph = Generator(fast, 2, 24).generate(prompts, 10)
     eager = Generator(fast, 2, 24, use_graph=False).generate(prompts, 10)
     assert torch.equal(graph.tokens, eager.tokens)
+
+
+@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "w4a16_tinygemm", "qqq", "qqq_g128"])
+def test_every_fast_projection_matches_its_reference_on_cuda(method):
+    from qqq.inference import projection_from_weight, quantize_rows, reference_linear
+
+    dtype = torch.bfloat16 if method == "w4a16_tinygemm" else torch.float16
+    torch.manual_seed(0)
+    weight = (torch.randn(640, 1024, device="cuda") * 0.02).to(dtype)
+    bias = torch.randn(640, device="cuda").to(dtype)
+    projection = projection_from_weight(weight, bias, method)
+    for m in (1, 3, 64, 257):
+        x = torch.randn(m, 1024, device="cuda").to(dtype)
+        got = projection(quantize_rows(x) if projection.takes_int8 else x).float()
+        expected = reference_linear(x, weight, bias, method).float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0.01 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 32, 32), (5, 8, 2)])
+def test_decode_attention_matches_masked_sdpa_on_cuda(batch, heads, kv_heads):
+    from qqq.kernels_triton.decode_attention import decode_attention
+
+    torch.manual_seed(0)
+    capacity = 1152
+    q = torch.randn(batch, heads, 1, 128, device="cuda").half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda").half() for _ in range(2))
+    positions = torch.randint(0, capacity, (batch,), device="cuda")
+    visible = torch.arange(capacity, device="cuda")[None, :] <= positions[:, None]
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(repeat, 1), v.float().repeat_interleave(repeat, 1),
+        attn_mask=visible[:, None, None, :])
+    torch.testing.assert_close(decode_attention(q, k, v, positions).float(), expected, rtol=2e-3, atol=2e-3)
