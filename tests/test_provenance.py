@@ -1,0 +1,41 @@
+"""qqq.provenance.ResultsTable: --append keeps the rows a run does not measure again and names each row's run."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from qqq.provenance import ResultsTable
+
+KEYS = ["method", "group_size"]
+
+
+def test_append_replaces_same_keys_keeps_others_and_records_runs(tmp_path):
+    out = tmp_path / "ppl"
+    first = ResultsTable(out, KEYS, {"command": "python a.py"})
+    first.write([{"method": "fp16", "group_size": -1, "ppl": 10.0}, {"method": "qqq", "group_size": 64, "ppl": 12.0}])
+    second = ResultsTable(out, KEYS, {"command": "python a.py --append"}, append=True)
+    table = second.write([{"method": "qqq", "group_size": 64, "ppl": 11.5}, {"method": "rtn", "group_size": -1,
+                                                                            "ppl": 20.0}])
+    assert table.equals(pd.read_csv(out.with_suffix(".csv")))
+    assert {(m, g): (p, r) for m, g, p, r in table[["method", "group_size", "ppl", "run"]].values} == {
+        ("fp16", -1): (10.0, 0), ("qqq", 64): (11.5, 1), ("rtn", -1): (20.0, 1)}
+    runs = json.loads(out.with_suffix(".runs.json").read_text())
+    assert [(r["run"], r["command"]) for r in runs] == [(0, "python a.py"), (1, "python a.py --append")]
+    text = second.markdown(table, lambda rows: ", ".join(rows["method"]))
+    assert "### Run 0: fp16" in text and "### Run 1: qqq, rtn" in text and "`python a.py --append`" in text
+
+
+def test_without_append_the_table_starts_over_and_drops_unused_runs(tmp_path):
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    table = ResultsTable(out, KEYS, {"command": "new"}).write([{"method": "qqq", "group_size": -1, "ppl": 9.0}])
+    assert list(table["method"]) == ["qqq"] and list(table["run"]) == [0]
+    assert [r["command"] for r in json.loads(out.with_suffix(".runs.json").read_text())] == ["new"]
+
+
+def test_rows_of_unknown_origin_are_refused(tmp_path):
+    out = tmp_path / "ppl"
+    pd.DataFrame([{"method": "fp16", "group_size": -1, "ppl": 10.0}]).to_csv(out.with_suffix(".csv"), index=False)
+    with pytest.raises(ValueError, match="without a run"):
+        ResultsTable(out, KEYS, {"command": "x"}, append=True)
