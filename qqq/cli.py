@@ -175,12 +175,20 @@ def cmd_generate(args) -> None:
                 reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                            pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:]
+            ours = result.tokens[0].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(ours, reference.tolist())) if a != b), args.max_new_tokens)
+            print(f"check: the first {same} of {args.max_new_tokens} greedy tokens equal the Hugging Face model's "
+                  "(PyTorch reference ops)", flush=True)
+            if same < args.max_new_tokens:  # how close was the reference's own choice at the first difference?
+                with torch.no_grad():
+                    logits = model(torch.cat((prompt[0], reference[:same]))[None]).logits[0, -1].float()
+                probabilities = logits.softmax(-1)
+                print(f"  at token {same + 1} the reference model gives its choice {tokenizer.decode([reference[same]])!r} "
+                      f"p={probabilities[reference[same]]:.3f} and the fast path's {tokenizer.decode([ours[same]])!r} "
+                      f"p={probabilities[ours[same]]:.3f} (a near-tie decided by rounding when the two are close)",
+                      flush=True)
         finally:
             os.environ.pop("QQQ_BACKEND") if previous is None else os.environ.update(QQQ_BACKEND=previous)
-        same = next((i for i, (a, b) in enumerate(zip(result.tokens[0].tolist(), reference.tolist())) if a != b),
-                    args.max_new_tokens)
-        print(f"check: the first {same} of {args.max_new_tokens} greedy tokens equal the Hugging Face model's "
-              "(PyTorch reference ops)", flush=True)
 
 
 def linear_shapes(model_name: str) -> list[tuple[int, int]]:

@@ -221,14 +221,19 @@ class W4A8Projection(Projection):
         self.register_buffer("qweight", torch.cat([linear.qweight for linear in linears]).contiguous())
         self.register_buffer("channel_scale", torch.cat([linear.channel_scale for linear in linears]).contiguous())
         self.register_buffer("group_ratio", torch.cat([linear.group_ratio for linear in linears]).contiguous())
+        self.checked_on = None  # the device whose kernels last validated these buffers
 
     def forward(self, rows: Int8Rows) -> torch.Tensor:
         ratio = self.group_ratio if self.group_size != -1 else None
         if triton_available_for(rows.codes):
-            from qqq.kernels_triton.w4a8_gemm import w4a8_gemm
+            from qqq.kernels_triton.w4a8_gemm import check_weights, w4a8_gemm
 
+            if self.checked_on != rows.codes.device:
+                check_weights(self.qweight, self.channel_scale, ratio, self.bias, self.group_size, self.in_features,
+                              rows.codes.device)
+                self.checked_on = rows.codes.device
             return w4a8_gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias,
-                             self.group_size, self.dtype)
+                             self.group_size, self.dtype, weights_checked=True)
         codes = unpack_int4(self.qweight, self.in_features, signed=self.group_size == -1)
         return numerics.int8_linear_reference(rows.codes, rows.scale, numerics.int8_weight(codes, ratio),
                                               self.channel_scale, self.bias, self.dtype)

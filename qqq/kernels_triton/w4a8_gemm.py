@@ -398,7 +398,7 @@ def use_inline_asm(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_features, device):
+def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_features, device):
     numerics.check_group_size(group_size, in_features)
     check_packable(in_features)
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != in_features // 2:
@@ -428,14 +428,19 @@ def _check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_fea
 
 
 def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
-              config: dict | None = None, return_acc: bool = False):
+              config: dict | None = None, return_acc: bool = False, weights_checked: bool = False):
     """GEMM on already quantized activations: ``a_codes`` int8 [M, K], ``a_scale`` fp32 [M].
 
-    Returns ``out`` [M, N] in ``out_dtype`` (and the exact int32 accumulator [M, N] if ``return_acc``)."""
+    Returns ``out`` [M, N] in ``out_dtype`` (and the exact int32 accumulator [M, N] if ``return_acc``).
+    ``weights_checked``: the caller ran ``check_weights`` on these weight tensors once (a layer that owns them),
+    so an eager prefill does not pay the Python checks on every call."""
     if a_codes.dtype != torch.int8 or a_codes.dim() != 2 or a_codes.stride(1) != 1:
         raise ValueError("a_codes must be a 2-D int8 tensor with contiguous rows")
     m, k = a_codes.shape
-    _check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, a_codes.device)
+    if not weights_checked:
+        check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, a_codes.device)
+    elif qweight.shape[1] * 2 != k:
+        raise ValueError(f"activations of width {k} do not match qweight {tuple(qweight.shape)}")
     if a_scale.dtype != torch.float32 or a_scale.shape != (m,):
         raise ValueError(f"a_scale must be fp32 [{m}]")
     n = qweight.shape[0]
@@ -491,7 +496,7 @@ def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_si
         raise ValueError(f"input of shape {tuple(x.shape)} does not match qweight {tuple(qweight.shape)} "
                          f"(expects last dim {2 * qweight.shape[-1] if qweight.dim() == 2 else '?'})")
     k = x.shape[-1]
-    _check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, x.device)
+    check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, x.device)
     a_codes, a_scale = quantize_per_token(x)
     result = w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, x.dtype,
                        config=config, return_acc=return_acc)
@@ -502,4 +507,4 @@ def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_si
     return result.reshape(*lead, -1)
 
 
-__all__ = ["w4a8_linear", "w4a8_gemm", "dequantize_int8", "launch_int8_gemm"]
+__all__ = ["w4a8_linear", "w4a8_gemm", "check_weights", "dequantize_int8", "launch_int8_gemm"]
