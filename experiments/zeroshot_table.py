@@ -46,6 +46,9 @@ def parse_args():
     p.add_argument("--no-cache", action="store_true", help="quantize again, neither read nor write the cache")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of --out.csv that this run does not measure again (needs the same --limit)")
+    p.add_argument("--merge", nargs="+", metavar="PART",
+                   help="evaluate nothing: add the rows and runs of PART.csv / PART.runs.json (runs made in "
+                        "parallel with --out PART and the same --limit) to --out, and rewrite its markdown")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
     return p.parse_args()
@@ -61,9 +64,14 @@ def main():
                                         "limit": str(args.limit)}
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append)
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge))
+    for part in args.merge or []:
+        results.absorb(Path(part))
     if {run.get("limit") for run in results.runs} != {str(args.limit)}:
-        raise ValueError(f"--append: {out}.runs.json holds runs with another --limit; one table cannot mix them")
+        raise ValueError(f"--append/--merge: runs with another --limit than {args.limit}; one table cannot mix them")
+    if args.merge:
+        write_markdown(results.write([]), results, args, out.with_suffix(".md"))
+        return
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
         calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),

@@ -62,14 +62,29 @@ class ResultsTable:
         self.run = max((r["run"] for r in self.runs), default=-1) + 1
         self.runs.append({"run": self.run, **meta})
 
+    def absorb(self, part: Path) -> None:
+        """Take in the rows and runs of another results file (``part``.csv and ``part``.runs.json, from runs made
+        in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered."""
+        part = Path(part)
+        rows = pd.read_csv(part.with_suffix(".csv"))
+        renumbered = {}
+        for run in json.loads(part.with_suffix(".runs.json").read_text()):
+            renumbered[run["run"]] = max(r["run"] for r in self.runs) + 1
+            self.runs.append({**run, "run": renumbered[run["run"]]})
+        self.old = self._replaced(self.old, rows.assign(run=rows["run"].map(renumbered)))
+
+    def _replaced(self, old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+        if not len(old):
+            return new
+        if not len(new):
+            return old
+        replaced = set(map(tuple, new[self.key_columns].astype(str).values))
+        old = old[[tuple(r) not in replaced for r in old[self.key_columns].astype(str).values]]
+        return pd.concat([old, new], ignore_index=True)
+
     def write(self, rows: list[dict]) -> pd.DataFrame:
         """Write the table with ``rows`` (this run's rows so far) and return it."""
-        new = pd.DataFrame(rows).assign(run=self.run)
-        old = self.old
-        if len(old):
-            replaced = set(map(tuple, new[self.key_columns].astype(str).values))
-            old = old[[tuple(r) not in replaced for r in old[self.key_columns].astype(str).values]]
-        table = pd.concat([old, new], ignore_index=True) if len(old) else new
+        table = self._replaced(self.old, pd.DataFrame(rows).assign(run=self.run))
         table.to_csv(self.out.with_suffix(".csv"), index=False)
         used = [r for r in self.runs if r["run"] in set(table["run"])]
         self.out.with_suffix(".runs.json").write_text(json.dumps(used, indent=1) + "\n")

@@ -39,3 +39,17 @@ def test_rows_of_unknown_origin_are_refused(tmp_path):
     pd.DataFrame([{"method": "fp16", "group_size": -1, "ppl": 10.0}]).to_csv(out.with_suffix(".csv"), index=False)
     with pytest.raises(ValueError, match="without a run"):
         ResultsTable(out, KEYS, {"command": "x"}, append=True)
+
+
+def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
+    main, part = tmp_path / "zeroshot", tmp_path / "part"
+    ResultsTable(main, KEYS, {"command": "main"}).write([{"method": "fp16", "group_size": -1, "acc": 0.5},
+                                                         {"method": "qqq", "group_size": 64, "acc": 0.1}])
+    ResultsTable(part, KEYS, {"command": "part"}).write([{"method": "qqq", "group_size": 64, "acc": 0.4}])
+    merged = ResultsTable(main, KEYS, {"command": "merge"}, append=True)
+    merged.absorb(part)
+    table = merged.write([])
+    assert {(m, g): (a, r) for m, g, a, r in table[["method", "group_size", "acc", "run"]].values} == {
+        ("fp16", -1): (0.5, 0), ("qqq", 64): (0.4, 2)}
+    runs = json.loads(main.with_suffix(".runs.json").read_text())
+    assert [(r["run"], r["command"]) for r in runs] == [(0, "main"), (2, "part")]  # the merge itself made no row
