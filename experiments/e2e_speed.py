@@ -12,18 +12,21 @@ Measured per (model, method, batch), after a warm-up generation (compilation, gr
 - ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (weights + cache + activations + graph);
 - ``weight_gb``: the model's weights on the GPU.
 
-Writes ``<out>/e2e_speed.csv``, ``e2e_speed.md`` and ``e2e_speed.png``, each saying how it was made.
+Writes ``<out>/e2e_speed.csv`` (+ ``e2e_speed.runs.json``: each run's command, device, versions, date),
+``e2e_speed.md`` and ``e2e_speed.png``; ``--append`` adds a run (e.g. another model) to the table.
 
-    python experiments/e2e_speed.py --out results
-    python experiments/e2e_speed.py --plot-only --out results   # redraw the figure from the csv
+    python experiments/e2e_speed.py --models llama-2-7b --profile-batch 1 --out results
+    python experiments/e2e_speed.py --models llama-2-13b --append --out results
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qqq.inference import (METHOD_NOTES, METHODS, FastLlama, Generator, projection_from_weight,  # noqa: E402
                            quantize_rows, reference_linear)
-from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import ResultsTable, provenance  # noqa: E402
+
+KEY_COLUMNS = ["model", "method", "batch"]
 
 LLAMA2 = dict(num_key_value_heads=None, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
               rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)
@@ -191,40 +196,57 @@ def run(args, meta) -> pd.DataFrame:
     return table
 
 
-def write_reports(table: pd.DataFrame, meta: dict, out: Path, plot_only: bool = False) -> None:
-    csv_path = out / "e2e_speed.csv"
-    if not plot_only:
-        with open(csv_path, "w") as f:
-            f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
-            table.to_csv(f, index=False, float_format="%.4g")
-        lines = ["# End-to-end generation speed (random weights of the real shapes)", "",
-                 f"Input {int(table['input_len'].iloc[0])} tokens, output {int(table['output_len'].iloc[0])} "
-                 "greedy tokens per sequence; decode speedup = decode tokens/s over FP16's at the same batch.", ""]
-        for model_name, rows in table.groupby("model", sort=False):
-            lines += [f"## {model_name}", "",
-                      "| method | batch | decode tok/s | ms/step | speedup vs FP16 | TTFT ms | TTFT vs FP16 | "
-                      "weights GB | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
-            for _, r in rows.sort_values(["batch", "method"], key=_method_order).iterrows():
-                if r["status"] != "ok":
-                    lines.append(f"| {r['method']} | {r['batch']} | {r['status']} | | | | | {r['weight_gb']:.2f} | "
-                                 f"{r['peak_mem_gb']:.1f} |")
-                    continue
-                lines.append(f"| {r['method']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
-                             f"{r['decode_ms_per_step']:.2f} | {_ratio(r['speedup_vs_fp16'])} | {r['ttft_ms']:.1f} | "
-                             f"{_ratio(r['ttft_vs_fp16'])} | {r['weight_gb']:.2f} | {r['peak_mem_gb']:.1f} |")
-            lines.append("")
-        lines += ["## Methods", ""] + [f"- {m}: {METHOD_NOTES[m]}" for m in METHODS] + [
-            "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm and SiLU*up producers, RoPE written "
-            "into a static KV cache, SDPA attention, one CUDA graph per decode step, fp16 embeddings and lm_head",
-            "- random weights (normal, std 0.02), RTN-quantized: speed does not depend on the values", "",
-            "## How it was made", "", markdown_provenance(meta), ""]
-        (out / "e2e_speed.md").write_text("\n".join(lines))
-    try:
-        from qqq.plots import plot_e2e_speedup
+def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_by: str | None = None) -> None:
+    lines = ["# End-to-end generation speed (random weights of the real shapes)", "",
+             "Decode speedup = decode tokens/s over FP16's at the same model and batch (same run); TTFT = time to "
+             "first token (prefill of the whole batch).", ""]
+    for model_name, rows in table.groupby("model", sort=False):
+        lengths = ", ".join(f"input {i} / output {o}" for i, o in
+                            dict.fromkeys(zip(rows["input_len"].astype(int), rows["output_len"].astype(int))))
+        lines += [f"## {model_name} ({lengths} tokens per sequence)", "",
+                  "| method | batch | decode tok/s | ms/step | speedup vs FP16 | TTFT ms | TTFT vs FP16 | "
+                  "weights GB | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in rows.sort_values(["batch", "method"], key=_method_order).iterrows():
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['batch']} | {r['status']} | | | | | {r['weight_gb']:.2f} | "
+                             f"{r['peak_mem_gb']:.1f} |")
+                continue
+            lines.append(f"| {r['method']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+                         f"{r['decode_ms_per_step']:.2f} | {_ratio(r['speedup_vs_fp16'])} | {r['ttft_ms']:.1f} | "
+                         f"{_ratio(r['ttft_vs_fp16'])} | {r['weight_gb']:.2f} | {r['peak_mem_gb']:.1f} |")
+        lines.append("")
+    lines += ["## Methods", ""] + [f"- {m}: {METHOD_NOTES[m]}" for m in METHODS] + [
+        f"- w4a16_tinygemm runs only at batch <= {TINYGEMM_MAX_BATCH} (where it is the faster W4A16 GEMM)",
+        "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm and SiLU*up producers, RoPE written "
+        "into a static KV cache, SDPA prefill attention, split-KV decode attention, one CUDA graph per decode step, "
+        "fp16 (bf16 for tinygemm) embeddings, lm_head and KV cache",
+        "- random weights (normal, std 0.02), round-to-nearest quantized: speed does not depend on the values; "
+        "each method's projection is checked against qqq.inference.reference_linear on the GPU before timing",
+        "- timing: a warm-up generation (compilation, graph capture), then the median of the repeats; peak GB = "
+        "torch.cuda.max_memory_allocated over the measurement (weights + KV cache + activations + graph pool)", "",
+        "## How it was made", ""] + ([f"Runs merged into this table by `{merged_by}`.", ""] if merged_by else []) + [
+        results.markdown(table, lambda rows: ", ".join(dict.fromkeys(rows["model"]))), ""]
+    (out / "e2e_speed.md").write_text("\n".join(lines))
+    from qqq.plots import plot_e2e_speedup
 
-        plot_e2e_speedup(table, out / "e2e_speed.png")
-    except ImportError as error:
-        print(f"figure skipped: {error}")
+    plot_e2e_speedup(table, out / "e2e_speed.png")
+
+
+def import_run(path: Path, folder: Path) -> Path:
+    """A csv with its provenance in "# key: value" header lines (as this script wrote before it kept
+    e2e_speed.runs.json) as a results part that ``ResultsTable.absorb`` takes in."""
+    meta = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("# "):
+            break
+        key, _, value = line[2:].partition(": ")
+        meta[key] = value
+    if "command" not in meta or "device" not in meta:
+        raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
+    part = folder / path.stem
+    pd.read_csv(path, comment="#").assign(run=0).to_csv(part.with_suffix(".csv"), index=False)
+    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
+    return part
 
 
 def _method_order(column: pd.Series) -> pd.Series:
@@ -247,19 +269,27 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile-batch", type=int, default=0,
                         help="print the decode step's kernel times at this batch for fp16 and qqq (0: off)")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from <out>/e2e_speed.csv")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's rows to <out>/e2e_speed.csv (rows of the same model/method/batch are "
+                             "replaced; e2e_speed.runs.json keeps each run's provenance)")
+    parser.add_argument("--import-csv", nargs="+", type=Path, default=[], metavar="CSV",
+                        help="no measurement: add runs saved as csv files with '# key: value' provenance headers")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.plot_only:
-        write_reports(pd.read_csv(out / "e2e_speed.csv", comment="#"), {}, out, plot_only=True)
+    meta = provenance()
+    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.import_csv))
+    if args.import_csv:
+        with tempfile.TemporaryDirectory() as folder:
+            for path in args.import_csv:
+                results.absorb(import_run(path, Path(folder)))
+        write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
     if not torch.cuda.is_available():
         sys.exit("e2e_speed measures GPU speed: no CUDA device found")
-    meta = provenance()
     print(meta, flush=True)
-    table = run(args, meta)
-    write_reports(table, meta, out)
+    table = results.write(run(args, meta).to_dict("records"))
+    write_reports(table, results, out)
     print((out / "e2e_speed.md").read_text().split("## Methods")[0])
 
 
