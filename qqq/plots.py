@@ -57,7 +57,7 @@ DEVICE_PEAKS = {
     "NVIDIA H100 80GB HBM3": dict(bandwidth=3.35e12, fp16=989.4e12, int8=1978.9e12),  # H100 SXM5
 }
 
-# Bytes each kernel moves per GEMM, and whether its tensor cores run int8 (else fp16).
+# The kernels (gemm_speed.csv's names) that :func:`gemm_bytes` has a byte model for.
 KERNEL_FORMATS = {"fp16", "w8a8", "w4a16", "w4a8", "w4a8_g128"}
 
 
