@@ -27,16 +27,31 @@ MAX_ROW = 32768
 
 
 @triton.jit
-def _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE: tl.constexpr):
-    """Store this program's chunk of the row ``y`` (activation dtype): as it is, or as int8 + the row's scale."""
+def _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE: tl.constexpr):
+    """Store values ``y`` (activation dtype) of a row at ``offs``: as they are, or as int8 with the row's scale
+    (``amax``: the absolute maximum of the whole row)."""
     if QUANTIZE:
-        yf = y.to(tl.float32)
-        codes, scale = int8_codes_and_scale(yf, tl.max(tl.abs(yf), axis=0))
-        tl.store(codes_ptr + row * stride_out + offs, codes, mask=mine)
+        codes, scale = int8_codes_and_scale(y.to(tl.float32), amax)
+        tl.store(codes_ptr + row * stride_out + offs, codes, mask=mask)
         if chunk == 0:
             tl.store(scale_ptr + row, scale)
     else:
-        tl.store(out_ptr + row * stride_out + offs, y, mask=mine)
+        tl.store(out_ptr + row * stride_out + offs, y, mask=mask)
+
+
+@triton.jit
+def _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL: tl.constexpr):
+    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return h
+
+
+@triton.jit
+def _normalized(h, rstd, weight_ptr, offs, mask):
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    return ((h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32) * weight.to(tl.float32)).to(h.dtype)
 
 
 @triton.jit
@@ -47,19 +62,31 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_p
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
-    mine = mask & (offs >= chunk * CHUNK) & (offs < chunk * CHUNK + CHUNK)
-    dtype = x_ptr.dtype.element_ty
-    h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + row * stride_residual + offs, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + residual.to(tl.float32)).to(dtype)
-        tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mine)
+    h = _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL)
     hf = h.to(tl.float32)
-    variance = tl.sum(hf * hf, axis=0) / K
-    rstd = 1.0 / tl.sqrt_rn(variance + eps)
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    y = ((hf * rstd).to(dtype).to(tl.float32) * weight.to(tl.float32)).to(dtype)
-    _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / K + eps)
+    y = _normalized(h, rstd, weight_ptr, offs, mask)
+    amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)
+    if CHUNK == BLOCK:  # one program per row
+        if HAS_RESIDUAL:
+            tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
+        _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+    else:  # the row's statistics came from all of it; this program recomputes and writes only its chunk
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < K
+        h = _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
+        y = _normalized(h, rstd, weight_ptr, offs, mask)
+        _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+
+
+@triton.jit
+def _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in):
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
+    silu = (gate.to(tl.float32) / (1.0 + tl.exp(-gate.to(tl.float32)))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit
@@ -69,13 +96,13 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     mask = offs < width
-    mine = mask & (offs >= chunk * CHUNK) & (offs < chunk * CHUNK + CHUNK)
-    dtype = gate_up_ptr.dtype.element_ty
-    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-    y = (silu.to(tl.float32) * up.to(tl.float32)).to(dtype)
-    _store_row(y, offs, mine, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+    y = _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in)
+    amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)  # the scale needs the whole row's maximum
+    if CHUNK != BLOCK:  # this program recomputes and writes only its chunk
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < width
+        y = _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in)
+    _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
 
 
 @triton.jit
