@@ -79,7 +79,8 @@ def gemm_bytes(kernel: str, m: int, n: int, k: int) -> float:
 
 
 def roofline_speedup(kernel: str, m: int, n: int, k: int, device: str | None = None) -> float:
-    """The largest speedup over FP16 ``kernel`` can reach on a GEMM ``[M, K] x [N, K]^T``.
+    """The speedup over FP16 of ``kernel`` on a GEMM ``[M, K] x [N, K]^T`` when both run at their roofline
+    (a kernel can beat it only where FP16 itself falls short of its own roofline).
 
     Without the device's peaks this is the bandwidth bound ``gemm_bytes("fp16") / gemm_bytes(kernel)``: the
     limit while both GEMMs are memory bound (small M), e.g. about 4 for W4A8 at M = 1 (4x fewer weight bytes,
@@ -158,28 +159,32 @@ def plot_e2e_speedup(df: pd.DataFrame, path: str | Path | None = None):
     """End-to-end decode speedup over FP16: for each batch size a group of bars, one per method (in the order
     of :data:`E2E_METHODS`, then any others), one panel per model. ``df`` has the columns of
     ``e2e_speed.csv`` (model, batch, method, decode_tok_s, ttft_ms, peak_mem_gb, speedup_vs_fp16, device).
-    A missing or non-finite speedup (e.g. out of memory) leaves its bar out and is marked "n/a"."""
+    A row without a finite speedup (e.g. it or FP16 ran out of memory) gets no bar but its ``status`` (when
+    the table has one and it is not "ok") or "n/a" written at the bar's place; a method not measured at a batch
+    size leaves a gap."""
     missing = {"model", "batch", "method", "speedup_vs_fp16"} - set(df.columns)
     if missing:
         raise ValueError(f"e2e table lacks the columns {sorted(missing)}")
     models = list(dict.fromkeys(df["model"]))
     methods = [m for m in E2E_METHODS if m in set(df["method"])] + \
         [m for m in dict.fromkeys(df["method"]) if m not in E2E_METHODS]
-    fig, axes = plt.subplots(1, len(models), figsize=(max(5.0, 1.0 + 0.45 * len(methods) * df["batch"].nunique())
-                                                      * len(models), 3.6), squeeze=False)
+    panel_width = min(12.0, max(5.0, 1.0 + 0.25 * len(methods) * df["batch"].nunique()))
+    fig, axes = plt.subplots(1, len(models), figsize=(panel_width * len(models), 4.0), squeeze=False)
     width = 0.8 / len(methods)
     for ax, model in zip(axes.flat, models):
         part = df[df["model"] == model]
         batches = sorted(part["batch"].unique())
         positions = np.arange(len(batches))
         for i, method in enumerate(methods):
-            by_batch = part[part["method"] == method].set_index("batch")["speedup_vs_fp16"]
-            heights = np.array([float(by_batch.get(b, np.nan)) for b in batches])
+            rows = part[part["method"] == method].set_index("batch")
+            heights = np.array([float(rows["speedup_vs_fp16"].get(b, np.nan)) for b in batches])
             x = positions - 0.4 + width * (i + 0.5)
-            ax.bar(x, np.where(np.isfinite(heights), heights, 0.0), width, label=method)
-            for xi, h in zip(x, heights):
-                if not np.isfinite(h):
-                    ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6)
+            ax.bar(x, np.where(np.isfinite(heights), heights, 0.0), width, label=method, color=f"C{i}")
+            for xi, b, h in zip(x, batches, heights):
+                if b in rows.index and not np.isfinite(h):
+                    status = rows["status"].get(b) if "status" in rows else None
+                    mark = status if isinstance(status, str) and status != "ok" else "n/a"
+                    ax.text(xi, 0.02, mark, rotation=90, ha="center", va="bottom", fontsize=6, color=f"C{i}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks(positions, [str(b) for b in batches])
         ax.set_xlabel("batch size")
