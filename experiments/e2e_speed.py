@@ -13,7 +13,8 @@ Measured per (model, method, batch), after a warm-up generation (compilation, gr
 - ``weight_gb``: the model's weights on the GPU.
 
 Writes ``<out>/e2e_speed.csv`` (+ ``e2e_speed.runs.json``: each run's command, device, versions, date),
-``e2e_speed.md`` and ``e2e_speed.png``; ``--append`` adds a run (e.g. another model) to the table.
+``e2e_speed.md`` and ``e2e_speed.png``; ``--append`` adds a run (e.g. another model) to the table, ``--merge``
+the runs of tables written elsewhere.
 
     python experiments/e2e_speed.py --models llama-2-7b --profile-batch 1 --out results
     python experiments/e2e_speed.py --models llama-2-13b --append --out results
@@ -232,9 +233,12 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
     plot_e2e_speedup(table, out / "e2e_speed.png")
 
 
-def import_run(path: Path, folder: Path) -> Path:
-    """A csv with its provenance in "# key: value" header lines (as this script wrote before it kept
-    e2e_speed.runs.json) as a results part that ``ResultsTable.absorb`` takes in."""
+def results_part(path: Path, folder: Path) -> Path:
+    """``path`` (an e2e_speed.csv of another ``--out``) as a part that ``ResultsTable.absorb`` takes in: as it is
+    when its runs.json lies beside it, else read from its "# key: value" provenance header lines (the format
+    this script wrote before it kept runs.json)."""
+    if path.with_suffix(".runs.json").exists():
+        return path.with_suffix("")
     meta = {}
     for line in path.read_text().splitlines():
         if not line.startswith("# "):
@@ -243,7 +247,7 @@ def import_run(path: Path, folder: Path) -> Path:
         meta[key] = value
     if "command" not in meta or "device" not in meta:
         raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
-    part = folder / path.stem
+    part = folder / f"{path.parent.name}_{path.stem}"
     pd.read_csv(path, comment="#").assign(run=0).to_csv(part.with_suffix(".csv"), index=False)
     part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
     return part
@@ -272,17 +276,17 @@ def main():
     parser.add_argument("--append", action="store_true",
                         help="add this run's rows to <out>/e2e_speed.csv (rows of the same model/method/batch are "
                              "replaced; e2e_speed.runs.json keeps each run's provenance)")
-    parser.add_argument("--import-csv", nargs="+", type=Path, default=[], metavar="CSV",
-                        help="no measurement: add runs saved as csv files with '# key: value' provenance headers")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="CSV",
+                        help="no measurement: add the runs of e2e_speed.csv files written elsewhere (another --out)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = provenance()
-    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.import_csv))
-    if args.import_csv:
+    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge))
+    if args.merge:
         with tempfile.TemporaryDirectory() as folder:
-            for path in args.import_csv:
-                results.absorb(import_run(path, Path(folder)))
+            for path in args.merge:
+                results.absorb(results_part(path, Path(folder)))
         write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
     if not torch.cuda.is_available():
