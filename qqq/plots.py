@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from qqq import numerics
+from qqq.inference import METHODS
 
 # ------------------------------------------------------------------------------------------ results files
 
@@ -152,7 +153,7 @@ def plot_gemm_speedup(df: pd.DataFrame, path: str | Path | None = None, kernels=
     return _finish(fig, path)
 
 
-E2E_METHODS = ("fp16", "w8a8", "w4a16", "qqq", "qqq_g128")
+E2E_METHODS = METHODS  # the order of qqq.inference
 
 
 def plot_e2e_speedup(df: pd.DataFrame, path: str | Path | None = None):

@@ -37,7 +37,7 @@ def test_e2e_bars_are_the_speedups_per_model_method_and_batch(tmp_path):
     assert len(fig.axes) == 2
     for ax, model in zip(fig.axes, ("llama-2-7b", "llama-3-8b")):
         assert ax.get_title() == model
-        assert [c.get_label() for c in ax.containers] == list(plots.E2E_METHODS)
+        assert [c.get_label() for c in ax.containers] == [m for m in plots.E2E_METHODS if m in set(df["method"])]
         for container in ax.containers:
             expected = df[(df["model"] == model) & (df["method"] == container.get_label())].sort_values("batch")
             assert [bar.get_height() for bar in container] == pytest.approx(list(expected["speedup_vs_fp16"]))
