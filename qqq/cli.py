@@ -185,8 +185,8 @@ def cmd_generate(args) -> None:
                 probabilities = logits.softmax(-1)
                 print(f"  at token {same + 1} the reference model gives its choice {tokenizer.decode([reference[same]])!r} "
                       f"p={probabilities[reference[same]]:.3f} and the fast path's {tokenizer.decode([ours[same]])!r} "
-                      f"p={probabilities[ours[same]]:.3f} (a near-tie decided by rounding when the two are close)",
-                      flush=True)
+                      f"p={probabilities[ours[same]]:.3f} (see experiments/fast_path_agreement.py for how far fp16 "
+                      "rounding moves W4A8 outputs on either path)", flush=True)
         finally:
             os.environ.pop("QQQ_BACKEND") if previous is None else os.environ.update(QQQ_BACKEND=previous)
 
