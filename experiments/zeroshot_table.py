@@ -163,7 +163,11 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
         notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
         notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
                      "multiple of 128")
-    notes += ["", "## How it was made", "", results.markdown(table, configurations), ""]
+    notes += ["", "## How it was made", ""]
+    if args.merge:
+        notes += ["Runs made in parallel (each with its own `--out`) joined into this table by "
+                  f"`{next(r for r in results.runs if r['run'] == results.run)['command']}`.", ""]
+    notes += [results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
 
 
