@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qqq.data import calibration_windows, evaluation_protocol, load_text, perplexity_windows, tokenize
+from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
+from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, calibrated_sweep, default_device
 from qqq.provenance import ResultsTable, provenance
 
 KEY_COLUMNS = ["model", "method", "group_size", "dataset", "seqlen"]
@@ -62,14 +62,9 @@ def main():
         if len(results.old) and set(results.old["windows"]) != {windows.shape[0]}:
             raise ValueError(f"--append: {out}.csv scored {set(results.old['windows'])} windows, this run "
                              f"{windows.shape[0]}: one table cannot mix them")
-        calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
-                                    calibration["nsamples"], calibration["seqlen"], args.seed)
-        cache_as = None if args.no_cache else {
-            "model": model_name, "calibration": dict(calibration, dataset=args.calib_dataset, seed=args.seed)}
-        for method, group_size, model, seconds, cached in sweep(base, args.methods, args.group_sizes, calib,
-                                                                calibration["smooth_samples"], device, cache_as):
-            if cached:
-                print(f"{method.name} g{group_size}: loaded from the cache ({cached})", flush=True)
+        for method, group_size, model, seconds, cached in calibrated_sweep(
+                model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
+                args.seed, device, use_cache=not args.no_cache):
             start = time.time()
             value = perplexity(model.to(device), windows, device, desc=f"{method.name} g{group_size}")
             rows.append(dict(model=model_name, method=method.name, group_size=group_size, dataset=args.dataset,

@@ -18,9 +18,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qqq.data import calibration_windows, load_text, tokenize
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, default_device, sweep
+from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, calibrated_sweep, default_device
 from qqq.provenance import ResultsTable, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
@@ -74,14 +73,9 @@ def main():
         return
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu")
-        calib = calibration_windows(tokenize(tokenizer, load_text(args.calib_dataset, "train")),
-                                    calibration["nsamples"], calibration["seqlen"], args.seed)
-        cache_as = None if args.no_cache else {
-            "model": model_name, "calibration": dict(calibration, dataset=args.calib_dataset, seed=args.seed)}
-        for method, group_size, model, seconds, cached in sweep(base, args.methods, args.group_sizes, calib,
-                                                                calibration["smooth_samples"], device, cache_as):
-            if cached:
-                print(f"{method.name} g{group_size}: loaded from the cache ({cached})", flush=True)
+        for method, group_size, model, seconds, cached in calibrated_sweep(
+                model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
+                args.seed, device, use_cache=not args.no_cache):
             quantized = time.time()
             scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
                                max_length=args.max_length, batch_size=args.batch_size, device=device)

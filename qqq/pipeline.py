@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from qqq import numerics
 from qqq.cache import cache_key, entry_path, load_cached, save_cached
+from qqq.data import calibration_windows, load_text, tokenize
 from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
@@ -267,3 +268,18 @@ def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibrati
             if key is not None:
                 save_cached(model, key)
             yield SweepResult(method, group_size, model, time.time() - start, None)
+
+
+def calibrated_sweep(model_name: str, base: nn.Module, tokenizer, methods: list[str], group_sizes: list[int],
+                     calibration: dict, calib_dataset: str, seed: int, device: torch.device, use_cache: bool = True):
+    """``sweep`` of ``base`` (loaded as ``model_name``) calibrated on ``calib_dataset`` with ``calibration``
+    (``nsamples``, ``seqlen``, ``smooth_samples``): the table scripts' loop. Reads and writes the quantized-model
+    cache unless ``use_cache`` is off, and says when a model came from it."""
+    ids = calibration_windows(tokenize(tokenizer, load_text(calib_dataset, "train")), calibration["nsamples"],
+                              calibration["seqlen"], seed)
+    cache_as = {"model": model_name, "calibration": dict(calibration, dataset=calib_dataset, seed=seed)} \
+        if use_cache else None
+    for result in sweep(base, methods, group_sizes, ids, calibration["smooth_samples"], device, cache_as):
+        if result.cached:
+            print(f"{result.method.name} g{result.group_size}: loaded from the cache ({result.cached})", flush=True)
+        yield result
