@@ -19,7 +19,7 @@ import torch
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, calibrated_sweep, default_device
+from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
 from qqq.provenance import ResultsTable, provenance
 
 KEY_COLUMNS = ["model", "method", "group_size", "dataset", "seqlen"]
@@ -48,9 +48,7 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
-    if args.smooth_samples:
-        calibration["smooth_samples"] = args.smooth_samples
+    calibration = calibration_settings(args.paper_settings, smooth_samples=args.smooth_samples)
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import DEMO_CALIBRATION, METHODS, PAPER_CALIBRATION, calibrated_sweep, default_device
+from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
 from qqq.provenance import ResultsTable, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
@@ -56,9 +56,7 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    calibration = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
-    if args.smooth_samples:
-        calibration["smooth_samples"] = args.smooth_samples
+    calibration = calibration_settings(args.paper_settings, smooth_samples=args.smooth_samples)
     meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
                                         "limit": str(args.limit)}
     rows, out = [], Path(args.out)

@@ -13,7 +13,7 @@ from qqq.gptq import GPTQConfig
 from qqq.inference import METHODS as FAST_METHODS
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
-from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
+from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, QuantizeSettings, calibration_settings,
                           default_device, get_method, quantize_model)
 from qqq.zeroshot import EXTRA_TASKS, TASKS
 
@@ -55,11 +55,8 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration(args) -> dict:
-    chosen = dict(PAPER_CALIBRATION if args.paper_settings else DEMO_CALIBRATION)
-    for key in chosen:
-        if getattr(args, key) is not None:
-            chosen[key] = getattr(args, key)
-    return chosen
+    return calibration_settings(args.paper_settings, nsamples=args.nsamples, seqlen=args.seqlen,
+                                smooth_samples=args.smooth_samples)
 
 
 def _quantize(model, tokenizer, args, device) -> dict:

@@ -64,6 +64,16 @@ DEMO_CALIBRATION = dict(nsamples=32, seqlen=512, smooth_samples=2)
 PAPER_CALIBRATION = dict(nsamples=128, seqlen=2048, smooth_samples=8)
 
 
+def calibration_settings(paper: bool = False, **overrides: int | None) -> dict:
+    """The demo calibration (or the paper's), with each override that is not None in place of its value."""
+    chosen = dict(PAPER_CALIBRATION if paper else DEMO_CALIBRATION)
+    unknown = set(overrides) - set(chosen)
+    if unknown:
+        raise ValueError(f"unknown calibration settings {sorted(unknown)}; expected {sorted(chosen)}")
+    chosen.update({key: value for key, value in overrides.items() if value is not None})
+    return chosen
+
+
 def get_method(name: str | Method) -> Method:
     if isinstance(name, Method):
         return name

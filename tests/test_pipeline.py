@@ -108,3 +108,12 @@ def test_report_has_gptq_and_round_to_nearest_losses_and_the_smoothing_threshold
     losses = [loss for layer in report.gptq_losses for loss in layer.values()]
     assert len(losses) == 14 and all(0 < loss.gptq < loss.rtn for loss in losses)
     assert all(point.threshold > 0 for layer in report.smoothing_scales for point in layer.values())
+
+
+def test_calibration_settings_take_overrides_on_either_preset():
+    from qqq.pipeline import DEMO_CALIBRATION, PAPER_CALIBRATION, calibration_settings
+
+    assert calibration_settings() == DEMO_CALIBRATION and calibration_settings(True) == PAPER_CALIBRATION
+    assert calibration_settings(True, smooth_samples=3, nsamples=None) == dict(PAPER_CALIBRATION, smooth_samples=3)
+    with pytest.raises(ValueError, match="unknown calibration settings"):
+        calibration_settings(windows=4)
