@@ -19,7 +19,7 @@ import triton.language as tl
 from qqq.kernels_triton import tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.packing import check_packable
-from qqq.kernels_triton.w4a8_gemm import grouped_tile_ids, launch_int8_gemm
+from qqq.kernels_triton.w4a8_gemm import grouped_tile_ids, launch_int8_gemm, unpack_signed_x16
 
 
 @triton.jit
@@ -59,8 +59,8 @@ def _w4a16_gemm_kernel(
         packed = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
         x_low = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
         x_high = tl.load(x_ptrs + HALF, mask=m_mask[None, :], other=0.0)
-        w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True).to(x_ptr.dtype.element_ty)
-        w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True).to(x_ptr.dtype.element_ty)
+        w_low, w_high = unpack_signed_x16(packed, False)
+        w_low, w_high = w_low.to(x_ptr.dtype.element_ty), w_high.to(x_ptr.dtype.element_ty)
         acc = tl.dot(w_low, x_low, acc=acc)
         acc = tl.dot(w_high, x_high, acc=acc)
         w_ptrs += BLOCK_K // 2

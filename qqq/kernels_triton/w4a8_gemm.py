@@ -70,6 +70,18 @@ def unpack_signed_x16_asm(packed):
 
 
 @triton.jit
+def unpack_signed_x16(packed, USE_ASM: tl.constexpr):
+    """Per-channel codes of a packed byte tile as (low, high) int8 lanes holding 16 * code: PTX on the GPU, plain
+    shifts and masks elsewhere (the interpreter)."""
+    if USE_ASM:
+        w_low, w_high = unpack_signed_x16_asm(packed)
+    else:
+        w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+        w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+    return w_low, w_high
+
+
+@triton.jit
 def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
     """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
     word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
@@ -220,11 +232,7 @@ def _w4a8_gemm_kernel(
         a_low = tl.load(a_low_ptrs, mask=m_mask[None, :], other=0)
         a_high = tl.load(a_low_ptrs + HALF, mask=m_mask[None, :], other=0)
         if GROUP_SIZE == -1:
-            if USE_ASM:
-                w_low, w_high = unpack_signed_x16_asm(packed)
-            else:
-                w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
-                w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+            w_low, w_high = unpack_signed_x16(packed, USE_ASM)
         elif GROUP_SIZE >= 2 * HALF and BLOCK_K > GROUP_SIZE:
             # wide tiles: BLOCK_K // GROUP_SIZE groups per tile; byte column b lies in group b // (GROUP_SIZE / 2)
             # of the tile (both nibbles). The ratio is selected per column with where() in the dequant layout.
@@ -294,11 +302,7 @@ def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn
     packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + pid_k * (BLOCK_K // 2) + offs_byte[None, :],
                      mask=n_mask[:, None], other=0)
     if GROUP_SIZE == -1:
-        if USE_ASM:
-            w_low, w_high = unpack_signed_x16_asm(packed)
-        else:
-            w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
-            w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+        w_low, w_high = unpack_signed_x16(packed, USE_ASM)
     else:
         k0 = pid_k * BLOCK_K
         r_low = tl.load(ratio_ptr + offs_n * n_groups + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
