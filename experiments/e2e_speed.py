@@ -114,13 +114,17 @@ def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) ->
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.decode(first, context, steps)
         torch.cuda.synchronize()
+    return sorted(((name, us / steps) for name, us in kernel_microseconds(prof).items()), key=lambda kv: -kv[1])
+
+
+def kernel_microseconds(prof) -> dict[str, float]:
+    """GPU time per kernel name in a torch profiler's trace."""
     totals: dict[str, float] = {}
     for event in prof.key_averages():
-        if event.device_type.name == "CUDA" or getattr(event, "self_device_time_total", 0):
-            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-            if us:
-                totals[event.key] = totals.get(event.key, 0.0) + us / steps
-    return sorted(totals.items(), key=lambda kv: -kv[1])
+        us = getattr(event, "self_device_time_total", 0)
+        if us:
+            totals[event.key] = totals.get(event.key, 0.0) + us
+    return totals
 
 
 def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float, float]:
@@ -138,8 +142,7 @@ def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float,
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.prefill(prompts)
         torch.cuda.synchronize()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
-    return gpu_us / 1e3, wall * 1e3
+    return sum(kernel_microseconds(prof).values()) / 1e3, wall * 1e3
 
 
 def run(args, meta) -> pd.DataFrame:

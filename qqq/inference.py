@@ -37,6 +37,7 @@ METHOD_NOTES = {
     "qqq": "QQQ W4A8 per-channel",
     "qqq_g128": "QQQ W4A8, groups of 128",
 }
+W4A8_GROUP_SIZES = {"qqq": -1, "qqq_g128": 128}
 TINYGEMM_GROUP = 128
 TINYGEMM_INNER_K_TILES = 8
 
@@ -212,10 +213,7 @@ class W4A8Projection(Projection):
         if len(group_sizes) != 1 or len(in_features) != 1:
             raise ValueError(f"cannot fuse QQQLinear layers with group sizes {sorted(group_sizes)} and input sizes "
                              f"{sorted(in_features)}")
-        has_bias = any(linear.bias is not None for linear in linears)
-        bias = torch.cat([linear.bias if linear.bias is not None else
-                          torch.zeros(linear.out_features, dtype=dtype, device=linear.qweight.device)
-                          for linear in linears]) if has_bias else None
+        bias = stacked_bias(linears, dtype, linears[0].qweight.device)
         super().__init__(in_features.pop(), sum(linear.out_features for linear in linears), bias, dtype)
         self.group_size = group_sizes.pop()
         self.register_buffer("qweight", torch.cat([linear.qweight for linear in linears]).contiguous())
@@ -249,12 +247,15 @@ def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype) 
         raise ValueError(f"cannot build a fast projection from {kinds}: expected nn.Linear or QQQLinear layers "
                          "(fake-quantized accuracy models have no fast path; save a W4A8 checkpoint instead)")
     weight = torch.cat([linear.weight.detach() for linear in linears])
-    bias = None
-    if any(linear.bias is not None for linear in linears):
-        bias = torch.cat([linear.bias.detach() if linear.bias is not None else
-                          torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device)
-                          for linear in linears])
-    return projection_from_weight(weight, bias, method)
+    return projection_from_weight(weight, stacked_bias(linears, weight.dtype, weight.device), method)
+
+
+def stacked_bias(linears: list[nn.Module], dtype: torch.dtype, device) -> torch.Tensor | None:
+    """The biases of ``linears`` side by side (zeros for those without one), or None if none has a bias."""
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias.detach().to(dtype) if linear.bias is not None else
+                      torch.zeros(linear.out_features, dtype=dtype, device=device) for linear in linears])
 
 
 def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> Projection:
@@ -266,8 +267,8 @@ def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, meth
         return W4A16Projection(weight, bias)
     if method == "w4a16_tinygemm":
         return TinygemmW4A16Projection(weight, bias)
-    if method in ("qqq", "qqq_g128"):
-        group_size = 128 if method == "qqq_g128" else -1
+    if method in W4A8_GROUP_SIZES:
+        group_size = W4A8_GROUP_SIZES[method]
         codes, scale = numerics.quantize_weight_rtn(weight, group_size)
         return W4A8Projection([QQQLinear.from_quantized(codes, scale, bias, group_size, weight.dtype)], weight.dtype)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -288,8 +289,8 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         codes, scale = numerics.quantize_weight_int8_per_channel(weight)
         x_codes, token_scale = numerics.quantize_per_token(x)
         return numerics.int8_linear_reference(x_codes, token_scale[:, 0], codes, scale, bias, x.dtype)
-    if method in ("qqq", "qqq_g128"):
-        group_size = 128 if method == "qqq_g128" else -1
+    if method in W4A8_GROUP_SIZES:
+        group_size = W4A8_GROUP_SIZES[method]
         codes, scale = numerics.quantize_weight_rtn(weight, group_size)
         ratio = None
         if group_size != -1:
