@@ -554,10 +554,7 @@ class Generator:
         self.position.fill_(start)
         self.step.zero_()
         if self.use_graph and self.graph is None and steps:
-            self._capture()
-            self.token.copy_(first[:, None])
-            self.position.fill_(start)
-            self.step.zero_()
+            self._capture()  # leaves the buffers as they are here
         for _ in range(steps):
             if self.graph is not None:
                 self.graph.replay()
@@ -569,7 +566,8 @@ class Generator:
         if new_tokens < 1 or prompts.shape[1] + new_tokens > self.capacity:
             raise ValueError(f"new_tokens must be >= 1 and fit the cache: {prompts.shape[1]} + {new_tokens} > "
                              f"{self.capacity}")
-        if self.use_graph and self.graph is None and new_tokens > 1:  # capture outside the timed region
+        if self.use_graph and self.graph is None and new_tokens > 1:
+            # warm-up outside the timed region: compiles the prefill's kernels and captures the decode graph
             self.decode(self.prefill(prompts), prompts.shape[1], 1)
         start = _now(prompts)
         first = self.prefill(prompts)
