@@ -35,16 +35,7 @@ from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
 from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
 from qqq.provenance import provenance  # noqa: E402
 
-# (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B
-SHAPES = [
-    ("paper_8192x21760", 8192, 21760),
-    ("llama2-7b_qkv", 12288, 4096), ("llama2-7b_o", 4096, 4096),
-    ("llama2-7b_gate_up", 22016, 4096), ("llama2-7b_down", 4096, 11008),
-    ("llama2-13b_qkv", 15360, 5120), ("llama2-13b_o", 5120, 5120),
-    ("llama2-13b_gate_up", 27648, 5120), ("llama2-13b_down", 5120, 13824),
-    ("llama3-70b_qkv", 10240, 8192), ("llama3-70b_o", 8192, 8192),
-    ("llama3-70b_gate_up", 57344, 8192), ("llama3-70b_down", 8192, 28672),
-]
+SHAPES = tuning.LLAMA_GEMM_SHAPES
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 REPORT_M = [1, 16, 64, 256, 1024, 4096]
 

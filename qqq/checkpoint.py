@@ -36,8 +36,15 @@ def quantization_config(model: nn.Module) -> dict:
             "packing": PACKING_FORMAT, "modules_not_converted": ["lm_head"]}
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write a W4A8 model (its decoder linears are ``QQQLinear``) to ``out_dir``."""
+def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write a W4A8 model (its decoder linears are ``QQQLinear``) to ``out_dir``.
+
+    ``dtype``: the dtype of the model it was quantized from, e.g. float16 for a model quantized in float32 on
+    the CPU: the tensors outside the packed format (embeddings, norms, lm_head, biases) are cast to it first, so
+    the checkpoint is not larger than its source. The packed scales keep their own dtypes."""
+    if dtype is not None:
+        cast_unpacked_tensors(model, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -47,6 +54,16 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def cast_unpacked_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating-point tensors to ``dtype``, except the packed format's ``channel_scale`` (fp32)
+    and ``group_ratio`` (fp16) of its ``QQQLinear`` layers."""
+    packed_scales = {id(t) for m in model.modules() if isinstance(m, QQQLinear) for t in (m.channel_scale, m.group_ratio)}
+    for tensor in model.state_dict(keep_vars=True).values():  # persistent tensors only (not RoPE's inv_freq)
+        if tensor.is_floating_point() and id(tensor) not in packed_scales:
+            tensor.data = tensor.data.to(dtype)
+    model.config.dtype = dtype
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):

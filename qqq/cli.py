@@ -11,7 +11,7 @@ import torch
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.gptq import GPTQConfig
 from qqq.inference import METHODS as FAST_METHODS
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model, source_dtype
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, QuantizeSettings, calibration_settings,
                           default_device, get_method, quantize_model)
@@ -22,7 +22,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="model dtype (default: float16 on CUDA, float32 on the CPU)")
+                        help="dtype the model computes in (default: float16 when --device is CUDA, float32 on "
+                             "the CPU; a saved checkpoint keeps the dtype of the model it came from)")
     parser.add_argument("--device", default=None, help="device for calibration and evaluation (default: cuda if any)")
 
 
@@ -101,7 +102,7 @@ def cmd_quantize(args) -> None:
         sys.exit(f"qqq: error: --out saves W4A8 checkpoints; {method.name!r} has no packed format "
                  "(evaluate it with --eval)")
     device = torch.device(args.device) if args.device else default_device()
-    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     if args.eval:
         _perplexity(model, tokenizer, args, device, "FP")
@@ -110,12 +111,14 @@ def cmd_quantize(args) -> None:
     if args.eval:
         _perplexity(model, tokenizer, args, device, args.method)
     if args.out:
-        print(f"saved to {save_quantized(model.to('cpu'), args.out, tokenizer, {'method': method.name})}")
+        saved = save_quantized(model.to("cpu"), args.out, tokenizer, {"method": method.name},
+                               dtype=source_dtype(args.model))
+        print(f"saved to {saved}")
 
 
 def cmd_ppl(args) -> None:
     device = torch.device(args.device) if args.device else default_device()
-    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     _perplexity(model, tokenizer, args, device, args.model)
 
@@ -124,7 +127,7 @@ def cmd_zeroshot(args) -> None:
     from qqq.zeroshot import data_source, zero_shot
 
     device = torch.device(args.device) if args.device else default_device()
-    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype))
+    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     rows = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
                      max_length=args.max_length, batch_size=args.batch_size, device=device)

@@ -79,17 +79,37 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a causal LM (``EMBEDDED_MODEL``, a hub id, a local folder, or a QQQ checkpoint) and its tokenizer.
+def default_dtype(compute_device: str | torch.device) -> torch.dtype:
+    """The dtype a model computes in by default: float16 on CUDA (what the kernels take), float32 on the CPU."""
+    return torch.float16 if torch.device(compute_device).type == "cuda" else torch.float32
 
-    ``dtype`` defaults to float16 on CUDA and float32 on the CPU.
+
+def source_dtype(name_or_path: str) -> torch.dtype | None:
+    """The dtype a model's own ``config.json`` names (what a checkpoint made from it keeps), None if it names none."""
+    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else Path(name_or_path)
+    config = path / "config.json"
+    if not config.exists():
+        return None
+    raw = json.loads(config.read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               compute_device: str | torch.device | None = None):
+    """Load a causal LM (``EMBEDDED_MODEL``, a hub id, a local folder, or a QQQ checkpoint) and its tokenizer
+    onto ``device``.
+
+    ``dtype`` defaults to what ``compute_device`` (default ``device``) computes in: float16 on CUDA, float32 on
+    the CPU. A model loaded on the CPU to be quantized or evaluated on a GPU layer by layer is in float16.
     """
     from transformers import AutoModelForCausalLM
 
     from qqq.checkpoint import load_quantized
 
     if dtype is None:
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = default_dtype(compute_device if compute_device is not None else device)
     if is_qqq_checkpoint(name_or_path):
         return load_quantized(name_or_path, dtype=dtype, device=device), load_tokenizer(name_or_path)
     path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path

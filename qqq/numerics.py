@@ -223,3 +223,16 @@ def int8_linear_reference(x_codes: torch.Tensor, token_scale: torch.Tensor, weig
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
+
+
+def random_quantized_weight(n: int, k: int, group_size: int, generator: torch.Generator | None = None,
+                            device: str | torch.device = "cpu"):
+    """A random ``[n, k]`` weight quantized by this spec (for kernel checks and benchmarks): ``(codes, channel
+    scale fp32 [n], group ratio fp16 [n, k / group_size] or None)`` as ``QQQLinear`` stores them."""
+    weight = torch.randn(n, k, generator=generator, device=device)
+    if group_size == -1:
+        codes, scale = quantize_weight_per_channel(weight)
+        return codes, scale, None
+    codes, group_scale = quantize_weight_per_group(weight, group_size)
+    channel_scale, ratio = two_level_scales(codes, group_scale)
+    return codes, channel_scale, ratio

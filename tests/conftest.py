@@ -1,10 +1,19 @@
 import os
 
-# Triton kernels run on the CPU through the interpreter; this must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU the Triton kernels run on the CPU through the interpreter (the CPU suite); with one they are
+# compiled (the GPU suite, tests/test_gpu*.py). Triton reads this when a kernel is defined, so it is set before
+# any qqq kernel module is imported; an explicit TRITON_INTERPRET wins.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+interpreted_kernels = pytest.mark.skipif(
+    not INTERPRETED, reason="runs the kernels on CPU tensors under TRITON_INTERPRET=1 (the CPU suite)")
+compiled_kernels = pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU with compiled kernels (TRITON_INTERPRET unset)")
 
 
 def tiny_config(model_type: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2,

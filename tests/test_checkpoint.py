@@ -69,3 +69,23 @@ def test_tied_embeddings_stay_tied_through_a_round_trip(tmp_path, reference_back
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+
+
+def test_a_model_quantized_in_fp32_is_saved_in_its_source_dtype(tmp_path, reference_backend):
+    from safetensors import safe_open
+
+    from qqq.models import default_dtype, source_dtype
+
+    source = tmp_path / "fp16-model"
+    tiny_model("llama").half().save_pretrained(source)
+    assert source_dtype(str(source)) == torch.float16 and default_dtype("cpu") == torch.float32
+    model = tiny_model("llama").half().float()  # what loading an fp16 model for the CPU gives
+    quantize_model(model, "rtn", None, QuantizeSettings(group_size=64))
+    save_quantized(model, tmp_path / "ckpt", dtype=source_dtype(str(source)))
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as tensors:
+        assert tensors.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+        assert tensors.get_tensor("model.layers.0.self_attn.q_proj.channel_scale").dtype == torch.float32
+        assert tensors.get_tensor("model.layers.0.self_attn.q_proj.group_ratio").dtype == torch.float16
+    loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert torch.equal(q_proj.qweight, model.model.layers[0].self_attn.q_proj.qweight)

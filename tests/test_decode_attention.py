@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from conftest import interpreted_kernels
 
 from qqq.kernels_triton.decode_attention import decode_attention
+
+pytestmark = interpreted_kernels
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(2, 4, 2, 200), (1, 2, 2, 40), (3, 8, 1, 70)])

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from conftest import interpreted_kernels
 
 from qqq.inference import rmsnorm_reference, rope_into_cache_reference, silu_mul_reference
 from qqq.kernels_triton.fused_producers import rmsnorm_quantize, rope_into_cache, silu_mul_quantize
+
+pytestmark = interpreted_kernels
 
 
 def rows(m, k, dtype, seed=0, scale=3.0):

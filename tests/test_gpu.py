@@ -1,14 +1,15 @@
-"""The pipeline and QQQLinear on a real GPU (skipped on machines without CUDA)."""
+"""The pipeline, QQQLinear and the fast model on a real GPU (skipped without one; the kernels' own branches are
+checked in test_gpu_kernels.py)."""
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import compiled_kernels, tiny_model, token_batch
 
 from qqq import numerics
 from qqq.linear import QQQLinear
 from qqq.pipeline import QuantizeSettings, quantize_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = compiled_kernels
 
 
 @pytest.mark.parametrize("group_size", [-1, 128])
@@ -37,24 +38,6 @@ def test_qqq_linear_kernel_matches_the_reference_on_cuda(group_size, dtype):
         got = layer(x)
         assert got.dtype == dtype and got.shape == (m, 768)
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,k", [(1, 4096), (1, 11008), (7, 5120), (300, 4096)])
-def test_fused_producers_match_the_composition_on_cuda(dtype, m, k):
-    from qqq.inference import rmsnorm_reference, silu_mul_reference
-    from qqq.kernels_triton.fused_producers import rmsnorm_quantize, silu_mul_quantize
-
-    torch.manual_seed(0)
-    x, residual = (torch.randn(m, k, device="cuda") * 4).to(dtype), torch.randn(m, k, device="cuda").to(dtype)
-    weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-    (codes, scale), h = rmsnorm_quantize(x, weight, 1e-5, residual)
-    expected, expected_h = rmsnorm_reference(x, weight, 1e-5, residual)
-    assert torch.equal(h, expected_h)
-    for got, want in (((codes, scale), expected), (silu_mul_quantize(x), silu_mul_reference(x))):
-        torch.testing.assert_close(got[1], want.scale, rtol=1e-2, atol=0)
-        assert (got[0].int() - want.codes.int()).abs().max() <= 2
-        assert (got[0] == want.codes).float().mean() > 0.98
 
 
 @pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "qqq", "qqq_g128"])
@@ -89,20 +72,3 @@ def test_every_fast_projection_matches_its_reference_on_cuda(method):
         got = projection(quantize_rows(x) if projection.takes_int8 else x).float()
         expected = reference_linear(x, weight, bias, method).float()
         torch.testing.assert_close(got, expected, rtol=0, atol=0.01 * float(expected.abs().max()))
-
-
-@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 32, 32), (5, 8, 2)])
-def test_decode_attention_matches_masked_sdpa_on_cuda(batch, heads, kv_heads):
-    from qqq.kernels_triton.decode_attention import decode_attention
-
-    torch.manual_seed(0)
-    capacity = 1152
-    q = torch.randn(batch, heads, 1, 128, device="cuda").half()
-    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda").half() for _ in range(2))
-    positions = torch.randint(0, capacity, (batch,), device="cuda")
-    visible = torch.arange(capacity, device="cuda")[None, :] <= positions[:, None]
-    repeat = heads // kv_heads
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(repeat, 1), v.float().repeat_interleave(repeat, 1),
-        attn_mask=visible[:, None, None, :])
-    torch.testing.assert_close(decode_attention(q, k, v, positions).float(), expected, rtol=2e-3, atol=2e-3)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import interpreted_kernels
 
 from qqq import numerics
 from qqq.kernels_triton import tuning
@@ -10,6 +11,8 @@ from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
 from qqq.kernels_triton.w4a8_gemm import w4a8_linear
 from qqq.linear import QQQLinear
+
+pytestmark = interpreted_kernels
 
 
 def make_layer(n, k, group_size, seed=0):
@@ -142,7 +145,7 @@ def test_w4a8_rejects_bad_inputs():
     codes, channel_scale, ratio = make_layer(32, 128, 64)
     packed = pack_int4(codes)
     x = torch.randn(2, 128)
-    with pytest.raises(ValueError, match="fp16 or bf16"):
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32 input, got torch.float64"):
         w4a8_linear(x.double(), packed, channel_scale, ratio, None, 64)
     with pytest.raises(ValueError, match="does not match"):
         w4a8_linear(torch.randn(2, 192), packed, channel_scale, ratio, None, 64)

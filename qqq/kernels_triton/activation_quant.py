@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qqq.kernels_triton import branches
+
 MAX_SINGLE_PASS_K = 8192
 TWO_PASS_BLOCK_K = 4096
 ROW_CHUNKS = 16  # chunks per row on the decode path
@@ -24,6 +26,7 @@ MAX_CHUNKED_K = 32768
 FEW_ROWS = 128  # fewer rows than this (and rows longer than MAX_SINGLE_PASS_K) take the chunked path
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |v| < 2**22 to an integer, half to even
 ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern: (bits(v + MAGIC) - MAGIC_BITS) is that integer
+LAUNCH_BRANCHES = {"quantize_per_token": ("single_pass", "two_pass", "chunked")}
 
 
 @triton.jit
@@ -33,12 +36,24 @@ def round_to_int32(v):
 
 
 @triton.jit
-def int8_codes_and_scale(x, amax):
-    """fp32 values ``x`` of one row with absolute maximum ``amax`` -> (int8 codes, fp32 scale), as numerics."""
-    scale = tl.div_rn(amax, 127.0)
+def int8_scale(amax):
+    """The per-token scale of a row with absolute maximum ``amax``: ``amax / 127``, correctly rounded."""
+    return tl.div_rn(amax, 127.0)
+
+
+@triton.jit
+def int8_codes(x, scale):
+    """fp32 values ``x`` of one row with scale ``scale`` -> int8 codes, as numerics (scale 0 gives codes 0)."""
     divisor = tl.where(scale > 0.0, scale, 1.0)
     codes = round_to_int32(tl.div_rn(x, divisor))
-    return tl.minimum(tl.maximum(codes, -127), 127).to(tl.int8), scale
+    return tl.minimum(tl.maximum(codes, -127), 127).to(tl.int8)
+
+
+@triton.jit
+def int8_codes_and_scale(x, amax):
+    """fp32 values ``x`` of one row with absolute maximum ``amax`` -> (int8 codes, fp32 scale), as numerics."""
+    scale = int8_scale(amax)
+    return int8_codes(x, scale), scale
 
 
 @triton.jit
@@ -60,15 +75,14 @@ def _quantize_per_token_kernel(
             xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             running = tl.maximum(running, tl.abs(xk))
         amax = tl.max(running, axis=0)
+    scale = int8_scale(amax)
     if SINGLE_PASS:
-        codes, scale = int8_codes_and_scale(x, amax)
-        tl.store(codes_row + offs, codes, mask=mask)
+        tl.store(codes_row + offs, int8_codes(x, scale), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            codes, scale = int8_codes_and_scale(xk, amax)
-            tl.store(codes_row + k0 + offs, codes, mask=mask)
+            tl.store(codes_row + k0 + offs, int8_codes(xk, scale), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -107,11 +121,13 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, scales
     single_pass = k <= MAX_SINGLE_PASS_K
     if not single_pass and m < FEW_ROWS and k <= MAX_CHUNKED_K:
+        branches.record("quantize_per_token", "chunked")
         chunk = triton.next_power_of_2(triton.cdiv(k, ROW_CHUNKS))
         _quantize_chunk_kernel[(m, triton.cdiv(k, chunk))](
             rows, codes, scales, k, rows.stride(0), codes.stride(0),
             ROW_BLOCK=triton.next_power_of_2(k), CHUNK=chunk, num_warps=8)
         return codes, scales
+    branches.record("quantize_per_token", "single_pass" if single_pass else "two_pass")
     block_k = triton.next_power_of_2(k) if single_pass else TWO_PASS_BLOCK_K
     num_warps = 4 if block_k <= 2048 else 8
     _quantize_per_token_kernel[(m,)](

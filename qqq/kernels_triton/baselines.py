@@ -16,10 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton import tuning
+from qqq.kernels_triton import branches, tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.w4a8_gemm import grouped_tile_ids, launch_int8_gemm, unpack_signed_x16
+
+LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm",), "w4a16_linear": ("w4a16",)}
 
 
 @triton.jit
@@ -97,6 +99,7 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
         raise ValueError(f"weight {tuple(weight.shape)} does not match K={k} (K must be a multiple of 64)")
     _check_common(n, k, channel_scale, bias)
     config = _launch_config("w8a8", config, m, n, k)
+    branches.record("w8a8_gemm", "int8_gemm")
     out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
     launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False)
     return out
@@ -136,6 +139,7 @@ def w4a16_linear(x, qweight, channel_scale, bias=None, config: dict | None = Non
         rows = rows.contiguous()
     m = rows.shape[0]
     config = _launch_config("w4a16", config, m, n, k)
+    branches.record("w4a16_linear", "w4a16")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
     _w4a16_gemm_kernel[grid](

@@ -15,9 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from qqq.kernels_triton import branches
+from qqq.kernels_triton.gpu import current_gpu
+
 BLOCK_KEYS = 64
-TARGET_PROGRAMS = 8 * 132  # enough loads in flight to stream the cache at small batch (H100: 132 SMs)
+PROGRAMS_PER_SM = 8  # enough loads in flight to stream the cache at small batch
 MAX_SPLITS = 64
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv",)}
 
 
 @triton.jit
@@ -76,7 +80,7 @@ def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, st
 
 def split_count(rows: int, capacity: int) -> int:
     """Splits per (sequence, head): enough programs to fill the GPU, at least a block of keys each."""
-    wanted = math.ceil(TARGET_PROGRAMS / rows)
+    wanted = math.ceil(PROGRAMS_PER_SM * current_gpu().sm_count / rows)
     return min(triton.next_power_of_2(wanted), MAX_SPLITS, triton.next_power_of_2(triton.cdiv(capacity, BLOCK_KEYS)))
 
 
@@ -103,6 +107,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     positions = positions.contiguous()
+    branches.record("decode_attention", "split_kv")
     _decode_split_kernel[(rows, splits)](
         q, k_cache, v_cache, positions, partial, stats, n_heads, n_heads // n_kv_heads, keys_per_split,
         1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),

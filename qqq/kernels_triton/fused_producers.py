@@ -21,9 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from qqq.kernels_triton import branches
 from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
 
 MAX_ROW = 32768
+LAUNCH_BRANCHES = {
+    "rmsnorm_quantize": tuple(f"{rows}{residual}{out}" for rows in ("row", "chunked") for residual in ("", "+residual")
+                              for out in ("+int8", "+fp16")),
+    "silu_mul_quantize": tuple(f"{rows}{out}" for rows in ("row", "chunked") for out in ("+int8", "+fp16")),
+    "rope_into_cache": ("rope",),
+}
 
 
 @triton.jit
@@ -149,6 +156,10 @@ def _grid_and_block(m: int, width: int, name: str) -> tuple[tuple[int, int], int
     return (m, triton.cdiv(width, chunk)), block, chunk
 
 
+def _producer_branch(chunk: int, block: int, quantize: bool, residual: bool = False) -> str:
+    return ("chunked" if chunk != block else "row") + ("+residual" if residual else "") + ("+int8" if quantize else "+fp16")
+
+
 def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
@@ -183,6 +194,7 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     else:
         residual = updated = rows  # unused
     out, scale, codes = _outputs(rows, k, quantize)
+    branches.record("rmsnorm_quantize", _producer_branch(chunk, block, quantize, updated is not rows))
     if m:
         _rmsnorm_kernel[grid](rows, residual, weight, out, codes, scale, updated, k, eps, rows.stride(0),
                               residual.stride(0), out.stride(0), updated.stride(0), BLOCK=block, CHUNK=chunk,
@@ -202,6 +214,7 @@ def silu_mul_quantize(gate_up: torch.Tensor, quantize: bool = True):
     width = double // 2
     grid, block, chunk = _grid_and_block(m, width, "silu_mul_quantize")
     out, scale, codes = _outputs(rows, width, quantize)
+    branches.record("silu_mul_quantize", _producer_branch(chunk, block, quantize))
     if m:
         _silu_mul_kernel[grid](rows, out, codes, scale, width, rows.stride(0), out.stride(0), BLOCK=block,
                                CHUNK=chunk, QUANTIZE=quantize, num_warps=_num_warps(block))
@@ -230,6 +243,7 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
     rows = qkv.reshape(batch * t, width)
     positions = positions.reshape(-1).contiguous()
     q = torch.empty((batch, n_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
+    branches.record("rope_into_cache", "rope")
     if batch * t:
         _rope_into_cache_kernel[(batch * t, n_heads + 2 * n_kv_heads)](
             rows, cos, sin, positions, q, k_cache, v_cache, t, n_heads, n_kv_heads, rows.stride(0),

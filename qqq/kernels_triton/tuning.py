@@ -5,8 +5,11 @@ A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num
 is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with these tiles;
 ``PREFETCH=1`` loads the per-group ratios one K tile ahead). Configs are keyed on the kernel name, N, K, group size and
 a bucketed M (``M_BUCKETS``: M rounded up to a power of two, 16 at least, 4096 at most), so one tuning serves a
-range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file; a shape without a
-tuned entry takes the nearest tuned bucket of the same shape, else a heuristic.
+range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file, each file naming the
+GPU's compute capability and SM count. A GPU reads its own file first, then the files of tuned GPUs of the same
+compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
+tuned bucket of the same shape, else a heuristic. Falling back to another GPU's file or to the heuristic is said
+once, with the command that tunes this GPU.
 
 ``tune(shapes, ...)`` fills that cache for the current GPU (the ``qqq tune`` command).
 """
@@ -15,20 +18,33 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
+import warnings
 from pathlib import Path
+
+from qqq.kernels_triton.gpu import current_gpu
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
-SHARED_MEMORY_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (H100: 227 KB opt-in per block)
+SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
                "PREFETCH")
 OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0}
-TARGET_PROGRAMS = 2 * 132  # decode grids aim at about two programs per SM (H100: 132 SMs)
+# (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
+# gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
+LLAMA_GEMM_SHAPES = (
+    ("paper_8192x21760", 8192, 21760),
+    ("llama2-7b_qkv", 12288, 4096), ("llama2-7b_o", 4096, 4096),
+    ("llama2-7b_gate_up", 22016, 4096), ("llama2-7b_down", 4096, 11008),
+    ("llama2-13b_qkv", 15360, 5120), ("llama2-13b_o", 5120, 5120),
+    ("llama2-13b_gate_up", 27648, 5120), ("llama2-13b_down", 5120, 13824),
+    ("llama3-70b_qkv", 10240, 8192), ("llama3-70b_o", 8192, 8192),
+    ("llama3-70b_gate_up", 57344, 8192), ("llama3-70b_down", 8192, 28672),
+)
+PROGRAMS_PER_SM = 2  # decode grids aim at about two programs per SM
 
 
 def m_bucket(m: int) -> int:
@@ -83,7 +99,7 @@ def _fits(kernel: str, cfg: dict) -> bool:
     weight_bytes = 1.0 if cfg.get("DEQUANT", 0) else _weight_bytes_per_element(kernel)
     tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes \
         + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
-    if cfg["num_stages"] * tile_bytes > SHARED_MEMORY_BUDGET:
+    if cfg["num_stages"] * tile_bytes > current_gpu().shared_memory_per_block - SHARED_MEMORY_RESERVE:
         return False
     accumulator_registers = cfg["BLOCK_N"] * cfg["BLOCK_M"] / (32 * cfg["num_warps"])
     return accumulator_registers <= 128
@@ -91,7 +107,8 @@ def _fits(kernel: str, cfg: dict) -> bool:
 
 def _auto_split_k(tiles: int, k_tiles: int) -> int:
     split = 1
-    while split < 16 and tiles * split * 2 <= TARGET_PROGRAMS and k_tiles // (split * 2) >= 2:
+    target_programs = PROGRAMS_PER_SM * current_gpu().sm_count
+    while split < 16 and tiles * split * 2 <= target_programs and k_tiles // (split * 2) >= 2:
         split *= 2
     return split
 
@@ -174,32 +191,70 @@ def heuristic_config(kernel: str, m: int, n: int, k: int, group_size: int) -> di
 
 # ------------------------------------------------------------------------------------- the JSON cache
 
-_DEVICE_NAME: list[str] = []
-
-
 def device_name() -> str:
     """The current GPU's name as a file name (``NVIDIA_H100_80GB_HBM3``), ``cpu`` without CUDA."""
-    if not _DEVICE_NAME:
-        import torch
-
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        _DEVICE_NAME.append(re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"))
-    return _DEVICE_NAME[0]
+    return current_gpu().file_name
 
 
 _CACHE: dict[str, dict] = {}
 _PICKED: dict[tuple, dict] = {}
+_WARNED: set[str] = set()
 
 
 def cache_path(device: str | None = None) -> Path:
     return CONFIG_DIR / f"{device or device_name()}.json"
 
 
+def _read_config_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data.get("configs"), dict) else {}
+    except (OSError, ValueError):
+        warnings.warn(f"qqq: ignoring the unreadable config file {path}", stacklevel=3)
+        return {}
+
+
+def config_sources(device: str | None = None) -> list[Path]:
+    """The config files this GPU reads, in order: its own, then those of tuned GPUs with the same compute
+    capability and SM count."""
+    device = device or device_name()
+    own = cache_path(device)
+    sources = [own] if own.exists() else []
+    if device == "cpu":  # the interpreter: no tuned file applies, the heuristic is what the CPU tests check
+        return sources
+    gpu = current_gpu()
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        data = _read_config_file(path) if path != own else {}
+        if data.get("compute_capability") == gpu.compute_capability and data.get("sm_count") == gpu.sm_count:
+            sources.append(path)
+    return sources
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
 def load_cache(device: str | None = None) -> dict:
+    """The configs this GPU uses: its own file's entries over those of same-chip GPUs' files."""
     device = device or device_name()
     if device not in _CACHE:
-        path = cache_path(device)
-        _CACHE[device] = json.loads(path.read_text())["configs"] if path.exists() else {}
+        sources = config_sources(device)
+        merged: dict = {}
+        for path in reversed(sources):
+            merged.update(_read_config_file(path).get("configs", {}))
+        _CACHE[device] = merged
+        if device != "cpu":
+            gpu = current_gpu()
+            if not sources:
+                _warn_once(f"qqq: no tuned kernel configs for {gpu.name} (compute capability "
+                           f"{gpu.compute_capability}, {gpu.sm_count} SMs): the W4A8 kernels use a heuristic and may "
+                           "run far slower; run `qqq tune MODEL` once to tune them for this GPU")
+            elif sources[0] != cache_path(device):
+                _warn_once(f"qqq: no tuned kernel configs for {gpu.name}; using those of "
+                           f"{', '.join(p.stem for p in sources)} (same compute capability and SM count); "
+                           "run `qqq tune MODEL` once to tune them for this GPU")
     return _CACHE[device]
 
 
@@ -276,8 +331,9 @@ def time_cuda_graph(calls, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def rotation_count(bytes_per_buffer: int, l2_bytes: int = 50 * 2**20) -> int:
+def rotation_count(bytes_per_buffer: int, l2_bytes: int | None = None) -> int:
     """How many weight buffers to rotate so that together they are three times the L2."""
+    l2_bytes = l2_bytes or current_gpu().l2_bytes
     return max(2, min(32, math.ceil(3 * l2_bytes / max(bytes_per_buffer, 1))))
 
 
@@ -381,7 +437,7 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
         raise RuntimeError("tune() needs a CUDA GPU")
     device = device_name()
     path = Path(path) if path else cache_path(device)
-    existing = json.loads(path.read_text())["configs"] if path.exists() else {}
+    existing = _read_config_file(path).get("configs", {}) if path.exists() else {}
     tuned = {}
     compiled = set()
     for n, k, group_size in shapes:
@@ -423,6 +479,10 @@ def _save(path: Path, existing: dict, tuned: dict) -> None:
     existing.update(tuned)
     _PICKED.clear()
     _CACHE.pop(device_name(), None)
+    gpu = current_gpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                "triton": triton.__version__, "configs": existing}, indent=1, sort_keys=True))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"device": gpu.name, "compute_capability": gpu.compute_capability,
+                                   "sm_count": gpu.sm_count, "torch": torch.__version__,
+                                   "triton": triton.__version__, "configs": existing}, indent=1, sort_keys=True))
+    partial.replace(path)  # never a half-written config file

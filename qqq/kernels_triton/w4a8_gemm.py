@@ -41,11 +41,23 @@ import triton
 import triton.language as tl
 
 from qqq import numerics
-from qqq.kernels_triton import tuning
+from qqq.kernels_triton import branches, tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token, round_to_int32
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 
 assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
+
+
+
+def _gemm_paths(group_size: int) -> tuple[str, ...]:
+    """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
+    per_group = ("prefetch",) if group_size != -1 else ()
+    wide = ("wide_groups",) if group_size >= 64 else ()
+    return ("fused", "split_k", "dequant") + per_group + wide
+
+
+LAUNCH_BRANCHES = {"w4a8_gemm": tuple(f"{path}/g{group}" for group in numerics.SUPPORTED_GROUP_SIZES
+                                      for path in _gemm_paths(group))}
 
 
 @triton.jit
@@ -431,6 +443,16 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
             raise ValueError(f"{name} is on {t.device}, the input on {device}")
 
 
+def _launch_path(config: dict, group_size: int) -> str:
+    if config.get("DEQUANT", 0):
+        return "dequant"
+    if config["SPLIT_K"] > 1:
+        return "split_k"
+    if group_size >= 64 and config["BLOCK_K"] > group_size:
+        return "wide_groups"
+    return "prefetch" if group_size != -1 and config.get("PREFETCH", 0) else "fused"
+
+
 def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
               config: dict | None = None, return_acc: bool = False, weights_checked: bool = False):
     """GEMM on already quantized activations: ``a_codes`` int8 [M, K], ``a_scale`` fp32 [M].
@@ -460,6 +482,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     else:
         tuning.check_config(kernel_name, config, m, n, k, group_size)
     use_asm = use_inline_asm(a_codes)
+    branches.record("w4a8_gemm", f"{_launch_path(config, group_size)}/g{group_size}")
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
         weight = dequantize_int8(qweight, group_ratio, group_size, use_asm)
         launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
@@ -488,14 +511,14 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
 
 def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_size=-1, *,
                 config: dict | None = None, return_acc: bool = False):
-    """QQQ W4A8 linear: ``x`` [..., K] fp16/bf16 (fp32 accepted on CPU for the interpreter) -> [..., N] in
-    ``x``'s dtype. Quantizes ``x`` per token, then runs the W4A8 GEMM (+ bias).
+    """QQQ W4A8 linear: ``x`` [..., K] fp16, bf16 or fp32 -> [..., N] in ``x``'s dtype. Quantizes ``x`` per token,
+    then runs the W4A8 GEMM (+ bias); an fp32 input gives the same int8 codes its own way and an fp32 output.
 
     ``qweight`` = ``pack_int4(codes)`` (uint8 [N, K // 2]); ``channel_scale`` fp32 [N], the true per-channel scale
     of ``qqq.numerics``; ``group_ratio`` fp16 [N, K // group_size] or None when ``group_size == -1``.
     ``return_acc`` also returns the exact int32 accumulator (a test hook)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) and not (x.dtype == torch.float32 and not x.is_cuda):
-        raise ValueError(f"w4a8_linear expects fp16 or bf16 input (fp32 only on CPU), got {x.dtype} on {x.device}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w4a8_linear expects fp16, bf16 or fp32 input, got {x.dtype}")
     if x.dim() == 0 or qweight.dim() != 2 or x.shape[-1] != 2 * qweight.shape[1]:
         raise ValueError(f"input of shape {tuple(x.shape)} does not match qweight {tuple(qweight.shape)} "
                          f"(expects last dim {2 * qweight.shape[-1] if qweight.dim() == 2 else '?'})")

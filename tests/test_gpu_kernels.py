@@ -1,0 +1,349 @@
+"""Every launch branch of every Triton kernel, compiled on the GPU and checked against the plain references.
+
+The CPU suite runs the kernels under the interpreter, which never compiles them; this file is where a kernel
+that does not compile, or computes something else once compiled, shows. Each kernel module lists its launch
+branches in ``LAUNCH_BRANCHES``; every case below records the branch it took (``branches.recording``) and
+asserts it, and ``test_every_launch_branch_has_a_gpu_case`` (which runs on the CPU too) fails when a listed
+branch has no case here. Also: every config shipped in ``configs/*.json`` compiled and checked once, and the
+W4A8 linear at every Llama-2-7B / 13B / Llama-3-70B width and the paper's, M from 1 to 4096, fp16 and bf16.
+
+    python3 -m pytest -q tests/test_gpu_kernels.py      # on a CUDA GPU; the whole GPU suite: tests/test_gpu*.py
+"""
+
+import importlib
+import json
+import pkgutil
+
+import pytest
+import torch
+from conftest import compiled_kernels
+
+import qqq.kernels_triton as kernel_package
+from qqq import numerics
+from qqq.kernels_triton import branches, tuning
+from qqq.kernels_triton.packing import pack_int4
+
+# ------------------------------------------------------------------------------------- the cases per branch
+
+# quantize_per_token: (branch, M, K)
+QUANT_CASES = [("single_pass", 1, 4096), ("single_pass", 300, 8192), ("two_pass", 128, 11008),
+               ("two_pass", 2048, 21760), ("two_pass", 300, 28672), ("chunked", 1, 13824), ("chunked", 127, 28672)]
+
+
+def _w4a8_config(block_k, split_k=1, prefetch=0, dequant=0):
+    return dict(BLOCK_N=128 if dequant else 64, BLOCK_M=64 if dequant else 16, BLOCK_K=block_k, SPLIT_K=split_k,
+                GROUP_N=8, num_warps=4, num_stages=3 if dequant else 4, PREFETCH=prefetch, DEQUANT=dequant)
+
+
+def _narrow_block_k(group_size):
+    """A K tile whose halves lie in one group each (the fused per-group layout), 256 per-channel."""
+    return 256 if group_size == -1 else max(64, min(group_size, 256))
+
+
+# w4a8_gemm: launch path -> the config that forces it for a group size
+GEMM_PATH_CONFIGS = {
+    "fused": lambda g: _w4a8_config(_narrow_block_k(g)),
+    "split_k": lambda g: _w4a8_config(_narrow_block_k(g), split_k=4),
+    "prefetch": lambda g: _w4a8_config(_narrow_block_k(g), prefetch=1),
+    "wide_groups": lambda g: _w4a8_config(2 * g),
+    "dequant": lambda g: _w4a8_config(128, dequant=1),
+}
+GEMM_GROUP_SIZES = (-1, 32, 64, 128, 256)
+
+
+def _gemm_cases():
+    from qqq.kernels_triton.w4a8_gemm import LAUNCH_BRANCHES
+
+    listed = set(LAUNCH_BRANCHES["w4a8_gemm"])
+    return [(path, g) for g in GEMM_GROUP_SIZES for path in GEMM_PATH_CONFIGS if f"{path}/g{g}" in listed]
+
+
+GEMM_CASES = _gemm_cases()
+PRODUCER_WIDTHS = {"rmsnorm_quantize": (4096, 5120, 8192), "silu_mul_quantize": (11008, 13824, 28672)}
+PRODUCER_CASES = [(launcher, rows, residual, out) for launcher in PRODUCER_WIDTHS for rows in ("row", "chunked")
+                  for residual in ((False, True) if launcher == "rmsnorm_quantize" else (False,))
+                  for out in ("int8", "fp16")]
+
+
+def covered_branches() -> set[tuple[str, str]]:
+    covered = {("quantize_per_token", branch) for branch, _, _ in QUANT_CASES}
+    covered |= {("w4a8_gemm", f"{path}/g{g}") for path, g in GEMM_CASES}
+    covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
+                in PRODUCER_CASES}
+    covered |= {("rope_into_cache", "rope"), ("decode_attention", "split_kv"), ("w8a8_gemm", "int8_gemm"),
+                ("w4a16_linear", "w4a16")}
+    return covered
+
+
+def all_launch_branches() -> set[tuple[str, str]]:
+    listed = set()
+    for info in pkgutil.iter_modules(kernel_package.__path__):
+        module = importlib.import_module(f"{kernel_package.__name__}.{info.name}")
+        for launcher, names in getattr(module, "LAUNCH_BRANCHES", {}).items():
+            listed |= {(launcher, name) for name in names}
+    return listed
+
+
+def test_every_launch_branch_has_a_gpu_case():
+    """Runs everywhere: a branch added to a launcher without a case in this file fails here, on the CPU too."""
+    from qqq.kernels_triton.w4a8_gemm import _launch_path
+
+    assert all_launch_branches() - covered_branches() == set()
+    assert covered_branches() - all_launch_branches() == set()
+    for path, g in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
+        config = GEMM_PATH_CONFIGS[path](g)
+        assert _launch_path(config, g) == path
+        tuning.check_config("w4a8" if g == -1 else "w4a8_group", config, 300, 1000, 8192, g)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _assert_branch(taken, launcher, branch):
+    assert (launcher, branch) in taken, f"expected {launcher} to take {branch!r}, took {sorted(taken)}"
+
+
+def _random_rows(m, k, dtype, generator, scale=3.0):
+    x = torch.randn(m, k, device="cuda", generator=generator) * scale
+    x[:, :: max(1, k // 7)] *= 20  # outlier channels, as real activations have
+    if m > 1:
+        x[m // 2] = 0  # an all-zero row: scale 0, codes 0, never NaN
+    return x.to(dtype)
+
+
+_WEIGHTS: dict = {}
+
+
+def _weights(n, k, group_size):
+    """Random spec-quantized weights, kept for the module (real widths are large to make)."""
+    key = (n, k, group_size)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        generator = torch.Generator(device="cuda").manual_seed(n * 7 + k + group_size)
+        codes, scale, ratio = numerics.random_quantized_weight(n, k, group_size, generator, "cuda")
+        bias = torch.randn(n, device="cuda", generator=generator)
+        _WEIGHTS[key] = (pack_int4(codes), numerics.int8_weight(codes, ratio), scale, ratio, bias)
+    return _WEIGHTS[key]
+
+
+def _check_w4a8(x, n, group_size, config=None):
+    """Run ``w4a8_linear`` on ``x``; the int32 sums must equal the spec's exactly, the output its rounding."""
+    from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+
+    qweight, weight8, scale, ratio, bias = _weights(n, x.shape[1], group_size)
+    bias = bias.to(x.dtype)
+    out, acc = w4a8_linear(x, qweight, scale, ratio, bias, group_size, config=config, return_acc=True)
+    x_codes, token_scale = numerics.quantize_per_token(x)
+    expected_acc = numerics.int8_matmul_exact(x_codes, weight8)
+    expected = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight8, scale, bias, x.dtype)
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], n)
+    assert torch.equal(acc.double(), expected_acc), f"int32 sums differ in {(acc.double() != expected_acc).sum()}"
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}[x.dtype]
+    error = (out.float() - expected.float()).abs()
+    assert not out.isnan().any() and bool((error <= expected.float().abs() * ulp + 1e-6).all()), \
+        f"max error {error.max().item():.3g}"
+
+
+# ------------------------------------------------------------------------------------- activation quantization
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("branch,m,k", QUANT_CASES)
+def test_quantize_per_token_branch(branch, m, k, dtype):
+    from qqq.kernels_triton.activation_quant import quantize_per_token
+
+    x = _random_rows(m, k, dtype, torch.Generator(device="cuda").manual_seed(m + k))
+    with branches.recording() as taken:
+        codes, scale = quantize_per_token(x)
+    _assert_branch(taken, "quantize_per_token", branch)
+    expected_codes, expected_scale = numerics.quantize_per_token(x)
+    assert torch.equal(scale, expected_scale[:, 0]) and torch.equal(codes, expected_codes)
+
+
+# ------------------------------------------------------------------------------------- W4A8 GEMM
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path,group_size", GEMM_CASES)
+def test_w4a8_gemm_branch(path, group_size, dtype):
+    config = GEMM_PATH_CONFIGS[path](group_size)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for m in (1, 33, 300):
+        with branches.recording() as taken:
+            _check_w4a8(_random_rows(m, 8192, dtype, generator), 1000, group_size, config)
+        _assert_branch(taken, "w4a8_gemm", f"{path}/g{group_size}")
+
+
+@compiled_kernels
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_w4a8_linear_takes_fp32_input_on_the_gpu(group_size):
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    for m in (1, 300):
+        _check_w4a8(_random_rows(m, 4096, torch.float32, generator), 640, group_size)
+
+
+@compiled_kernels
+@pytest.mark.parametrize("group_size", [-1, 128])
+@pytest.mark.parametrize("name,n,k", tuning.LLAMA_GEMM_SHAPES)
+def test_w4a8_linear_at_real_widths(name, n, k, group_size):
+    """The configs users run (this GPU's tuned file, a same-chip GPU's, or the heuristic) at every real width."""
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    for m in (1, 16, 128, 1024, 4096):
+        for dtype in (torch.float16, torch.bfloat16):
+            _check_w4a8(_random_rows(m, k, dtype, generator), n, group_size)
+
+
+def _shipped_configs():
+    """Every distinct (kernel, group size, config) of the shipped config files, with one shape it was tuned for."""
+    seen = {}
+    for path in sorted(tuning.CONFIG_DIR.glob("*.json")):
+        for key, config in json.loads(path.read_text())["configs"].items():
+            kernel, n, k, g, bucket = (part.split("=")[-1] for part in key.split("|"))
+            config = {c: config.get(c, tuning.OPTIONAL_KEYS.get(c)) for c in tuning.CONFIG_KEYS}
+            signature = (kernel, int(g)) + tuple(config.values())
+            seen.setdefault(signature, (kernel, int(n), int(k), int(g), int(bucket), config))
+    return list(seen.values())
+
+
+@compiled_kernels
+def test_every_shipped_config_compiles_and_matches():
+    from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm
+
+    shipped = _shipped_configs()
+    by_problem: dict = {}
+    for kernel, n, k, g, bucket, config in shipped:
+        by_problem.setdefault((kernel, n, k, g), []).append((min(bucket, 64), config))
+    for (kernel, n, k, g), jobs in by_problem.items():  # compile in parallel processes into Triton's disk cache
+        tuning.precompile(kernel, n, k, g, jobs)
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    for kernel, n, k, g, bucket, config in shipped:
+        m = min(bucket, 64)
+        x = _random_rows(m, k, torch.float16, generator)
+        if kernel in ("w4a8", "w4a8_group"):
+            _check_w4a8(x, n, g, config)
+            continue
+        qweight, weight8, scale, _, bias = _weights(n, k, -1)
+        if kernel == "w8a8":
+            x_codes, token_scale = numerics.quantize_per_token(x)
+            got = w8a8_gemm(x_codes, token_scale[:, 0], weight8, scale, None, torch.float16, config=config)
+            expected = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight8, scale, None, x.dtype)
+            torch.testing.assert_close(got, expected, rtol=2.0**-10, atol=1e-6)
+        else:
+            got = w4a16_linear(x, qweight, scale, config=config)
+            expected = torch.nn.functional.linear(x.float(), weight8.float() * scale[:, None])
+            torch.testing.assert_close(got.float(), expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
+
+
+# ------------------------------------------------------------------------------------- baselines
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_baseline_branches(dtype):
+    from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
+
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    qweight, weight8, scale, _, bias = _weights(1000, 4096, -1)
+    for m in (1, 33, 300):
+        x = _random_rows(m, 4096, dtype, generator)
+        with branches.recording() as taken:
+            got8 = w8a8_linear(x, weight8, scale, bias.to(dtype))
+            got4 = w4a16_linear(x, qweight, scale, bias.to(dtype))
+        _assert_branch(taken, "w8a8_gemm", "int8_gemm")
+        _assert_branch(taken, "w4a16_linear", "w4a16")
+        x_codes, token_scale = numerics.quantize_per_token(x)
+        expected8 = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight8, scale, bias.to(dtype), dtype)
+        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+        torch.testing.assert_close(got8.float(), expected8.float(), rtol=ulp, atol=1e-6)
+        expected4 = torch.nn.functional.linear(x.float(), weight8.float() * scale[:, None], bias.float())
+        torch.testing.assert_close(got4.float(), expected4, rtol=0, atol=1e-2 * float(expected4.abs().max()))
+
+
+# ------------------------------------------------------------------------------------- fused producers, attention
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("launcher,rows,residual,out", PRODUCER_CASES)
+def test_fused_producer_branch(launcher, rows, residual, out, dtype):
+    from qqq.inference import rmsnorm_reference, silu_mul_reference
+    from qqq.kernels_triton.fused_producers import rmsnorm_quantize, silu_mul_quantize
+
+    m = 1 if rows == "chunked" else 300
+    quantize = out == "int8"
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    for width in PRODUCER_WIDTHS[launcher]:
+        if launcher == "rmsnorm_quantize":
+            x = _random_rows(m, width, dtype, generator)
+            weight = (torch.rand(width, device="cuda", generator=generator) + 0.5).to(dtype)
+            extra = _random_rows(m, width, dtype, generator) if residual else None
+            with branches.recording() as taken:
+                got = rmsnorm_quantize(x, weight, 1e-5, extra, quantize=quantize)
+            expected = rmsnorm_reference(x, weight, 1e-5, extra, quantize=quantize)
+            if residual:
+                (got, got_h), (expected, expected_h) = got, expected
+                assert torch.equal(got_h, expected_h)  # one rounded add
+        else:
+            x = _random_rows(m, 2 * width, dtype, generator, scale=2.0)
+            with branches.recording() as taken:
+                got = silu_mul_quantize(x, quantize=quantize)
+            expected = silu_mul_reference(x, quantize)
+        _assert_branch(taken, launcher, f"{rows}{'+residual' if residual else ''}+{out}")
+        if quantize:  # a last-ulp difference in the normalization may move a code by one
+            codes, scale = got
+            torch.testing.assert_close(scale, expected.scale, rtol=1e-2, atol=0)
+            difference = (codes.int() - expected.codes.int()).abs()
+            assert difference.max() <= 2 and (difference == 0).float().mean() > 0.98
+        else:
+            rtol = 2e-3 if dtype == torch.float16 else 2e-2
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=1e-3)
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 37])
+def test_rope_into_cache_at_llama_sizes(t, dtype):
+    from qqq.inference import rope_into_cache_reference
+    from qqq.kernels_triton.fused_producers import rope_into_cache
+
+    batch, heads, kv_heads, head_dim, capacity = 3, 32, 8, 128, 64
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    qkv = _random_rows(batch * t, (heads + 2 * kv_heads) * head_dim, dtype, generator).reshape(batch, t, -1)
+    angles = torch.arange(capacity, device="cuda")[:, None] * 10000.0 ** (
+        -torch.arange(head_dim // 2, device="cuda")[None, :] / (head_dim // 2))
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    positions = (torch.arange(t, device="cuda") + 5).expand(batch, t)
+    caches = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device="cuda") for _ in range(4)]
+    with branches.recording() as taken:
+        q = rope_into_cache(qkv, cos, sin, positions, caches[0], caches[1], heads)
+    _assert_branch(taken, "rope_into_cache", "rope")
+    q_ref = rope_into_cache_reference(qkv, cos, sin, positions, caches[2], caches[3], heads)
+    rtol = 1e-3 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(q, q_ref, rtol=rtol, atol=1e-3)
+    torch.testing.assert_close(caches[0], caches[2], rtol=rtol, atol=1e-3)
+    assert torch.equal(caches[1], caches[3])  # v is copied
+
+
+@compiled_kernels
+@pytest.mark.parametrize("batch,heads,kv_heads", [(1, 32, 32), (5, 8, 2), (64, 32, 8)])
+def test_decode_attention_matches_masked_sdpa(batch, heads, kv_heads):
+    from qqq.kernels_triton.decode_attention import decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    capacity = 1152
+    q = torch.randn(batch, heads, 1, 128, device="cuda", generator=generator).half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda", generator=generator).half() for _ in range(2))
+    positions = torch.randint(0, capacity, (batch,), device="cuda", generator=generator)
+    positions[0] = capacity - 1
+    visible = torch.arange(capacity, device="cuda")[None, :] <= positions[:, None]
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(repeat, 1), v.float().repeat_interleave(repeat, 1),
+        attn_mask=visible[:, None, None, :])
+    with branches.recording() as taken:
+        got = decode_attention(q, k, v, positions)
+    _assert_branch(taken, "decode_attention", "split_kv")
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
