@@ -167,7 +167,7 @@ def test_quantize_per_token_branch(branch, m, k, dtype):
 @compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path,group_size", GEMM_CASES)
-def test_w4a8_gemm_branch(path, group_size, dtype):
+def test_w4a8_gemm_branch(path, group_size, dtype, precompiled):
     config = GEMM_PATH_CONFIGS[path](group_size)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for m in (1, 33, 300):
@@ -184,14 +184,18 @@ def test_w4a8_linear_takes_fp32_input_on_the_gpu(group_size):
         _check_w4a8(_random_rows(m, 4096, torch.float32, generator), 640, group_size)
 
 
+REAL_WIDTH_M = (1, 16, 128, 1024, 4096)
+
+
 @compiled_kernels
 @pytest.mark.parametrize("group_size", [-1, 128])
 @pytest.mark.parametrize("name,n,k", tuning.LLAMA_GEMM_SHAPES)
-def test_w4a8_linear_at_real_widths(name, n, k, group_size):
-    """The configs users run (this GPU's tuned file, a same-chip GPU's, or the heuristic) at every real width."""
+def test_w4a8_linear_at_real_widths(name, n, k, group_size, precompiled):
+    """The configs users run (this GPU's tuned file, a same-chip GPU's, or the heuristic) at every real width:
+    fp16 at every M, bf16 at the decode and prefill ends."""
     generator = torch.Generator(device="cuda").manual_seed(3)
-    for m in (1, 16, 128, 1024, 4096):
-        for dtype in (torch.float16, torch.bfloat16):
+    for m in REAL_WIDTH_M:
+        for dtype in (torch.float16, torch.bfloat16) if m in (1, 4096) else (torch.float16,):
             _check_w4a8(_random_rows(m, k, dtype, generator), n, group_size)
 
 
@@ -207,18 +211,26 @@ def _shipped_configs():
     return list(seen.values())
 
 
+@pytest.fixture(scope="module")
+def precompiled():
+    """Compile the GEMM configs of this file (fp16) in parallel processes into Triton's disk cache first, so the
+    suite takes minutes, not a serial compile of each."""
+    jobs = [(kernel, n, k, g, min(bucket, 64), config) for kernel, n, k, g, bucket, config in _shipped_configs()]
+    for _, n, k in tuning.LLAMA_GEMM_SHAPES:
+        for g in (-1, 128):
+            kernel = "w4a8" if g == -1 else "w4a8_group"
+            jobs += [(kernel, n, k, g, m, tuning.get_config(kernel, m, n, k, g)) for m in REAL_WIDTH_M]
+    jobs += [("w4a8" if g == -1 else "w4a8_group", 1000, 8192, g, 33, GEMM_PATH_CONFIGS[path](g))
+             for path, g in GEMM_CASES]
+    tuning.precompile(jobs)
+
+
 @compiled_kernels
-def test_every_shipped_config_compiles_and_matches():
+def test_every_shipped_config_compiles_and_matches(precompiled):
     from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm
 
-    shipped = _shipped_configs()
-    by_problem: dict = {}
-    for kernel, n, k, g, bucket, config in shipped:
-        by_problem.setdefault((kernel, n, k, g), []).append((min(bucket, 64), config))
-    for (kernel, n, k, g), jobs in by_problem.items():  # compile in parallel processes into Triton's disk cache
-        tuning.precompile(kernel, n, k, g, jobs)
     generator = torch.Generator(device="cuda").manual_seed(4)
-    for kernel, n, k, g, bucket, config in shipped:
+    for kernel, n, k, g, bucket, config in _shipped_configs():
         m = min(bucket, 64)
         x = _random_rows(m, k, torch.float16, generator)
         if kernel in ("w4a8", "w4a8_group"):

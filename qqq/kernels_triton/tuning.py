@@ -370,33 +370,38 @@ def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int)
     return run
 
 
-def _compile_worker(args) -> int:
-    kernel, n, k, group_size, jobs = args
+def _compile_worker(jobs) -> int:
     import torch
 
-    runs, failed = {}, 0
-    for m, cfg in jobs:
-        if m not in runs:
-            runs[m] = _problem(kernel, m, n, k, group_size, 1)
+    run, problem, failed = None, None, 0
+    for kernel, n, k, group_size, m, cfg in jobs:
+        if (kernel, n, k, group_size, m) != problem:  # jobs come sorted, so each problem is built once
+            problem = (kernel, n, k, group_size, m)
+            run = _problem(kernel, m, n, k, group_size, 1)
         try:
-            runs[m](cfg, 0)
+            run(cfg, 0)
             torch.cuda.synchronize()
         except Exception:
             failed += 1
     return failed
 
 
-def precompile(kernel: str, n: int, k: int, group_size: int, jobs, workers: int = 14) -> None:
-    """Compile ``jobs`` (a list of ``(m, config)``) in parallel processes into Triton's on-disk cache, so the
-    timing loop only loads them (the kernels do not specialize on M, so one shape serves all M)."""
+def precompile(jobs, workers: int | None = None) -> int:
+    """Compile ``jobs`` (``(kernel, N, K, group_size, M, config)`` each) in parallel processes into Triton's
+    on-disk cache, so a timing loop or a test only loads them (the kernels do not specialize on M, so one M
+    serves all; fp16 outputs). Returns how many failed to compile or run."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = list(jobs)
-    workers = max(1, min(workers, len(jobs)))
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_compile_worker, [(kernel, n, k, group_size, chunk) for chunk in chunks]))
+    jobs = sorted(jobs, key=lambda job: job[:5] + (json.dumps(job[5], sort_keys=True),))
+    if not jobs:
+        return 0
+    workers = max(1, min(workers or min(14, (os.cpu_count() or 2) - 2), len(jobs)))
+    size = math.ceil(len(jobs) / workers)
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(_compile_worker, chunks))
 
 
 def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: int = 10,
@@ -454,7 +459,7 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
                         jobs[sig] = (bucket, cfg)
             if jobs:
                 t0 = time.time()
-                precompile(kernel, n, k, group_size, jobs.values())
+                precompile([(kernel, n, k, group_size, bucket, cfg) for bucket, cfg in jobs.values()])
                 if verbose:
                     print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
             for bucket in sorted({m_bucket(m) for m in m_values}):
