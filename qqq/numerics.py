@@ -236,3 +236,15 @@ def random_quantized_weight(n: int, k: int, group_size: int, generator: torch.Ge
     codes, group_scale = quantize_weight_per_group(weight, group_size)
     channel_scale, ratio = two_level_scales(codes, group_scale)
     return codes, channel_scale, ratio
+
+
+def output_tolerance(expected: torch.Tensor, acc: torch.Tensor, token_scale: torch.Tensor,
+                     channel_scale: torch.Tensor) -> torch.Tensor:
+    """How far two implementations of the W4A8 epilogue may lie apart element-wise, given the exact int sums
+    ``acc`` [M, N]: one rounding of the output dtype of ``expected``, plus one fp32 rounding of the scaled sum
+    ``acc * token_scale * channel_scale`` (a kernel may fuse the last multiply with the bias add, rounding once
+    where the reference rounds twice; where the bias cancels the product, that fp32 step is larger than the
+    output's own rounding)."""
+    unit = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}.get(expected.dtype, 2.0**-23)
+    scaled = acc.double().abs() * token_scale.double().reshape(-1, 1) * channel_scale.double().reshape(1, -1)
+    return (expected.double().abs() * unit + scaled * 2.0**-23 + 2.0**-24).float()

@@ -91,3 +91,19 @@ def test_int8_matmul_is_exact_beyond_fp32_integers():
     exact = a.long() @ b.long().T  # |values| up to 127 * 127 * k > 2**24
     assert exact.abs().max() > 2 ** 24
     assert torch.equal(numerics.int8_matmul_exact(a, b), exact.double())
+
+
+def test_output_tolerance_admits_a_fused_epilogue_and_rejects_a_wrong_one():
+    gen = torch.Generator().manual_seed(11)
+    x_codes = torch.randint(-127, 128, (64, 256), generator=gen).to(torch.int8)
+    weight = torch.randint(-127, 128, (96, 256), generator=gen).to(torch.int8)
+    token_scale, channel_scale = torch.rand(64, generator=gen) * 1e-2, torch.rand(96, generator=gen) * 1e-2
+    acc = numerics.int8_matmul_exact(x_codes, weight)
+    product = (acc.float() * token_scale[:, None]) * channel_scale
+    bias = (-product[0] + torch.randn(96, generator=gen) * 1e-6).half()  # row 0: the bias cancels the product
+    expected = numerics.int8_linear_reference(x_codes, token_scale, weight, channel_scale, bias, torch.float16)
+    fused = (product.double() + bias.double()).half()  # one rounding of product + bias, as an FMA gives
+    tolerance = numerics.output_tolerance(expected, acc, token_scale, channel_scale)
+    assert ((fused.float() - expected.float()).abs() <= tolerance).all()
+    two_steps = expected.float().abs() * 2.0**-9 + 0.5
+    assert not ((expected.float() + two_steps - expected.float()).abs() <= tolerance).all()
