@@ -56,6 +56,7 @@ def _finish(fig, path: str | Path | None):
 # Spec-sheet peaks (dense): memory bandwidth in bytes/s, FP16 and INT8 tensor-core throughput in op/s.
 DEVICE_PEAKS = {
     "NVIDIA H100 80GB HBM3": dict(bandwidth=3.35e12, fp16=989.4e12, int8=1978.9e12),  # H100 SXM5
+    "NVIDIA H200": dict(bandwidth=4.8e12, fp16=989.4e12, int8=1978.9e12),  # H200 SXM: the H100's chip, HBM3e
 }
 
 # The kernels (gemm_speed.csv's names) that :func:`gemm_bytes` has a byte model for.
