@@ -54,7 +54,7 @@ def main():
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append)
     for model_name in args.models:
-        base, tokenizer = load_model(model_name, device="cpu")
+        base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
                                      args.seqlen, args.windows or None)
         if len(results.old) and set(results.old["windows"]) != {windows.shape[0]}:

@@ -70,7 +70,7 @@ def main():
         write_markdown(results.write([]), results, args, out.with_suffix(".md"))
         return
     for model_name in args.models:
-        base, tokenizer = load_model(model_name, device="cpu")
+        base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         for method, group_size, model, seconds, cached in calibrated_sweep(
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
                 args.seed, device, use_cache=not args.no_cache):
