@@ -9,6 +9,9 @@ speed measurements and for models without a checkpoint.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +23,7 @@ from qqq.fast.producers import Int8Rows
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
 from qqq.linear import QQQLinear
 
-METHODS = ("fp16", "w8a8", "w4a16", "w4a16_tinygemm", "w4a8_rtn", "w4a8_rtn_g128")
-METHOD_NOTES = {
-    "fp16": "the model's own dtype, cuBLAS GEMMs",
-    "w8a8": "per-channel int8 weights, per-token int8 activations (Triton int8 GEMM)",
-    "w4a16": "per-channel int4 weights, fp16 activations (Triton W4A16 GEMM)",
-    "w4a16_tinygemm": "int4 weights in groups of 128, bf16 activations (torch's tinygemm kernel; CUDA, bf16 models)",
-    "w4a8_rtn": "QQQ's W4A8 format and kernels, per-channel weights rounded to nearest",
-    "w4a8_rtn_g128": "QQQ's W4A8 format and kernels, weights rounded to nearest in groups of 128",
-}
 RENAMED_METHODS = {"qqq": "w4a8_rtn", "qqq_g128": "w4a8_rtn_g128"}  # their names until they were renamed
-W4A8_GROUP_SIZES = {"w4a8_rtn": -1, "w4a8_rtn_g128": 128}
 TINYGEMM_GROUP = 128
 TINYGEMM_INNER_K_TILES = 8
 
@@ -194,39 +187,65 @@ def stacked_bias(linears: list[nn.Module], dtype: torch.dtype, device) -> torch.
 
 
 def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> Projection:
-    method = fast_method(method)
-    if method == "fp16":
-        return DenseProjection(weight, bias)
-    if method == "w8a8":
-        return W8A8Projection(weight, bias)
-    if method == "w4a16":
-        return W4A16Projection(weight, bias)
-    if method == "w4a16_tinygemm":
-        return TinygemmW4A16Projection(weight, bias)
-    group_size = W4A8_GROUP_SIZES[method]
-    codes, scale = numerics.quantize_weight_rtn(weight, group_size)
-    return W4A8Projection([QQQLinear.from_quantized(codes, scale, bias, group_size, weight.dtype)], weight.dtype)
+    """``weight`` [N, K] (+ ``bias``) as a projection of ``method`` (the quantized ones round to nearest)."""
+    return FORMATS[fast_method(method)].build(weight, bias)
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> torch.Tensor:
     """What ``projection_from_weight(weight, bias, method)`` computes for ``x`` [M, K], straight from
     ``qqq.numerics`` (the independent check of every projection)."""
-    method = fast_method(method)
-    if method == "fp16":
-        return F.linear(x, weight, bias)
-    if method in ("w4a16", "w4a16_tinygemm"):
-        if method == "w4a16":
-            dequantized = numerics.dequantize_per_channel(*numerics.quantize_weight_per_channel(weight))
-        else:
-            dequantized = numerics.dequantize_per_group(*numerics.quantize_weight_per_group(weight, TINYGEMM_GROUP))
-        return F.linear(x.float(), dequantized, None if bias is None else bias.float()).to(x.dtype)
-    if method == "w8a8":
-        codes, scale = numerics.quantize_weight_int8_per_channel(weight)
-        x_codes, token_scale = numerics.quantize_per_token(x)
-        return numerics.int8_linear_reference(x_codes, token_scale[:, 0], codes, scale, bias, x.dtype)
-    group_size = W4A8_GROUP_SIZES[method]
+    return FORMATS[fast_method(method)].reference(x, weight, bias)
+
+
+def _w4a16_reference(x, weight, bias, group_size):
+    if group_size == -1:
+        dequantized = numerics.dequantize_per_channel(*numerics.quantize_weight_per_channel(weight))
+    else:
+        dequantized = numerics.dequantize_per_group(*numerics.quantize_weight_per_group(weight, group_size))
+    return F.linear(x.float(), dequantized, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _w8a8_reference(x, weight, bias):
+    codes, scale = numerics.quantize_weight_int8_per_channel(weight)
+    x_codes, token_scale = numerics.quantize_per_token(x)
+    return numerics.int8_linear_reference(x_codes, token_scale[:, 0], codes, scale, bias, x.dtype)
+
+
+def _w4a8_rtn(weight, bias, group_size):
+    codes, scale = numerics.quantize_weight_rtn(weight, group_size)
+    return W4A8Projection([QQQLinear.from_quantized(codes, scale, bias, group_size, weight.dtype)], weight.dtype)
+
+
+def _w4a8_rtn_reference(x, weight, bias, group_size):
     codes, scale = numerics.quantize_weight_rtn(weight, group_size)
     ratio = None
     if group_size != -1:
         scale, ratio = numerics.two_level_scales(codes, scale)
     return numerics.w4a8_linear_reference(x, codes, scale, ratio, bias)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A method of the fast path: ``build(weight, bias)`` makes its projection, ``reference(x, weight, bias)``
+    computes the same from ``qqq.numerics``."""
+    note: str
+    build: Callable[[torch.Tensor, torch.Tensor | None], Projection]
+    reference: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+FORMATS = {
+    "fp16": Format("the model's own dtype, cuBLAS GEMMs", DenseProjection, F.linear),
+    "w8a8": Format("per-channel int8 weights, per-token int8 activations (Triton int8 GEMM)", W8A8Projection,
+                   _w8a8_reference),
+    "w4a16": Format("per-channel int4 weights, fp16 activations (Triton W4A16 GEMM)", W4A16Projection,
+                    partial(_w4a16_reference, group_size=-1)),
+    "w4a16_tinygemm": Format(f"int4 weights in groups of {TINYGEMM_GROUP}, bf16 activations (torch's tinygemm "
+                             "kernel; CUDA, bf16 models)", TinygemmW4A16Projection,
+                             partial(_w4a16_reference, group_size=TINYGEMM_GROUP)),
+    "w4a8_rtn": Format("QQQ's W4A8 format and kernels, per-channel weights rounded to nearest",
+                       partial(_w4a8_rtn, group_size=-1), partial(_w4a8_rtn_reference, group_size=-1)),
+    "w4a8_rtn_g128": Format("QQQ's W4A8 format and kernels, weights rounded to nearest in groups of 128",
+                            partial(_w4a8_rtn, group_size=128), partial(_w4a8_rtn_reference, group_size=128)),
+}
+METHODS = tuple(FORMATS)
+METHOD_NOTES = {method: spec.note for method, spec in FORMATS.items()}
