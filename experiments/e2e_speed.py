@@ -1,10 +1,12 @@
-"""End-to-end generation speed of FP16, W8A8, W4A16 and QQQ on the Llama-2 architectures, on one GPU.
+"""End-to-end generation speed of FP16, W8A8, W4A16 and W4A8 (QQQ's format) on the Llama-2 architectures, on one GPU.
 
 Random weights of the real shapes (built from the config, layer by layer on the GPU), the paper's serving setup
 without a server: a batch of prompts of ``--input-len`` tokens, ``--output-len`` greedy tokens each. Every method
-runs the same harness (``qqq.inference``): fused q/k/v and gate/up linears, fused producers (int8 for W8A8 and
-QQQ, fp16 for FP16 and W4A16), static KV cache, one CUDA graph per decode step. The lm_head and embeddings stay
-fp16 in every method (as in the paper).
+runs the same harness (``qqq.fast``): fused q/k/v and gate/up linears, fused producers (int8 for W8A8 and
+W4A8, fp16 for FP16 and W4A16), static KV cache, one CUDA graph per decode step. The lm_head and embeddings stay
+fp16 in every method (as in the paper). ``--kv-bits 16 8`` measures every method with the 16-bit KV cache and with
+the 8-bit one (int8, per-token and per-head scales) as rows of their own (column ``kv_bits``); speedups are over
+FP16 with the 16-bit cache.
 
 Measured per (model, method, batch), after a warm-up generation (compilation, graph capture):
 - ``ttft_ms``: prefill of the batch and the first token (median over ``--repeats``);
@@ -16,7 +18,7 @@ Writes ``<out>/e2e_speed.csv`` (+ ``e2e_speed.runs.json``: each run's command, d
 ``e2e_speed.md`` and ``e2e_speed.png``; ``--append`` adds a run (e.g. another model) to the table, ``--merge``
 the runs of tables written elsewhere.
 
-    python experiments/e2e_speed.py --models llama-2-7b --profile-batch 1 --out results
+    python experiments/e2e_speed.py --models llama-2-7b --kv-bits 16 8 --profile-batch 1 --out results
     python experiments/e2e_speed.py --models llama-2-13b --append --out results
 """
 
@@ -36,11 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qqq.inference import (METHOD_NOTES, METHODS, FastLlama, Generator, projection_from_weight,  # noqa: E402
-                           quantize_rows, reference_linear)
+from qqq.fast.attention import KV_BITS, decode_attention_reference  # noqa: E402
+from qqq.fast.generation import Generator  # noqa: E402
+from qqq.fast.model import FastLlama  # noqa: E402
+from qqq.fast.producers import quantize_rows  # noqa: E402
+from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
+                                  reference_linear)
 from qqq.provenance import ResultsTable, provenance  # noqa: E402
 
-KEY_COLUMNS = ["model", "method", "batch"]
+KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
+KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
 
 LLAMA2 = dict(num_key_value_heads=None, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
               rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)
@@ -75,7 +82,7 @@ def method_dtype(method: str) -> torch.dtype:
 
 
 def check_method(method: str, n: int = 768, k: int = 1024) -> float:
-    """Largest error of the method's GPU projection against ``qqq.inference.reference_linear``, relative to the
+    """Largest error of the method's GPU projection against ``qqq.fast.projections.reference_linear``, relative to the
     output's range (before any timing: no speed of a wrong kernel)."""
     dtype = method_dtype(method)
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -89,6 +96,22 @@ def check_method(method: str, n: int = 768, k: int = 1024) -> float:
         expected = reference_linear(x, weight, bias, method).float()
         worst = max(worst, float((projection(rows).float() - expected).abs().max() / expected.abs().max()))
     return worst
+
+
+def check_int8_kv_attention(batch: int = 3, heads: int = 32, kv_heads: int = 8, capacity: int = 1100) -> float:
+    """Largest error of decode attention over an int8 cache against its reference (the same codes and scales,
+    dequantized, then SDPA), relative to the output's range."""
+    from qqq import numerics
+    from qqq.kernels_triton.decode_attention import decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(batch, heads, 1, 128, generator=generator, device="cuda").half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, generator=generator, device="cuda") for _ in range(2))
+    (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
+    positions = torch.tensor([capacity - 1, 0, capacity // 3], device="cuda")[:batch]
+    cache = (k_codes, v_codes, positions, k_scale[..., 0], v_scale[..., 0])
+    expected = decode_attention_reference(q, *cache).float()
+    return float((decode_attention(q, *cache).float() - expected).abs().max() / expected.abs().max())
 
 
 def measure(fast: FastLlama, batch: int, input_len: int, output_len: int, repeats: int, seed: int) -> dict:
@@ -145,8 +168,45 @@ def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float,
     return sum(kernel_microseconds(prof).values()) / 1e3, wall * 1e3
 
 
+def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, batch: int, weight_gb: float, args,
+                 meta) -> dict:
+    free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    row = {"model": model_name, "batch": batch, "method": method, "kv_bits": kv_bits, "input_len": args.input_len,
+           "output_len": args.output_len, "weight_gb": round(weight_gb, 3)}
+    try:
+        row.update(measure(fast, batch, args.input_len, args.output_len, args.repeats, args.seed))
+        row["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        row.update(ttft_ms=float("nan"), decode_tok_s=float("nan"), decode_ms_per_step=float("nan"),
+                   status="out of memory")
+    row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    row["device"] = meta["device"]
+    print(f"  {kv_bits}-bit KV, batch {batch:3d}: {row['status']}, decode {row['decode_tok_s']:9.1f} tok/s "
+          f"({row['decode_ms_per_step']:.2f} ms/step), TTFT {row['ttft_ms']:8.1f} ms, "
+          f"peak {row['peak_mem_gb']:.1f} GB", flush=True)
+    return row
+
+
+def print_profiles(fast: FastLlama, batch: int, input_len: int) -> None:
+    free_memory()
+    top = profile_decode(fast, batch, input_len)
+    total = sum(us for _, us in top)
+    print(f"  decode step kernels at batch {batch}, {fast.kv_bits}-bit KV ({total:.0f} us of GPU time per step):")
+    for name, us in top[:12]:
+        print(f"    {us:8.1f} us  {name[:100]}")
+    gpu_ms, wall_ms = profile_prefill(fast, batch, input_len)
+    print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager: the rest is "
+          "host-side launch time)", flush=True)
+
+
 def run(args, meta) -> pd.DataFrame:
     rows = []
+    if 8 in args.kv_bits:
+        error = check_int8_kv_attention()
+        if error > 0.01:
+            sys.exit(f"decode attention over the int8 KV cache: CHECK FAILED (error {error:.3g} of the output range)")
+        print(f"decode attention over the int8 KV cache: check against the reference ok (error {error:.1e})")
     for model_name in args.models:
         config = architecture(model_name)
         for method in args.methods:
@@ -161,38 +221,21 @@ def run(args, meta) -> pd.DataFrame:
             weight_gb = fast.weight_bytes() / 1e9
             print(f"{model_name} {method}: check against the reference ok (error {error:.1e} of the output range); "
                   f"built in {time.time() - start:.1f} s, weights {weight_gb:.2f} GB", flush=True)
-            for batch in args.batches:
-                if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
-                    continue
-                free_memory()
-                torch.cuda.reset_peak_memory_stats()
-                row = {"model": model_name, "batch": batch, "method": method, "input_len": args.input_len,
-                       "output_len": args.output_len, "weight_gb": round(weight_gb, 3)}
-                try:
-                    row.update(measure(fast, batch, args.input_len, args.output_len, args.repeats, args.seed))
-                    row["status"] = "ok"
-                except torch.cuda.OutOfMemoryError:
-                    row.update(ttft_ms=float("nan"), decode_tok_s=float("nan"), decode_ms_per_step=float("nan"),
-                               status="out of memory")
-                row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-                row["device"] = meta["device"]
-                rows.append(row)
-                print(f"  batch {batch:3d}: {row['status']}, decode {row['decode_tok_s']:9.1f} tok/s "
-                      f"({row['decode_ms_per_step']:.2f} ms/step), TTFT {row['ttft_ms']:8.1f} ms, "
-                      f"peak {row['peak_mem_gb']:.1f} GB", flush=True)
-            if args.profile_batch and method in ("fp16", "qqq"):
-                free_memory()
-                top = profile_decode(fast, args.profile_batch, args.input_len)
-                total = sum(us for _, us in top)
-                print(f"  decode step kernels at batch {args.profile_batch} ({total:.0f} us of GPU time per step):")
-                for name, us in top[:12]:
-                    print(f"    {us:8.1f} us  {name[:100]}")
-                gpu_ms, wall_ms = profile_prefill(fast, args.profile_batch, args.input_len)
-                print(f"  prefill at batch {args.profile_batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms "
-                      "wall (eager: the rest is host-side launch time)", flush=True)
+            for kv_bits in args.kv_bits:
+                fast.kv_bits = kv_bits  # the cache each Generator makes
+                for batch in args.batches:
+                    if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
+                        continue
+                    rows.append(measured_row(fast, model_name, method, kv_bits, batch, weight_gb, args, meta))
+                if args.profile_batch and method in ("fp16", "w4a8_rtn"):
+                    print_profiles(fast, args.profile_batch, args.input_len)
             del fast
-    table = pd.DataFrame(rows)
-    fp16 = table[table["method"] == "fp16"].set_index(["model", "batch"])
+    return with_ratios(pd.DataFrame(rows))
+
+
+def with_ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """Each row's decode speedup, TTFT and weights over FP16's with the 16-bit KV cache, same model and batch."""
+    fp16 = table[(table["method"] == "fp16") & (table["kv_bits"] == 16)].set_index(["model", "batch"])
     for column, ratio in (("decode_tok_s", "speedup_vs_fp16"), ("ttft_ms", "ttft_vs_fp16"),
                           ("weight_gb", "weight_vs_fp16")):
         base = [fp16[column].get((m, b), float("nan")) for m, b in zip(table["model"], table["batch"])]
@@ -202,20 +245,20 @@ def run(args, meta) -> pd.DataFrame:
 
 def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_by: str | None = None) -> None:
     lines = ["# End-to-end generation speed (random weights of the real shapes)", "",
-             "Decode speedup = decode tokens/s over FP16's at the same model and batch (same run); TTFT = time to "
-             "first token (prefill of the whole batch).", ""]
+             "Decode speedup = decode tokens/s over FP16's (with the 16-bit KV cache) at the same model and batch "
+             "(same run); TTFT = time to first token (prefill of the whole batch); KV = the KV cache's bits.", ""]
     for model_name, rows in table.groupby("model", sort=False):
         lengths = ", ".join(f"input {i} / output {o}" for i, o in
                             dict.fromkeys(zip(rows["input_len"].astype(int), rows["output_len"].astype(int))))
         lines += [f"## {model_name} ({lengths} tokens per sequence)", "",
-                  "| method | batch | decode tok/s | ms/step | speedup vs FP16 | TTFT ms | TTFT vs FP16 | "
-                  "weights GB | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
-        for _, r in rows.sort_values(["batch", "method"], key=_method_order).iterrows():
+                  "| method | KV | batch | decode tok/s | ms/step | speedup vs FP16 | TTFT ms | TTFT vs FP16 | "
+                  "weights GB | peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in rows.sort_values(["batch", "method", "kv_bits"], key=_method_order).iterrows():
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | {r['batch']} | {r['status']} | | | | | {r['weight_gb']:.2f} | "
-                             f"{r['peak_mem_gb']:.1f} |")
+                lines.append(f"| {r['method']} | {r['kv_bits']} | {r['batch']} | {r['status']} | | | | | "
+                             f"{r['weight_gb']:.2f} | {r['peak_mem_gb']:.1f} |")
                 continue
-            lines.append(f"| {r['method']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+            lines.append(f"| {r['method']} | {r['kv_bits']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
                          f"{r['decode_ms_per_step']:.2f} | {_ratio(r['speedup_vs_fp16'])} | {r['ttft_ms']:.1f} | "
                          f"{_ratio(r['ttft_vs_fp16'])} | {r['weight_gb']:.2f} | {r['peak_mem_gb']:.1f} |")
         lines.append("")
@@ -223,9 +266,13 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         f"- w4a16_tinygemm runs only at batch <= {TINYGEMM_MAX_BATCH} (where it is the faster W4A16 GEMM)",
         "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm and SiLU*up producers, RoPE written "
         "into a static KV cache, SDPA prefill attention, split-KV decode attention, one CUDA graph per decode step, "
-        "fp16 (bf16 for tinygemm) embeddings, lm_head and KV cache",
+        "fp16 (bf16 for tinygemm) embeddings and lm_head",
+        "- KV 16: the cache in the model's dtype; KV 8: int8 codes with an fp32 scale per token and head, written by "
+        "the RoPE producer and read by the decode attention kernel (checked against its reference before timing)",
+        "- names measured before the rename (qqq, qqq_g128) are the same round-to-nearest W4A8 formats as w4a8_rtn, "
+        "w4a8_rtn_g128",
         "- random weights (normal, std 0.02), round-to-nearest quantized: speed does not depend on the values; "
-        "each method's projection is checked against qqq.inference.reference_linear on the GPU before timing",
+        "each method's projection is checked against qqq.fast.projections.reference_linear on the GPU before timing",
         "- timing: a warm-up generation (compilation, graph capture), then the median of the repeats; peak GB = "
         "torch.cuda.max_memory_allocated over the measurement (weights + KV cache + activations + graph pool)", "",
         "## How it was made", ""] + ([f"Runs merged into this table by `{merged_by}`.", ""] if merged_by else []) + [
@@ -257,7 +304,12 @@ def results_part(path: Path, folder: Path) -> Path:
 
 
 def _method_order(column: pd.Series) -> pd.Series:
-    return column.map({m: i for i, m in enumerate(METHODS)}) if column.name == "method" else column
+    if column.name == "kv_bits":
+        return -column  # 16 before 8
+    if column.name != "method":
+        return column
+    order = {m: i for i, m in enumerate(METHODS)}
+    return column.map(lambda m: order.get(RENAMED_METHODS.get(m, m), len(order)))
 
 
 def _ratio(value: float) -> str:
@@ -275,9 +327,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile-batch", type=int, default=0,
-                        help="print the decode step's kernel times at this batch for fp16 and qqq (0: off)")
+                        help="print the decode step's kernel times at this batch for fp16 and w4a8_rtn (0: off)")
+    parser.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
+                        help="measure each method with these KV caches: 16 (the model's dtype) and/or 8 (int8)")
     parser.add_argument("--append", action="store_true",
-                        help="add this run's rows to <out>/e2e_speed.csv (rows of the same model/method/batch are "
+                        help="add this run's rows to <out>/e2e_speed.csv (rows of the same model/method/KV/batch are "
                              "replaced; e2e_speed.runs.json keeps each run's provenance)")
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="CSV",
                         help="no measurement: add the runs of e2e_speed.csv files written elsewhere (another --out)")
@@ -285,7 +339,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = provenance()
-    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge))
+    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge),
+                           defaults={"kv_bits": KV_BITS_BEFORE_THE_COLUMN})
     if args.merge:
         with tempfile.TemporaryDirectory() as folder:
             for path in args.merge:

@@ -1,4 +1,4 @@
-"""How closely the fast inference path (``qqq.inference.FastLlama``) follows the Hugging Face model on the same
+"""How closely the fast inference path (``qqq.fast.model.FastLlama``) follows the Hugging Face model on the same
 W4A8 weights, in fp32 and in fp16, on the embedded model.
 
 Both run the PyTorch reference ops (no kernels: the kernels have their own exactness tests), so what differs is
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["QQQ_BACKEND"] = "reference"
 
-from qqq.inference import FastLlama, KVCache  # noqa: E402
+from qqq.fast.model import FastLlama  # noqa: E402
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model  # noqa: E402
 from qqq.pipeline import QuantizeSettings, quantize_model  # noqa: E402
 from qqq.provenance import markdown_provenance, provenance  # noqa: E402
@@ -37,7 +37,7 @@ def next_token_distributions(model, ids: torch.Tensor, step: int) -> tuple[torch
     with torch.no_grad():
         hf = model(ids).logits[0].float().softmax(-1)
     lengths = range(step, ids.shape[1] + 1, step)
-    ours = [fast(ids[:, :t], torch.arange(t)[None], KVCache(fast.arch, 1, t, fast.dtype, "cpu"))[0].float()
+    ours = [fast(ids[:, :t], torch.arange(t)[None], fast.new_cache(1, t))[0].float()
             .softmax(-1) for t in lengths]
     return hf[[t - 1 for t in lengths]], torch.stack(ours)
 

@@ -5,12 +5,15 @@ the offline C4 substitute, with the CLI's demo calibration so that it runs on a 
 Smoothing is searched once per (rule, group size) and shared by the methods that use it. Quantized models
 are cached on disk (qqq.cache; experiments/zeroshot_table.py reuses them). ``--append`` adds this run's rows
 to results/ppl.csv instead of replacing the table; the markdown names the run (command) behind each row.
+``--kv-bits 16 8`` also scores each model with its keys and values rounded as the fast path's 8-bit KV cache
+stores them (``qqq.fast.attention.kv_cache_fake_quantized``), as rows of their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +21,12 @@ import torch
 
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
+from qqq.fast.attention import KV_BITS, kv_cache_fake_quantized
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
 from qqq.provenance import ResultsTable, provenance
 
-KEY_COLUMNS = ["model", "method", "group_size", "dataset", "seqlen"]
+KEY_COLUMNS = ["model", "method", "group_size", "kv_bits", "dataset", "seqlen"]
 
 
 def parse_args():
@@ -32,6 +36,9 @@ def parse_args():
     p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128])
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
+                   help="16: attention reads the model's own keys and values; 8: rounded as the 8-bit KV cache holds "
+                        "them (int8 per token and head)")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
@@ -52,7 +59,7 @@ def main():
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append)
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append, defaults={"kv_bits": 16})
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
@@ -63,21 +70,25 @@ def main():
         for method, group_size, model, seconds, cached in calibrated_sweep(
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
                 args.seed, device, use_cache=not args.no_cache):
-            start = time.time()
-            value = perplexity(model.to(device), windows, device, desc=f"{method.name} g{group_size}")
-            rows.append(dict(model=model_name, method=method.name, group_size=group_size, dataset=args.dataset,
-                             seqlen=args.seqlen, windows=windows.shape[0], ppl=round(value, 4),
-                             seconds=round(seconds + time.time() - start), from_cache=cached is not None))
-            print(rows[-1], flush=True)
-            write_markdown(results.write(rows), results, args, calibration, out.with_suffix(".md"))  # after each
+            for kv_bits in args.kv_bits:
+                start = time.time()
+                label = f"{method.name} g{group_size} kv{kv_bits}"
+                with kv_cache_fake_quantized(model) if kv_bits == 8 else nullcontext():
+                    value = perplexity(model.to(device), windows, device, desc=label)
+                rows.append(dict(model=model_name, method=method.name, group_size=group_size, kv_bits=kv_bits,
+                                 dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0],
+                                 ppl=round(value, 4), seconds=round(seconds + time.time() - start),
+                                 from_cache=cached is not None))
+                print(rows[-1], flush=True)
+                write_markdown(results.write(rows), results, args, calibration, out.with_suffix(".md"))  # after each
             del model
 
 
 def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration: dict, path: Path) -> None:
     order = {name: i for i, name in enumerate(METHODS)}
-    table = table.sort_values(["method", "group_size"], key=lambda c: c.map(order) if c.name == "method" else c,
-                              kind="stable")
-    pivot = table.pivot_table(index=["method", "group_size"], columns="model", values="ppl", sort=False)
+    table = table.sort_values(["method", "group_size", "kv_bits"], key=lambda c: c.map(order) if c.name == "method"
+                              else -c if c.name == "kv_bits" else c, kind="stable")
+    pivot = table.pivot_table(index=["method", "group_size", "kv_bits"], columns="model", values="ppl", sort=False)
     notes = [f"# Perplexity ({args.dataset}, {args.seqlen}-token windows, lower is better)", "",
              pivot.reset_index().to_markdown(index=False, floatfmt=".3f"), "",
              f"- evaluation text: {args.dataset}"
@@ -87,6 +98,9 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              + (" (the first ones: a subset, to fit a 2-core CPU)" if args.windows else ""),
              "- calibration: see each run below",
              "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
+             "- kv_bits 16: attention reads the keys and values the model computes; kv_bits 8: keys (after RoPE) and "
+             "values rounded to int8 per token and head (symmetric, scale = amax / 127) before attention, as the fast "
+             "path's 8-bit KV cache stores them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
              ]
     if EMBEDDED_MODEL in set(table["model"]):
         notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
@@ -98,7 +112,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
 
 
 def configurations(rows: pd.DataFrame) -> str:
-    return ", ".join(f"{m} g{g}" for m, g in zip(rows["method"], rows["group_size"]))
+    return ", ".join(f"{m} g{g}" + (" kv8" if kv == 8 else "")
+                     for m, g, kv in zip(rows["method"], rows["group_size"], rows["kv_bits"]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import torch
 
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.gptq import GPTQConfig
-from qqq.inference import METHODS as FAST_METHODS
+from qqq.fast.attention import KV_BITS
+from qqq.fast.projections import METHODS as FAST_METHODS
+from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model, source_dtype
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, QuantizeSettings, calibration_settings,
@@ -146,41 +148,51 @@ def cmd_demo(args) -> None:
 def cmd_generate(args) -> None:
     import os
 
-    from qqq.inference import FastLlama, Generator
-    from qqq.linear import triton_available_for
+    from contextlib import nullcontext
+
+    from qqq.fast.attention import kv_cache_fake_quantized
+    from qqq.fast.backend import use_triton
+    from qqq.fast.generation import Generator
+    from qqq.fast.model import FastLlama
     from qqq.models import is_qqq_checkpoint
 
+    if args.method in RENAMED_FAST_METHODS:
+        print(f"qqq: note: --method {args.method} is now called {RENAMED_FAST_METHODS[args.method]} (round-to-nearest "
+              "W4A8; the pipeline's qqq, smoothing + GPTQ, is what a QQQ checkpoint holds)", file=sys.stderr)
+        args.method = RENAMED_FAST_METHODS[args.method]
     device = torch.device(args.device) if args.device else default_device()
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
     _note_if_embedded(args.model)
     method = "qqq checkpoint" if is_qqq_checkpoint(args.model) else args.method
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     capacity = prompt.shape[1] + args.max_new_tokens
-    fast = FastLlama.from_hf(model, "fp16" if method == "qqq checkpoint" else method, max_positions=capacity)
+    fast = FastLlama.from_hf(model, "fp16" if method == "qqq checkpoint" else method, max_positions=capacity,
+                             kv_bits=args.kv_bits)
     runner = Generator(fast, 1, capacity, use_graph=False if args.no_graph else None)
     result = runner.generate(prompt, args.max_new_tokens)
     tokens = result.tokens[0].tolist()
     if tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
     print(args.prompt + tokenizer.decode(tokens, skip_special_tokens=True))
-    backend = "Triton kernels" if triton_available_for(prompt) else "PyTorch reference ops"
-    print(f"\n[{method}, {backend}{', CUDA graphs' if runner.use_graph else ''}; {fast.weight_bytes() / 1e9:.2f} GB "
-          f"of weights] time to first token {1e3 * result.ttft_s:.1f} ms, decode "
+    backend = "Triton kernels" if use_triton(prompt) else "PyTorch reference ops"
+    print(f"\n[{method}, {args.kv_bits}-bit KV cache, {backend}{', CUDA graphs' if runner.use_graph else ''}; "
+          f"{fast.weight_bytes() / 1e9:.2f} GB of weights] time to first token {1e3 * result.ttft_s:.1f} ms, decode "
           f"{result.decode_tokens_per_s:.1f} tokens/s ({args.max_new_tokens} tokens, greedy, {device})", flush=True)
     if args.check:
         previous = os.environ.get("QQQ_BACKEND")
         os.environ["QQQ_BACKEND"] = "reference"
         try:
-            with torch.no_grad():
+            with torch.no_grad(), kv_cache_fake_quantized(model) if args.kv_bits == 8 else nullcontext():
                 reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                            max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                            pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:]
             ours = result.tokens[0].tolist()
             same = next((i for i, (a, b) in enumerate(zip(ours, reference.tolist())) if a != b), args.max_new_tokens)
+            rounded = ", keys and values rounded as the 8-bit cache holds them" if args.kv_bits == 8 else ""
             print(f"check: the first {same} of {args.max_new_tokens} greedy tokens equal the Hugging Face model's "
-                  "(PyTorch reference ops)", flush=True)
+                  f"(PyTorch reference ops{rounded})", flush=True)
             if same < args.max_new_tokens:  # how close was the reference's own choice at the first difference?
-                with torch.no_grad():
+                with torch.no_grad(), kv_cache_fake_quantized(model) if args.kv_bits == 8 else nullcontext():
                     logits = model(torch.cat((prompt[0], reference[:same]))[None]).logits[0, -1].float()
                 probabilities = logits.softmax(-1)
                 print(f"  at token {same + 1} the reference model gives its choice {tokenizer.decode([reference[same]])!r} "
@@ -193,7 +205,7 @@ def cmd_generate(args) -> None:
 
 def linear_shapes(model_name: str) -> list[tuple[int, int]]:
     """(N, K) of every decoder linear of ``model_name`` and of the fused q/k/v and gate/up linears that
-    ``qqq.inference`` runs, read from its config alone."""
+    ``qqq.fast`` runs, read from its config alone."""
     from transformers import AutoConfig
 
     from qqq.models import embedded_model_path
@@ -264,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"Hugging Face id, local folder, QQQ checkpoint (default: {EMBEDDED_MODEL!r})")
     generate.add_argument("--prompt", default="The capital of France is")
     generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--method", default="fp16", choices=FAST_METHODS,
-                          help="format for a model that is not a QQQ checkpoint (quantized ones round to nearest)")
+    generate.add_argument("--method", default="fp16", choices=FAST_METHODS + tuple(RENAMED_FAST_METHODS),
+                          metavar="{" + ",".join(FAST_METHODS) + "}",
+                          help="format for a model that is not a QQQ checkpoint (the quantized ones round to nearest; "
+                          "a QQQ checkpoint keeps its own smoothed + GPTQ weights)")
+    generate.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
+                          help="KV cache: 16 (the model's dtype) or 8 (int8, per-token and per-head scales)")
     generate.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     generate.add_argument("--check", action="store_true",
                           help="compare the greedy tokens with the Hugging Face model's (PyTorch reference ops)")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from qqq import numerics
+from qqq.fast.backend import triton_or_reference
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
 
 
@@ -30,22 +29,6 @@ class FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quantize_input={self.quantize_input}"
-
-
-def triton_available_for(x: torch.Tensor) -> bool:
-    """Use the Triton kernels on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``.
-
-    ``QQQ_BACKEND=reference`` forces the PyTorch reference everywhere (for debugging and fast CPU tests).
-    """
-    if os.environ.get("QQQ_BACKEND", "auto") == "reference":
-        return False
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class QQQLinear(nn.Module):
@@ -109,13 +92,17 @@ class QQQLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QQQLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         ratio = self.group_ratio if self.per_group else None
-        if triton_available_for(x):
-            from qqq.kernels_triton.w4a8_gemm import w4a8_linear
-
-            return w4a8_linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
-        flat = x.reshape(-1, self.in_features)
-        y = numerics.w4a8_linear_reference(flat, self.codes(), self.channel_scale, ratio, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        linear = triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference)
+        return linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def w4a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, channel_scale: torch.Tensor,
+                          group_ratio: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                          group_size: int = -1) -> torch.Tensor:
+    """What ``qqq.kernels_triton.w4a8_gemm.w4a8_linear`` computes for ``x`` [..., K], from ``qqq.numerics``."""
+    codes = unpack_int4(qweight, x.shape[-1], signed=group_size == -1)
+    y = numerics.w4a8_linear_reference(x.reshape(-1, x.shape[-1]), codes, channel_scale, group_ratio, bias)
+    return y.reshape(*x.shape[:-1], -1)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from qqq import numerics
-from qqq.inference import METHODS
+from qqq.fast.projections import METHODS, RENAMED_METHODS
 
 # ------------------------------------------------------------------------------------------ results files
 
@@ -154,22 +154,36 @@ def plot_gemm_speedup(df: pd.DataFrame, path: str | Path | None = None, kernels=
     return _finish(fig, path)
 
 
-E2E_METHODS = METHODS  # the order of qqq.inference
+# the order of qqq.fast.projections.METHODS, each old name (results measured before the rename keep it) beside its
+# new one
+E2E_METHODS = tuple(name for method in METHODS
+                    for name in (method, *(old for old, new in RENAMED_METHODS.items() if new == method)))
+
+
+def e2e_labels(df: pd.DataFrame) -> pd.Series:
+    """The bar label of each row of an e2e table: its method, plus " kv8" for the 8-bit KV cache (column
+    ``kv_bits``; tables measured before it had the 16-bit cache)."""
+    if "kv_bits" not in df:
+        return df["method"]
+    return pd.Series([m if pd.isna(kv) or int(kv) == 16 else f"{m} kv{int(kv)}" for m, kv in
+                      zip(df["method"], df["kv_bits"])], index=df.index)
 
 
 def plot_e2e_speedup(df: pd.DataFrame, path: str | Path | None = None):
     """End-to-end decode speedup over FP16: for each batch size a group of bars, one per method (in the order
-    of :data:`E2E_METHODS`, then any others), one panel per model. ``df`` has the columns of
-    ``e2e_speed.csv`` (model, batch, method, decode_tok_s, ttft_ms, peak_mem_gb, speedup_vs_fp16, device).
+    of :data:`E2E_METHODS`, each with its 8-bit KV cache rows next to it, then any others), one panel per model.
+    ``df`` has the columns of ``e2e_speed.csv`` (model, batch, method, decode_tok_s, ttft_ms, peak_mem_gb,
+    speedup_vs_fp16, device; kv_bits in tables measured since the 8-bit KV cache).
     A row without a finite speedup (e.g. it or FP16 ran out of memory) gets no bar but its ``status`` (when
     the table has one and it is not "ok") or "n/a" written at the bar's place; a method not measured at a batch
     size leaves a gap."""
     missing = {"model", "batch", "method", "speedup_vs_fp16"} - set(df.columns)
     if missing:
         raise ValueError(f"e2e table lacks the columns {sorted(missing)}")
+    df = df.assign(method=e2e_labels(df))
     models = list(dict.fromkeys(df["model"]))
-    methods = [m for m in E2E_METHODS if m in set(df["method"])] + \
-        [m for m in dict.fromkeys(df["method"]) if m not in E2E_METHODS]
+    known = [label for m in E2E_METHODS for label in (m, f"{m} kv8")]
+    methods = [m for m in known if m in set(df["method"])] + [m for m in dict.fromkeys(df["method"]) if m not in known]
     panel_width = min(12.0, max(5.0, 1.0 + 0.25 * len(methods) * df["batch"].nunique()))
     fig, axes = plt.subplots(1, len(models), figsize=(panel_width * len(models), 4.0), squeeze=False)
     width = 0.8 / len(methods)

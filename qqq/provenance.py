@@ -50,12 +50,14 @@ class ResultsTable:
     """The rows of ``out.csv`` and the runs that made them (``out.runs.json``): each run's provenance and the
     configurations it measured. With ``append``, a run adds its rows to the table already there, replacing
     the old rows of the same ``key_columns`` (e.g. model, method, group size), and the table's markdown then
-    names the run behind every row."""
+    names the run behind every row. ``defaults``: columns added after older rows were written, with the value
+    those rows had without saying so (e.g. ``{"kv_bits": 16}``: every row before the 8-bit KV cache)."""
 
-    def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False):
-        self.out, self.key_columns = Path(out), key_columns
+    def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False,
+                 defaults: dict | None = None):
+        self.out, self.key_columns, self.defaults = Path(out), key_columns, defaults or {}
         csv, runs = self.out.with_suffix(".csv"), self.out.with_suffix(".runs.json")
-        self.old = pd.read_csv(csv) if append and csv.exists() else pd.DataFrame()
+        self.old = self._completed(pd.read_csv(csv)) if append and csv.exists() else pd.DataFrame()
         self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
         if len(self.old) and ("run" not in self.old or self.old["run"].isna().any()):
             raise ValueError(f"{csv} has rows without a run in {runs}: cannot say how they were made; rerun them")
@@ -66,12 +68,17 @@ class ResultsTable:
         """Take in the rows and runs of another results file (``part``.csv and ``part``.runs.json, from runs made
         in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered."""
         part = Path(part)
-        rows = pd.read_csv(part.with_suffix(".csv"))
+        rows = self._completed(pd.read_csv(part.with_suffix(".csv")))
         renumbered = {}
         for run in json.loads(part.with_suffix(".runs.json").read_text()):
             renumbered[run["run"]] = max(r["run"] for r in self.runs) + 1
             self.runs.append({**run, "run": renumbered[run["run"]]})
         self.old = self._replaced(self.old, rows.assign(run=rows["run"].map(renumbered)))
+
+    def _completed(self, rows: pd.DataFrame) -> pd.DataFrame:
+        for column, value in self.defaults.items():
+            rows[column] = rows[column].fillna(value) if column in rows else value
+        return rows
 
     def _replaced(self, old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
         if not len(old):

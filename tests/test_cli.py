@@ -60,7 +60,7 @@ def test_tune_shapes_come_from_the_model_config(tiny_model_dir):
     from qqq.cli import linear_shapes
 
     # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128
-    # then the fused q/k/v (128 x 64, already listed) and gate/up (256 x 64) of qqq.inference
+    # then the fused q/k/v (128 x 64, already listed) and gate/up (256 x 64) of qqq.fast
     assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
 
 
@@ -103,3 +103,17 @@ def test_generate_prints_text_speed_and_the_greedy_check(tiny_model_dir, tmp_pat
     assert out.startswith("Hello there")
     assert re.search(r"decode [\d.]+ tokens/s", out) and ("qqq checkpoint" in out) == (method == "checkpoint")
     assert "check: the first 5 of 5 greedy tokens equal" in out
+
+
+def test_generate_with_the_8_bit_kv_cache_and_an_old_method_name(tiny_model_dir, capsys, reference_backend):
+    model = str(tiny_model_dir)
+    main(["generate", model, "--prompt", "Hello there", "--max-new-tokens", "4", "--kv-bits", "8", "--check",
+          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "[fp16, 8-bit KV cache" in out
+    assert "check: the first 4 of 4 greedy tokens equal" in out and "rounded as the 8-bit cache holds them" in out
+    main(["generate", model, "--max-new-tokens", "2", "--method", "qqq", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert "--method qqq is now called w4a8_rtn" in captured.err and "[w4a8_rtn, 16-bit KV cache" in captured.out
+    with pytest.raises(SystemExit):
+        main(["generate", model, "--kv-bits", "4"])

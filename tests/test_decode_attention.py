@@ -1,10 +1,13 @@
-"""Split-KV decode attention under TRITON_INTERPRET=1 (see conftest.py) against masked SDPA."""
+"""Split-KV decode attention under TRITON_INTERPRET=1 (see conftest.py) against masked SDPA, with 16-bit and int8
+caches (the int8 one against the plain reference of the same math: SDPA over the dequantized cache)."""
 
 import pytest
 import torch
 from conftest import interpreted_kernels
 
-from qqq.kernels_triton.decode_attention import decode_attention
+from qqq import numerics
+from qqq.fast.attention import decode_attention_reference
+from qqq.kernels_triton.decode_attention import BLOCK_KEYS, decode_attention
 
 pytestmark = interpreted_kernels
 
@@ -23,3 +26,46 @@ def test_decode_attention_matches_masked_sdpa(batch, heads, kv_heads, capacity):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     k[0, :, positions[0] + 1:] = float("nan")  # keys past a sequence's position are never read
     assert torch.isfinite(decode_attention(q, k, v, positions)).all()
+
+
+def int8_cache(batch, kv_heads, capacity, head_dim, gen):
+    """K and V with outlier channels (as real keys have), quantized per token and head as the cache holds them."""
+    k, v = (torch.randn(batch, kv_heads, capacity, head_dim, generator=gen) for _ in range(2))
+    k[..., :: head_dim // 4] *= 10
+    (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
+    return k_codes, v_codes, k_scale[..., 0], v_scale[..., 0]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity,dtype", [
+    (2, 4, 2, 200, torch.float32),   # GQA, context not a multiple of the split or of the key block
+    (3, 6, 1, 70, torch.float16),    # one kv head for all, fp16 queries
+    (1, 2, 2, 131, torch.float32),   # no GQA, odd context
+])
+def test_decode_attention_reads_an_int8_cache(batch, heads, kv_heads, capacity, dtype):
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, heads, 1, 32, generator=gen).to(dtype)
+    k_codes, v_codes, k_scale, v_scale = int8_cache(batch, kv_heads, capacity, 32, gen)
+    positions = torch.tensor([capacity - 1, 0, capacity // 2 + 3][:batch])
+    assert ((positions + 1) % BLOCK_KEYS).all()  # contexts end inside a key block, so inside a split
+    expected = decode_attention_reference(q, k_codes, v_codes, positions, k_scale, v_scale)
+    got = decode_attention(q, k_codes, v_codes, positions, k_scale, v_scale)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-3 if dtype == torch.float16 else 1e-4,
+                               atol=1e-3 if dtype == torch.float16 else 1e-5)
+    # the scales are applied: the same codes with doubled value scales give doubled outputs
+    torch.testing.assert_close(decode_attention(q, k_codes, v_codes, positions, k_scale, 2 * v_scale).float(),
+                               2 * got.float(), rtol=2e-3, atol=1e-4)
+    k_scale[0, :, positions[0] + 1:] = float("nan")  # scales past a sequence's position are never read
+    assert torch.isfinite(decode_attention(q, k_codes, v_codes, positions, k_scale, v_scale)).all()
+
+
+def test_decode_attention_rejects_bad_caches():
+    q = torch.randn(1, 2, 1, 32)
+    codes = torch.zeros(1, 2, 16, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="needs its k_scale"):
+        decode_attention(q, codes, codes.clone(), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="both k_scale and v_scale"):
+        decode_attention(q, codes, codes.clone(), torch.zeros(1, dtype=torch.long), torch.ones(1, 2, 16))
+    with pytest.raises(ValueError, match="must be alike"):
+        decode_attention(q, codes, codes.clone(), torch.zeros(1, dtype=torch.long), torch.ones(1, 2, 16),
+                         torch.ones(1, 2, 16, dtype=torch.float16))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import interpreted_kernels
 
-from qqq.inference import rmsnorm_reference, rope_into_cache_reference, silu_mul_reference
+from qqq.fast.producers import rmsnorm_reference, rope_into_cache_reference, silu_mul_reference
 from qqq.kernels_triton.fused_producers import rmsnorm_quantize, rope_into_cache, silu_mul_quantize
 
 pytestmark = interpreted_kernels
@@ -94,6 +94,33 @@ def test_rope_into_cache_matches_composition(dtype, t, start):
     assert written.tolist() == [start <= p < start + t for p in range(capacity)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("t,start,heads,kv_heads", [(5, 0, 4, 2), (1, 9, 6, 1), (3, 4, 2, 2)])
+def test_rope_into_int8_cache_matches_composition(dtype, t, start, heads, kv_heads):
+    batch, head_dim, capacity = 2, 32, 16
+    qkv = rows(batch * t, (heads + 2 * kv_heads) * head_dim, dtype, seed=6).reshape(batch, t, -1)
+    angles = torch.arange(capacity)[:, None] * 0.37 ** torch.arange(head_dim // 2)[None, :].float()
+    cos, sin = angles.cos(), angles.sin()
+    positions = (torch.arange(t) + start).expand(batch, t)
+    caches = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=torch.int8) for _ in range(4)]
+    scales = [torch.zeros(batch, kv_heads, capacity) for _ in range(4)]
+    q = rope_into_cache(qkv, cos, sin, positions, caches[0], caches[1], heads, scales[0], scales[1])
+    q_ref = rope_into_cache_reference(qkv, cos, sin, positions, caches[2], caches[3], heads, scales[2], scales[3])
+    torch.testing.assert_close(q, q_ref, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(scales[0], scales[2], rtol=1e-3, atol=0)
+    assert torch.equal(scales[1], scales[3])  # v is copied, then quantized: the same values, the same scale
+    assert torch.equal(caches[1], caches[3])
+    assert (caches[0].int() - caches[2].int()).abs().max() <= 1  # k: RoPE may differ in the last ulp
+    written = scales[0].sum(dim=(0, 1)) > 0
+    assert written.tolist() == [start <= p < start + t for p in range(capacity)]
+    # the codes use the whole int8 range of each (token, head) and dequantize to the rotated k they hold
+    assert caches[0][:, :, start:start + t].abs().amax(dim=-1).eq(127).all()
+    k16 = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype)
+    rope_into_cache_reference(qkv, cos, sin, positions, k16, k16.clone(), heads)
+    dequantized = caches[0].float() * scales[0][..., None]
+    assert (dequantized - k16.float()).abs().max() <= 0.51 * scales[0].max()
+
+
 def test_producers_reject_bad_input():
     with pytest.raises(ValueError, match="weight must be"):
         rmsnorm_quantize(torch.randn(2, 64), torch.ones(32), 1e-6)
@@ -108,3 +135,10 @@ def test_producers_reject_bad_input():
         rope_into_cache(torch.randn(1, 1, 72), torch.ones(8, 12), torch.ones(8, 12), torch.zeros(1, 1, dtype=torch.long),
                         cache, cache.clone(), 1)
 
+    int8_cache = torch.zeros(1, 1, 8, 32, dtype=torch.int8)
+    qkv, trig, position = torch.randn(1, 1, 96), torch.ones(8, 16), torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="must be alike"):
+        rope_into_cache(qkv, trig, trig, position, int8_cache, int8_cache.clone(), 1)  # int8 without scales
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        rope_into_cache(qkv, trig, trig, position, int8_cache, int8_cache.clone(), 1, torch.zeros(1, 1, 8),
+                        torch.zeros(1, 1, 7))

@@ -40,27 +40,10 @@ def test_qqq_linear_kernel_matches_the_reference_on_cuda(group_size, dtype):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "qqq", "qqq_g128"])
-def test_fast_model_kernels_and_cuda_graph_decode_on_cuda(method, monkeypatch):
-    from qqq.inference import FastLlama, Generator, KVCache
-
-    model = tiny_model(hidden=256, intermediate=512, heads=4, kv_heads=2).half().cuda()
-    fast = FastLlama.from_hf(model, method)
-    prompts = token_batch(2, 12).cuda()
-    positions = torch.arange(12, device="cuda").expand(2, 12)
-    got = fast(prompts, positions, KVCache(fast.arch, 2, 16, fast.dtype, "cuda"))
-    monkeypatch.setenv("QQQ_BACKEND", "reference")
-    expected = fast(prompts, positions, KVCache(fast.arch, 2, 16, fast.dtype, "cuda"))
-    monkeypatch.setenv("QQQ_BACKEND", "auto")
-    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02 * float(expected.abs().max()))
-    graph = Generator(fast, 2, 24).generate(prompts, 10)
-    eager = Generator(fast, 2, 24, use_graph=False).generate(prompts, 10)
-    assert torch.equal(graph.tokens, eager.tokens)
-
-
-@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "w4a16_tinygemm", "qqq", "qqq_g128"])
+@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "w4a16_tinygemm", "w4a8_rtn", "w4a8_rtn_g128"])
 def test_every_fast_projection_matches_its_reference_on_cuda(method):
-    from qqq.inference import projection_from_weight, quantize_rows, reference_linear
+    from qqq.fast.producers import quantize_rows
+    from qqq.fast.projections import projection_from_weight, reference_linear
 
     dtype = torch.bfloat16 if method == "w4a16_tinygemm" else torch.float16
     torch.manual_seed(0)

@@ -70,8 +70,8 @@ def covered_branches() -> set[tuple[str, str]]:
     covered |= {("w4a8_gemm", f"{path}/g{g}") for path, g in GEMM_CASES}
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
-    covered |= {("rope_into_cache", "rope"), ("decode_attention", "split_kv"), ("w8a8_gemm", "int8_gemm"),
-                ("w4a16_linear", "w4a16")}
+    covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
+                ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w4a16_linear", "w4a16")}
     return covered
 
 
@@ -279,7 +279,7 @@ def test_baseline_branches(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("launcher,rows,residual,out", PRODUCER_CASES)
 def test_fused_producer_branch(launcher, rows, residual, out, dtype):
-    from qqq.inference import rmsnorm_reference, silu_mul_reference
+    from qqq.fast.producers import rmsnorm_reference, silu_mul_reference
     from qqq.kernels_triton.fused_producers import rmsnorm_quantize, silu_mul_quantize
 
     m = 1 if rows == "chunked" else 300
@@ -316,7 +316,7 @@ def test_fused_producer_branch(launcher, rows, residual, out, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 37])
 def test_rope_into_cache_at_llama_sizes(t, dtype):
-    from qqq.inference import rope_into_cache_reference
+    from qqq.fast.producers import rope_into_cache_reference
     from qqq.kernels_triton.fused_producers import rope_into_cache
 
     batch, heads, kv_heads, head_dim, capacity = 3, 32, 8, 128, 64
@@ -358,3 +358,49 @@ def test_decode_attention_matches_masked_sdpa(batch, heads, kv_heads):
     _assert_branch(taken, "decode_attention", "split_kv")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
 
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,start", [(37, 0), (1, 1500)])
+def test_rope_into_int8_cache_matches_the_reference_on_cuda(dtype, t, start):
+    from qqq.fast.producers import rope_into_cache_reference
+    from qqq.kernels_triton.fused_producers import rope_into_cache
+
+    batch, heads, kv_heads, head_dim, capacity = 3, 32, 8, 128, 2048
+    torch.manual_seed(0)
+    qkv = (torch.randn(batch, t, (heads + 2 * kv_heads) * head_dim, device="cuda") * 3).to(dtype)
+    angles = torch.arange(capacity, device="cuda")[:, None] * 10000.0 ** (-torch.arange(head_dim // 2, device="cuda")
+                                                                          / (head_dim // 2))
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    positions = (torch.arange(t, device="cuda") + start).expand(batch, t)
+    caches = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=torch.int8, device="cuda") for _ in range(4)]
+    scales = [torch.zeros(batch, kv_heads, capacity, device="cuda") for _ in range(4)]
+    with branches.recording() as taken:
+        q = rope_into_cache(qkv, cos, sin, positions, caches[0], caches[1], heads, scales[0], scales[1])
+    _assert_branch(taken, "rope_into_cache", "rope_int8")
+    q_ref = rope_into_cache_reference(qkv, cos, sin, positions, caches[2], caches[3], heads, scales[2], scales[3])
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(caches[1], caches[3]) and torch.equal(scales[1], scales[3])  # v: copied, then quantized
+    torch.testing.assert_close(scales[0], scales[2], rtol=1e-2, atol=0)
+    assert (caches[0].int() - caches[2].int()).abs().max() <= 2
+    assert (caches[0] == caches[2]).float().mean() > 0.98
+
+
+@compiled_kernels
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(1, 32, 32, 4096), (5, 32, 8, 1153), (16, 8, 2, 1030)])
+def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch, heads, kv_heads, capacity):
+    from qqq.fast.attention import decode_attention_reference
+    from qqq.kernels_triton.decode_attention import decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, 1, 128, device="cuda").half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda") for _ in range(2))
+    (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
+    positions = torch.randint(0, capacity, (batch,), device="cuda")
+    positions[0] = capacity - 1
+    cache = (k_codes, v_codes, positions, k_scale[..., 0], v_scale[..., 0])
+    expected = decode_attention_reference(q, *cache).float()
+    with branches.recording() as taken:
+        got = decode_attention(q, *cache)
+    _assert_branch(taken, "decode_attention", "split_kv_int8")
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)

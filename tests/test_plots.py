@@ -43,6 +43,18 @@ def test_e2e_bars_are_the_speedups_per_model_method_and_batch(tmp_path):
             assert [bar.get_height() for bar in container] == pytest.approx(list(expected["speedup_vs_fp16"]))
 
 
+def test_e2e_bars_of_renamed_methods_and_the_8_bit_kv_cache():
+    old = e2e_table()  # measured before the rename and before kv_bits: the labels qqq and qqq_g128
+    new = old.assign(method=old["method"].replace({"qqq": "w4a8_rtn", "qqq_g128": "w4a8_rtn_g128"}), kv_bits=16)
+    kv8 = new[new["method"] == "w4a8_rtn"].assign(kv_bits=8, speedup_vs_fp16=lambda d: d["speedup_vs_fp16"] + 0.3)
+    for df, labels in ((old, ["fp16", "w8a8", "w4a16", "qqq", "qqq_g128"]),
+                       (pd.concat([new, kv8]), ["fp16", "w8a8", "w4a16", "w4a8_rtn", "w4a8_rtn kv8", "w4a8_rtn_g128"])):
+        ax = plots.plot_e2e_speedup(df).axes[0]
+        assert [c.get_label() for c in ax.containers] == labels
+    heights = {c.get_label(): [bar.get_height() for bar in c] for c in ax.containers}
+    assert heights["w4a8_rtn kv8"] == pytest.approx([h + 0.3 for h in heights["w4a8_rtn"]])
+
+
 def test_e2e_missing_speedup_gets_no_bar_and_a_mark():
     df = e2e_table()
     df["status"] = "ok"

@@ -53,3 +53,14 @@ def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
         ("fp16", -1): (0.5, 0), ("qqq", 64): (0.4, 2)}
     runs = json.loads(main.with_suffix(".runs.json").read_text())
     assert [(r["run"], r["command"]) for r in runs] == [(0, "main"), (2, "part")]  # the merge itself made no row
+
+
+def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0},
+                                                      {"method": "qqq", "group_size": 64, "ppl": 12.0}])
+    table = ResultsTable(out, KEYS + ["kv_bits"], {"command": "new"}, append=True, defaults={"kv_bits": 16}).write(
+        [{"method": "qqq", "group_size": 64, "kv_bits": 8, "ppl": 12.5},
+         {"method": "fp16", "group_size": -1, "kv_bits": 16, "ppl": 10.5}])
+    assert sorted(map(tuple, table[["method", "kv_bits", "ppl", "run"]].values.tolist())) == [
+        ("fp16", 16, 10.5, 1), ("qqq", 8, 12.5, 1), ("qqq", 16, 12.0, 0)]

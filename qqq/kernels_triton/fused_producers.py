@@ -5,9 +5,10 @@ QQQ's end-to-end speed comes from never writing an activation in fp16 only to re
 - ``rmsnorm_quantize``: [residual add +] RMSNorm -> int8 + per-token scale (and the updated residual);
 - ``silu_mul_quantize``: SiLU(gate) * up of a fused gate/up GEMM output -> int8 + per-token scale;
 - ``rope_into_cache``: RoPE on q and k of a fused q/k/v GEMM output, q written for attention and k / v straight
-  into the static KV cache (one launch instead of a dozen small PyTorch ops per layer).
+  into the static KV cache (one launch instead of a dozen small PyTorch ops per layer), in the activation dtype or
+  as int8 codes with a per-token, per-head scale (the 8-bit KV cache).
 
-Each computes exactly the plain PyTorch composition in ``qqq.inference`` (the Hugging Face Llama ops, rounded to
+Each computes exactly the plain PyTorch composition in ``qqq.fast.producers`` (the Hugging Face Llama ops, rounded to
 the activation dtype where they round, then ``qqq.numerics.quantize_per_token``), one pass over the data. The
 normalization and SiLU outputs can also be written in the activation dtype (``quantize=False``) so the FP16
 and W4A16 baselines run the same fused ops. Rows up to ``MAX_ROW`` wide stay in registers; with few rows
@@ -29,7 +30,7 @@ LAUNCH_BRANCHES = {
     "rmsnorm_quantize": tuple(f"{rows}{residual}{out}" for rows in ("row", "chunked") for residual in ("", "+residual")
                               for out in ("+int8", "+fp16")),
     "silu_mul_quantize": tuple(f"{rows}{out}" for rows in ("row", "chunked") for out in ("+int8", "+fp16")),
-    "rope_into_cache": ("rope",),
+    "rope_into_cache": ("rope", "rope_int8"),
 }
 
 
@@ -114,9 +115,9 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
 
 @triton.jit
 def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                            T, n_heads, n_kv_heads, stride_qkv,
-                            stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs,
-                            HALF: tl.constexpr):
+                            k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
+                            stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
+                            HALF: tl.constexpr, QUANTIZED: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     batch = token // T
@@ -130,14 +131,31 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
         cos = tl.load(cos_ptr + pos * HALF + offs)
         sin = tl.load(sin_ptr + pos * HALF + offs)
         first, second = first * cos - second * sin, second * cos + first * sin
+    first, second = first.to(dtype), second.to(dtype)
     if head < n_heads:
-        target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
-    elif head < n_heads + n_kv_heads:
-        target = k_cache_ptr + batch * stride_cb + (head - n_heads) * stride_ch + pos * stride_cs + offs
+        q_target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
+        tl.store(q_target, first)
+        tl.store(q_target + HALF, second)
     else:
-        target = v_cache_ptr + batch * stride_cb + (head - n_heads - n_kv_heads) * stride_ch + pos * stride_cs + offs
-    tl.store(target, first.to(dtype))
-    tl.store(target + HALF, second.to(dtype))
+        kv_head = head - n_heads
+        cache_ptr = k_cache_ptr
+        scale_ptr = k_scale_ptr
+        if kv_head >= n_kv_heads:
+            kv_head -= n_kv_heads
+            cache_ptr = v_cache_ptr
+            scale_ptr = v_scale_ptr
+        target = cache_ptr + batch * stride_cb + kv_head * stride_ch + pos * stride_cs + offs
+        if QUANTIZED:  # one int8 grid per token and head (the values as rounded to the activation dtype)
+            rounded_first, rounded_second = first.to(tl.float32), second.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(rounded_first), axis=0), tl.max(tl.abs(rounded_second), axis=0))
+            first_codes, scale = int8_codes_and_scale(rounded_first, amax)
+            second_codes, _ = int8_codes_and_scale(rounded_second, amax)
+            tl.store(target, first_codes)
+            tl.store(target + HALF, second_codes)
+            tl.store(scale_ptr + batch * stride_sb + kv_head * stride_sh + pos, scale)
+        else:
+            tl.store(target, first)
+            tl.store(target + HALF, second)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -222,19 +240,28 @@ def silu_mul_quantize(gate_up: torch.Tensor, quantize: bool = True):
 
 
 def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> torch.Tensor:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Split a fused q/k/v output ``qkv`` [B, T, (H + 2 Hkv) * D], rotate q and k (Llama's rotate-half RoPE with
     ``cos``/``sin`` fp32 [max_positions, D / 2] at ``positions`` int [B, T]), write k and v into the caches
-    [B, Hkv, S, D] at those positions and return q as [B, H, T, D] (contiguous)."""
+    [B, Hkv, S, D] at those positions and return q as [B, H, T, D] (contiguous).
+
+    The caches are in ``qkv``'s dtype, or int8 when ``k_scale`` and ``v_scale`` fp32 [B, Hkv, S] are given: each
+    (token, head) is then written as its per-token int8 codes (``numerics.quantize_per_token`` over D) and scale."""
     batch, t, width = qkv.shape
     _, n_kv_heads, capacity, head_dim = k_cache.shape
+    quantized = k_scale is not None or v_scale is not None
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"rope_into_cache needs a power-of-two head dim >= 16, got {head_dim}")
     if width != (n_heads + 2 * n_kv_heads) * head_dim or qkv.stride(-1) != 1:
         raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {n_heads} q and {n_kv_heads} k/v heads of {head_dim}")
+    cache_dtype = torch.int8 if quantized else qkv.dtype
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < batch \
-            or k_cache.dtype != qkv.dtype or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must be alike, [B, Hkv, S, D] in qkv's dtype")
+            or k_cache.dtype != cache_dtype or v_cache.dtype != cache_dtype or k_cache.stride(-1) != 1:
+        raise ValueError(f"k_cache and v_cache must be alike, [B, Hkv, S, D] in {cache_dtype}"
+                         + (" (an int8 cache with k_scale / v_scale)" if quantized else " (qkv's dtype)"))
+    if quantized:
+        check_cache_scales(k_cache, k_scale, v_scale)
     if cos.shape != sin.shape or cos.dtype != torch.float32 or cos.shape[1] != head_dim // 2 \
             or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}]")
@@ -243,10 +270,24 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
     rows = qkv.reshape(batch * t, width)
     positions = positions.reshape(-1).contiguous()
     q = torch.empty((batch, n_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
-    branches.record("rope_into_cache", "rope")
+    branches.record("rope_into_cache", "rope_int8" if quantized else "rope")
+    if not quantized:
+        k_scale = v_scale = k_cache  # unused
     if batch * t:
         _rope_into_cache_kernel[(batch * t, n_heads + 2 * n_kv_heads)](
-            rows, cos, sin, positions, q, k_cache, v_cache, t, n_heads, n_kv_heads, rows.stride(0),
+            rows, cos, sin, positions, q, k_cache, v_cache, k_scale, v_scale, t, n_heads, n_kv_heads, rows.stride(0),
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            HALF=head_dim // 2, num_warps=1 if head_dim <= 128 else 2)
+            k_scale.stride(0), k_scale.stride(1), HALF=head_dim // 2, QUANTIZED=quantized,
+            num_warps=1 if head_dim <= 128 else 2)
     return q
+
+
+def check_cache_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """An int8 cache [B, Hkv, S, D] needs both scales, fp32 [B, Hkv, S] alike, the positions contiguous."""
+    if k_scale is None or v_scale is None or k_cache.dtype != torch.int8:
+        raise ValueError("an 8-bit KV cache is int8 k / v with both k_scale and v_scale")
+    for scale in (k_scale, v_scale):
+        if scale.shape != k_cache.shape[:3] or scale.dtype != torch.float32 or scale.stride(-1) != 1 \
+                or scale.stride() != k_scale.stride() or scale.device != k_cache.device:
+            raise ValueError(f"k_scale and v_scale must be alike, fp32 {tuple(k_cache.shape[:3])} with contiguous "
+                             f"positions, got {scale.dtype} {tuple(scale.shape)}")

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_model, token_batch
-from qqq.inference import METHODS, FastLlama, Generator, KVCache, W4A8Projection, fused_projection
+from qqq.fast.attention import kv_cache_fake_quantized
+from qqq.fast.model import FastLlama
+from qqq.fast.projections import METHODS, W4A8Projection
 from qqq.linear import QQQLinear
 from qqq.pipeline import quantize_model
 
@@ -17,8 +19,15 @@ def assert_logits_close(got, expected):
 
 def last_logits(fast: FastLlama, tokens: torch.Tensor) -> torch.Tensor:
     batch, t = tokens.shape
-    cache = KVCache(fast.arch, batch, t + 4, fast.dtype, tokens.device)
-    return fast(tokens, torch.arange(t).expand(batch, t), cache)
+    return fast(tokens, torch.arange(t).expand(batch, t), fast.new_cache(batch, t + 4))
+
+
+def prefill_and_step(fast: FastLlama, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a prefill of ``tokens`` but the last, then of one decode step with the last (read from the cache)."""
+    batch, t = tokens.shape
+    cache = fast.new_cache(batch, t + 3)
+    prefill = fast(tokens[:, :-1], torch.arange(t - 1).expand(batch, t - 1), cache)
+    return prefill, fast(tokens[:, -1:], torch.full((batch, 1), t - 1), cache)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
@@ -60,44 +69,45 @@ def test_fused_kernels_match_the_plain_composition(method, monkeypatch):
         assert torch.nn.functional.cosine_similarity(got.flatten(), fp.flatten(), dim=0) > 0.9
 
 
-def test_quantized_weights_are_smaller():
-    model = tiny_model(hidden=256, intermediate=512, vocab=64)
-    sizes = {method: FastLlama.from_hf(model, method).weight_bytes() for method in METHODS}
-    linear_params = sum(p.numel() for name, p in model.named_parameters() if "proj" in name)
-    assert sizes["fp16"] - sizes["qqq"] > 0.8 * linear_params * 4 * (1 - 1 / 8)  # fp32 -> 4 bits (+ scales)
-    assert sizes["qqq"] < sizes["w8a8"] < sizes["fp16"]
-    assert sizes["qqq"] == sizes["w4a16"] < sizes["qqq_g128"]
+@pytest.mark.parametrize("method", ["fp16", "w4a8_rtn"])
+def test_int8_kv_cache_kernels_match_the_reference(method, monkeypatch):
+    model = tiny_model(heads=4, kv_heads=2)
+    fast = FastLlama.from_hf(model, method, kv_bits=8)
+    assert fast.new_cache(2, 8).k.dtype == torch.int8
+    tokens = token_batch(2, 9, seed=4)
+    got = prefill_and_step(fast, tokens)  # the RoPE and decode-attention kernels on the int8 cache
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+    expected = prefill_and_step(fast, tokens)
+    for g, e in zip(got, expected):
+        assert_logits_close(g, e)
+    fast.kv_bits = 16
+    sixteen = prefill_and_step(fast, tokens)[1]
+    assert not torch.equal(expected[1], sixteen)  # the cache's rounding shows, a little
+    assert torch.nn.functional.cosine_similarity(expected[1].flatten(), sixteen.flatten(), dim=0) > 0.99
 
 
-def test_generator_greedy_tokens_match_hugging_face(reference_backend):
-    model = tiny_model()
-    prompts = token_batch(2, 7)
+def test_int8_kv_cache_reference_is_hugging_face_with_its_kv_fake_quantized(reference_backend):
+    model = tiny_model(heads=4, kv_heads=2)
+    tokens = token_batch(2, 12, seed=2)
+    got = prefill_and_step(FastLlama.from_hf(model, kv_bits=8), tokens)
     with torch.no_grad():
-        expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
-                                  do_sample=False, min_new_tokens=6, pad_token_id=0)[:, 7:]
-    result = Generator(FastLlama.from_hf(model), batch=2, capacity=16).generate(prompts, 6)
-    assert torch.equal(result.tokens, expected)
-    assert result.ttft_s > 0 and result.decode_s > 0 and result.decode_tokens_per_s > 0
-
-
-def test_decode_step_matches_a_full_prefill(reference_backend):
-    fast = FastLlama.from_hf(tiny_model(), "qqq")
-    prompts = token_batch(2, 9)
-    generated = Generator(fast, batch=2, capacity=12).generate(prompts[:, :5], 3).tokens
-    # each decoded token is the argmax of a prefill over the prompt and the tokens before it
-    sequence = prompts[:, :5]
-    for step in range(3):
-        assert torch.equal(last_logits(fast, sequence).argmax(-1), generated[:, step])
-        sequence = torch.cat((sequence, generated[:, step:step + 1]), dim=1)
+        plain = model(tokens).logits
+        with kv_cache_fake_quantized(model):
+            expected = model(tokens).logits
+        assert torch.equal(model(tokens).logits, plain)  # restored after the block
+    assert not torch.equal(expected, plain)
+    torch.testing.assert_close(got[0], expected[:, -2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], expected[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_random_model_has_the_config_shapes():
     config = tiny_config(hidden=128, intermediate=256, heads=4, kv_heads=2)
-    fast = FastLlama.random(config, "qqq_g128", device="cpu", dtype=torch.float32, max_positions=32)
+    fast = FastLlama.random(config, "w4a8_rtn_g128", device="cpu", dtype=torch.float32, max_positions=32,
+                            kv_bits=8)
     layer = fast.layers[0]
     assert (layer.qkv.out_features, layer.qkv.in_features) == ((4 + 2 * 2) * 32, 128)
     assert (layer.gate_up.out_features, layer.down.in_features) == (512, 256)
-    assert layer.qkv.group_size == 128 and fast.rope_cos.shape == (32, 16)
+    assert layer.qkv.group_size == 128 and fast.rope_cos.shape == (32, 16) and fast.kv_bits == 8
     assert torch.isfinite(last_logits(fast, token_batch(1, 4))).all()
 
 
@@ -105,13 +115,5 @@ def test_bad_input_gives_clear_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="unknown method"):
         FastLlama.from_hf(model, "w3a3")
-    fast = FastLlama.from_hf(model)
-    with pytest.raises(ValueError, match="capacity"):
-        Generator(fast, batch=1, capacity=10_000)
-    with pytest.raises(ValueError, match="prompts must be"):
-        Generator(fast, batch=2, capacity=8).prefill(token_batch(1, 4))
-    with pytest.raises(ValueError, match="fit the cache"):
-        Generator(fast, batch=2, capacity=8).generate(token_batch(2, 4), 5)
-    linears = [model.model.layers[0].mlp.gate_proj, QQQLinear.from_linear(model.model.layers[0].mlp.up_proj)]
-    with pytest.raises(ValueError, match="cannot build a fast projection"):
-        fused_projection(linears, "fp16", torch.float32)
+    with pytest.raises(ValueError, match="kv_bits must be one of"):
+        FastLlama.from_hf(model, kv_bits=4)

@@ -1,0 +1,109 @@
+"""Greedy generation with ``FastLlama``: an eager prefill, then each decode step as one CUDA-graph replay."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qqq.fast.model import FastLlama
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # [B, new_tokens], greedy
+    ttft_s: float  # prefill of the prompt and the first token
+    decode_s: float  # the remaining new_tokens - 1 steps
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.tokens.shape[1] - 1
+        return self.tokens.shape[0] * steps / self.decode_s if steps and self.decode_s > 0 else float("nan")
+
+
+class Generator:
+    """Greedy generation for a batch of equal-length prompts with a static KV cache; on CUDA each decode step
+    is one CUDA-graph replay (its argmax, token and position updates included, nothing comes back to the host)."""
+
+    def __init__(self, model: FastLlama, batch: int, capacity: int, use_graph: bool | None = None):
+        if capacity > model.max_positions:
+            raise ValueError(f"capacity {capacity} exceeds the model's {model.max_positions} positions")
+        self.model, self.batch, self.capacity = model, batch, capacity
+        device = model.embed.device
+        self.cache = model.new_cache(batch, capacity)
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.history = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.graph = None
+
+    @torch.no_grad()
+    def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Run the prompts [B, T] (positions 0..T-1) and return the first generated token [B]."""
+        batch, t = prompts.shape
+        if batch != self.batch or t < 1 or t >= self.capacity:
+            raise ValueError(f"prompts must be [{self.batch}, T] with 1 <= T < {self.capacity}, got {tuple(prompts.shape)}")
+        positions = torch.arange(t, device=prompts.device).expand(batch, t)
+        return self.model(prompts, positions, self.cache).argmax(-1)
+
+    @torch.no_grad()
+    def _decode_step(self) -> None:
+        logits = self.model(self.token, self.position, self.cache)
+        following = logits.argmax(-1)
+        self.history.scatter_(1, self.step.expand(self.batch, 1), following[:, None])
+        self.token.copy_(following[:, None])
+        self.position.add_(1)
+        self.step.add_(1)
+
+    def _capture(self) -> None:
+        saved = [t.clone() for t in (self.token, self.position, self.step)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile and pick kernel configs outside the capture
+                self._decode_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._decode_step()
+        for target, value in zip((self.token, self.position, self.step), saved):
+            target.copy_(value)
+
+    def decode(self, first: torch.Tensor, start: int, steps: int) -> torch.Tensor:
+        """``steps`` greedy steps after token ``first`` [B] at position ``start``; returns them [B, steps]."""
+        if start < 0 or steps < 0 or start + steps > self.capacity:  # step i writes position start + i
+            raise ValueError(f"a decode of {steps} steps from position {start} would write past the KV cache "
+                             f"(capacity {self.capacity} positions)")
+        self.token.copy_(first[:, None])
+        self.position.fill_(start)
+        self.step.zero_()
+        if self.use_graph and self.graph is None and steps:
+            self._capture()  # leaves the buffers as they are here
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._decode_step()
+        return self.history[:, :steps].clone()
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int) -> GenerationResult:
+        if new_tokens < 1 or prompts.shape[1] + new_tokens > self.capacity:
+            raise ValueError(f"new_tokens must be >= 1 and fit the cache: {prompts.shape[1]} + {new_tokens} > "
+                             f"{self.capacity}")
+        if self.use_graph and self.graph is None and new_tokens > 1:
+            # warm-up outside the timed region: compiles the prefill's kernels and captures the decode graph
+            self.decode(self.prefill(prompts), prompts.shape[1], 1)
+        start = _now(prompts)
+        first = self.prefill(prompts)
+        middle = _now(prompts)
+        rest = self.decode(first, prompts.shape[1], new_tokens - 1)
+        end = _now(prompts)
+        return GenerationResult(torch.cat((first[:, None], rest), dim=1), middle - start, end - middle)
+
+
+def _now(t: torch.Tensor) -> float:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    return time.perf_counter()

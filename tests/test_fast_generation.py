@@ -1,0 +1,58 @@
+"""Generator: greedy generation with a static KV cache, against Hugging Face and against full prefills."""
+
+import pytest
+import torch
+
+from conftest import tiny_model, token_batch
+from qqq.fast.generation import Generator
+from qqq.fast.model import FastLlama
+
+
+def last_logits(fast: FastLlama, tokens: torch.Tensor) -> torch.Tensor:
+    batch, t = tokens.shape
+    return fast(tokens, torch.arange(t).expand(batch, t), fast.new_cache(batch, t))
+
+
+def test_generator_greedy_tokens_match_hugging_face(reference_backend):
+    model = tiny_model()
+    prompts = token_batch(2, 7)
+    with torch.no_grad():
+        expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
+                                  do_sample=False, min_new_tokens=6, pad_token_id=0)[:, 7:]
+    result = Generator(FastLlama.from_hf(model), batch=2, capacity=16).generate(prompts, 6)
+    assert torch.equal(result.tokens, expected)
+    assert result.ttft_s > 0 and result.decode_s > 0 and result.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_decode_step_matches_a_full_prefill(reference_backend, kv_bits):
+    fast = FastLlama.from_hf(tiny_model(), "w4a8_rtn", kv_bits=kv_bits)
+    prompts = token_batch(2, 9)
+    generated = Generator(fast, batch=2, capacity=12).generate(prompts[:, :5], 3).tokens
+    # each decoded token is the argmax of a prefill over the prompt and the tokens before it
+    sequence = prompts[:, :5]
+    for step in range(3):
+        assert torch.equal(last_logits(fast, sequence).argmax(-1), generated[:, step])
+        sequence = torch.cat((sequence, generated[:, step:step + 1]), dim=1)
+
+
+def test_a_decode_past_the_cache_is_refused_and_writes_nothing(reference_backend):
+    runner = Generator(FastLlama.from_hf(tiny_model()), batch=2, capacity=8, use_graph=False)
+    first = runner.prefill(token_batch(2, 4))
+    written = runner.cache.k.clone()
+    for start, steps in ((5, 4), (8, 1), (-1, 2)):  # would write positions 5..8, 8, and -1
+        with pytest.raises(ValueError, match="would write past the KV cache"):
+            runner.decode(first, start, steps)
+        assert torch.equal(runner.cache.k, written)
+    assert runner.decode(first, 4, 4).shape == (2, 4)  # positions 4..7: the last ones the cache holds
+    assert (runner.cache.k[:, :, :, 7] != 0).any()
+
+
+def test_bad_input_gives_clear_errors():
+    fast = FastLlama.from_hf(tiny_model())
+    with pytest.raises(ValueError, match="capacity"):
+        Generator(fast, batch=1, capacity=10_000)
+    with pytest.raises(ValueError, match="prompts must be"):
+        Generator(fast, batch=2, capacity=8).prefill(token_batch(1, 4))
+    with pytest.raises(ValueError, match="fit the cache"):
+        Generator(fast, batch=2, capacity=8).generate(token_batch(2, 4), 5)

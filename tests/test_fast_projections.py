@@ -1,0 +1,39 @@
+"""The fast path's linear formats: sizes, fusion, names."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from qqq.fast.model import FastLlama
+from qqq.fast.projections import METHODS, RENAMED_METHODS, W4A8Projection, fast_method, fused_projection
+from qqq.linear import QQQLinear
+
+
+def test_quantized_weights_are_smaller():
+    model = tiny_model(hidden=256, intermediate=512, vocab=64)
+    sizes = {method: FastLlama.from_hf(model, method).weight_bytes() for method in METHODS}
+    linear_params = sum(p.numel() for name, p in model.named_parameters() if "proj" in name)
+    assert sizes["fp16"] - sizes["w4a8_rtn"] > 0.8 * linear_params * 4 * (1 - 1 / 8)  # fp32 -> 4 bits (+ scales)
+    assert sizes["w4a8_rtn"] < sizes["w8a8"] < sizes["fp16"]
+    assert sizes["w4a8_rtn"] == sizes["w4a16"] < sizes["w4a8_rtn_g128"]
+
+
+@pytest.mark.parametrize("old,new,group_size", [("qqq", "w4a8_rtn", -1), ("qqq_g128", "w4a8_rtn_g128", 128)])
+def test_the_old_method_names_still_work_with_a_warning(old, new, group_size):
+    assert RENAMED_METHODS[old] == new and new in METHODS and old not in METHODS
+    with pytest.warns(DeprecationWarning, match=f"now '{new}'"):
+        fast = FastLlama.from_hf(tiny_model(), old)
+    assert isinstance(fast.layers[0].qkv, W4A8Projection) and fast.layers[0].qkv.group_size == group_size
+    assert fast_method(new) == new
+    with pytest.raises(ValueError, match="unknown method"):
+        fast_method("qqq_g64")
+
+
+def test_fusing_mixed_layers_is_refused():
+    model = tiny_model()
+    linears = [model.model.layers[0].mlp.gate_proj, QQQLinear.from_linear(model.model.layers[0].mlp.up_proj)]
+    with pytest.raises(ValueError, match="cannot build a fast projection"):
+        fused_projection(linears, "fp16", torch.float32)
+    with pytest.raises(ValueError, match="cannot fuse QQQLinear"):
+        W4A8Projection([QQQLinear.from_linear(model.model.layers[0].mlp.up_proj),
+                        QQQLinear.from_linear(model.model.layers[0].mlp.down_proj)], torch.float32)

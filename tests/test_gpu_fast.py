@@ -1,0 +1,53 @@
+"""The qqq.fast path on a real GPU (skipped without one): CUDA-graph decode with both KV caches, the renamed
+methods, and the backend rule on CUDA tensors (the 8-bit cache's kernels are in test_gpu_kernels.py)."""
+
+import pytest
+import torch
+from conftest import compiled_kernels, tiny_model, token_batch
+
+
+pytestmark = compiled_kernels
+
+
+@pytest.mark.parametrize("method", ["fp16", "w8a8", "w4a16", "w4a8_rtn", "w4a8_rtn_g128"])
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_fast_model_and_cuda_graph_decode_on_cuda(method, kv_bits, monkeypatch):
+    from qqq.fast.generation import Generator
+    from qqq.fast.model import FastLlama
+
+    model = tiny_model(hidden=256, intermediate=512, heads=4, kv_heads=2).half().cuda()
+    fast = FastLlama.from_hf(model, method, kv_bits=kv_bits)
+    prompts = token_batch(2, 12).cuda()
+    positions = torch.arange(12, device="cuda").expand(2, 12)
+    got = fast(prompts, positions, fast.new_cache(2, 16))
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+    expected = fast(prompts, positions, fast.new_cache(2, 16))
+    monkeypatch.setenv("QQQ_BACKEND", "auto")
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02 * float(expected.abs().max()))
+    graph = Generator(fast, 2, 24).generate(prompts, 10)
+    eager = Generator(fast, 2, 24, use_graph=False).generate(prompts, 10)
+    assert torch.equal(graph.tokens, eager.tokens)
+    assert Generator(fast, 2, 24).cache.k.dtype == (torch.int8 if kv_bits == 8 else torch.float16)
+
+
+def test_a_graphed_decode_past_the_cache_is_refused_on_cuda():
+    from qqq.fast.generation import Generator
+    from qqq.fast.model import FastLlama
+
+    runner = Generator(FastLlama.from_hf(tiny_model().half().cuda(), kv_bits=8), 2, 12)
+    first = runner.prefill(token_batch(2, 5).cuda())
+    with pytest.raises(ValueError, match="would write past the KV cache"):
+        runner.decode(first, 5, 8)
+    assert runner.graph is None and runner.decode(first, 5, 7).shape == (2, 7)
+
+
+def test_the_backend_rule_picks_the_kernels_for_cuda_tensors(monkeypatch):
+    import qqq.kernels_triton.w4a8_gemm as kernels
+    from qqq.fast.backend import triton_or_reference
+    from qqq.linear import w4a8_linear_reference
+
+    x = torch.zeros(2, 64, device="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference) is kernels.w4a8_linear
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+    assert triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference) is w4a8_linear_reference
