@@ -147,9 +147,12 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float16
         groups = 1 if group_size == -1 else codes.shape[1] // group_size
         if scale.shape != (codes.shape[0], groups):
             raise ValueError(f"{path}: {name} has shape {tuple(scale.shape)}, expected {(codes.shape[0], groups)}")
+        if group_size == -1:  # signed codes per channel; per group, QQQ's unsigned codes with zero point 8
+            scale = scale[:, 0]
+        else:
+            codes = (codes + INT4_ZERO_POINT).to(torch.uint8)
         try:
-            layer = (QQQLinear.from_quantized(codes, scale[:, 0], dtype=dtype) if group_size == -1 else
-                     QQQLinear.from_quantized((codes + INT4_ZERO_POINT).to(torch.uint8), scale, None, group_size, dtype))
+            layer = QQQLinear.from_quantized(codes, scale, group_size=group_size, dtype=dtype)
         except ValueError as error:
             raise ValueError(f"{path}: layer {prefix}: {error}") from error
         state.update({f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
