@@ -7,6 +7,9 @@ For each QQQ checkpoint (``qqq quantize ... --out DIR``) the script exports it (
   activations (scale amax / 127, as vLLM's int8 kernels quantize);
 - ``export via transformers``: the export as transformers loads it with compressed-tensors (its fake quantization,
   activation scale amax / 127.5).
+
+Per channel the export holds exactly the checkpoint's weights, so its two rows show how far float summation order
+alone moves a perplexity through int8 activation rounding. ``--append`` adds this run's rows to the table.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear
 from qqq.model_families import family_of
 from qqq.models import load_tokenizer
-from qqq.provenance import markdown_provenance, provenance
+from qqq.provenance import ResultsTable, provenance
+
+KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
 
 def parse_args():
@@ -36,6 +41,7 @@ def parse_args():
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=2, help="first N evaluation windows (0 = all)")
+    p.add_argument("--append", action="store_true", help="keep the rows of --out.csv this run does not measure")
     p.add_argument("--out", default="results/export_ppl")
     return p.parse_args()
 
@@ -62,12 +68,16 @@ def with_per_token_int8_inputs(model):
 
 
 def main():
+    import compressed_tensors
+
     args = parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta, rows = provenance(), []
+    results = ResultsTable(out, KEY_COLUMNS, provenance() | {"compressed-tensors": compressed_tensors.__version__},
+                           args.append)
+    rows = []
     for checkpoint in args.checkpoints:
-        group_size = json.loads((Path(checkpoint) / "config.json").read_text())["quantization_config"]["group_size"]
+        quant = json.loads((Path(checkpoint) / "config.json").read_text())["quantization_config"]
         windows = perplexity_windows(tokenize(load_tokenizer(checkpoint), load_text(args.dataset, "test")),
                                      args.dataset, args.seqlen, args.windows or None)
         with tempfile.TemporaryDirectory() as folder:
@@ -80,16 +90,23 @@ def main():
             for path, build in candidates.items():
                 start = time.time()
                 value = perplexity(build(), windows, "cpu", desc=f"{Path(checkpoint).name} {path}")
-                rows.append(dict(checkpoint=str(checkpoint), group_size=group_size, path=path,
-                                 dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0],
-                                 ppl=round(value, 4), seconds=round(time.time() - start)))
+                rows.append(dict(checkpoint=str(checkpoint), method=quant.get("method", "?"),
+                                 group_size=quant["group_size"], path=path, dataset=args.dataset, seqlen=args.seqlen,
+                                 windows=windows.shape[0], ppl=round(value, 4), seconds=round(time.time() - start)))
                 print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    out.with_suffix(".md").write_text("\n".join([
-        "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
-        f"{args.dataset} ({evaluation_protocol(args.dataset, args.seqlen)}), the first {windows.shape[0]} windows.",
-        "", table.to_markdown(index=False), "", "## How it was made", "", markdown_provenance(meta), ""]))
+                table = results.write(rows)
+                out.with_suffix(".md").write_text("\n".join([
+                    "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
+                    table.drop(columns="run").to_markdown(index=False), "",
+                    f"- evaluation: {evaluation_protocol(args.dataset, args.seqlen)}; the first windows only (CPU)",
+                    "- qqq: the checkpoint (QQQLinear); export, int8 /127: the decompressed export with QQQ's per-token "
+                    "int8 activations (vLLM's int8 kernels' scale); export via transformers: compressed-tensors' "
+                    "fake quantization (activation scale amax / 127.5)", "",
+                    "## How it was made", "", results.markdown(table, configurations), ""]))
+
+
+def configurations(rows: pd.DataFrame) -> str:
+    return ", ".join(sorted(set(rows["checkpoint"])))
 
 
 if __name__ == "__main__":
