@@ -67,8 +67,8 @@ def compressed_linear(layer: QQQLinear, scheme, dtype: torch.dtype) -> nn.Linear
 
     codes, scale = signed_codes_and_scale(layer, dtype)
     # The compressor quantizes a float weight with the given scale: code * scale / scale gives the code back
-    # exactly (a 4-bit integer times the scale). A zero scale (an all-zero row or group) would give 0 / 0, so
-    # the codes are packed against 1 there and the true scale is stored.
+    # exactly (a 4-bit integer times the scale). A zero scale (an all-zero row or group) would give 0 / 0, a NaN
+    # whose cast to int8 is undefined, so the codes are packed against 1 there and the true scale is stored.
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     weight = codes.float() * divisor.float().repeat_interleave(layer.in_features // scale.shape[1], dim=1)
     state = PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": divisor}, scheme)
