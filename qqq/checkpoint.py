@@ -4,6 +4,9 @@
 ``qqq.kernels_triton.packing``), ``channel_scale`` (fp32 [N]), ``group_ratio`` (fp16 [N, K / g], per-group
 only) and ``bias``; everything else (embeddings, norms, lm_head) in the model's dtype. ``config.json`` gains
 ``quantization_config = {"quant_method": "qqq", "wbits": 4, "abits": 8, "group_size": g, ...}``.
+
+``load_quantized`` also reads compressed-tensors W4A8 int checkpoints (as ``qqq export`` and llm-compressor write
+them) into ``QQQLinear`` layers, see :func:`load_compressed_tensors`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from torch import nn
 
 from qqq.linear import QQQLinear
 from qqq.model_families import family_of
+from qqq.numerics import INT4_ZERO_POINT, SUPPORTED_GROUP_SIZES
 
 CHECKPOINT_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"
 PACKING_FORMAT = "qqq-triton-v1"
+COMPRESSED_TENSORS_FORMATS = ("pack-quantized", "int-quantized")  # int4 codes packed in int32, or one per int8
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -71,6 +77,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device:
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     quant = raw.pop("quantization_config", None) or {}
+    if quant.get("quant_method") == "compressed-tensors":
+        return load_compressed_tensors(path, dtype, device)
     if quant.get("quant_method") != "qqq":
         raise ValueError(f"{path} is not a QQQ checkpoint (quantization_config.quant_method != 'qqq')")
     if quant.get("packing", PACKING_FORMAT) != PACKING_FORMAT:
@@ -82,9 +90,100 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device:
     return model.to(device)
 
 
-def rebuild_and_load(raw_config: dict, tensors: Path, dtype: torch.dtype, replacement: Callable[[nn.Linear], nn.Module]):
+def _describe(args) -> str:
+    """compressed-tensors ``QuantizationArgs`` in words, for error messages."""
+    if args is None:
+        return "none"
+    strategy = f"group {args.group_size}" if args.strategy == "group" else args.strategy
+    return (f"{args.type} {args.num_bits}-bit, {strategy}, {'symmetric' if args.symmetric else 'asymmetric'}, "
+            f"{'dynamic' if args.dynamic else 'static'}")
+
+
+def compressed_tensors_w4a8_weights(quant: dict, path: Path):
+    """The weight ``QuantizationArgs`` of a compressed-tensors ``quantization_config`` that qqq can run (int4
+    symmetric weights per channel or per group of a supported size, int8 symmetric dynamic per-token
+    activations, packed or int8 codes) and its storage format; anything else is a ``ValueError`` naming it."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig.model_validate(quant)
+    schemes = {s.model_dump_json(exclude={"targets"}): s for s in config.config_groups.values()}
+    if len(schemes) != 1:
+        raise ValueError(f"{path} has {len(schemes)} different quantization schemes; qqq imports one W4A8 scheme "
+                         "for all decoder linears")
+    if quant.get("transform_config") or config.kv_cache_scheme is not None:
+        raise ValueError(f"{path} uses compressed-tensors transforms or a quantized KV cache, which qqq does not run")
+    scheme = next(iter(schemes.values()))
+    weights, inputs, storage = scheme.weights, scheme.input_activations, scheme.format or config.format
+    if storage not in COMPRESSED_TENSORS_FORMATS:
+        raise ValueError(f"{path} stores its weights as {storage!r}; qqq imports {COMPRESSED_TENSORS_FORMATS}")
+    if (weights is None or weights.type != "int" or weights.num_bits != 4 or not weights.symmetric
+            or weights.dynamic or weights.strategy not in ("channel", "group")):
+        raise ValueError(f"{path} has weights {_describe(weights)}; qqq imports int 4-bit symmetric static weights "
+                         "per channel or per group")
+    if weights.strategy == "group" and weights.group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{path} has weight group size {weights.group_size}; the W4A8 kernels take "
+                         f"{[g for g in SUPPORTED_GROUP_SIZES if g > 0]} (or per-channel)")
+    if (inputs is None or inputs.type != "int" or inputs.num_bits != 8 or not inputs.symmetric
+            or inputs.dynamic is not True or inputs.strategy != "token"):
+        raise ValueError(f"{path} has activations {_describe(inputs)}; qqq runs int 8-bit symmetric dynamic "
+                         "per-token activations (a W4A8 int checkpoint)")
+    return weights, storage
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder, one file or shards listed in its index."""
+    from safetensors.torch import load_file
+
+    index = path / SHARD_INDEX_FILE
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [CHECKPOINT_FILE]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(path / name))
+    return tensors
+
+
+def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
+    """A compressed-tensors W4A8 int checkpoint (``qqq export`` or llm-compressor) as a model with ``QQQLinear``
+    layers: the signed codes and channel scale as they are per channel; per group, the codes with QQQ's zero
+    point and the group scales turned into QQQ's two-level scale (``QQQLinear.from_quantized``)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    weights, storage = compressed_tensors_w4a8_weights(raw.pop("quantization_config"), path)
+    group_size = -1 if weights.strategy == "channel" else weights.group_size
+    tensors = _read_tensors(path)
+    state = {}
+    for name in [n for n in tensors if n.endswith(".weight_scale")]:
+        prefix = name.removesuffix(".weight_scale")
+        scale = tensors.pop(name).float()
+        if storage == "pack-quantized":
+            codes = unpack_from_int32(tensors.pop(f"{prefix}.weight_packed"), 4, tensors.pop(f"{prefix}.weight_shape"))
+        else:
+            codes = tensors.pop(f"{prefix}.weight")
+        groups = 1 if group_size == -1 else codes.shape[1] // group_size
+        if scale.shape != (codes.shape[0], groups):
+            raise ValueError(f"{path}: {name} has shape {tuple(scale.shape)}, expected {(codes.shape[0], groups)}")
+        if group_size == -1:  # signed codes per channel; per group, QQQ's unsigned codes with zero point 8
+            scale = scale[:, 0]
+        else:
+            codes = (codes + INT4_ZERO_POINT).to(torch.uint8)
+        try:
+            layer = QQQLinear.from_quantized(codes, scale, group_size=group_size, dtype=dtype)
+        except ValueError as error:
+            raise ValueError(f"{path}: layer {prefix}: {error}") from error
+        state.update({f"{prefix}.{key}": value for key, value in layer.state_dict().items()})
+    state.update(tensors)
+    model = rebuild_and_load(raw, state, dtype, lambda linear: QQQLinear(
+        linear.in_features, linear.out_features, group_size, linear.bias is not None, dtype))
+    return model.to(device)
+
+
+def rebuild_and_load(raw_config: dict, tensors: Path | dict[str, torch.Tensor], dtype: torch.dtype,
+                     replacement: Callable[[nn.Linear], nn.Module]):
     """Build the model of ``raw_config`` (a ``config.json`` without its quantization entry) on the meta device,
-    replace every decoder linear by ``replacement(linear)``, and load the safetensors file ``tensors``."""
+    replace every decoder linear by ``replacement(linear)``, and load ``tensors`` (a safetensors file or a state
+    dict)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**raw_config)
@@ -97,14 +196,18 @@ def rebuild_and_load(raw_config: dict, tensors: Path, dtype: torch.dtype, replac
             setattr(layer.get_submodule(parent) if parent else layer, child, replacement(linear))
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives tied parameters separate storage
-    missing, unexpected = load_safetensors_into(model, str(tensors), strict=False)
+    if isinstance(tensors, dict):
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    else:
+        missing, unexpected = load_safetensors_into(model, str(tensors), strict=False)
     # The file holds one name per shared tensor (tied embeddings), and no non-persistent buffers (rotary
     # inv_freq, rebuilt from the config below): neither is missing.
     state = model.state_dict(keep_vars=True)
     loaded = {id(state[k]) for k in state if k not in missing}
     missing = [k for k in missing if "rotary_emb" not in k and id(state[k]) not in loaded]
     if missing or unexpected:
-        raise ValueError(f"{tensors} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        source = "the checkpoint" if isinstance(tensors, dict) else tensors
+        raise ValueError(f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _reset_rotary(model)
     return model.eval()
 

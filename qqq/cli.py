@@ -1,4 +1,4 @@
-"""The ``qqq`` command line: quantize, eval (ppl, zeroshot), demo, generate, tune."""
+"""The ``qqq`` command line: quantize, eval (ppl, zeroshot), demo, generate, export, tune."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import torch
 
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
+from qqq.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_FORMATS
 from qqq.gptq import GPTQConfig
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
@@ -234,6 +235,14 @@ def cmd_tune(args) -> None:
     tune([(n, k, g) for n, k in shapes for g in args.group_size])
 
 
+def cmd_export(args) -> None:
+    from qqq.export import export_compressed_tensors
+
+    start = time.time()
+    out = export_compressed_tensors(args.checkpoint, args.out, force=args.force, max_shard_size=args.max_shard_size)
+    print(f"exported {args.checkpoint} to {out} ({args.format}, W4A8 pack-quantized) in {time.time() - start:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qqq", description="W4A8 quantization of LLMs (QQQ) with Triton kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compare the greedy tokens with the Hugging Face model's (PyTorch reference ops)")
     _add_model_arguments(generate)
     generate.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser("export", help="write a QQQ checkpoint in a format other engines serve (vLLM)")
+    export.add_argument("checkpoint", help="a QQQ checkpoint folder (qqq quantize ... --out)")
+    export.add_argument("--format", default="compressed-tensors", choices=EXPORT_FORMATS)
+    export.add_argument("--out", required=True, help="the folder to write (refused if it exists and is not empty)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB")
+    export.set_defaults(run=cmd_export)
 
     tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs")
     tune.add_argument("model", nargs="?", help="tune every linear shape of this model (id or local folder)")

@@ -62,11 +62,13 @@ def embedded_model_path() -> Path:
 
 
 def is_qqq_checkpoint(path: str | Path) -> bool:
+    """A folder that loads into ``QQQLinear`` layers: a QQQ checkpoint or a compressed-tensors one (W4A8 int, as
+    ``qqq export`` writes it; ``qqq.checkpoint.load_quantized`` names what it cannot take)."""
     config = Path(path) / "config.json"
     if not config.exists():
         return False
     quantization = json.loads(config.read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method") == "qqq"
+    return quantization.get("quant_method") in ("qqq", "compressed-tensors")
 
 
 def load_tokenizer(name_or_path: str):
