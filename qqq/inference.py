@@ -25,7 +25,7 @@ from torch import nn
 
 from qqq import numerics
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
-from qqq.linear import QQQLinear, triton_available_for
+from qqq.linear import QQQLinear, cached_int8_weight, triton_available_for
 from qqq.model_families import family_of
 
 METHODS = ("fp16", "w8a8", "w4a16", "w4a16_tinygemm", "qqq", "qqq_g128")
@@ -232,9 +232,8 @@ class W4A8Projection(Projection):
                 self.checked_on = rows.codes.device
             return w4a8_gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias,
                              self.group_size, self.dtype, weights_checked=True)
-        codes = unpack_int4(self.qweight, self.in_features, signed=self.group_size == -1)
-        return numerics.int8_linear_reference(rows.codes, rows.scale, numerics.int8_weight(codes, ratio),
-                                              self.channel_scale, self.bias, self.dtype)
+        weight = cached_int8_weight(self, self.qweight, self.in_features, self.group_size, ratio)
+        return numerics.int8_linear_reference(rows.codes, rows.scale, weight, self.channel_scale, self.bias, self.dtype)
 
 
 def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype) -> Projection:

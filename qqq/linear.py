@@ -48,6 +48,21 @@ def triton_available_for(x: torch.Tensor) -> bool:
     return True
 
 
+def cached_int8_weight(owner: nn.Module, qweight: torch.Tensor, in_features: int, group_size: int,
+                       ratio: torch.Tensor | None) -> torch.Tensor:
+    """The int8 weight [N, K] that the packed ``qweight`` (and per-group ``ratio``) stand for
+    (``numerics.int8_weight``), unpacked once and kept on ``owner`` until those buffers are replaced or written
+    to: the PyTorch reference path would otherwise unpack every weight at every call (most of a CPU decode step)."""
+    sources = (qweight, ratio)
+    versions = tuple(t._version for t in sources if t is not None)
+    cached = owner.__dict__.get("_int8_weight_cache")
+    if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != versions:
+        codes = unpack_int4(qweight, in_features, signed=group_size == -1)
+        cached = (sources, versions, numerics.int8_weight(codes, ratio))
+        owner.__dict__["_int8_weight_cache"] = cached
+    return cached[2]
+
+
 class QQQLinear(nn.Module):
     """A W4A8 linear layer: packed int4 weights, per-token int8 activations, int32 accumulation.
 
@@ -113,8 +128,9 @@ class QQQLinear(nn.Module):
             from qqq.kernels_triton.w4a8_gemm import w4a8_linear
 
             return w4a8_linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
-        flat = x.reshape(-1, self.in_features)
-        y = numerics.w4a8_linear_reference(flat, self.codes(), self.channel_scale, ratio, self.bias)
+        x_codes, token_scale = numerics.quantize_per_token(x.reshape(-1, self.in_features))
+        weight = cached_int8_weight(self, self.qweight, self.in_features, self.group_size, ratio)
+        y = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight, self.channel_scale, self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
