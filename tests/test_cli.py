@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from qqq.cli import main
-from qqq.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from qqq.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_config
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_tune_shapes_come_from_the_model_config(tiny_model_dir):
 
     # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128
     # then the fused q/k/v (128 x 64, already listed) and gate/up (256 x 64) of qqq.inference
-    assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
+    assert linear_shapes(model_config(str(tiny_model_dir))) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
 
 
 def test_tune_needs_a_gpu_here(tiny_model_dir):
