@@ -2,20 +2,9 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from qqq.cli import main
-from qqq.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_config
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny Llama with the embedded model's tokenizer, saved like any Hugging Face model folder."""
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", hidden=64, intermediate=128, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from qqq.models import EMBEDDED_MODEL, load_model, model_config
 
 
 def perplexities(output: str) -> dict[str, float]:
