@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qqq.inference import (METHOD_NOTES, METHODS, FastLlama, Generator, projection_from_weight,  # noqa: E402
                            quantize_rows, reference_linear)
-from qqq.provenance import ResultsTable, provenance  # noqa: E402
+from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance  # noqa: E402
 
 KEY_COLUMNS = ["model", "method", "batch"]
 
@@ -228,7 +228,8 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         "each method's projection is checked against qqq.inference.reference_linear on the GPU before timing",
         "- timing: a warm-up generation (compilation, graph capture), then the median of the repeats; peak GB = "
         "torch.cuda.max_memory_allocated over the measurement (weights + KV cache + activations + graph pool)", "",
-        "## How it was made", ""] + ([f"Runs merged into this table by `{merged_by}`.", ""] if merged_by else []) + [
+        "## How it was made", ""] + (
+        [f"Runs merged into this table by `{merged_by}`. {SCRATCH_FOLDERS_NOTE}", ""] if merged_by else []) + [
         results.markdown(table, lambda rows: ", ".join(dict.fromkeys(rows["model"]))), ""]
     (out / "e2e_speed.md").write_text("\n".join(lines))
     from qqq.plots import plot_e2e_speedup

@@ -53,3 +53,11 @@ def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
         ("fp16", -1): (0.5, 0), ("qqq", 64): (0.4, 2)}
     runs = json.loads(main.with_suffix(".runs.json").read_text())
     assert [(r["run"], r["command"]) for r in runs] == [(0, "main"), (2, "part")]  # the merge itself made no row
+
+
+def test_provenance_names_the_code_quietly(capfd):
+    from qqq.provenance import provenance
+
+    code = provenance()["code"]
+    assert code.startswith("unknown") or len(code.split()[0]) == 12
+    assert "fatal" not in capfd.readouterr().err
