@@ -92,8 +92,8 @@ def _token_ids(tokenizer, source: str, split: str, vocab_size: int | None, flag:
     """The tokens of data set ``source``, checked against the model's vocabulary; errors name ``flag``."""
     try:
         ids = tokenize(tokenizer, load_text(source, split=split))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        raise type(error)(f"{flag} {source}: {error}") from error
+    except (ValueError, OSError, RuntimeError) as error:  # a bad file, or a hub data set without internet
+        raise ValueError(f"{flag} {source}: {error}") from error
     if ids.numel() == 0:
         raise ValueError(f"{flag} {source}: the text gives no tokens")
     _check_vocabulary(ids, vocab_size)
