@@ -44,7 +44,7 @@ from qqq.fast.model import FastLlama  # noqa: E402
 from qqq.fast.producers import quantize_rows  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
-from qqq.provenance import ResultsTable, provenance  # noqa: E402
+from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance  # noqa: E402
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -275,7 +275,8 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         "each method's projection is checked against qqq.fast.projections.reference_linear on the GPU before timing",
         "- timing: a warm-up generation (compilation, graph capture), then the median of the repeats; peak GB = "
         "torch.cuda.max_memory_allocated over the measurement (weights + KV cache + activations + graph pool)", "",
-        "## How it was made", ""] + ([f"Runs merged into this table by `{merged_by}`.", ""] if merged_by else []) + [
+        "## How it was made", ""] + (
+        [f"Runs merged into this table by `{merged_by}`. {SCRATCH_FOLDERS_NOTE}", ""] if merged_by else []) + [
         results.markdown(table, lambda rows: ", ".join(dict.fromkeys(rows["model"]))), ""]
     (out / "e2e_speed.md").write_text("\n".join(lines))
     from qqq.plots import plot_e2e_speedup

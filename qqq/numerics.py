@@ -21,6 +21,8 @@ The product of an int8 activation row and an int8 weight row is accumulated exac
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
@@ -186,11 +188,25 @@ def int8_weight(codes: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor
 
 
 EXACT_FP32_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: any partial sum of int8 products is exact in fp32
+INT32_EXACT_K = 2 ** 31 // (128 * 128)  # int32 holds any sum of this many int8 products
+
+
+@functools.cache
+def _cpu_int_mm() -> bool:
+    """Whether this torch build has an int8 GEMM with int32 accumulation on the CPU (``torch._int_mm``)."""
+    try:
+        ones = torch.ones(2, 2, dtype=torch.int8)
+        return bool((torch._int_mm(ones, ones) == 2).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N]: fp32 matmuls over K-chunks short
-    enough that every partial sum is an integer below 2**24, added in float64 (fast on any device)."""
+    """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N]. On the CPU one int8 GEMM with
+    int32 accumulation where torch has one; otherwise fp32 matmuls over K-chunks short enough that every partial
+    sum is an integer below 2**24, added in float64 (fast on any device)."""
+    if a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and _cpu_int_mm():
+        return torch._int_mm(a.contiguous(), b.T).double()
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], EXACT_FP32_CHUNK):
         chunk = slice(start, start + EXACT_FP32_CHUNK)

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,26 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def source_commit() -> str:
+    """The git commit of the qqq source that runs, with ``+ uncommitted changes`` when it has any; asked
+    quietly (no ``fatal: not a git repository`` outside a checkout)."""
+    folder = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit is None:
+        return "unknown (not run from a git checkout)"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def provenance() -> dict[str, str]:
+    import tokenizers
     import transformers
 
     try:
@@ -33,13 +53,19 @@ def provenance() -> dict[str, str]:
     return {
         "command": (f"OMP_NUM_THREADS={threads} " if threads else "")
         + " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "code": source_commit(),
         "device": device_name(),
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands were scratch folders of the machine "
+                        "that ran them, not kept: every row they held is in this table.")
 
 
 def markdown_provenance(meta: dict[str, str]) -> str:

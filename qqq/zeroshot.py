@@ -29,8 +29,10 @@ import gzip
 import importlib.util
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -240,6 +242,16 @@ def headline(scores: dict[str, float]) -> tuple[str, float]:
     return ("acc_norm", scores["acc_norm"]) if "acc_norm" in scores else ("acc", scores["acc"])
 
 
+def _git_commit_quietly() -> str | None:
+    """lm-eval records ``git describe`` of the working folder, and git prints ``fatal: not a git repository``
+    outside a checkout: the same, without that line."""
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return described.stdout.strip()
+
+
 def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: bool = True,
               max_length: int = 2048, batch_size: int = 8, device: str | torch.device | None = None,
               bootstrap_iters: int = 1000) -> list[dict]:
@@ -254,9 +266,10 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: 
     tasks = list(tasks)
     manager = task_manager(offline, tasks)
     names = {(OFFLINE_TASKS[t].local_name if offline else t): t for t in tasks}
-    results = simple_evaluate(model=lm_eval_model(model, tokenizer, max_length, batch_size, device),
-                              tasks=list(names), num_fewshot=0, limit=limit, task_manager=manager,
-                              bootstrap_iters=bootstrap_iters, log_samples=False)
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_commit_quietly):
+        results = simple_evaluate(model=lm_eval_model(model, tokenizer, max_length, batch_size, device),
+                                  tasks=list(names), num_fewshot=0, limit=limit, task_manager=manager,
+                                  bootstrap_iters=bootstrap_iters, log_samples=False)
     rows = []
     for local_name, task in names.items():
         scores = results["results"][local_name]

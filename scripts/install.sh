@@ -2,10 +2,10 @@
 # Installs qqq and everything it needs on a fresh machine; quick when already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP="python3 -m pip install -q --disable-pip-version-check"
+PIP="python3 -m pip install -q --disable-pip-version-check -c scripts/constraints.txt"  # the versions results/ used
 # A CPU machine gets the CPU build of torch (a plain "torch" requirement would pull a multi-GB CUDA build);
 # a machine that already has torch (e.g. a GPU box) keeps it.
-python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
+python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" "triton==3.9.0"
 $PIP -e ".[dev]"
 # tests/test_notebooks.py runs the notebooks on a Jupyter kernel named python3 (ipykernel usually brings it)
 python3 -c "from jupyter_client.kernelspec import KernelSpecManager; KernelSpecManager().get_kernel_spec('python3')" \

@@ -40,6 +40,18 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **sizes):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama with the embedded model's tokenizer, saved like any Hugging Face model folder (CLI tests)."""
+    from qqq.models import EMBEDDED_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", hidden=64, intermediate=128, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def reference_backend(monkeypatch):
     """Run QQQLinear through the PyTorch reference (model-level tests; the kernels have their own tests)."""

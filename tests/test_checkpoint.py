@@ -89,3 +89,40 @@ def test_a_model_quantized_in_fp32_is_saved_in_its_source_dtype(tmp_path, refere
     loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
     q_proj = loaded.model.layers[0].self_attn.q_proj
     assert torch.equal(q_proj.qweight, model.model.layers[0].self_attn.q_proj.qweight)
+
+
+def _rtn_model():
+    model = tiny_model("llama")
+    quantize_model(model, "rtn", None, QuantizeSettings(group_size=64))
+    return model
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import qqq.checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(qqq.checkpoint, "save_safetensors_from", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_quantized(_rtn_model(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = save_quantized(_rtn_model(), tmp_path / "out")
+    assert {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]} == {
+        "out": 0o777 & ~umask, "config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
+
+
+def test_a_folder_holding_files_is_replaced_only_when_asked(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        save_quantized(_rtn_model(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    save_quantized(_rtn_model(), tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -2,20 +2,9 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from qqq.cli import main
-from qqq.models import EMBEDDED_MODEL, load_model, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny Llama with the embedded model's tokenizer, saved like any Hugging Face model folder."""
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama", hidden=64, intermediate=128, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from qqq.models import EMBEDDED_MODEL, load_model, model_config
 
 
 def perplexities(output: str) -> dict[str, float]:
@@ -61,7 +50,7 @@ def test_tune_shapes_come_from_the_model_config(tiny_model_dir):
 
     # tiny llama: hidden 64, 4 heads of 16, 2 kv heads, intermediate 128
     # then the fused q/k/v (128 x 64, already listed) and gate/up (256 x 64) of qqq.fast
-    assert linear_shapes(str(tiny_model_dir)) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
+    assert linear_shapes(model_config(str(tiny_model_dir))) == [(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)]
 
 
 def test_tune_needs_a_gpu_here(tiny_model_dir):
@@ -110,10 +99,10 @@ def test_generate_with_the_8_bit_kv_cache_and_an_old_method_name(tiny_model_dir,
     main(["generate", model, "--prompt", "Hello there", "--max-new-tokens", "4", "--kv-bits", "8", "--check",
           "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "[fp16, 8-bit KV cache" in out
+    assert "[unquantized, float32 model, 8-bit KV cache" in out
     assert "check: the first 4 of 4 greedy tokens equal" in out and "rounded as the 8-bit cache holds them" in out
     main(["generate", model, "--max-new-tokens", "2", "--method", "qqq", "--device", "cpu"])
     captured = capsys.readouterr()
-    assert "--method qqq is now called w4a8_rtn" in captured.err and "[w4a8_rtn, 16-bit KV cache" in captured.out
+    assert "--method qqq is now called w4a8_rtn" in captured.err and "[w4a8_rtn, float32 model, 16-bit KV cache" in captured.out
     with pytest.raises(SystemExit):
         main(["generate", model, "--kv-bits", "4"])

@@ -37,3 +37,36 @@ def test_wrong_input_width_is_a_clear_error(reference_backend):
     layer = QQQLinear.from_linear(torch.nn.Linear(64, 8), -1)
     with pytest.raises(ValueError, match="last dim 64"):
         layer(torch.randn(2, 65))
+
+
+def test_the_cached_int8_weight_follows_new_weights(reference_backend):
+    torch.manual_seed(0)
+    layer = QQQLinear.from_linear(torch.nn.Linear(128, 16), 64)
+    x = torch.randn(4, 128)
+    layer(x)  # fills the cache
+    other = QQQLinear.from_linear(torch.nn.Linear(128, 16), 64)
+    layer.load_state_dict(other.state_dict())  # writes the buffers in place
+    assert torch.equal(layer(x), other(x))
+    layer.group_ratio = other.group_ratio * 2  # a new tensor
+    expected = numerics.w4a8_linear_reference(x, other.codes(), other.channel_scale, other.group_ratio * 2, other.bias)
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_fast_cpu_path_equals_the_fp32_chunk_reference_bit_for_bit(group_size, reference_backend, monkeypatch):
+    """The CPU path (int8 GEMM, cached weights) against the reference as it was: weights unpacked at the call,
+    fp32 matmuls over K-chunks (K = 1536 spans two chunks)."""
+    from qqq.fast.producers import quantize_rows
+    from qqq.fast.projections import W4A8Projection
+
+    torch.manual_seed(0)
+    linears = [QQQLinear.from_linear(torch.nn.Linear(1536, 40), group_size) for _ in range(2)]
+    projection = W4A8Projection(linears, torch.float32)
+    x = torch.randn(7, 1536) * 3
+    fast_layer, fast_projection = linears[0](x), projection(quantize_rows(x))
+    monkeypatch.setattr(numerics, "_cpu_int_mm", lambda: False)
+    expected = [numerics.w4a8_linear_reference(x, layer.codes(), layer.channel_scale,
+                                               layer.group_ratio if group_size != -1 else None, layer.bias)
+                for layer in linears]
+    assert torch.equal(fast_layer, expected[0])
+    assert torch.equal(fast_projection, torch.cat(expected, dim=1))

@@ -1,7 +1,7 @@
 """The notebooks run top to bottom with their small settings, so a broken notebook fails CI.
 
 Each is executed in memory (working directory: notebooks/, as Jupyter would) and written, executed, into the
-test's temporary folder; the committed files are never touched. Test-only settings go into a cell inserted
+test's temporary folder; the committed files (stored with the outputs of one full run) are never touched. Test-only settings go into a cell inserted
 right after the notebook's cell tagged ``parameters``.
 """
 
@@ -55,11 +55,16 @@ def images(notebook) -> int:
                for output in cell.get("outputs", []))
 
 
-def test_committed_notebooks_carry_no_outputs():
+def test_committed_notebooks_carry_the_outputs_of_one_full_run():
+    """Stored executed, so a reader browsing them sees the figures: every code cell ran once, in order, without
+    an error (``python scripts/execute_notebooks.py`` stores them so)."""
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
-        assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
-            f"{path.name} was committed with outputs: clear them"
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), \
+            f"{path.name} is not stored as one top-to-bottom run: python scripts/execute_notebooks.py {path.name}"
+        assert not [o for cell in code for o in cell.outputs if o.output_type == "error"], f"{path.name} failed"
+        assert images(notebook) >= 1, f"{path.name} is stored without its figures"
 
 
 def test_quantize_and_inspect_runs_and_reports_every_stage(tmp_path):

@@ -81,7 +81,11 @@ def test_weight_bits_other_than_4_or_8_are_rejected():
         numerics.fake_quantize_weight(torch.randn(4, 64), -1, bits=3)
 
 
-def test_int8_matmul_is_exact_beyond_fp32_integers():
+@pytest.mark.parametrize("int_mm", [True, False], ids=["int8 GEMM", "fp32 chunks"])
+def test_int8_matmul_is_exact_beyond_fp32_integers(int_mm, monkeypatch):
+    if int_mm and not numerics._cpu_int_mm():
+        pytest.skip("this torch build has no CPU int8 GEMM")
+    monkeypatch.setattr(numerics, "_cpu_int_mm", lambda: int_mm)
     k = 3 * numerics.EXACT_FP32_CHUNK + 17
     a = torch.full((3, k), 127, dtype=torch.int8)
     a[1] = -127

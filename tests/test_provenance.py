@@ -64,3 +64,11 @@ def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
          {"method": "fp16", "group_size": -1, "kv_bits": 16, "ppl": 10.5}])
     assert sorted(map(tuple, table[["method", "kv_bits", "ppl", "run"]].values.tolist())) == [
         ("fp16", 16, 10.5, 1), ("qqq", 8, 12.5, 1), ("qqq", 16, 12.0, 0)]
+
+
+def test_provenance_names_the_code_quietly(capfd):
+    from qqq.provenance import provenance
+
+    code = provenance()["code"]
+    assert code.startswith("unknown") or len(code.split()[0]) == 12
+    assert "fatal" not in capfd.readouterr().err

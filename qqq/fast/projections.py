@@ -21,7 +21,7 @@ from qqq import numerics
 from qqq.fast.backend import triton_or_reference
 from qqq.fast.producers import Int8Rows
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
-from qqq.linear import QQQLinear
+from qqq.linear import QQQLinear, cached_int8_weight
 
 RENAMED_METHODS = {"qqq": "w4a8_rtn", "qqq_g128": "w4a8_rtn_g128"}  # their names until they were renamed
 TINYGEMM_GROUP = 128
@@ -150,19 +150,18 @@ class W4A8Projection(Projection):
 
     def forward(self, rows: Int8Rows) -> torch.Tensor:
         ratio = self.group_ratio if self.group_size != -1 else None
-        gemm = triton_or_reference(rows.codes, "w4a8_gemm.w4a8_gemm", _w4a8_gemm_reference)
+        gemm = triton_or_reference(rows.codes, "w4a8_gemm.w4a8_gemm", self._reference)
         # the kernel checks the weights on its first call on a device, not on every call of an eager prefill
         out = gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias, self.group_size,
                    self.dtype, weights_checked=self.checked_on == rows.codes.device)
         self.checked_on = rows.codes.device
         return out
 
-
-def _w4a8_gemm_reference(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
-                         weights_checked=False):
-    codes = unpack_int4(qweight, a_codes.shape[-1], signed=group_size == -1)
-    return numerics.int8_linear_reference(a_codes, a_scale, numerics.int8_weight(codes, group_ratio), channel_scale,
-                                          bias, out_dtype)
+    def _reference(self, a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
+                   weights_checked=False):
+        """What ``w4a8_gemm`` computes, from ``qqq.numerics``, with the int8 weight unpacked once."""
+        weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)
+        return numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
 
 
 def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype) -> Projection:
