@@ -19,7 +19,8 @@ import torch
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
+from qqq.pipeline import METHODS, calibration_settings, default_device
+from qqq.sweep import calibrated_sweep
 from qqq.provenance import ResultsTable, provenance
 
 KEY_COLUMNS = ["model", "method", "group_size", "dataset", "seqlen"]

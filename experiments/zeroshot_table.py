@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
+from qqq.pipeline import METHODS, calibration_settings, default_device
+from qqq.sweep import calibrated_sweep
 from qqq.provenance import ResultsTable, provenance
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 

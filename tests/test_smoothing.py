@@ -9,6 +9,7 @@ from qqq import smoothing
 from qqq.smoothing import KVHeadTying, SmoothingConfig, fold_scale, search_scale, smooth_model
 
 
+@torch.no_grad()
 def straightforward_search(x, weights, biases, block, config, tie=None):
     """QQQ's threshold search as a plain loop over the candidates, fake-quantized tensors in fp32: the
     reference the batched search must agree with."""
