@@ -18,7 +18,7 @@ import torch
 
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import calibrated_sweep
 from qqq.provenance import ResultsTable, provenance
@@ -89,8 +89,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              "- calibration: see each run below",
              "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
              ]
+    notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):
-        notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
         notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
                      "multiple of 128")
     notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",

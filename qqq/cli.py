@@ -11,7 +11,7 @@ import torch
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.gptq import GPTQConfig
 from qqq.inference import METHODS as FAST_METHODS
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, QuantizeSettings, calibration_settings,
                           default_device, get_method, quantize_model)
@@ -89,8 +89,9 @@ def _perplexity(model, tokenizer, args, device, label: str) -> float:
 
 
 def _note_if_embedded(name: str) -> None:
-    if name == EMBEDDED_MODEL:
-        print(f"model: {EMBEDDED_NOTE}", flush=True)
+    note = embedded_note(name)
+    if note:
+        print(f"model: {note}", flush=True)
 
 
 def cmd_quantize(args) -> None:
@@ -193,9 +194,9 @@ def linear_shapes(model_name: str) -> list[tuple[int, int]]:
     ``qqq.inference`` runs, read from its config alone."""
     from transformers import AutoConfig
 
-    from qqq.models import embedded_model_path
+    from qqq.models import model_path
 
-    config = AutoConfig.from_pretrained(embedded_model_path() if model_name == EMBEDDED_MODEL else model_name)
+    config = AutoConfig.from_pretrained(model_path(model_name))
     hidden, intermediate = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -236,12 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model or QQQ checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
     ppl = evaluations.add_parser("ppl", help="perplexity of a model or QQQ checkpoint")
-    ppl.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    model_help = "Hugging Face id, local folder, QQQ checkpoint, or an embedded model: " + ", ".join(EMBEDDED_MODELS)
+    ppl.add_argument("model", help=model_help)
     _add_eval_arguments(ppl, default_windows=None)
     _add_model_arguments(ppl)
     ppl.set_defaults(run=cmd_ppl)
     zeroshot = evaluations.add_parser("zeroshot", help="zero-shot accuracy (lm-evaluation-harness, offline copies)")
-    zeroshot.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    zeroshot.add_argument("model", help=model_help)
     zeroshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + EXTRA_TASKS)
     zeroshot.add_argument("--limit", type=int, help="score only the first N docs of each task (default: all)")
     zeroshot.add_argument("--max-length", type=int, default=2048, help="HFLM max_length (set explicitly)")
