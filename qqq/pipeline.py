@@ -1,4 +1,4 @@
-"""The straight pipeline: (load) -> calibrate -> smooth -> GPTQ or round-to-nearest -> pack.
+"""The straight pipeline: (load) -> calibrate -> rotate -> smooth -> GPTQ or round-to-nearest -> pack.
 
 Each step is a function a notebook can call on its own; :func:`quantize_model` chains them for a method.
 (The table scripts' sweep over methods and group sizes, with its disk cache, is :mod:`qqq.sweep`.)
@@ -18,6 +18,7 @@ from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
 from qqq.model_families import family_of
+from qqq.rotation import rotate_model
 from qqq.smoothing import SmoothingConfig, smooth_model
 
 
@@ -31,6 +32,7 @@ class Method:
     rounding: str | None  # None, "rtn" or "gptq"
     weight_bits: int
     quantize_activations: bool
+    rotation: bool = False  # rotate the model first (qqq.rotation), then smooth and round the rotated model
 
     @property
     def packs_w4a8(self) -> bool:
@@ -47,6 +49,10 @@ METHODS = {m.name: m for m in (
     Method("w4a8_smooth", "QQQ ablation: adaptive smoothing + round-to-nearest", "search", "rtn", 4, True),
     Method("w4a8_gptq", "QQQ ablation: GPTQ without smoothing", None, "gptq", 4, True),
     Method("qqq", "QQQ: adaptive smoothing + GPTQ, W4A8", "search", "gptq", 4, True),
+    Method("rot_gptq", "rotation (folded norms, random orthogonal residual, Hadamard per head) + GPTQ, W4A8",
+           None, "gptq", 4, True, rotation=True),
+    Method("rot_qqq", "rotation + adaptive smoothing searched on the rotated model + GPTQ, W4A8", "search", "gptq",
+           4, True, rotation=True),
 )}
 METHOD_ALIASES = {"fp": "fp16", "rtn": "w4a8_rtn", "gptq": "w4a8_gptq", "smooth": "w4a8_smooth",
                   "smoothquant": "w8a8_smoothquant"}
@@ -191,6 +197,12 @@ def _checked(method: Method | str, model: nn.Module, settings: QuantizeSettings,
     return method, group_size, family
 
 
+def rotate(model: nn.Module, method: Method | str) -> None:
+    """Step 0: rotate ``model`` in place if ``method`` asks for it (the FP function is unchanged)."""
+    if get_method(method).rotation:
+        rotate_model(model, family_of(model))
+
+
 def smooth(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
            settings: QuantizeSettings, device: torch.device) -> list | None:
     """Step 1: fold the method's smoothing scales into ``model`` (FP weights stay FP). Returns the scales."""
@@ -218,7 +230,7 @@ def round_weights(model: nn.Module, method: Method | str, calibration_ids: torch
 
 def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
                    settings: QuantizeSettings | None = None, device: torch.device | None = None) -> QuantizationReport:
-    """Quantize ``model`` in place with ``method``: :func:`smooth`, then :func:`round_weights`.
+    """Quantize ``model`` in place with ``method``: :func:`rotate`, :func:`smooth`, then :func:`round_weights`.
 
     ``calibration_ids`` [n, seq_len] token windows are needed by smoothing (the first
     ``settings.smoothing_samples`` rows) and GPTQ (all rows)."""
@@ -228,6 +240,7 @@ def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torc
     _, group_size, _ = _checked(method, model, settings, calibration_ids,
                                 bool(method.smoothing) or method.rounding == "gptq")
     report = QuantizationReport(method.name, group_size)
+    rotate(model, method)
     report.smoothing_scales = smooth(model, method, calibration_ids, settings, device)
     report.gptq_losses = round_weights(model, method, calibration_ids, settings, device)
     return report

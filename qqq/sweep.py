@@ -14,7 +14,7 @@ from torch import nn
 
 from qqq.cache import cache_key, entry_path, load_cached, save_cached
 from qqq.data import calibration_windows, load_text, tokenize
-from qqq.pipeline import Method, QuantizeSettings, get_method, round_weights, smooth
+from qqq.pipeline import Method, QuantizeSettings, get_method, rotate, round_weights, smooth
 
 
 class SweepResult(NamedTuple):
@@ -28,12 +28,12 @@ class SweepResult(NamedTuple):
 def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibration_ids: torch.Tensor | None,
           smoothing_samples: int, device: torch.device, cache_as: dict | None = None):
     """Quantize a copy of ``base`` for every method x group size (group sizes only for 4-bit methods),
-    searching each smoothing once and sharing it between the methods that use it. Yields ``SweepResult``s.
+    rotating and searching each smoothing once, shared by the methods that use it. Yields ``SweepResult``s.
 
     ``cache_as`` = ``{"model": name or path, "calibration": {dataset, nsamples, seqlen, smooth_samples, seed}}``
     (describing ``base`` and ``calibration_ids``) turns on the disk cache (``qqq.cache``): a model stored by
     an earlier run is loaded instead of quantized, and a newly quantized one is stored."""
-    smoothed = {}
+    prepared = {}  # rotated and/or smoothed copies of base, shared by the methods that need the same
     for name in methods:
         method = get_method(name)
         for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
@@ -46,11 +46,13 @@ def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibrati
                 if model is not None:
                     yield SweepResult(method, group_size, model, time.time() - start, entry_path(key))
                     continue
-            smoothing = (method.smoothing, method.weight_bits, group_size)
-            if method.smoothing and smoothing not in smoothed:
-                smoothed[smoothing] = copy.deepcopy(base)
-                smooth(smoothed[smoothing], method, calibration_ids, settings, device)
-            model = copy.deepcopy(smoothed[smoothing] if method.smoothing else base)
+            transformed = method.rotation or method.smoothing  # FP weights that differ from base's
+            kind = (method.rotation, method.smoothing, method.weight_bits, group_size if method.smoothing else None)
+            if transformed and kind not in prepared:
+                prepared[kind] = copy.deepcopy(base)
+                rotate(prepared[kind], method)
+                smooth(prepared[kind], method, calibration_ids, settings, device)
+            model = copy.deepcopy(prepared[kind] if transformed else base)
             round_weights(model, method, calibration_ids, settings, device)
             if key is not None:
                 save_cached(model, key)

@@ -97,3 +97,18 @@ def test_calibration_settings_take_overrides_on_either_preset():
     assert calibration_settings(True, smooth_samples=3, nsamples=None) == dict(PAPER_CALIBRATION, smooth_samples=3)
     with pytest.raises(ValueError, match="unknown calibration settings"):
         calibration_settings(windows=4)
+
+
+def test_rotated_methods_rotate_and_beat_round_to_nearest(reference_backend):
+    ids = token_batch(4, 48, seed=11)
+    with torch.no_grad():
+        target = tiny_model("qwen2")(ids).logits
+    errors = {}
+    for method in ("w4a8_rtn", "rot_gptq", "rot_qqq"):
+        model = tiny_model("qwen2")
+        quantize_model(model, method, token_batch(8, 48), fast_settings(64), torch.device("cpu"))
+        with torch.no_grad():
+            errors[method] = float((model(ids).logits - target).pow(2).mean())
+        rotated = not torch.equal(model.model.embed_tokens.weight, tiny_model("qwen2").model.embed_tokens.weight)
+        assert rotated == method.startswith("rot_")
+    assert errors["rot_gptq"] < errors["w4a8_rtn"] and errors["rot_qqq"] < errors["w4a8_rtn"]
