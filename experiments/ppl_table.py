@@ -22,8 +22,9 @@ import torch
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.fast.attention import KV_BITS, kv_cache_fake_quantized
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
+from qqq.pipeline import METHODS, calibration_settings, default_device
+from qqq.sweep import calibrated_sweep
 from qqq.provenance import ResultsTable, provenance
 
 KEY_COLUMNS = ["model", "method", "group_size", "kv_bits", "dataset", "seqlen"]
@@ -102,8 +103,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              "values rounded to int8 per token and head (symmetric, scale = amax / 127) before attention, as the fast "
              "path's 8-bit KV cache stores them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
              ]
+    notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):
-        notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
         notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
                      "multiple of 128")
     notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",

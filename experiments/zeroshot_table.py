@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model
-from qqq.pipeline import METHODS, calibrated_sweep, calibration_settings, default_device
+from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
+from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
+from qqq.sweep import calibrated_sweep
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
 
 KEY_COLUMNS = ["model", "method", "group_size", "task", "metric"]
@@ -151,8 +152,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
         "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
         "- the paper's own Table 2 (Llama-2) is in `paper_reference.md`, kept apart from these measurements",
     ]
+    notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):
-        notes.append(f"- {EMBEDDED_MODEL}: {EMBEDDED_NOTE}")
         notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
                      "multiple of 128")
     notes += ["", "## How it was made", ""]

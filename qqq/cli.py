@@ -14,7 +14,8 @@ from qqq.gptq import GPTQConfig
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
 from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
-from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, is_qqq_checkpoint, load_model, load_tokenizer, model_config, source_dtype
+from qqq.models import (EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, is_qqq_checkpoint, load_model, load_tokenizer,
+                        model_config, source_dtype)
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import (DEMO_CALIBRATION, METHOD_ALIASES, METHODS, PAPER_CALIBRATION, QuantizeSettings,
                           calibration_settings, default_device, get_method, quantize_model)
@@ -169,8 +170,9 @@ def _perplexity(model, windows: torch.Tensor, args, device, label: str) -> float
 
 
 def _note_if_embedded(name: str) -> None:
-    if name == EMBEDDED_MODEL:
-        print(f"model: {EMBEDDED_NOTE}", flush=True)
+    note = embedded_note(name)
+    if note:
+        print(f"model: {note}", flush=True)
 
 
 def _device(args) -> torch.device:
@@ -380,13 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model or QQQ checkpoint", formatter_class=HelpFormatter)
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
     ppl = evaluations.add_parser("ppl", help="perplexity of a model or QQQ checkpoint", formatter_class=HelpFormatter)
-    ppl.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    model_help = "Hugging Face id, local folder, QQQ checkpoint, or an embedded model: " + ", ".join(EMBEDDED_MODELS)
+    ppl.add_argument("model", help=model_help)
     _add_eval_arguments(ppl, default_windows=None)
     _add_model_arguments(ppl)
     ppl.set_defaults(run=cmd_ppl)
     zeroshot = evaluations.add_parser("zeroshot", help="zero-shot accuracy (lm-evaluation-harness, offline copies)",
                                       formatter_class=HelpFormatter)
-    zeroshot.add_argument("model", help="Hugging Face id, local folder, QQQ checkpoint, or " + EMBEDDED_MODEL)
+    zeroshot.add_argument("model", help=model_help)
     zeroshot.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + EXTRA_TASKS, help="lm-eval tasks")
     zeroshot.add_argument("--limit", type=positive_int, help="score only the first N docs of each task (default: all)")
     zeroshot.add_argument("--max-length", type=positive_int, default=2048, help="HFLM max_length (set explicitly)")

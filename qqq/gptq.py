@@ -19,14 +19,12 @@ from qqq import numerics
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    group_size: int = -1
+    """GPTQ's options; the group size is the caller's (``QuantizeSettings.group_size``), given to ``quantize``."""
+
     damping: float = 0.01
     block_size: int = 128
     act_order: bool = True
     mse_clip: bool = False  # search a clipping factor per channel/group (QQQ's --gptq_mse)
-
-    def __post_init__(self):
-        numerics.check_group_size(self.group_size, self.group_size if self.group_size > 0 else 1)
 
 
 @dataclass
@@ -107,33 +105,34 @@ class GPTQ:
         x = x * (2 / self.rows_seen) ** 0.5
         self.hessian += x.T @ x
 
-    def initial_scale(self, weight: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
-        if config.group_size == -1:
-            if config.mse_clip:
+    def initial_scale(self, weight: torch.Tensor, group_size: int, mse_clip: bool) -> torch.Tensor:
+        if group_size == -1:
+            if mse_clip:
                 return _clipped_scale(weight, -1, _quantize_rows_per_channel)
             return numerics.divide_exactly(weight.abs().amax(dim=1), numerics.INT4_SIGNED_MAX)
-        if config.mse_clip:
-            return _clipped_scale(weight, config.group_size, _quantize_rows_per_group)
-        return numerics.group_scales(weight, config.group_size)
+        if mse_clip:
+            return _clipped_scale(weight, group_size, _quantize_rows_per_group)
+        return numerics.group_scales(weight, group_size)
 
     @torch.no_grad()
-    def quantize(self, config: GPTQConfig) -> GPTQResult:
+    def quantize(self, group_size: int = -1, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
+        """The weight's 4-bit codes per-channel (``group_size`` -1) or per group, with their scales."""
         weight = self.linear.weight.detach().float().clone()
         rows, columns = weight.shape
-        numerics.check_group_size(config.group_size, columns)
+        numerics.check_group_size(group_size, columns)
         hessian = self.hessian.clone()
         dead = torch.diag(hessian) == 0
         hessian[dead, dead] = 1
         weight[:, dead] = 0
 
-        scale = self.initial_scale(weight, config)  # static: from the original weights
-        if config.group_size == -1:
+        scale = self.initial_scale(weight, group_size, config.mse_clip)  # static: from the original weights
+        if group_size == -1:
             column_scale = scale[:, None].expand(rows, columns)
         else:
-            column_scale = scale.repeat_interleave(config.group_size, dim=1)
+            column_scale = scale.repeat_interleave(group_size, dim=1)
 
         hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
-        rtn_loss = output_error(weight - _round_to_grid(weight, column_scale, config.group_size)[1], hessian)
+        rtn_loss = output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
 
         order = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else torch.arange(columns)
         weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
@@ -149,7 +148,7 @@ class GPTQ:
             h_inv_block = h_inv[start:end, start:end]
             for i in range(end - start):
                 w, d = block[:, i], h_inv_block[i, i]
-                code, q = _round_to_grid(w, column_scale[:, start + i], config.group_size)
+                code, q = _round_to_grid(w, column_scale[:, start + i], group_size)
                 codes[:, start + i] = code
                 losses += (w - q) ** 2 / d ** 2 / 2
                 err = (w - q) / d
@@ -158,5 +157,5 @@ class GPTQ:
             weight[:, end:] -= errors @ h_inv[start:end, end:]
 
         codes = codes[:, torch.argsort(order)]
-        dtype = torch.int8 if config.group_size == -1 else torch.uint8
+        dtype = torch.int8 if group_size == -1 else torch.uint8
         return GPTQResult(codes.to(dtype), scale.float(), float(losses.sum()), rtn_loss)

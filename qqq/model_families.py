@@ -37,6 +37,12 @@ LLAMA_SMOOTHING_POINTS = (
 )
 
 
+LLAMA_NORM_CONSUMERS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Structure of one family of decoder-only models (Llama-like: pre-norm, GQA attention with RoPE,
@@ -45,6 +51,13 @@ class ModelFamily:
     name: str
     model_types: tuple[str, ...]
     smoothing_points: tuple[SmoothingPoint, ...] = LLAMA_SMOOTHING_POINTS
+    # for the rotation: each RMSNorm and the linears it feeds; the linears that read and write the residual stream
+    norm_consumers: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_NORM_CONSUMERS
+    residual_readers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                         "mlp.gate_proj", "mlp.up_proj")
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    value_projection: str = "self_attn.v_proj"
+    attention_projection: str = "self_attn.o_proj"  # reads the attention output, head by head
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
@@ -53,6 +66,15 @@ class ModelFamily:
         """What runs before layer 0 (moved to the calibration device while its inputs are captured)."""
         inner = model.model
         return [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Module]:
         return {name: layer.get_submodule(name) for name in LINEAR_NAMES}

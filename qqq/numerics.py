@@ -105,9 +105,15 @@ def quantize_weight_per_group(weight: torch.Tensor, group_size: int, scale: torc
     if scale is None:
         scale = group_scales(weight, group_size)
     check_group_size(group_size, k)
-    per_column = _safe_divisor(scale).repeat_interleave(group_size, dim=1)
-    codes = (torch.round(weight.float() / per_column) + INT4_ZERO_POINT).clamp_(0, INT4_UNSIGNED_MAX)
-    return codes.to(torch.uint8), scale.float()
+    grouped = weight.float().reshape(n, k // group_size, group_size)
+    codes = (torch.round(grouped / _safe_divisor(scale)[..., None]) + INT4_ZERO_POINT).clamp_(0, INT4_UNSIGNED_MAX)
+    return codes.to(torch.uint8).reshape(n, k), scale.float()
+
+
+def _per_group(values: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
+    """``values`` [N, K] times ``per_group`` [N, K // group_size] repeated over each group, as [N, groups, size]."""
+    n, groups = per_group.shape
+    return values.reshape(n, groups, -1) * per_group[..., None]
 
 
 def two_level_scales(codes: torch.Tensor, group_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +121,8 @@ def two_level_scales(codes: torch.Tensor, group_scale: torch.Tensor) -> tuple[to
 
     Returns ``(channel_scale fp32 [N], ratio fp16 [N, K // group_size])``.
     """
-    group_size = codes.shape[1] // group_scale.shape[1]
-    centred = codes.float() - INT4_ZERO_POINT
-    dequantized = centred * group_scale.repeat_interleave(group_size, dim=1)
-    channel_scale = divide_exactly(dequantized.abs().amax(dim=1), INT8_MAX)
+    dequantized = _per_group(codes.float() - INT4_ZERO_POINT, group_scale)
+    channel_scale = divide_exactly(dequantized.abs().amax(dim=(1, 2)), INT8_MAX)
     ratio = (group_scale / _safe_divisor(channel_scale)[:, None]).to(torch.float16)
     return channel_scale, ratio
 
@@ -129,9 +133,8 @@ def int8_weight_from_groups(codes: torch.Tensor, ratio: torch.Tensor) -> torch.T
     ``(code - 8) * ratio`` is exact in fp32 (a 4-bit integer times an fp16 number), so this matches the
     original kernel's single-rounding fp16 FMA.
     """
-    group_size = codes.shape[1] // ratio.shape[1]
-    product = (codes.float() - INT4_ZERO_POINT) * ratio.float().repeat_interleave(group_size, dim=1)
-    return torch.round(product).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    product = _per_group(codes.float() - INT4_ZERO_POINT, ratio.float())
+    return torch.round(product).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(codes.shape)
 
 
 def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,8 +143,7 @@ def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def dequantize_per_group(codes: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
     """The 4-bit per-group weight itself, ``(code - 8) * group_scale`` (what a W4A16 GEMM applies)."""
-    group_size = codes.shape[1] // group_scale.shape[1]
-    return (codes.float() - INT4_ZERO_POINT) * group_scale.float().repeat_interleave(group_size, dim=1)
+    return _per_group(codes.float() - INT4_ZERO_POINT, group_scale.float()).reshape(codes.shape)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

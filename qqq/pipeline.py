@@ -1,29 +1,24 @@
-"""The straight pipeline: (load) -> calibrate -> smooth -> GPTQ or round-to-nearest -> pack.
+"""The straight pipeline: (load) -> calibrate -> rotate -> smooth -> GPTQ or round-to-nearest -> pack.
 
 Each step is a function a notebook can call on its own; :func:`quantize_model` chains them for a method.
+(The table scripts' sweep over methods and group sizes, with its disk cache, is :mod:`qqq.sweep`.)
 """
 
 from __future__ import annotations
 
-import copy
-import time
-
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qqq import numerics
-from qqq.cache import cache_key, entry_path, load_cached, save_cached
-from qqq.data import calibration_windows, load_text, tokenize
 from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
 from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
 from qqq.model_families import family_of
+from qqq.rotation import rotate_model
 from qqq.smoothing import SmoothingConfig, smooth_model
 
 
@@ -37,6 +32,7 @@ class Method:
     rounding: str | None  # None, "rtn" or "gptq"
     weight_bits: int
     quantize_activations: bool
+    rotation: bool = False  # rotate the model first (qqq.rotation), then smooth and round the rotated model
 
     @property
     def packs_w4a8(self) -> bool:
@@ -53,6 +49,10 @@ METHODS = {m.name: m for m in (
     Method("w4a8_smooth", "QQQ ablation: adaptive smoothing + round-to-nearest", "search", "rtn", 4, True),
     Method("w4a8_gptq", "QQQ ablation: GPTQ without smoothing", None, "gptq", 4, True),
     Method("qqq", "QQQ: adaptive smoothing + GPTQ, W4A8", "search", "gptq", 4, True),
+    Method("rot_gptq", "rotation (folded norms, random orthogonal residual, Hadamard per head) + GPTQ, W4A8",
+           None, "gptq", 4, True, rotation=True),
+    Method("rot_qqq", "rotation + adaptive smoothing searched on the rotated model + GPTQ, W4A8", "search", "gptq",
+           4, True, rotation=True),
 )}
 METHOD_ALIASES = {"fp": "fp16", "rtn": "w4a8_rtn", "gptq": "w4a8_gptq", "smooth": "w4a8_smooth",
                   "smoothquant": "w8a8_smoothquant"}
@@ -85,7 +85,8 @@ def get_method(name: str | Method) -> Method:
 
 @dataclass
 class QuantizeSettings:
-    """Everything but the method. The defaults are the paper's settings."""
+    """Everything but the method. The defaults are the paper's settings. ``group_size`` is the one group size
+    of the 4-bit methods: GPTQ and the smoothing search both take theirs from it."""
 
     group_size: int = -1
     smoothing_samples: int = 8
@@ -131,7 +132,7 @@ def round_to_nearest(model: nn.Module, method: Method, group_size: int) -> None:
 
 
 @torch.no_grad()
-def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, config: GPTQConfig,
+def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, group_size: int, config: GPTQConfig,
                device: torch.device, batch_size: int = 8) -> list[dict[str, GPTQLoss]]:
     """GPTQ every linear of every decoder layer, layer by layer; returns, per layer and linear, GPTQ's
     objective for its weight and for round-to-nearest onto the same grid (:class:`qqq.gptq.GPTQLoss`).
@@ -156,9 +157,9 @@ def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, 
                     h.remove()
             layer_losses = {}
             for name, solver in solvers.items():
-                result = solver.quantize(config)
+                result = solver.quantize(group_size, config)
                 layer_losses[name] = GPTQLoss(result.loss, result.rtn_loss)
-                _replace(layer, name, quantized_linear(linears[name], method, config.group_size,
+                _replace(layer, name, quantized_linear(linears[name], method, group_size,
                                                        result.codes, result.scale))
                 del solver.hessian
             losses.append(layer_losses)
@@ -196,6 +197,12 @@ def _checked(method: Method | str, model: nn.Module, settings: QuantizeSettings,
     return method, group_size, family
 
 
+def rotate(model: nn.Module, method: Method | str) -> None:
+    """Step 0: rotate ``model`` in place if ``method`` asks for it (the FP function is unchanged)."""
+    if get_method(method).rotation:
+        rotate_model(model, family_of(model))
+
+
 def smooth(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
            settings: QuantizeSettings, device: torch.device) -> list | None:
     """Step 1: fold the method's smoothing scales into ``model`` (FP weights stay FP). Returns the scales."""
@@ -215,9 +222,7 @@ def round_weights(model: nn.Module, method: Method | str, calibration_ids: torch
     Returns GPTQ's losses per layer and linear, against round-to-nearest's (None for round-to-nearest)."""
     method, group_size, _ = _checked(method, model, settings, calibration_ids, get_method(method).rounding == "gptq")
     if method.rounding == "gptq":
-        gptq_config = GPTQConfig(group_size, settings.gptq.damping, settings.gptq.block_size,
-                                 settings.gptq.act_order, settings.gptq.mse_clip)
-        return gptq_model(model.eval(), method, calibration_ids, gptq_config, device, settings.batch_size)
+        return gptq_model(model.eval(), method, calibration_ids, group_size, settings.gptq, device, settings.batch_size)
     if method.rounding == "rtn":
         round_to_nearest(model, method, group_size)
     return None
@@ -225,7 +230,7 @@ def round_weights(model: nn.Module, method: Method | str, calibration_ids: torch
 
 def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torch.Tensor | None,
                    settings: QuantizeSettings | None = None, device: torch.device | None = None) -> QuantizationReport:
-    """Quantize ``model`` in place with ``method``: :func:`smooth`, then :func:`round_weights`.
+    """Quantize ``model`` in place with ``method``: :func:`rotate`, :func:`smooth`, then :func:`round_weights`.
 
     ``calibration_ids`` [n, seq_len] token windows are needed by smoothing (the first
     ``settings.smoothing_samples`` rows) and GPTQ (all rows)."""
@@ -235,61 +240,7 @@ def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torc
     _, group_size, _ = _checked(method, model, settings, calibration_ids,
                                 bool(method.smoothing) or method.rounding == "gptq")
     report = QuantizationReport(method.name, group_size)
+    rotate(model, method)
     report.smoothing_scales = smooth(model, method, calibration_ids, settings, device)
     report.gptq_losses = round_weights(model, method, calibration_ids, settings, device)
     return report
-
-
-class SweepResult(NamedTuple):
-    method: Method
-    group_size: int
-    model: nn.Module
-    seconds: float  # quantizing, or loading from the cache
-    cached: Path | None  # the cache entry the model was loaded from (None: quantized here)
-
-
-def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibration_ids: torch.Tensor | None,
-          smoothing_samples: int, device: torch.device, cache_as: dict | None = None):
-    """Quantize a copy of ``base`` for every method x group size (group sizes only for 4-bit methods),
-    searching each smoothing once and sharing it between the methods that use it. Yields ``SweepResult``s.
-
-    ``cache_as`` = ``{"model": name or path, "calibration": {dataset, nsamples, seqlen, smooth_samples, seed}}``
-    (describing ``base`` and ``calibration_ids``) turns on the disk cache (``qqq.cache``): a model stored by
-    an earlier run is loaded instead of quantized, and a newly quantized one is stored."""
-    smoothed = {}
-    for name in methods:
-        method = get_method(name)
-        for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
-            settings = QuantizeSettings(group_size=group_size, smoothing_samples=smoothing_samples)
-            start = time.time()
-            key = None
-            if cache_as is not None and method.rounding:
-                key = cache_key(cache_as["model"], method, settings, cache_as["calibration"], base.dtype)
-                model = load_cached(key)
-                if model is not None:
-                    yield SweepResult(method, group_size, model, time.time() - start, entry_path(key))
-                    continue
-            smoothing = (method.smoothing, method.weight_bits, group_size)
-            if method.smoothing and smoothing not in smoothed:
-                smoothed[smoothing] = copy.deepcopy(base)
-                smooth(smoothed[smoothing], method, calibration_ids, settings, device)
-            model = copy.deepcopy(smoothed[smoothing] if method.smoothing else base)
-            round_weights(model, method, calibration_ids, settings, device)
-            if key is not None:
-                save_cached(model, key)
-            yield SweepResult(method, group_size, model, time.time() - start, None)
-
-
-def calibrated_sweep(model_name: str, base: nn.Module, tokenizer, methods: list[str], group_sizes: list[int],
-                     calibration: dict, calib_dataset: str, seed: int, device: torch.device, use_cache: bool = True):
-    """``sweep`` of ``base`` (loaded as ``model_name``) calibrated on ``calib_dataset`` with ``calibration``
-    (``nsamples``, ``seqlen``, ``smooth_samples``): the table scripts' loop. Reads and writes the quantized-model
-    cache unless ``use_cache`` is off, and says when a model came from it."""
-    ids = calibration_windows(tokenize(tokenizer, load_text(calib_dataset, "train")), calibration["nsamples"],
-                              calibration["seqlen"], seed)
-    cache_as = {"model": model_name, "calibration": dict(calibration, dataset=calib_dataset, seed=seed)} \
-        if use_cache else None
-    for result in sweep(base, methods, group_sizes, ids, calibration["smooth_samples"], device, cache_as):
-        if result.cached:
-            print(f"{result.method.name} g{result.group_size}: loaded from the cache ({result.cached})", flush=True)
-        yield result

@@ -6,7 +6,7 @@ from conftest import token_batch, tiny_model
 
 from qqq.cache import cache_key, entry_path, load_cached, save_cached
 from qqq.linear import FakeQuantLinear, QQQLinear
-from qqq.pipeline import QuantizeSettings, get_method, quantize_model, sweep
+from qqq.pipeline import QuantizeSettings, get_method, quantize_model
 
 CALIBRATION = {"dataset": "toy", "nsamples": 4, "seqlen": 32, "smooth_samples": 2, "seed": 0}
 
@@ -50,25 +50,3 @@ def test_the_key_holds_what_decides_the_model_and_nothing_else():
     other_model = cache_key("other", get_method("qqq"), QuantizeSettings(group_size=64, smoothing_samples=2),
                             CALIBRATION, torch.float32)
     assert len({str(entry_path(k)) for k in (_key("qqq", 64), _key("qqq", -1), other_model)}) == 3
-
-
-def test_sweep_stores_then_reuses(reference_backend, monkeypatch):
-    import qqq.pipeline
-
-    base = tiny_model("llama")
-    ids = token_batch(4, 32)
-    cache_as = {"model": "tiny", "calibration": CALIBRATION}
-    first = list(sweep(base, ["w4a8_gptq", "w4a16_rtn"], [64], ids, 2, torch.device("cpu"), cache_as))
-    assert [r.cached for r in first] == [None, None]
-    def quantized_again(*args, **kwargs):
-        raise RuntimeError("quantized again")
-
-    monkeypatch.setattr(qqq.pipeline, "round_weights", quantized_again)
-    second = list(sweep(base, ["w4a8_gptq", "w4a16_rtn"], [64], ids, 2, torch.device("cpu"), cache_as))
-    assert all(r.cached is not None for r in second)
-    with torch.no_grad():
-        for a, b in zip(first, second):
-            assert torch.equal(a.model(ids).logits, b.model(ids).logits)
-    with pytest.raises(RuntimeError, match="quantized again"):  # another calibration seed misses
-        list(sweep(base, ["w4a8_gptq"], [64], ids, 2, torch.device("cpu"),
-                   {"model": "tiny", "calibration": CALIBRATION | {"seed": 1}}))

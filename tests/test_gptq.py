@@ -26,7 +26,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip):
     solver = GPTQ(linear)
     for chunk in x.split(128):
         solver.add_batch(chunk)
-    result = solver.quantize(GPTQConfig(group_size=group_size, mse_clip=mse_clip))
+    result = solver.quantize(group_size, GPTQConfig(mse_clip=mse_clip))
     if group_size == -1:
         assert result.codes.dtype == torch.int8 and result.codes.abs().max() <= 7
     else:
@@ -43,7 +43,7 @@ def test_static_groups_keep_original_group_scales_under_act_order():
     linear = torch.nn.Linear(128, 16, bias=False)
     solver = GPTQ(linear)
     solver.add_batch(correlated_inputs(256, 128))
-    result = solver.quantize(GPTQConfig(group_size=32, act_order=True))
+    result = solver.quantize(32, GPTQConfig(act_order=True))
     assert torch.equal(result.scale, numerics.group_scales(linear.weight.detach(), 32))
 
 
@@ -55,7 +55,7 @@ def test_dead_input_columns_quantize_to_zero(group_size):
     x[:, 5] = 0
     solver = GPTQ(linear)
     solver.add_batch(x)
-    result = solver.quantize(GPTQConfig(group_size=group_size))
+    result = solver.quantize(group_size)
     assert (result.dequantized()[:, 5] == 0).all()
     assert torch.isfinite(result.dequantized()).all()
 
@@ -64,7 +64,7 @@ def test_group_size_must_divide_the_layer():
     solver = GPTQ(torch.nn.Linear(96, 8))
     solver.add_batch(torch.randn(10, 96))
     with pytest.raises(ValueError, match="divisible"):
-        solver.quantize(GPTQConfig(group_size=64))
+        solver.quantize(64)
 
 
 @pytest.mark.parametrize("group_size", [-1, 64])
@@ -75,7 +75,7 @@ def test_reported_losses_are_the_output_errors_of_gptq_and_round_to_nearest(grou
     x = correlated_inputs()
     solver = GPTQ(linear)
     solver.add_batch(x)
-    result = solver.quantize(GPTQConfig(group_size=group_size, act_order=act_order, damping=0.01))
+    result = solver.quantize(group_size, GPTQConfig(act_order=act_order, damping=0.01))
     weight = linear.weight.detach()
     rtn = numerics.quantize_weight_rtn(weight, group_size)
     rtn_weight = (numerics.dequantize_per_channel(*rtn) if group_size == -1 else numerics.dequantize_per_group(*rtn))

@@ -80,26 +80,6 @@ def test_w4a8_layers_must_fit_the_kernel_layout_before_any_work():
         quantize_model(model, "qqq", token_batch(2, 16), QuantizeSettings(group_size=32))
 
 
-def test_sweep_shares_one_smoothing_between_methods(reference_backend, monkeypatch):
-    import qqq.pipeline
-    from qqq.pipeline import sweep
-
-    searches = []
-    original = qqq.pipeline.smooth_model
-    monkeypatch.setattr(qqq.pipeline, "smooth_model", lambda *a, **k: searches.append(a[3]) or original(*a, **k))
-    base = tiny_model("llama")
-    norm_before = base.model.layers[0].input_layernorm.weight.clone()
-    runs = list(sweep(base, ["w8a8_smoothquant", "w4a8_smooth", "qqq"], [-1, 64], token_batch(4, 32), 2,
-                      torch.device("cpu")))
-    assert [(m.name, g) for m, g, *_ in runs] == [("w8a8_smoothquant", -1), ("w4a8_smooth", -1),
-                                                    ("w4a8_smooth", 64), ("qqq", -1), ("qqq", 64)]
-    norms = {(m.name, g): model.model.layers[0].input_layernorm.weight for m, g, model, *_ in runs}
-    assert [(c.rule, c.group_size) for c in searches] == [("smoothquant", -1), ("search", -1), ("search", 64)]
-    assert torch.equal(norms[("w4a8_smooth", 64)], norms[("qqq", 64)])
-    assert not torch.equal(norms[("w4a8_smooth", 64)], norms[("w4a8_smooth", -1)])
-    assert torch.equal(base.model.layers[0].input_layernorm.weight, norm_before)  # base left untouched
-
-
 def test_report_has_gptq_and_round_to_nearest_losses_and_the_smoothing_thresholds(reference_backend):
     model = tiny_model("llama")
     settings = QuantizeSettings(group_size=64, smoothing_samples=2, min_thresholds=10, max_thresholds=10, batch_size=4)
@@ -117,3 +97,18 @@ def test_calibration_settings_take_overrides_on_either_preset():
     assert calibration_settings(True, smooth_samples=3, nsamples=None) == dict(PAPER_CALIBRATION, smooth_samples=3)
     with pytest.raises(ValueError, match="unknown calibration settings"):
         calibration_settings(windows=4)
+
+
+def test_rotated_methods_rotate_and_beat_round_to_nearest(reference_backend):
+    ids = token_batch(4, 48, seed=11)
+    with torch.no_grad():
+        target = tiny_model("qwen2")(ids).logits
+    errors = {}
+    for method in ("w4a8_rtn", "rot_gptq", "rot_qqq"):
+        model = tiny_model("qwen2")
+        quantize_model(model, method, token_batch(8, 48), fast_settings(64), torch.device("cpu"))
+        with torch.no_grad():
+            errors[method] = float((model(ids).logits - target).pow(2).mean())
+        rotated = not torch.equal(model.model.embed_tokens.weight, tiny_model("qwen2").model.embed_tokens.weight)
+        assert rotated == method.startswith("rot_")
+    assert errors["rot_gptq"] < errors["w4a8_rtn"] and errors["rot_qqq"] < errors["w4a8_rtn"]

@@ -5,7 +5,31 @@ from conftest import tiny_model, token_batch
 from qqq import numerics
 from qqq.layerwise import recorded_inputs
 from qqq.model_families import family_of
+from qqq import smoothing
 from qqq.smoothing import KVHeadTying, SmoothingConfig, fold_scale, search_scale, smooth_model
+
+
+@torch.no_grad()
+def straightforward_search(x, weights, biases, block, config, tie=None):
+    """QQQ's threshold search as a plain loop over the candidates, fake-quantized tensors in fp32: the
+    reference the batched search must agree with."""
+    x, weights = x.float(), [w.float() for w in weights]
+    biases = [None if b is None else b.float() for b in biases]
+    channel_max = x.abs().flatten(0, -2).amax(dim=0)
+    if tie is not None:
+        channel_max = tie(channel_max)
+    target = block(x, [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases)])
+    t_max = float(channel_max.max())
+    best = (float("inf"), torch.ones_like(channel_max), t_max)
+    for t in torch.linspace(t_max, 0.1, config.threshold_count(t_max)).tolist() if t_max > 0.1 else [t_max]:
+        scale = (channel_max / t).clamp(min=1.0)
+        x_q = numerics.fake_quantize_per_token(x / scale)
+        w_q = [numerics.fake_quantize_weight(w * scale, config.group_size, config.weight_bits) for w in weights]
+        loss = float((block(x, [torch.nn.functional.linear(x_q, w, b) for w, b in zip(w_q, biases)]) - target)
+                     .pow(2).sum(dim=-1).mean())
+        if loss < best[0]:
+            best = (loss, scale, t)
+    return best[1], best[2]
 
 
 def logits(model, ids):
@@ -61,13 +85,12 @@ def test_search_is_never_worse_than_no_smoothing_on_calibration():
     weight = torch.randn(96, 128) * 0.05
     config = SmoothingConfig(group_size=-1, min_thresholds=50)
 
-    def block(inp, weights, biases):
-        return torch.nn.functional.linear(inp, weights[0], biases[0])
+    def block(_x, projections):
+        return projections[0]
 
     def loss(scale):
         w_q = numerics.fake_quantize_weight(weight * scale, -1)
-        return float((block(numerics.fake_quantize_per_token(x / scale), [w_q], [None]) - x @ weight.T)
-                     .pow(2).sum(-1).mean())
+        return float((numerics.fake_quantize_per_token(x / scale) @ w_q.T - x @ weight.T).pow(2).sum(-1).mean())
 
     scale, threshold = search_scale(x, [weight], [None], block, config)
     assert (scale >= 1).all() and threshold < x.abs().max()
@@ -102,3 +125,38 @@ def test_max_thresholds_caps_the_search():
     assert SmoothingConfig(min_thresholds=100).threshold_count(400.0) == 800
     with pytest.raises(ValueError, match="max_thresholds"):
         SmoothingConfig(max_thresholds=0)
+
+
+@pytest.mark.parametrize("model_type,group_size", [("llama", -1), ("llama", 64), ("qwen2", 64)])
+def test_batched_search_chooses_what_the_straightforward_loop_chooses(model_type, group_size, monkeypatch):
+    config = SmoothingConfig(group_size=group_size, min_thresholds=40)
+    calibration = token_batch(2, 32)
+    fast = smooth_model(tiny_model(model_type), family_of(tiny_model(model_type)), calibration, config,
+                        torch.device("cpu"))
+    monkeypatch.setattr(smoothing, "search_scale", straightforward_search)
+    model = tiny_model(model_type)
+    reference = smooth_model(model, family_of(model), calibration, config, torch.device("cpu"))
+    for fast_layer, reference_layer in zip(fast, reference):
+        for name, point in reference_layer.items():
+            assert fast_layer[name].threshold == point.threshold, name
+            assert torch.equal(fast_layer[name].scale, point.scale), name
+    thresholds = [(p.threshold, float(p.channel_max.max())) for layer in reference for p in layer.values()]
+    assert any(t < t_max for t, t_max in thresholds)  # the search chose real smoothing somewhere
+
+
+def test_candidate_batches_do_not_change_the_choice(monkeypatch):
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 64)
+    x[..., :2] *= 30
+    weights = [torch.randn(48, 64) * 0.1, torch.randn(32, 64) * 0.1]
+    biases = [torch.randn(48), None]
+    config = SmoothingConfig(group_size=32, min_thresholds=30)
+
+    def block(_x, projections):
+        return torch.cat(projections, dim=-1)
+
+    chosen = search_scale(x, weights, biases, block, config)
+    monkeypatch.setattr(smoothing, "CANDIDATE_BATCH_BYTES", 1)  # one candidate per batch
+    one_by_one = search_scale(x, weights, biases, block, config)
+    assert chosen[1] == one_by_one[1] and torch.equal(chosen[0], one_by_one[0])
+    assert chosen[1] == straightforward_search(x, weights, biases, block, config)[1]
