@@ -208,7 +208,7 @@ def cache_path(device: str | None = None) -> Path:
 def _read_config_file(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) and isinstance(data.get("configs"), dict) else {}
+        return data if isinstance(data.get("configs"), dict) else {}
     except (OSError, ValueError):
         warnings.warn(f"qqq: ignoring the unreadable config file {path}", stacklevel=3)
         return {}
