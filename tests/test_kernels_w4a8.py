@@ -16,14 +16,7 @@ pytestmark = interpreted_kernels
 
 
 def make_layer(n, k, group_size, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen)
-    if group_size == -1:
-        codes, scale = numerics.quantize_weight_per_channel(w)
-        return codes, scale, None
-    codes, group_scale = numerics.quantize_weight_per_group(w, group_size)
-    channel_scale, ratio = numerics.two_level_scales(codes, group_scale)
-    return codes, channel_scale, ratio
+    return numerics.random_quantized_weight(n, k, group_size, torch.Generator().manual_seed(seed))
 
 
 def config(block_n=32, block_m=16, block_k=64, split_k=1, stages=2, dequant=0):
