@@ -79,7 +79,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         _permissions_from_umask(partial)
-        _move_into_place(partial, out)
+        move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -105,7 +105,9 @@ def _permissions_from_umask(folder: Path) -> None:
         file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
 
 
-def _move_into_place(partial: Path, out: Path) -> None:
+def move_into_place(partial: Path, out: Path) -> None:
+    """Rename the finished folder ``partial`` to ``out``; an existing ``out`` (checked empty, or one the caller
+    may replace) is removed only after the new folder is in place."""
     old = None
     if out.exists():  # an empty folder, or one the caller allowed to be replaced
         old = out.with_name(f"{partial.name}.old")

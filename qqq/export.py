@@ -120,7 +120,7 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig
 
-    from qqq.checkpoint import load_quantized
+    from qqq.checkpoint import load_quantized, move_into_place
 
     checkpoint, out = Path(checkpoint), Path(out_dir)
     _check_paths(checkpoint, out, force)
@@ -144,20 +144,9 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(checkpoint).save_pretrained(partial)
-        _move_into_place(partial, out)
+        move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
 
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an existing ``out`` (checked empty or forced) is removed only
-    after the new folder is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old)
-    else:
-        partial.rename(out)
