@@ -24,6 +24,7 @@ from torch import nn
 
 from qqq.linear import QQQLinear
 from qqq.model_families import family_of
+from qqq.models import source_dtype
 from qqq.numerics import INT4_ZERO_POINT
 
 EXPORT_FORMATS = ("compressed-tensors",)
@@ -84,12 +85,6 @@ def compressed_linear(layer: QQQLinear, scheme, dtype: torch.dtype) -> nn.Linear
     return linear
 
 
-def _checkpoint_dtype(path: Path) -> torch.dtype:
-    config = json.loads((path / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float16"
-    return getattr(torch, name)
-
-
 def _check_paths(checkpoint: Path, out: Path, force: bool) -> None:
 
     if not (checkpoint / "config.json").exists():
@@ -124,7 +119,7 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force
 
     checkpoint, out = Path(checkpoint), Path(out_dir)
     _check_paths(checkpoint, out, force)
-    dtype = _checkpoint_dtype(checkpoint)
+    dtype = source_dtype(str(checkpoint)) or torch.float16
     model = load_quantized(checkpoint, dtype=dtype)
     family = family_of(model)
     for layer in family.decoder_layers(model):
