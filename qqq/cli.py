@@ -197,8 +197,7 @@ def cmd_quantize(args) -> None:
         _check_group_size(config, args.group_size, args.model)
     tokenizer = load_tokenizer(args.model)
     vocab_size = config.get("vocab_size")
-    calibrates = bool(method.smoothing) or method.rounding == "gptq"
-    calibration_ids = _calibration_ids(tokenizer, args, vocab_size) if calibrates else None
+    calibration_ids = _calibration_ids(tokenizer, args, vocab_size) if method.calibrates else None
     windows = _evaluation_windows(tokenizer, args, device, vocab_size, args.model) if args.eval else None
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)

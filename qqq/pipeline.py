@@ -38,6 +38,11 @@ class Method:
     def packs_w4a8(self) -> bool:
         return self.weight_bits == 4 and self.quantize_activations
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the method needs calibration data (the smoothing search, SmoothQuant and GPTQ do)."""
+        return bool(self.smoothing) or self.rounding == "gptq"
+
 
 METHODS = {m.name: m for m in (
     Method("fp16", "no quantization (the model's own dtype)", None, None, 16, False),
@@ -237,8 +242,7 @@ def quantize_model(model: nn.Module, method: Method | str, calibration_ids: torc
     method = get_method(method)
     settings = settings or QuantizeSettings()
     device = device or default_device()
-    _, group_size, _ = _checked(method, model, settings, calibration_ids,
-                                bool(method.smoothing) or method.rounding == "gptq")
+    _, group_size, _ = _checked(method, model, settings, calibration_ids, method.calibrates)
     report = QuantizationReport(method.name, group_size)
     rotate(model, method)
     report.smoothing_scales = smooth(model, method, calibration_ids, settings, device)
