@@ -1,7 +1,7 @@
 """Baselines measured in the same harness as the W4A8 kernels.
 
 - W8A8 (SmoothQuant-style): per-token int8 activations x per-channel int8 weights [N, K] -> int32 -> scaled
-  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``w4a8_gemm.int8_gemm_kernel``, the same kernel the
+  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``int8_gemm.int8_gemm_kernel``, the same kernel the
   W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
   scale epilogue in PyTorch. Both quantize the activations with ``activation_quant``.
 - W4A16: fp16/bf16 activations x per-channel int4 weights in the W4A8 packing -> fp32 accumulation. The
@@ -18,8 +18,9 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches, tuning
 from qqq.kernels_triton.activation_quant import quantize_per_token
+from qqq.kernels_triton.int8_gemm import grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import check_packable
-from qqq.kernels_triton.w4a8_gemm import grouped_tile_ids, launch_int8_gemm, unpack_signed_x16
+from qqq.kernels_triton.unpack import unpack_signed_x16
 
 LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm",), "w4a16_linear": ("w4a16",)}
 

@@ -7,11 +7,8 @@ One fused kernel serves both weight formats of ``qqq.numerics`` (selected by the
 - per-group (``GROUP_SIZE`` in 32/64/128/256, QQQ's FusedDequantQuant): ``round_half_even((q - 8) * ratio)``
   formed as int8 in registers; the whole K loop stays in int32 (group scales folded into the int8 weight).
 
-Two formulations of each unpack, the same numbers: on the GPU (``USE_ASM``) PTX through
-``tl.inline_asm_elementwise`` working on 4 packed bytes per instruction (mask/shift for per-channel; the
-0x6400 exponent trick, one ``fma.rn.f16x2`` with +1152 for the rounding and ``prmt`` for per-group, as in the
-original CUDA kernel); under the interpreter (CPU tests) plain Triton ops (fp32 exponent and magic-number
-tricks). The GPU check in ``experiments/gemm_speed.py --check`` compares the PTX path with the reference.
+The unpacks (``unpack.py``) have two formulations with the same numbers: PTX on the GPU, plain Triton ops
+under the interpreter (CPU tests).
 
 The operands are swapped (``acc[BLOCK_N, BLOCK_M] += W @ A^T``) so that the unpacked weight is the left,
 register-resident operand of the Hopper wgmma (IGMMA in the SASS), and the activation tile (K-major) is the
@@ -25,7 +22,7 @@ workspace and the last one to arrive (a per-tile ticket counter) reads the total
 and runs the epilogue, so the result stays exactly the int32 sum of the spec.
 
 Large M (prefill) may instead take ``DEQUANT=1`` configs: dequantize the packed weight to int8 once
-(``_dequantize_int8_kernel``) and run the plain int8 GEMM (``int8_gemm_kernel``, also the W8A8 baseline).
+(``_dequantize_int8_kernel``) and run the plain int8 GEMM (``int8_gemm.int8_gemm_kernel``, also the W8A8 baseline).
 The tuner picks per (shape, M bucket); on the H100 it picks this at M >= 1024 for per-group.
 
 The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
@@ -34,19 +31,19 @@ config from ``tuning`` (the tuned JSON cache for this GPU, else a heuristic).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from qqq import numerics
 from qqq.kernels_triton import branches, tuning
-from qqq.kernels_triton.activation_quant import quantize_per_token, round_to_int32
+from qqq.kernels_triton.activation_quant import quantize_per_token
+from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
+from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
+                                       unpack_signed_x16, use_inline_asm)
 
 assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
-
 
 
 def _gemm_paths(group_size: int) -> tuple[str, ...]:
@@ -58,94 +55,6 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
 
 LAUNCH_BRANCHES = {"w4a8_gemm": tuple(f"{path}/g{group}" for group in numerics.SUPPORTED_GROUP_SIZES
                                       for path in _gemm_paths(group))}
-
-
-@triton.jit
-def int8_from_group_codes(q, ratio):
-    """``clamp(round_half_even((q - 8) * ratio), -127, 127)`` as int8, for int32 nibbles ``q`` in [0, 15] and
-    fp32 ratios (fp16 values, so the product is exact in fp32 and only the final rounding happens)."""
-    centred = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # (2**23 + q) - (2**23 + 8)
-    w = round_to_int32(centred * ratio)
-    w = tl.minimum(tl.maximum(w, -127), 127)
-    return w.to(tl.int8)
-
-
-@triton.jit
-def unpack_signed_x16_asm(packed):
-    """Per-channel unpack on the GPU, 4 bytes per instruction: (low, high) int8 lanes holding 16 * code."""
-    w_low = tl.inline_asm_elementwise(
-        "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r", [packed],
-        dtype=tl.int8, is_pure=True, pack=4)
-    w_high = tl.inline_asm_elementwise(
-        "and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
-    return w_low, w_high
-
-
-@triton.jit
-def unpack_signed_x16(packed, USE_ASM: tl.constexpr):
-    """Per-channel codes of a packed byte tile as (low, high) int8 lanes holding 16 * code: PTX on the GPU, plain
-    shifts and masks elsewhere (the interpreter)."""
-    if USE_ASM:
-        w_low, w_high = unpack_signed_x16_asm(packed)
-    else:
-        w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
-        w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
-    return w_low, w_high
-
-
-@triton.jit
-def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
-    """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
-    word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
-    ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
-    (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
-    ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
-    nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
-    Returns (low-nibble weights, high-nibble weights)."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 x, a, b, c, d, k1032, k1152, kmin, kmax;
-        mov.b32 k1032, 0x64086408;
-        mov.b32 k1152, 0x64806480;
-        mov.b32 kmin, 0x64016401;
-        mov.b32 kmax, 0x64FF64FF;
-        mov.b32 x, $2;
-        lop3.b32 a, x, 0x000F000F, 0x64006400, 0xEA;
-        shr.u32 b, x, 8;
-        lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
-        shr.u32 c, x, 4;
-        lop3.b32 c, c, 0x000F000F, 0x64006400, 0xEA;
-        shr.u32 d, x, 12;
-        lop3.b32 d, d, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 a, a, k1032;
-        sub.f16x2 b, b, k1032;
-        sub.f16x2 c, c, k1032;
-        sub.f16x2 d, d, k1032;
-        fma.rn.f16x2 a, a, $3, k1152;
-        fma.rn.f16x2 b, b, $3, k1152;
-        fma.rn.f16x2 c, c, $7, k1152;
-        fma.rn.f16x2 d, d, $7, k1152;
-        max.f16x2 a, a, kmin;
-        max.f16x2 b, b, kmin;
-        max.f16x2 c, c, kmin;
-        max.f16x2 d, d, kmin;
-        min.f16x2 a, a, kmax;
-        min.f16x2 b, b, kmax;
-        min.f16x2 c, c, kmax;
-        min.f16x2 d, d, kmax;
-        prmt.b32 a, a, b, 0x6240;
-        prmt.b32 c, c, d, 0x6240;
-        xor.b32 $0, a, 0x80808080;
-        xor.b32 $1, c, 0x80808080;
-        }""",
-        "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-
-
-@triton.jit
-def _ratio_pair(r):
-    """fp16 ratios -> int32 words holding the ratio twice (the f16x2 operand of the PTX dequant)."""
-    bits = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return bits | (bits << 16)
 
 
 @triton.jit
@@ -162,45 +71,6 @@ def _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE: tl.constexpr, BLOCK_
         else:
             r_high = tl.load(ratio_row + (k0 + 32) // GROUP_SIZE, mask=n_mask, other=0.0)
         return r_low, r_high
-
-
-@triton.jit
-def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
-    """(pid_n, pid_m) of this program: GROUP_N consecutive weight tiles are swept over all activation tiles
-    before moving on (L2 reuse)."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
-    return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
-
-
-@triton.jit
-def _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-              acc_out_ptr, N, stride_om,
-              X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n]).
-    ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here."""
-    mask = n_mask[:, None] & m_mask[None, :]
-    if X16:
-        true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
-    else:
-        true_acc = acc
-    if WRITE_ACC:
-        tl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], true_acc, mask=mask)
-    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
-    y = acc.to(tl.float32)
-    if X16:
-        y = y * 0.0625  # exact: float(16 * a) == 16 * float(a)
-    y = (y * token_scale[None, :]) * channel_scale[:, None]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y + bias[:, None]
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "n_groups"])
@@ -252,10 +122,10 @@ def _w4a8_gemm_kernel(
             group_of_column = (offs_byte // (GROUP_SIZE // 2))[None, :]
             r = tl.load(ratio_row + first_group, mask=n_mask, other=0.0)
             if USE_ASM:
-                pair = tl.broadcast_to(_ratio_pair(r)[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair = tl.broadcast_to(ratio_pair(r)[:, None], (BLOCK_N, BLOCK_K // 2))
                 for i in tl.static_range(1, BLOCK_K // GROUP_SIZE):
                     r_i = tl.load(ratio_row + first_group + i, mask=n_mask, other=0.0)
-                    pair = tl.where(group_of_column == i, _ratio_pair(r_i)[:, None], pair)
+                    pair = tl.where(group_of_column == i, ratio_pair(r_i)[:, None], pair)
                 w_low, w_high = int8_from_group_codes_asm(packed, pair, pair)
             else:
                 ratio = tl.broadcast_to(r.to(tl.float32)[:, None], (BLOCK_N, BLOCK_K // 2))
@@ -271,8 +141,8 @@ def _w4a8_gemm_kernel(
             else:
                 r_low, r_high = _load_ratios(ratio_row, n_mask, kt, kt_end, GROUP_SIZE, BLOCK_K)
             if USE_ASM:
-                pair_low = tl.broadcast_to(_ratio_pair(r_low)[:, None], (BLOCK_N, BLOCK_K // 2))
-                pair_high = tl.broadcast_to(_ratio_pair(r_high)[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair_low = tl.broadcast_to(ratio_pair(r_low)[:, None], (BLOCK_N, BLOCK_K // 2))
+                pair_high = tl.broadcast_to(ratio_pair(r_high)[:, None], (BLOCK_N, BLOCK_K // 2))
                 w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
             else:
                 w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
@@ -283,8 +153,8 @@ def _w4a8_gemm_kernel(
         a_low_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
-        _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                  acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+        epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                 acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
     else:
         mask = n_mask[:, None] & m_mask[None, :]
         ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -294,8 +164,8 @@ def _w4a8_gemm_kernel(
         if ticket == SPLIT_K - 1:  # last split of this tile: every partial sum is in the workspace
             total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
             tl.atomic_xchg(tickets_ptr + tile, 0)
-            _epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                      acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+            epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                     acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
 
 
 @triton.jit(do_not_specialize=["n_groups"])
@@ -336,47 +206,6 @@ def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn
     tl.store(out_ptrs + HALF, w_high, mask=n_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["M"])
-def int8_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,
-    M, N, K, stride_am, stride_wn, stride_om,
-    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-):
-    """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
-    W4A8 (after ``_dequantize_int8_kernel``) and the W8A8 baseline."""
-    pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-    a_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    for _ in range(0, K // BLOCK_K):
-        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
-        a = tl.load(a_ptrs, mask=m_mask[None, :], other=0)
-        acc = tl.dot(w, a, acc=acc, out_dtype=tl.int32)
-        w_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-    _epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-              acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
-
-
-def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc):
-    m, k = a_codes.shape
-    n = weight.shape[0]
-    grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
-    int8_gemm_kernel[grid](
-        a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
-        m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
-        X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=config["BLOCK_N"],
-        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-
-
 def dequantize_int8(qweight, group_ratio, group_size, use_asm: bool) -> torch.Tensor:
     """The int8 weight [N, K] of the GEMM (per-channel lanes hold 16 * code)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
@@ -407,11 +236,6 @@ def split_k_workspace(device: torch.device, acc_elems: int, tiles: int) -> tuple
                   torch.zeros(counters, dtype=torch.int32, device=device))
         _SPLIT_K_WORKSPACES[device] = cached
     return cached
-
-
-def use_inline_asm(t: torch.Tensor) -> bool:
-    """The PTX unpack paths run on CUDA; the interpreter (CPU tests) runs the plain Triton formulation."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_features, device):
@@ -534,4 +358,4 @@ def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_si
     return result.reshape(*lead, -1)
 
 
-__all__ = ["w4a8_linear", "w4a8_gemm", "check_weights", "dequantize_int8", "launch_int8_gemm"]
+__all__ = ["w4a8_linear", "w4a8_gemm", "check_weights", "dequantize_int8"]

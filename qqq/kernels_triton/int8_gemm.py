@@ -1,0 +1,89 @@
+"""The plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left (``acc[BLOCK_N, BLOCK_M]``):
+the prefill path of W4A8 (after ``w4a8_gemm.dequantize_int8``) and the W8A8 baseline. ``grouped_tile_ids`` (the
+L2-friendly program order) and ``epilogue`` (scales, bias, store) are shared with the fused W4A8 kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
+    """(pid_n, pid_m) of this program: GROUP_N consecutive weight tiles are swept over all activation tiles
+    before moving on (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
+
+
+@triton.jit
+def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+             acc_out_ptr, N, stride_om,
+             X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n]).
+    ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here."""
+    mask = n_mask[:, None] & m_mask[None, :]
+    if X16:
+        true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
+    else:
+        true_acc = acc
+    if WRITE_ACC:
+        tl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], true_acc, mask=mask)
+    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc.to(tl.float32)
+    if X16:
+        y = y * 0.0625  # exact: float(16 * a) == 16 * float(a)
+    y = (y * token_scale[None, :]) * channel_scale[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y + bias[:, None]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def int8_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,
+    M, N, K, stride_am, stride_wn, stride_om,
+    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
+    W4A8 (after ``_dequantize_int8_kernel``) and the W8A8 baseline."""
+    pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+    a_ptrs = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    for _ in range(0, K // BLOCK_K):
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        a = tl.load(a_ptrs, mask=m_mask[None, :], other=0)
+        acc = tl.dot(w, a, acc=acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+             acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+
+
+def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc):
+    m, k = a_codes.shape
+    n = weight.shape[0]
+    grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
+    int8_gemm_kernel[grid](
+        a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
+        m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
+        X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=config["BLOCK_N"],
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )

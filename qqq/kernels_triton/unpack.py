@@ -1,0 +1,115 @@
+"""The weight unpacks of the W4A8 kernels (``w4a8_gemm``, the W4A16 baseline): packed int4 bytes (``packing.py``)
+-> int8 lanes for the integer tensor cores, per-channel (``16 * code``) or per-group (QQQ's FusedDequantQuant).
+
+Two formulations of each unpack, the same numbers: on the GPU (``USE_ASM``) PTX through
+``tl.inline_asm_elementwise`` working on 4 packed bytes per instruction (mask/shift for per-channel; the
+0x6400 exponent trick, one ``fma.rn.f16x2`` with +1152 for the rounding and ``prmt`` for per-group, as in the
+original CUDA kernel); under the interpreter (CPU tests) plain Triton ops (fp32 exponent and magic-number
+tricks). The GPU check in ``experiments/gemm_speed.py --check`` compares the PTX path with the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import triton
+import triton.language as tl
+
+from qqq.kernels_triton.activation_quant import round_to_int32
+
+if TYPE_CHECKING:
+    import torch
+
+
+@triton.jit
+def int8_from_group_codes(q, ratio):
+    """``clamp(round_half_even((q - 8) * ratio), -127, 127)`` as int8, for int32 nibbles ``q`` in [0, 15] and
+    fp32 ratios (fp16 values, so the product is exact in fp32 and only the final rounding happens)."""
+    centred = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # (2**23 + q) - (2**23 + 8)
+    w = round_to_int32(centred * ratio)
+    w = tl.minimum(tl.maximum(w, -127), 127)
+    return w.to(tl.int8)
+
+
+@triton.jit
+def unpack_signed_x16_asm(packed):
+    """Per-channel unpack on the GPU, 4 bytes per instruction: (low, high) int8 lanes holding 16 * code."""
+    w_low = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r", [packed],
+        dtype=tl.int8, is_pure=True, pack=4)
+    w_high = tl.inline_asm_elementwise(
+        "and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+    return w_low, w_high
+
+
+@triton.jit
+def unpack_signed_x16(packed, USE_ASM: tl.constexpr):
+    """Per-channel codes of a packed byte tile as (low, high) int8 lanes holding 16 * code: PTX on the GPU, plain
+    shifts and masks elsewhere (the interpreter)."""
+    if USE_ASM:
+        w_low, w_high = unpack_signed_x16_asm(packed)
+    else:
+        w_low = (packed << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+        w_high = (packed & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+    return w_low, w_high
+
+
+@triton.jit
+def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
+    """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
+    word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
+    ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
+    (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
+    ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
+    nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
+    Returns (low-nibble weights, high-nibble weights)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x, a, b, c, d, k1032, k1152, kmin, kmax;
+        mov.b32 k1032, 0x64086408;
+        mov.b32 k1152, 0x64806480;
+        mov.b32 kmin, 0x64016401;
+        mov.b32 kmax, 0x64FF64FF;
+        mov.b32 x, $2;
+        lop3.b32 a, x, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 b, x, 8;
+        lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 c, x, 4;
+        lop3.b32 c, c, 0x000F000F, 0x64006400, 0xEA;
+        shr.u32 d, x, 12;
+        lop3.b32 d, d, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 a, a, k1032;
+        sub.f16x2 b, b, k1032;
+        sub.f16x2 c, c, k1032;
+        sub.f16x2 d, d, k1032;
+        fma.rn.f16x2 a, a, $3, k1152;
+        fma.rn.f16x2 b, b, $3, k1152;
+        fma.rn.f16x2 c, c, $7, k1152;
+        fma.rn.f16x2 d, d, $7, k1152;
+        max.f16x2 a, a, kmin;
+        max.f16x2 b, b, kmin;
+        max.f16x2 c, c, kmin;
+        max.f16x2 d, d, kmin;
+        min.f16x2 a, a, kmax;
+        min.f16x2 b, b, kmax;
+        min.f16x2 c, c, kmax;
+        min.f16x2 d, d, kmax;
+        prmt.b32 a, a, b, 0x6240;
+        prmt.b32 c, c, d, 0x6240;
+        xor.b32 $0, a, 0x80808080;
+        xor.b32 $1, c, 0x80808080;
+        }""",
+        "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+
+
+@triton.jit
+def ratio_pair(r):
+    """fp16 ratios -> int32 words holding the ratio twice (the f16x2 operand of the PTX dequant)."""
+    bits = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+def use_inline_asm(t: torch.Tensor) -> bool:
+    """The PTX unpack paths run on CUDA; the interpreter (CPU tests) runs the plain Triton formulation."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
