@@ -28,14 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qqq import numerics  # noqa: E402
-from qqq.kernels_triton import baselines, tuning  # noqa: E402
+from qqq.kernels_triton import autotune, baselines, config_table  # noqa: E402
 from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
 from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
 from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
 from qqq.provenance import provenance  # noqa: E402
 
-SHAPES = tuning.LLAMA_GEMM_SHAPES
+SHAPES = config_table.LLAMA_GEMM_SHAPES
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 REPORT_M = [1, 16, 64, 256, 1024, 4096]
 
@@ -71,7 +71,7 @@ def check_correctness(shapes, m_values=CHECK_M) -> bool:
                 quant_exact = torch.equal(q_codes, x_codes) and torch.equal(q_scale, token_scale[:, 0])
                 err = (out.float() - ref.float()).abs()
                 within = bool((err <= numerics.output_tolerance(ref, ref_acc, token_scale, scale)).all())
-                cfg = tuning.get_config("w4a8" if group_size == -1 else "w4a8_group", m, n, k, group_size)
+                cfg = config_table.get_config("w4a8" if group_size == -1 else "w4a8_group", m, n, k, group_size)
                 good = acc_exact and quant_exact and within and not torch.isnan(out).any()
                 ok &= good
                 print(f"check {name} M={m} g={group_size}: quant_exact={quant_exact} acc_exact={acc_exact} "
@@ -87,14 +87,14 @@ def check_correctness(shapes, m_values=CHECK_M) -> bool:
 def activation_quant_speed(meta, out_dir: Path) -> list[dict]:
     big = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
     dst = torch.empty_like(big)
-    copy_us = tuning.time_cuda_graph([lambda: dst.copy_(big)], repeats=20)
+    copy_us = autotune.time_cuda_graph([lambda: dst.copy_(big)], repeats=20)
     copy_gbs = 2 * big.numel() * 4 / copy_us / 1e3
     rows = []
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     for m, k in ((1, 4096), (16, 21760), (256, 4096), (1024, 8192), (4096, 4096), (4096, 21760), (8192, 8192)):
-        copies = tuning.rotation_count(m * k * 2)
+        copies = autotune.rotation_count(m * k * 2)
         xs = [torch.randn(m, k, device="cuda").half() for _ in range(copies)]
-        us = tuning.time_cuda_graph([lambda x=x: quantize_per_token(x) for x in xs], repeats=20)
+        us = autotune.time_cuda_graph([lambda x=x: quantize_per_token(x) for x in xs], repeats=20)
         moved = m * k * 3 + m * 4
         gbs = moved / us / 1e3
         rows.append(dict(M=m, K=k, time_us=round(us, 2), GB_per_s=round(gbs, 1),
@@ -114,9 +114,9 @@ class ShapeKernels:
     def __init__(self, n: int, k: int):
         self.n, self.k = n, k
         dev = "cuda"
-        r16 = tuning.rotation_count(n * k * 2)
-        r8 = tuning.rotation_count(n * k)
-        r4 = tuning.rotation_count(n * k // 2)
+        r16 = autotune.rotation_count(n * k * 2)
+        r8 = autotune.rotation_count(n * k)
+        r4 = autotune.rotation_count(n * k // 2)
         self.w16 = [torch.randn(n, k, device=dev).half() * 0.02 for _ in range(r16)]
         self.w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(r8)]
         self.w8_t = [w.t() for w in self.w8]  # [K, N] column-major, what cuBLAS int8 wants
@@ -176,7 +176,7 @@ def bench(shapes, m_values, meta) -> list[dict]:
                 if calls is None:
                     continue
                 try:
-                    times[kernel] = tuning.time_cuda_graph(calls, repeats=10 if m >= 1024 else 20)
+                    times[kernel] = autotune.time_cuda_graph(calls, repeats=10 if m >= 1024 else 20)
                 except Exception as err:
                     print(f"{name} M={m} {kernel} failed: {type(err).__name__}: {str(err)[:160]}", flush=True)
             for best, parts in BEST_OF.items():
@@ -250,7 +250,7 @@ def main():
     parser.add_argument("--act-quant", action="store_true", help="activation quantization vs copy bandwidth")
     parser.add_argument("--tune", action="store_true", help="autotune W4A8 (per-channel and g128) first")
     parser.add_argument("--tune-baselines", action="store_true", help="also autotune the Triton baselines")
-    parser.add_argument("--tune-ms", default=",".join(map(str, tuning.M_BUCKETS)))
+    parser.add_argument("--tune-ms", default=",".join(map(str, config_table.M_BUCKETS)))
     parser.add_argument("--tune-baseline-ms", default=None, help="M buckets for --tune-baselines (default --tune-ms)")
     parser.add_argument("--tune-shapes", default="", help="comma-separated shape names (default: --shapes)")
     parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
@@ -283,17 +283,18 @@ def main():
         ms = [int(v) for v in args.tune_ms.split(",")]
         timings = []
         problems = [(n, k, g) for _, n, k in tune_shapes for g in (-1, 128)]
-        tuning.tune(problems, ms, path=args.config_json, timings=timings)
+        autotune.tune(problems, ms, path=args.config_json, timings=timings)
         if args.tune_baselines:
             base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
-            tuning.tune([(n, k, -1) for _, n, k in tune_shapes], base_ms, kernels=("w8a8", "w4a16"),
-                        path=args.config_json, timings=timings)
+            autotune.tune([(n, k, -1) for _, n, k in tune_shapes], base_ms, kernels=("w8a8", "w4a16"),
+                          path=args.config_json, timings=timings)
         with open(out_dir / "gemm_speed_tune_timings.csv", "w", newline="") as f:
             f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
             writer = csv.writer(f)
-            writer.writerow(["kernel", "N", "K", "group_size", "M_bucket"] + list(tuning.CONFIG_KEYS) + ["time_us"])
+            keys = config_table.CONFIG_KEYS
+            writer.writerow(["kernel", "N", "K", "group_size", "M_bucket"] + list(keys) + ["time_us"])
             for kernel, n, k, g, b, cfg, us in timings:
-                writer.writerow([kernel, n, k, g, b] + [cfg.get(c, 0) for c in tuning.CONFIG_KEYS] + [round(us, 2)])
+                writer.writerow([kernel, n, k, g, b] + [cfg.get(c, 0) for c in keys] + [round(us, 2)])
         print(f"tuning done at {time.time() - t0:.0f} s", flush=True)
     if not args.no_bench:
         m_values = [int(v) for v in args.ms.split(",")]

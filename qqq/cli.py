@@ -341,7 +341,7 @@ def linear_shape(text: str) -> tuple[int, int]:
 
 
 def cmd_tune(args) -> None:
-    from qqq.kernels_triton.tuning import tune
+    from qqq.kernels_triton.autotune import tune
 
     if not torch.cuda.is_available():
         sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")

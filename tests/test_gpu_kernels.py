@@ -20,7 +20,7 @@ from conftest import compiled_kernels
 
 import qqq.kernels_triton as kernel_package
 from qqq import numerics
-from qqq.kernels_triton import branches, tuning
+from qqq.kernels_triton import autotune, branches, config_table
 from qqq.kernels_triton.packing import pack_int4
 
 # ------------------------------------------------------------------------------------- the cases per branch
@@ -93,7 +93,7 @@ def test_every_launch_branch_has_a_gpu_case():
     for path, g in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
         config = GEMM_PATH_CONFIGS[path](g)
         assert _launch_path(config, g) == path
-        tuning.check_config("w4a8" if g == -1 else "w4a8_group", config, 300, 1000, 8192, g)
+        config_table.check_config("w4a8" if g == -1 else "w4a8_group", config, 300, 1000, 8192, g)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -188,7 +188,7 @@ REAL_WIDTH_M = (1, 16, 128, 1024, 4096)
 
 @compiled_kernels
 @pytest.mark.parametrize("group_size", [-1, 128])
-@pytest.mark.parametrize("name,n,k", tuning.LLAMA_GEMM_SHAPES)
+@pytest.mark.parametrize("name,n,k", config_table.LLAMA_GEMM_SHAPES)
 def test_w4a8_linear_at_real_widths(name, n, k, group_size, precompiled):
     """The configs users run (this GPU's tuned file, a same-chip GPU's, or the heuristic) at every real width:
     fp16 at every M, bf16 at the decode and prefill ends."""
@@ -201,10 +201,10 @@ def test_w4a8_linear_at_real_widths(name, n, k, group_size, precompiled):
 def _shipped_configs():
     """Every distinct (kernel, group size, config) of the shipped config files, with one shape it was tuned for."""
     seen = {}
-    for path in sorted(tuning.CONFIG_DIR.glob("*.json")):
+    for path in sorted(config_table.CONFIG_DIR.glob("*.json")):
         for key, config in json.loads(path.read_text())["configs"].items():
             kernel, n, k, g, bucket = (part.split("=")[-1] for part in key.split("|"))
-            config = {c: config.get(c, tuning.OPTIONAL_KEYS.get(c)) for c in tuning.CONFIG_KEYS}
+            config = {c: config.get(c, config_table.OPTIONAL_KEYS.get(c)) for c in config_table.CONFIG_KEYS}
             signature = (kernel, int(g)) + tuple(config.values())
             seen.setdefault(signature, (kernel, int(n), int(k), int(g), int(bucket), config))
     return list(seen.values())
@@ -215,13 +215,13 @@ def precompiled():
     """Compile the GEMM configs of this file (fp16) in parallel processes into Triton's disk cache first, so the
     suite takes minutes, not a serial compile of each."""
     jobs = [(kernel, n, k, g, min(bucket, 64), config) for kernel, n, k, g, bucket, config in _shipped_configs()]
-    for _, n, k in tuning.LLAMA_GEMM_SHAPES:
+    for _, n, k in config_table.LLAMA_GEMM_SHAPES:
         for g in (-1, 128):
             kernel = "w4a8" if g == -1 else "w4a8_group"
-            jobs += [(kernel, n, k, g, m, tuning.get_config(kernel, m, n, k, g)) for m in REAL_WIDTH_M]
+            jobs += [(kernel, n, k, g, m, config_table.get_config(kernel, m, n, k, g)) for m in REAL_WIDTH_M]
     jobs += [("w4a8" if g == -1 else "w4a8_group", 1000, 8192, g, 33, GEMM_PATH_CONFIGS[path](g))
              for path, g in GEMM_CASES]
-    tuning.precompile(jobs)
+    autotune.precompile(jobs)
 
 
 @compiled_kernels

@@ -5,7 +5,7 @@ import torch
 from conftest import interpreted_kernels
 
 from qqq import numerics
-from qqq.kernels_triton import tuning
+from qqq.kernels_triton import config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
@@ -185,12 +185,12 @@ def test_baselines_match_reference():
 
 def test_tuning_candidates_are_valid():
     for kernel, gs in (("w4a8", -1), ("w4a8_group", 32), ("w4a8_group", 128), ("w8a8", -1)):
-        for bucket in tuning.M_BUCKETS:
-            cands = tuning.candidate_configs(kernel, bucket, 8192, 21760, gs)
+        for bucket in config_table.M_BUCKETS:
+            cands = config_table.candidate_configs(kernel, bucket, 8192, 21760, gs)
             assert cands, (kernel, bucket)
             for cfg in cands:
-                tuning.check_config(kernel, cfg, bucket, 8192, 21760, gs)
-    assert tuning.m_bucket(1) == 16 and tuning.m_bucket(100) == 128 and tuning.m_bucket(10**5) == 4096
-    cfg = tuning.heuristic_config("w4a8_group", 1, 4096, 4096, 32)
+                config_table.check_config(kernel, cfg, bucket, 8192, 21760, gs)
+    assert config_table.m_bucket(1) == 16 and config_table.m_bucket(100) == 128 and config_table.m_bucket(10**5) == 4096
+    cfg = config_table.heuristic_config("w4a8_group", 1, 4096, 4096, 32)
     assert cfg["BLOCK_K"] <= 64
-    assert tuning.max_block_k("w4a8_group", 128) == 512 and tuning.max_block_k("w4a8_group", 32) == 64
+    assert config_table.max_block_k("w4a8_group", 128) == 512 and config_table.max_block_k("w4a8_group", 32) == 64

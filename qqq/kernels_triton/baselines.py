@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton import branches, tuning
+from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import check_packable
@@ -82,9 +82,9 @@ def _check_common(n, k, channel_scale, bias):
 
 def _launch_config(kernel, config, m, n, k):
     if config is None:
-        config = tuning.get_config(kernel, m, n, k, -1)
+        config = config_table.get_config(kernel, m, n, k, -1)
     else:
-        tuning.check_config(kernel, config, m, n, k, -1)
+        config_table.check_config(kernel, config, m, n, k, -1)
     if config["SPLIT_K"] != 1:
         config = dict(config, SPLIT_K=1)  # the baselines have no split-K
     return config

@@ -26,7 +26,7 @@ Large M (prefill) may instead take ``DEQUANT=1`` configs: dequantize the packed 
 The tuner picks per (shape, M bucket); on the H100 it picks this at M >= 1024 for per-group.
 
 The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
-config from ``tuning`` (the tuned JSON cache for this GPU, else a heuristic).
+config from ``config_table`` (the tuned JSON cache for this GPU, else a heuristic).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from qqq import numerics
-from qqq.kernels_triton import branches, tuning
+from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
@@ -302,9 +302,9 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         return (out, acc_out) if return_acc else out
     kernel_name = "w4a8" if group_size == -1 else "w4a8_group"
     if config is None:
-        config = tuning.get_config(kernel_name, m, n, k, group_size)
+        config = config_table.get_config(kernel_name, m, n, k, group_size)
     else:
-        tuning.check_config(kernel_name, config, m, n, k, group_size)
+        config_table.check_config(kernel_name, config, m, n, k, group_size)
     use_asm = use_inline_asm(a_codes)
     branches.record("w4a8_gemm", f"{_launch_path(config, group_size)}/g{group_size}")
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
