@@ -40,8 +40,14 @@ def _narrow_block_k(group_size):
     return 256 if group_size == -1 else max(64, min(group_size, 256))
 
 
+def _streaming_config(split_k=1):
+    return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=256, SPLIT_K=split_k, GROUP_N=1, num_warps=4, num_stages=1, GEMV=1)
+
+
 # w4a8_gemm: launch path -> the config that forces it for a group size
 GEMM_PATH_CONFIGS = {
+    "streaming": lambda g: _streaming_config(),
+    "streaming_split_k": lambda g: _streaming_config(split_k=4),
     "fused": lambda g: _w4a8_config(_narrow_block_k(g)),
     "split_k": lambda g: _w4a8_config(_narrow_block_k(g), split_k=4),
     "prefetch": lambda g: _w4a8_config(_narrow_block_k(g), prefetch=1),
@@ -59,6 +65,11 @@ def _gemm_cases():
 
 
 GEMM_CASES = _gemm_cases()
+
+
+def _gemm_path_ms(path):
+    """Token counts a path is checked at: decode to prefill, the streaming kernel up to its 16 tokens."""
+    return (1, 2, 16) if path.startswith("streaming") else (1, 33, 300)
 PRODUCER_WIDTHS = {"rmsnorm_quantize": (4096, 5120, 8192), "silu_mul_quantize": (11008, 13824, 28672)}
 PRODUCER_CASES = [(launcher, rows, residual, out) for launcher in PRODUCER_WIDTHS for rows in ("row", "chunked")
                   for residual in ((False, True) if launcher == "rmsnorm_quantize" else (False,))
@@ -93,7 +104,8 @@ def test_every_launch_branch_has_a_gpu_case():
     for path, g in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
         config = GEMM_PATH_CONFIGS[path](g)
         assert _launch_path(config, g) == path
-        config_table.check_config("w4a8" if g == -1 else "w4a8_group", config, 300, 1000, 8192, g)
+        config_table.check_config("w4a8" if g == -1 else "w4a8_group", config, _gemm_path_ms(path)[-1], 1000, 8192,
+                                  g)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -169,7 +181,7 @@ def test_quantize_per_token_branch(branch, m, k, dtype):
 def test_w4a8_gemm_branch(path, group_size, dtype, precompiled):
     config = GEMM_PATH_CONFIGS[path](group_size)
     generator = torch.Generator(device="cuda").manual_seed(1)
-    for m in (1, 33, 300):
+    for m in _gemm_path_ms(path):
         with branches.recording() as taken:
             _check_w4a8(_random_rows(m, 8192, dtype, generator), 1000, group_size, config)
         _assert_branch(taken, "w4a8_gemm", f"{path}/g{group_size}")
@@ -183,7 +195,7 @@ def test_w4a8_linear_takes_fp32_input_on_the_gpu(group_size):
         _check_w4a8(_random_rows(m, 4096, torch.float32, generator), 640, group_size)
 
 
-REAL_WIDTH_M = (1, 16, 128, 1024, 4096)
+REAL_WIDTH_M = (1, 2, 16, 128, 1024, 4096)
 
 
 @compiled_kernels

@@ -93,6 +93,13 @@ CASES = [  # (M, N, K, group_size, config)
     (3, 48, 512, 128, config(block_k=256)),
     (17, 32, 512, 64, config(block_k=256, split_k=2)),
     (5, 32, 1024, 256, config(block_k=512)),
+    # the streaming decode kernel (CUDA-core dp4a), with and without split-K, every group size
+    (1, 40, 128, -1, dict(config(block_k=64), GEMV=1)),
+    (3, 33, 256, -1, dict(config(block_n=16, block_k=64, split_k=2), GEMV=1)),
+    (1, 24, 256, 32, dict(config(block_n=16, block_k=64), GEMV=1)),
+    (5, 24, 256, 64, dict(config(block_n=16, block_k=128, split_k=2), GEMV=1)),
+    (2, 20, 512, 128, dict(config(block_n=16, block_k=128), GEMV=1)),
+    (16, 20, 512, 256, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),
     # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),
@@ -190,7 +197,8 @@ def test_tuning_candidates_are_valid():
             assert cands, (kernel, bucket)
             for cfg in cands:
                 config_table.check_config(kernel, cfg, bucket, 8192, 21760, gs)
-    assert config_table.m_bucket(1) == 16 and config_table.m_bucket(100) == 128 and config_table.m_bucket(10**5) == 4096
+    assert config_table.m_bucket(1) == 1 and config_table.m_bucket(3) == 16
+    assert config_table.m_bucket(100) == 128 and config_table.m_bucket(10**5) == 4096
     cfg = config_table.heuristic_config("w4a8_group", 1, 4096, 4096, 32)
     assert cfg["BLOCK_K"] <= 64
     assert config_table.max_block_k("w4a8_group", 128) == 512 and config_table.max_block_k("w4a8_group", 32) == 64

@@ -17,6 +17,7 @@ for the current GPU is ``autotune.tune(shapes, ...)`` (the ``qqq tune`` command)
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -25,13 +26,15 @@ from pathlib import Path
 from qqq.kernels_triton.gpu import current_gpu
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+M_BUCKETS = (1, 2, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+STREAMING_M_MAX = 2  # buckets up to this also time the streaming (CUDA-core) W4A8 kernel, w4a8_gemv.py
+GEMV_MAX_M = 16  # the most tokens the streaming kernel takes (all of them in one program)
 SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
-               "PREFETCH")
-OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0}
+               "PREFETCH", "GEMV")
+OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0}
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
 # gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
 LLAMA_GEMM_SHAPES = (
@@ -82,6 +85,12 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
     if block_k % 64 or k % block_k:
         raise ValueError(f"BLOCK_K={block_k} must be a multiple of 64 that divides K={k}")
     limit = max_block_k(kernel, group_size)
+    if config.get("GEMV", 0):
+        if kernel not in ("w4a8", "w4a8_group") or config.get("DEQUANT", 0) or m > GEMV_MAX_M:
+            raise ValueError(f"GEMV=1 is the streaming W4A8 kernel for at most {GEMV_MAX_M} tokens")
+        if block_k & (block_k - 1):
+            raise ValueError(f"BLOCK_K={block_k} of a GEMV config must be a power of two")
+        limit = None  # it reads any number of groups per step
     if config.get("DEQUANT", 0):
         if kernel not in ("w4a8", "w4a8_group") or config["SPLIT_K"] != 1:
             raise ValueError("DEQUANT=1 is a W4A8 prefill config without split-K")
@@ -95,6 +104,8 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
 
 
 def _fits(kernel: str, cfg: dict) -> bool:
+    if cfg.get("GEMV", 0):
+        return True  # registers only: no shared-memory tiles
     weight_bytes = 1.0 if cfg.get("DEQUANT", 0) else _weight_bytes_per_element(kernel)
     tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes \
         + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
@@ -117,7 +128,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
     raw = []
     prefetch_options = (0, 1) if kernel == "w4a8_group" else (0,)
     if bucket <= SMALL_M_MAX:
-        block_ms = (16,) if bucket == 16 else (16, 32) if bucket == 32 else (32, 64)
+        block_ms = (16,) if bucket <= 16 else (16, 32) if bucket == 32 else (32, 64)
         block_ks = (64, 128, 256, 512) if (max_block_k(kernel, group_size) or 512) <= 64 else (128, 256, 512)
         for block_m in block_ms:
             for block_n, warps in ((32, 4), (64, 4), (128, 8)):
@@ -130,6 +141,10 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                             for prefetch in prefetch_options:
                                 raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                                                 GROUP_N=8, num_warps=warps, num_stages=stages, PREFETCH=prefetch))
+        if kernel in ("w4a8", "w4a8_group") and bucket <= STREAMING_M_MAX:
+            for block_n, block_k, split in itertools.product((16, 32, 64, 128), (128, 256, 512), (1, 2, 4, 8)):
+                raw.append(dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split, GROUP_N=1, num_warps=4,
+                                num_stages=1, GEMV=1))
     else:
         large = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
             (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
@@ -158,7 +173,7 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             continue
         for option, default in OPTIONAL_KEYS.items():
             cfg.setdefault(option, default)
-        if kernel != "w4a8_group" or cfg["DEQUANT"] or (group_size >= 64 and cfg["BLOCK_K"] > group_size):
+        if kernel != "w4a8_group" or cfg["DEQUANT"] or cfg["GEMV"] or (group_size >= 64 and cfg["BLOCK_K"] > group_size):
             cfg["PREFETCH"] = 0  # only the per-group fused kernel with one group per half tile prefetches
         key = tuple(cfg[c] for c in CONFIG_KEYS)
         if key not in seen:

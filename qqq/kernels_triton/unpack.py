@@ -55,23 +55,15 @@ def unpack_signed_x16(packed, USE_ASM: tl.constexpr):
     return w_low, w_high
 
 
-@triton.jit
-def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
-    """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
-    word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
-    ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
-    (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
-    ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
-    nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
-    Returns (low-nibble weights, high-nibble weights)."""
-    return tl.inline_asm_elementwise(
-        """{
+# QQQ's FusedDequantQuant in PTX for one 32-bit word of packed codes (8 weights) and the f16x2 ratio words of its
+# low and high nibbles; the operand numbers depend on how the caller packs its tensors
+_FUSED_DEQUANT_QUANT_PTX = """{
         .reg .b32 x, a, b, c, d, k1032, k1152, kmin, kmax;
         mov.b32 k1032, 0x64086408;
         mov.b32 k1152, 0x64806480;
         mov.b32 kmin, 0x64016401;
         mov.b32 kmax, 0x64FF64FF;
-        mov.b32 x, $2;
+        mov.b32 x, PACKED;
         lop3.b32 a, x, 0x000F000F, 0x64006400, 0xEA;
         shr.u32 b, x, 8;
         lop3.b32 b, b, 0x000F000F, 0x64006400, 0xEA;
@@ -83,10 +75,10 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
         sub.f16x2 b, b, k1032;
         sub.f16x2 c, c, k1032;
         sub.f16x2 d, d, k1032;
-        fma.rn.f16x2 a, a, $3, k1152;
-        fma.rn.f16x2 b, b, $3, k1152;
-        fma.rn.f16x2 c, c, $7, k1152;
-        fma.rn.f16x2 d, d, $7, k1152;
+        fma.rn.f16x2 a, a, RATIO_LOW, k1152;
+        fma.rn.f16x2 b, b, RATIO_LOW, k1152;
+        fma.rn.f16x2 c, c, RATIO_HIGH, k1152;
+        fma.rn.f16x2 d, d, RATIO_HIGH, k1152;
         max.f16x2 a, a, kmin;
         max.f16x2 b, b, kmin;
         max.f16x2 c, c, kmin;
@@ -99,7 +91,26 @@ def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
         prmt.b32 c, c, d, 0x6240;
         xor.b32 $0, a, 0x80808080;
         xor.b32 $1, c, 0x80808080;
-        }""",
+        }"""
+# int8 tensors with pack=4: the word is $2, each int32 ratio operand comes as 4 registers (the first is used)
+FUSED_DEQUANT_QUANT_BYTES = tl.constexpr(
+    _FUSED_DEQUANT_QUANT_PTX.replace("PACKED", "$2").replace("RATIO_LOW", "$3").replace("RATIO_HIGH", "$7"))
+# int32 word tensors with pack=1
+FUSED_DEQUANT_QUANT_WORDS = tl.constexpr(
+    _FUSED_DEQUANT_QUANT_PTX.replace("PACKED", "$2").replace("RATIO_LOW", "$3").replace("RATIO_HIGH", "$4"))
+
+
+@triton.jit
+def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
+    """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
+    word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
+    ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
+    (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
+    ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
+    nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
+    Returns (low-nibble weights, high-nibble weights)."""
+    return tl.inline_asm_elementwise(
+        FUSED_DEQUANT_QUANT_BYTES,
         "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
 
 
@@ -108,6 +119,26 @@ def ratio_pair(r):
     """fp16 ratios -> int32 words holding the ratio twice (the f16x2 operand of the PTX dequant)."""
     bits = r.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return bits | (bits << 16)
+
+
+@triton.jit
+def int8_words_from_group_codes(packed, r_low, r_high, USE_ASM: tl.constexpr):
+    """Per-group codes in int32 words (8 codes each, ``packing.py``) -> (low-nibble, high-nibble) words of four int8
+    lanes ``clamp(round_half_even((q - 8) * ratio), -127, 127)``, with the fp16 ratios ``r_low`` / ``r_high``
+    of each word's nibbles: the word form of ``int8_from_group_codes_asm`` (PTX) / ``int8_from_group_codes``."""
+    if USE_ASM:
+        low, high = tl.inline_asm_elementwise(
+            FUSED_DEQUANT_QUANT_WORDS, "=r,=r,r,r,r", [packed, ratio_pair(r_low), ratio_pair(r_high)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        low = tl.zeros_like(packed)
+        high = tl.zeros_like(packed)
+        for lane in tl.static_range(4):
+            q_low = (packed >> (8 * lane)) & 0xF
+            q_high = (packed >> (8 * lane + 4)) & 0xF
+            low |= (int8_from_group_codes(q_low, r_low.to(tl.float32)).to(tl.int32) & 0xFF) << (8 * lane)
+            high |= (int8_from_group_codes(q_high, r_high.to(tl.float32)).to(tl.int32) & 0xFF) << (8 * lane)
+    return low, high
 
 
 def use_inline_asm(t: torch.Tensor) -> bool:

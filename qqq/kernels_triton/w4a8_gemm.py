@@ -42,6 +42,7 @@ from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
+from qqq.kernels_triton.w4a8_gemv import launch_w4a8_gemv
 
 assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
 
@@ -50,7 +51,7 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
-    return ("fused", "split_k", "dequant") + per_group + wide
+    return ("fused", "split_k", "dequant", "streaming", "streaming_split_k") + per_group + wide
 
 
 LAUNCH_BRANCHES = {"w4a8_gemm": tuple(f"{path}/g{group}" for group in numerics.SUPPORTED_GROUP_SIZES
@@ -270,6 +271,8 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
 def _launch_path(config: dict, group_size: int) -> str:
     if config.get("DEQUANT", 0):
         return "dequant"
+    if config.get("GEMV", 0):
+        return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
         return "split_k"
     if group_size >= 64 and config["BLOCK_K"] > group_size:
@@ -311,6 +314,13 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         weight = dequantize_int8(qweight, group_ratio, group_size, use_asm)
         launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
                          group_size == -1, return_acc)
+        return (out, acc_out) if return_acc else out
+    if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
+        block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
+        workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \
+            if split_k > 1 else (out, out)
+        launch_w4a8_gemv(a_codes.contiguous(), a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
+                         acc_out, config, workspace, tickets, use_asm, return_acc)
         return (out, acc_out) if return_acc else out
     block_n, block_m, split_k = config["BLOCK_N"], config["BLOCK_M"], config["SPLIT_K"]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
