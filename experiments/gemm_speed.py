@@ -84,11 +84,27 @@ def check_correctness(shapes, m_values=CHECK_M) -> bool:
 
 # ------------------------------------------------------------------------------------------- timing
 
+def copy_ceiling_gbs() -> float:
+    """Device-to-device copy of 1 GiB of fp32, bytes read + written per second (GB/s): the memory ceiling of this
+    run. Timed with ``triton.testing.do_bench`` (median, after 100 ms of warm-up: a copy timed right after an
+    idle spell ran at about 2.7 TB/s on the H200, against about 4.3 TB/s once the clocks are up)."""
+    import triton
+
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
+    del src, dst
+    return 2 * 2**28 * 4 / ms / 1e6
+
+
+# bytes of weight per weight element each kernel reads (per-group also reads one fp16 ratio per 128 weights)
+WEIGHT_BYTES = {"fp16": 2.0, "w8a8_triton": 1.0, "w8a8_cublas": 1.0, "w8a8": 1.0, "w4a16_triton": 0.5,
+                "w4a16_tinygemm": 0.5 + 4 / 128, "w4a16": 0.5, "w4a8": 0.5, "w4a8_g128": 0.5 + 2 / 128}
+BANDWIDTH_MAX_M = 16  # the tables show the weight bandwidth next to the ratio up to this M (weight-bound there)
+
+
 def activation_quant_speed(meta, out_dir: Path) -> list[dict]:
-    big = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
-    dst = torch.empty_like(big)
-    copy_us = autotune.time_cuda_graph([lambda: dst.copy_(big)], repeats=20)
-    copy_gbs = 2 * big.numel() * 4 / copy_us / 1e3
+    copy_gbs = copy_ceiling_gbs()
     rows = []
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     for m, k in ((1, 4096), (16, 21760), (256, 4096), (1024, 8192), (4096, 4096), (4096, 21760), (8192, 8192)):
@@ -166,6 +182,8 @@ BEST_OF = {"w8a8": ("w8a8_triton", "w8a8_cublas"), "w4a16": ("w4a16_triton", "w4
 
 
 def bench(shapes, m_values, meta) -> list[dict]:
+    copy_gbs = copy_ceiling_gbs()
+    print(f"copy ceiling: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows = []
     for name, n, k in shapes:
         kernels = ShapeKernels(n, k)
@@ -184,8 +202,10 @@ def bench(shapes, m_values, meta) -> list[dict]:
                 if got:
                     times[best] = min(got)
             for kernel, us in times.items():
+                weight_gbs = n * k * WEIGHT_BYTES[kernel] / us / 1e3
                 rows.append(dict(shape=name, M=m, N=n, K=k, kernel=kernel, time_us=round(us, 2),
-                                 speedup_vs_fp16=round(times["fp16"] / us, 3), device=meta["device"]))
+                                 speedup_vs_fp16=round(times["fp16"] / us, 3), weight_GB_per_s=round(weight_gbs, 1),
+                                 copy_GB_per_s=round(copy_gbs, 1), device=meta["device"]))
             print(f"{name} M={m}: " + " ".join(f"{kk}={times[kk]:.1f}" for kk in times), flush=True)
         kernels.free()
         torch.cuda.empty_cache()
@@ -211,7 +231,10 @@ def write_reports(rows, meta, out_dir: Path, m_values):
     lines += ["- timing: CUDA-graph replays of R calls on R rotated weight buffers (3x L2), median of the "
               "replays, per call; W4A8 and W8A8 include the per-token activation quantization",
               "- w8a8 = faster of our Triton int8 GEMM and cuBLAS torch._int_mm (M > 16 only); "
-              "w4a16 = faster of our Triton W4A16 (per-channel) and torch's tinygemm int4 (bf16, g128)", ""]
+              "w4a16 = faster of our Triton W4A16 (per-channel) and torch's tinygemm int4 (bf16, g128)",
+              f"- memory ceiling of this run: {rows[0]['copy_GB_per_s'] / 1e3:.2f} TB/s (1 GiB fp32 device copy, "
+              f"bytes read + written); 'TB/s' rows: the weight bytes over the measured time (which includes the "
+              f"activation quantization for W4A8), up to M = {BANDWIDTH_MAX_M}", ""]
     shown_m = [m for m in m_values if m in REPORT_M] or m_values
     for shape in shapes:
         lines += [f"## {shape}", "", "| kernel | " + " | ".join(f"M={m}" for m in shown_m) + " |",
@@ -224,6 +247,12 @@ def write_reports(rows, meta, out_dir: Path, m_values):
                 r = by.get((shape, m, kernel))
                 cells.append(f"{r['speedup_vs_fp16']:.2f}x" if r else "-")
             lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+        for kernel in ("fp16", "w4a8", "w4a8_g128"):
+            cells = []
+            for m in shown_m:
+                r = by.get((shape, m, kernel))
+                cells.append(f"{r['weight_GB_per_s'] / 1e3:.2f}" if r and m <= BANDWIDTH_MAX_M else "")
+            lines.append(f"| {kernel} TB/s | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## All M, speedup over FP16", ""]
     for shape in shapes:
