@@ -48,6 +48,24 @@ def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def split_k_epilogue(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, a_scale_ptr,
+                     channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
+                     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """Split-K: this program's int32 partial sums [BLOCK_N, BLOCK_M] go atomically into the zeroed workspace
+    [M, N]; the last of the ``split_k`` programs of ``tile`` to arrive (its ticket counter) reads the total back,
+    leaves the workspace and the counter zeroed and runs the epilogue, so the result is the exact int32 sum."""
+    mask = n_mask[:, None] & m_mask[None, :]
+    ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
+    tl.atomic_add(ws_ptrs, partial, mask=mask)
+    ticket = tl.atomic_add(tickets_ptr + tile, 1)
+    if ticket == split_k - 1:  # every partial sum of the tile is in the workspace
+        total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)
+        tl.atomic_xchg(tickets_ptr + tile, 0)
+        epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+
+
 @triton.jit(do_not_specialize=["M"])
 def int8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,

@@ -38,7 +38,7 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm
+from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm, split_k_epilogue
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -157,16 +157,9 @@ def _w4a8_gemm_kernel(
         epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
                  acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
     else:
-        mask = n_mask[:, None] & m_mask[None, :]
-        ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        ticket = tl.atomic_add(tickets_ptr + tile, 1)
-        if ticket == SPLIT_K - 1:  # last split of this tile: every partial sum is in the workspace
-            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
-            tl.atomic_xchg(tickets_ptr + tile, 0)
-            epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                     acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+        split_k_epilogue(acc, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, workspace_ptr, tickets_ptr, offs_n, offs_m,
+                         n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
+                         GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
 
 
 @triton.jit(do_not_specialize=["n_groups"])

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton.int8_gemm import epilogue
+from qqq.kernels_triton.int8_gemm import epilogue, split_k_epilogue
 from qqq.kernels_triton.unpack import int8_words_from_group_codes
 
 SIGNED_HIGH_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
@@ -102,15 +102,9 @@ def _w4a8_gemv_kernel(
         epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
                  acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
     else:
-        mask = n_mask[:, None] & m_mask[None, :]
-        ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.atomic_add(ws_ptrs, total, mask=mask)
-        ticket = tl.atomic_add(tickets_ptr + pid_n, 1)
-        if ticket == split_k - 1:  # last split of this tile: every partial sum is in the workspace
-            total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)  # read the sum and leave the workspace zeroed
-            tl.atomic_xchg(tickets_ptr + pid_n, 0)
-            epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                     acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+        split_k_epilogue(total, pid_n, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask,
+                         a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
+                         GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
 
 
 def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out, config,
