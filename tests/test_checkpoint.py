@@ -40,6 +40,25 @@ def test_gptq_checkpoint_round_trip(tmp_path, reference_backend):
         assert torch.equal(load_quantized(tmp_path, dtype=torch.float32)(ids).logits, before)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_rotated_checkpoint_round_trip(tied, tmp_path, reference_backend):
+    """Rotation is folded into the weights (nothing online) and unties a tied lm_head: the saved checkpoint must say
+    so, or loading would tie them again."""
+    model = tiny_model("llama", hidden=192, heads=6, kv_heads=2)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+    quantize_model(model, "rot_gptq", token_batch(4, 32), QuantizeSettings(group_size=64))
+    ids = token_batch(1, 16, seed=6)
+    with torch.no_grad():
+        before = model(ids).logits
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path, dtype=torch.float32)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
 def test_saving_an_unquantized_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no QQQLinear"):
         save_quantized(tiny_model("llama"), tmp_path)
