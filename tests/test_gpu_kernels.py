@@ -189,6 +189,15 @@ def test_w4a8_gemm_branch(path, group_size, dtype, precompiled):
 
 @compiled_kernels
 @pytest.mark.parametrize("group_size", [-1, 128])
+def test_streaming_split_k_with_an_empty_split(group_size):
+    """K = 1280 is 5 tiles of 256: 4 splits of 2 tiles leave the last split none (it must read nothing past K)."""
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    for m in (1, 2):
+        _check_w4a8(_random_rows(m, 1280, torch.float16, generator), 1000, group_size, _streaming_config(split_k=4))
+
+
+@compiled_kernels
+@pytest.mark.parametrize("group_size", [-1, 128])
 def test_w4a8_linear_takes_fp32_input_on_the_gpu(group_size):
     generator = torch.Generator(device="cuda").manual_seed(2)
     for m in (1, 300):

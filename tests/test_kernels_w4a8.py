@@ -100,6 +100,7 @@ CASES = [  # (M, N, K, group_size, config)
     (5, 24, 256, 64, dict(config(block_n=16, block_k=128, split_k=2), GEMV=1)),
     (2, 20, 512, 128, dict(config(block_n=16, block_k=128), GEMV=1)),
     (16, 20, 512, 256, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),
+    (2, 24, 320, 64, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),  # 5 tiles: the 4th split is empty
     # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),

@@ -66,7 +66,10 @@ def _w4a8_gemv_kernel(
     words_per_split = tl.cdiv(K // 8 // BLOCK_KW, split_k) * BLOCK_KW
     first_word = pid_k * words_per_split
     last_word = tl.minimum(first_word + words_per_split, K // 8)
-    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (first_word + offs_w)[None, None, :]
+    # a split past the end of K (split_k does not divide the tiles evenly) runs no step, but its first load is
+    # issued before the loop: keep that address inside the row
+    first_load = tl.minimum(first_word, (K // 8 // BLOCK_KW - 1) * BLOCK_KW)  # a multiple of BLOCK_KW: 16-byte loads
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (first_load + offs_w)[None, None, :]
     ratio_row = ratio_ptr + offs_n[:, None, None] * n_groups
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
