@@ -33,6 +33,7 @@ from qqq.kernels_triton.unpack import int8_words_from_group_codes
 
 SIGNED_HIGH_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
 
+
 @triton.jit
 def dot4_int8(a, b, acc, USE_ASM: tl.constexpr):
     """``acc`` + the dot product of the four int8 lanes of the int32 words ``a`` and ``b``."""
