@@ -12,6 +12,7 @@ the table. ``--append`` adds this run's rows to the table already there (same --
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -98,17 +99,20 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
     averaged = [t for t in TASKS if t in tasks]
     lines, shown = [], {}
     for (method, group_size), group in part.groupby(["method", "group_size"], sort=False):
-        scores = {}
+        scores, errors = {}, {}
         for task, task_rows in group.groupby("task", sort=False):
             by_metric = dict(zip(task_rows["metric"], task_rows["value"]))
             name, value = headline(by_metric) if metric is None else (metric, by_metric.get(metric))
             if value is not None:
                 scores[task] = 100 * value
+                errors[task] = 100 * dict(zip(task_rows["metric"], task_rows["stderr"]))[name]
                 shown[task] = name
         line = {"method": method, "group_size": group_size}
         line |= {TASK_TITLES[t]: scores.get(t) for t in tasks}
-        line["Avg"] = (sum(scores[t] for t in averaged) / len(averaged)
-                       if averaged and all(t in scores for t in averaged) else None)
+        complete = averaged and all(t in scores for t in averaged)
+        line["Avg"] = sum(scores[t] for t in averaged) / len(averaged) if complete else None
+        # the tasks are scored on disjoint documents: the average's standard error from the per-task ones
+        line["Avg stderr"] = math.sqrt(sum(errors[t] ** 2 for t in averaged)) / len(averaged) if complete else None
         lines.append(line)
     frame = pd.DataFrame(lines)
     fp = frame.loc[frame["method"] == "fp16", "Avg"]
@@ -136,7 +140,9 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
                   "Metric per column: " + ", ".join(shown) + ". Avg: mean over "
                   + ", ".join(TASK_TITLES[t] for t in TASKS if t in tasks)
                   + (" (LAMBADA is an extra, not in Avg)" if "lambada_openai" in tasks else "")
-                  + "; recovery: a method's Avg over fp16's Avg (lm-eval-style recovery check).", ""]
+                  + "; Avg stderr: its standard error from the tasks' binomial standard errors (independent "
+                  "documents), so two Avgs closer than about twice that do not rank the methods; recovery: a "
+                  "method's Avg over fp16's Avg (lm-eval-style recovery check).", ""]
         plain, _ = paper_layout(table, model, tasks, "acc")
         notes += [f"## {model}: acc everywhere", "", plain.to_markdown(index=False, floatfmt=".2f"), ""]
     notes += ["## Data", ""]

@@ -126,3 +126,23 @@ def test_zero_shot_scores_a_tiny_quantized_model(reference_backend):
         assert 0.0 <= row["value"] <= 1.0 and row["docs"] == 4
         assert math.isnan(row["stderr"]) or row["stderr"] >= 0
         assert row["source"].startswith("offline copy") and row["split"] in ("test", "validation")
+
+
+def test_table_average_comes_with_its_standard_error():
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "zeroshot_table.py"
+    spec = importlib.util.spec_from_file_location("zeroshot_table", path)
+    table_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table_module)
+    tasks = list(table_module.TASKS)
+    rows = [dict(model="m", method="fp16", group_size=-1, task=t, metric=metric, value=0.5 + 0.01 * i,
+                 stderr=0.02 * (i + 1) if metric == "acc_norm" else 0.5)
+            for i, t in enumerate(tasks) for metric in ("acc", "acc_norm")]
+    frame, _ = table_module.paper_layout(pd.DataFrame(rows), "m", tasks, None)
+    expected = math.sqrt(sum((2.0 * (i + 1)) ** 2 for i in range(len(tasks)))) / len(tasks)
+    assert frame["Avg stderr"].iloc[0] == pytest.approx(expected)
+    assert frame["Avg"].iloc[0] == pytest.approx(sum(50 + i for i in range(len(tasks))) / len(tasks))
