@@ -173,7 +173,8 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             continue
         for option, default in OPTIONAL_KEYS.items():
             cfg.setdefault(option, default)
-        if kernel != "w4a8_group" or cfg["DEQUANT"] or cfg["GEMV"] or (group_size >= 64 and cfg["BLOCK_K"] > group_size):
+        wide_tiles = group_size >= 64 and cfg["BLOCK_K"] > group_size
+        if kernel != "w4a8_group" or cfg["DEQUANT"] or cfg["GEMV"] or wide_tiles:
             cfg["PREFETCH"] = 0  # only the per-group fused kernel with one group per half tile prefetches
         key = tuple(cfg[c] for c in CONFIG_KEYS)
         if key not in seen:
