@@ -90,23 +90,26 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
     table = table.sort_values(["method", "group_size", "kv_bits"], key=lambda c: c.map(order) if c.name == "method"
                               else -c if c.name == "kv_bits" else c, kind="stable")
     pivot = table.pivot_table(index=["method", "group_size", "kv_bits"], columns="model", values="ppl", sort=False)
+    pivot = pivot.reset_index().astype(object)
+    pivot = pivot.where(pivot.notna(), None)  # None, not NaN: tabulate prints it as missingval
     notes = [f"# Perplexity ({args.dataset}, {args.seqlen}-token windows, lower is better)", "",
-             pivot.reset_index().to_markdown(index=False, floatfmt=".3f"), "",
+             pivot.to_markdown(index=False, floatfmt=".3f", missingval=""), "",
              f"- evaluation text: {args.dataset}"
              + (" (offline substitute from the exllamav2 wheel: real Wikipedia text, NOT WikiText-2)"
                 if args.dataset.startswith("exllamav2") else ""),
              f"- protocol: {evaluation_protocol(args.dataset, args.seqlen)}; {int(table['windows'].iloc[0])} windows scored"
              + (" (the first ones: a subset, to fit a 2-core CPU)" if args.windows else ""),
              "- calibration: see each run below",
-             "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype",
+             "- group_size -1 = per-channel; fp16 = the unquantized model in its load dtype; an empty cell: not "
+             "measured on that model",
              "- kv_bits 16: attention reads the keys and values the model computes; kv_bits 8: keys (after RoPE) and "
              "values rounded to int8 per token and head (symmetric, scale = amax / 127) before attention, as the fast "
              "path's 8-bit KV cache stores them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
              ]
     notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):
-        notes.append("- g64 stands in for the paper's g128 on it: its hidden size (576 = 4.5 x 128) is not a "
-                     "multiple of 128")
+        notes.append(f"- g64 stands in for the paper's g128 on {EMBEDDED_MODEL}: its hidden size (576 = 4.5 x 128) "
+                     "is not a multiple of 128")
     notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",
               "## How it was made", "", results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
