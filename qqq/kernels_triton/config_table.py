@@ -1,10 +1,11 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, the per-GPU JSON cache.
 
 A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` plus the optional
-``DEQUANT`` and ``PREFETCH`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens; ``DEQUANT=1``
-is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with these tiles;
-``PREFETCH=1`` loads the per-group ratios one K tile ahead). Configs are keyed on the kernel name, N, K, group size and
-a bucketed M (``M_BUCKETS``: M rounded up to a power of two, 16 at least, 4096 at most), so one tuning serves a
+``DEQUANT``, ``PREFETCH`` and ``GEMV`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens;
+``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with
+these tiles; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the streaming decode kernel
+of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per step). Configs are keyed on the kernel name, N, K, group size and
+a bucketed M (``M_BUCKETS``: 1, 2, then M rounded up to a power of two from 16 to 4096), so one tuning serves a
 range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file, each file naming the
 GPU's compute capability and SM count. A GPU reads its own file first, then the files of tuned GPUs of the same
 compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
