@@ -58,11 +58,13 @@ def check_correctness(shapes, m_values=CHECK_M) -> bool:
                 continue
             codes, scale, ratio = numerics.random_quantized_weight(n, k, group_size, gen, "cuda")
             qweight, weight8 = pack_int4(codes), numerics.int8_weight(codes, ratio)
+            fits = group_size != -1 and numerics.group_products_fit_int8(codes, ratio)  # as a QQQLinear runs
             bias = torch.randn(n, device="cuda", generator=gen).half()
             for m in m_values:
                 x = torch.randn(m, k, device="cuda", generator=gen).half() * 3
                 x[0] = 0
-                out, acc = w4a8_linear(x, qweight, scale, ratio, bias, group_size, return_acc=True)
+                out, acc = w4a8_linear(x, qweight, scale, ratio, bias, group_size, return_acc=True,
+                                       ratios_fit_int8=fits)
                 q_codes, q_scale = quantize_per_token(x)
                 x_codes, token_scale = numerics.quantize_per_token(x)
                 ref_acc = numerics.int8_matmul_exact(x_codes, weight8)
@@ -139,7 +141,9 @@ class ShapeKernels:
         self.w4 = [pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device=dev)) for _ in range(r4)]
         self.w4g = [pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)) for _ in range(r4)]
         self.scale = torch.rand(n, device=dev) * 1e-3
-        self.ratio = (torch.rand(n, k // 128, device=dev) * 8 + 8).half()
+        # ratios whose products with every code fit int8, as ``numerics.two_level_scales`` makes them: the kernel
+        # runs without the int8 clamp, as for a QQQLinear
+        self.ratio = (torch.rand(n, k // 128, device=dev) * (127 / 8 - 8) + 8).half()
         self.tinygemm = None
         try:  # torch's int4 weight-only (tinygemm) kernel, bf16 activations, group size 128
             packed = [torch._convert_weight_to_int4pack(
@@ -170,7 +174,8 @@ class ShapeKernels:
         if kernel == "w4a8":
             return [lambda w=w: w4a8_linear(x, w, self.scale, None, None, -1) for w in self.w4]
         if kernel == "w4a8_g128":
-            return [lambda w=w: w4a8_linear(x, w, self.scale, self.ratio, None, 128) for w in self.w4g]
+            return [lambda w=w: w4a8_linear(x, w, self.scale, self.ratio, None, 128, ratios_fit_int8=True)
+                    for w in self.w4g]
         raise ValueError(kernel)
 
     def free(self):

@@ -31,19 +31,36 @@ class FakeQuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, quantize_input={self.quantize_input}"
 
 
+def _cached_on(owner: nn.Module, name: str, sources: tuple, compute):
+    """``compute()``, kept on ``owner`` under ``name`` until one of the ``sources`` tensors is replaced or written
+    to (their identity and version counters are the key)."""
+    versions = tuple(t._version for t in sources if t is not None)
+    cached = owner.__dict__.get(name)
+    if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != versions:
+        cached = (sources, versions, compute())
+        owner.__dict__[name] = cached
+    return cached[2]
+
+
 def cached_int8_weight(owner: nn.Module, qweight: torch.Tensor, in_features: int, group_size: int,
                        ratio: torch.Tensor | None) -> torch.Tensor:
     """The int8 weight [N, K] that the packed ``qweight`` (and per-group ``ratio``) stand for
-    (``numerics.int8_weight``), unpacked once and kept on ``owner`` until those buffers are replaced or written
-    to: the PyTorch reference path would otherwise unpack every weight at every call (most of a CPU decode step)."""
-    sources = (qweight, ratio)
-    versions = tuple(t._version for t in sources if t is not None)
-    cached = owner.__dict__.get("_int8_weight_cache")
-    if cached is None or any(a is not b for a, b in zip(cached[0], sources)) or cached[1] != versions:
-        codes = unpack_int4(qweight, in_features, signed=group_size == -1)
-        cached = (sources, versions, numerics.int8_weight(codes, ratio))
-        owner.__dict__["_int8_weight_cache"] = cached
-    return cached[2]
+    (``numerics.int8_weight``), unpacked once and kept on ``owner``: the PyTorch reference path would otherwise
+    unpack every weight at every call (most of a CPU decode step)."""
+    def unpack():
+        return numerics.int8_weight(unpack_int4(qweight, in_features, signed=group_size == -1), ratio)
+    return _cached_on(owner, "_int8_weight_cache", (qweight, ratio), unpack)
+
+
+def cached_ratios_fit_int8(owner: nn.Module, qweight: torch.Tensor, in_features: int, group_size: int,
+                           ratio: torch.Tensor | None) -> bool:
+    """``numerics.group_products_fit_int8`` of a per-group layer's buffers (the kernels then skip the int8 clamp),
+    checked once and kept on ``owner``; False for per-channel weights (nothing to clamp)."""
+    if group_size == -1:
+        return False
+    def check():
+        return numerics.group_products_fit_int8(unpack_int4(qweight, in_features, signed=False), ratio)
+    return _cached_on(owner, "_ratios_fit_int8_cache", (qweight, ratio), check)
 
 
 class QQQLinear(nn.Module):
@@ -108,9 +125,10 @@ class QQQLinear(nn.Module):
             raise ValueError(f"QQQLinear expects inputs with last dim {self.in_features}, got {tuple(x.shape)}")
         ratio = self.group_ratio if self.per_group else None
         linear = triton_or_reference(x, "w4a8_gemm.w4a8_linear", self._reference)
-        return linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size)
+        fits = cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, ratio)
+        return linear(x, self.qweight, self.channel_scale, ratio, self.bias, self.group_size, ratios_fit_int8=fits)
 
-    def _reference(self, x, qweight, channel_scale, group_ratio, bias, group_size):
+    def _reference(self, x, qweight, channel_scale, group_ratio, bias, group_size, ratios_fit_int8=False):
         """``w4a8_linear_reference`` with this layer's int8 weight unpacked once (``cached_int8_weight``)."""
         x_codes, token_scale = numerics.quantize_per_token(x.reshape(-1, self.in_features))
         weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)

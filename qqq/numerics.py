@@ -137,6 +137,16 @@ def int8_weight_from_groups(codes: torch.Tensor, ratio: torch.Tensor) -> torch.T
     return torch.round(product).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(codes.shape)
 
 
+def group_products_fit_int8(codes: torch.Tensor, ratio: torch.Tensor) -> bool:
+    """Whether every ``|(code - 8) * ratio| < 127.5``, so that ``int8_weight_from_groups`` never clamps (the
+    kernels may then skip the clamp). Holds for every ``two_level_scales`` result: its largest product is 127 up
+    to the fp16 rounding of the ratio."""
+    if codes.numel() == 0:
+        return True
+    product = _per_group(codes.float() - INT4_ZERO_POINT, ratio.float())
+    return bool(product.abs().amax() < INT8_MAX + 0.5)
+
+
 def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale[:, None]
 

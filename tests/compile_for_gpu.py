@@ -63,12 +63,12 @@ def drive_every_branch() -> None:
     w4a8_gemm.use_inline_asm = lambda t: True  # the PTX paths are what a GPU runs
     for _, m, k in cases.QUANT_CASES:
         quantize_per_token(torch.randn(m, k).half())
-    for path, g in cases.GEMM_CASES:
+    for path, g, clamp in cases.GEMM_CASES:
         codes, scale, ratio = numerics.random_quantized_weight(128, 1024, g)
         config = cases.GEMM_PATH_CONFIGS[path](g)
         for dtype in (torch.float16, torch.bfloat16):
             w4a8_gemm.w4a8_linear(torch.randn(3, 1024).to(dtype), pack_int4(codes), scale, ratio, None, g,
-                                  config=config)
+                                  config=config, ratios_fit_int8=g != -1 and not clamp)
     for launcher, rows, residual, out in cases.PRODUCER_CASES:
         m, quantize = (1 if rows == "chunked" else 300), out == "int8"
         width = cases.PRODUCER_WIDTHS[launcher][0]

@@ -57,11 +57,20 @@ GEMM_PATH_CONFIGS = {
 GEMM_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
+def _gemm_branch(path, group_size, clamp):
+    from qqq.kernels_triton.w4a8_gemm import _branch
+
+    return _branch(path, group_size, clamp)
+
+
 def _gemm_cases():
+    """(path, group size, clamp): per-group weights run both with the int8 clamp and without it (their products
+    fit int8, ``ratios_fit_int8``)."""
     from qqq.kernels_triton.w4a8_gemm import LAUNCH_BRANCHES
 
     listed = set(LAUNCH_BRANCHES["w4a8_gemm"])
-    return [(path, g) for g in GEMM_GROUP_SIZES for path in GEMM_PATH_CONFIGS if f"{path}/g{g}" in listed]
+    return [(path, g, clamp) for g in GEMM_GROUP_SIZES for path in GEMM_PATH_CONFIGS for clamp in (True, False)
+            if _gemm_branch(path, g, clamp) in listed and (clamp or g != -1)]
 
 
 GEMM_CASES = _gemm_cases()
@@ -78,7 +87,7 @@ PRODUCER_CASES = [(launcher, rows, residual, out) for launcher in PRODUCER_WIDTH
 
 def covered_branches() -> set[tuple[str, str]]:
     covered = {("quantize_per_token", branch) for branch, _, _ in QUANT_CASES}
-    covered |= {("w4a8_gemm", f"{path}/g{g}") for path, g in GEMM_CASES}
+    covered |= {("w4a8_gemm", _gemm_branch(path, g, clamp)) for path, g, clamp in GEMM_CASES}
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
@@ -101,7 +110,7 @@ def test_every_launch_branch_has_a_gpu_case():
 
     assert all_launch_branches() - covered_branches() == set()
     assert covered_branches() - all_launch_branches() == set()
-    for path, g in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
+    for path, g, _ in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
         config = GEMM_PATH_CONFIGS[path](g)
         assert _launch_path(config, g) == path
         config_table.check_config("w4a8" if g == -1 else "w4a8_group", config, _gemm_path_ms(path)[-1], 1000, 8192,
@@ -138,13 +147,15 @@ def _weights(n, k, group_size):
     return _WEIGHTS[key]
 
 
-def _check_w4a8(x, n, group_size, config=None):
-    """Run ``w4a8_linear`` on ``x``; the int32 sums must equal the spec's exactly, the output its rounding."""
+def _check_w4a8(x, n, group_size, config=None, clamp=False):
+    """Run ``w4a8_linear`` on ``x``; the int32 sums must equal the spec's exactly, the output its rounding.
+    The weights' products fit int8: by default the kernels skip the clamp, as for a ``QQQLinear``."""
     from qqq.kernels_triton.w4a8_gemm import w4a8_linear
 
     qweight, weight8, scale, ratio, bias = _weights(n, x.shape[1], group_size)
     bias = bias.to(x.dtype)
-    out, acc = w4a8_linear(x, qweight, scale, ratio, bias, group_size, config=config, return_acc=True)
+    out, acc = w4a8_linear(x, qweight, scale, ratio, bias, group_size, config=config, return_acc=True,
+                           ratios_fit_int8=group_size != -1 and not clamp)
     x_codes, token_scale = numerics.quantize_per_token(x)
     expected_acc = numerics.int8_matmul_exact(x_codes, weight8)
     expected = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight8, scale, bias, x.dtype)
@@ -177,14 +188,14 @@ def test_quantize_per_token_branch(branch, m, k, dtype):
 
 @compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path,group_size", GEMM_CASES)
-def test_w4a8_gemm_branch(path, group_size, dtype, precompiled):
+@pytest.mark.parametrize("path,group_size,clamp", GEMM_CASES)
+def test_w4a8_gemm_branch(path, group_size, clamp, dtype, precompiled):
     config = GEMM_PATH_CONFIGS[path](group_size)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for m in _gemm_path_ms(path):
         with branches.recording() as taken:
-            _check_w4a8(_random_rows(m, 8192, dtype, generator), 1000, group_size, config)
-        _assert_branch(taken, "w4a8_gemm", f"{path}/g{group_size}")
+            _check_w4a8(_random_rows(m, 8192, dtype, generator), 1000, group_size, config, clamp)
+        _assert_branch(taken, "w4a8_gemm", _gemm_branch(path, group_size, clamp))
 
 
 @compiled_kernels
@@ -241,7 +252,7 @@ def precompiled():
             kernel = "w4a8" if g == -1 else "w4a8_group"
             jobs += [(kernel, n, k, g, m, config_table.get_config(kernel, m, n, k, g)) for m in REAL_WIDTH_M]
     jobs += [("w4a8" if g == -1 else "w4a8_group", 1000, 8192, g, 33, GEMM_PATH_CONFIGS[path](g))
-             for path, g in GEMM_CASES]
+             for path, g, _ in GEMM_CASES]
     autotune.precompile(jobs)
 
 

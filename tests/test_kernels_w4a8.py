@@ -113,13 +113,15 @@ def test_w4a8_matches_reference(m, n, k, group_size, cfg):
     codes, channel_scale, ratio = make_layer(n, k, group_size, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
     bias = torch.randn(n) if m % 2 else None
-    out, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, bias, group_size, config=cfg,
-                           return_acc=True)
     x_codes, _ = numerics.quantize_per_token(x)
     ref_acc = numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio))
-    assert torch.equal(acc.double(), ref_acc)  # the int32 accumulation is exact
     ref = numerics.w4a8_linear_reference(x, codes, channel_scale, ratio, bias)
-    assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
+    # per-group: with the int8 clamp and without it (these weights' products fit int8, so both are exact)
+    for fits in (False, True) if group_size != -1 else (False,):
+        out, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, bias, group_size, config=cfg,
+                               return_acc=True, ratios_fit_int8=fits)
+        assert torch.equal(acc.double(), ref_acc)  # the int32 accumulation is exact
+        assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
 
 
 def test_w4a8_half_precision_and_batched_input():
@@ -140,6 +142,25 @@ def test_w4a8_per_group_extreme_ratios_clamp_like_reference():
     _, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, None, 32, config=config(), return_acc=True)
     x_codes, _ = numerics.quantize_per_token(x)
     assert torch.equal(acc.double(), numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio)))
+
+
+def test_qqq_linear_skips_the_clamp_only_when_its_ratios_allow_it():
+    from qqq.linear import cached_ratios_fit_int8
+
+    codes = torch.randint(0, 16, (32, 128), generator=torch.Generator().manual_seed(7)).to(torch.uint8)
+    codes[:, 0] = 0  # q - 8 = -8 in every first group
+    layer = QQQLinear(128, 32, group_size=64)
+    layer.qweight = pack_int4(codes)
+    layer.channel_scale = torch.rand(32) + 0.5
+    layer.group_ratio = torch.full((32, 2), 17.0).half()  # 8 * 17 = 136: clamped to 127 by the spec
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(8))
+    assert not cached_ratios_fit_int8(layer, layer.qweight, 128, 64, layer.group_ratio)
+    ref = numerics.w4a8_linear_reference(x, codes, layer.channel_scale, layer.group_ratio)
+    assert torch.all((layer(x) - ref).abs() <= fp16_tolerance(ref))
+    layer.group_ratio.fill_(15.0)  # written in place: checked again
+    assert cached_ratios_fit_int8(layer, layer.qweight, 128, 64, layer.group_ratio)
+    ref = numerics.w4a8_linear_reference(x, codes, layer.channel_scale, layer.group_ratio)
+    assert torch.all((layer(x) - ref).abs() <= fp16_tolerance(ref))
 
 
 def test_w4a8_rejects_bad_inputs():

@@ -38,6 +38,16 @@ def test_two_level_int8_weight_stays_in_range_and_matches_groups(group_size):
     two_level = numerics.dequantize_two_level(codes, channel_scale, ratio)
     bound = channel_scale[:, None] * (0.5 + 8 * 128 * 2 ** -11)
     assert ((two_level - group_deq).abs() <= bound).all()
+    assert numerics.group_products_fit_int8(codes, ratio)  # so the kernels may skip the int8 clamp
+
+
+def test_group_products_fit_int8_at_the_rounding_edge():
+    codes = torch.tensor([[0, 8, 15, 8]], dtype=torch.uint8)  # q - 8 = -8, 0, 7, 0
+    assert numerics.group_products_fit_int8(codes, torch.tensor([[127 / 8]]).half())  # -127
+    assert numerics.group_products_fit_int8(codes, torch.tensor([[15.9375 - 2**-7]]).half())  # -127.4375
+    assert not numerics.group_products_fit_int8(codes, torch.tensor([[15.9375]]).half())  # -127.5 rounds to -128
+    assert not numerics.group_products_fit_int8(codes[:, 1:], torch.tensor([[18.25]]).half())  # 7 * 18.25 = 127.75
+    assert numerics.group_products_fit_int8(codes[:, 1:], torch.tensor([[18.125]]).half())  # 126.875
 
 
 def test_int8_weight_products_are_exact_in_fp32():

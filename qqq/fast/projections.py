@@ -21,7 +21,7 @@ from qqq import numerics
 from qqq.fast.backend import triton_or_reference
 from qqq.fast.producers import Int8Rows
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
-from qqq.linear import QQQLinear, cached_int8_weight
+from qqq.linear import QQQLinear, cached_int8_weight, cached_ratios_fit_int8
 
 RENAMED_METHODS = {"qqq": "w4a8_rtn", "qqq_g128": "w4a8_rtn_g128"}  # their names until they were renamed
 TINYGEMM_GROUP = 128
@@ -147,18 +147,21 @@ class W4A8Projection(Projection):
         self.register_buffer("channel_scale", torch.cat([linear.channel_scale for linear in linears]).contiguous())
         self.register_buffer("group_ratio", torch.cat([linear.group_ratio for linear in linears]).contiguous())
         self.checked_on = None  # the device whose kernels last validated these buffers
+        # checked now, not inside a CUDA-graph capture (it reads the codes back to the host)
+        cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, self.group_ratio)
 
     def forward(self, rows: Int8Rows) -> torch.Tensor:
         ratio = self.group_ratio if self.group_size != -1 else None
         gemm = triton_or_reference(rows.codes, "w4a8_gemm.w4a8_gemm", self._reference)
         # the kernel checks the weights on its first call on a device, not on every call of an eager prefill
+        fits = cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, ratio)
         out = gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias, self.group_size,
-                   self.dtype, weights_checked=self.checked_on == rows.codes.device)
+                   self.dtype, weights_checked=self.checked_on == rows.codes.device, ratios_fit_int8=fits)
         self.checked_on = rows.codes.device
         return out
 
     def _reference(self, a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
-                   weights_checked=False):
+                   weights_checked=False, ratios_fit_int8=False):
         """What ``w4a8_gemm`` computes, from ``qqq.numerics``, with the int8 weight unpacked once."""
         weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)
         return numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)

@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 
 
 @triton.jit
-def int8_from_group_codes(q, ratio):
+def int8_from_group_codes(q, ratio, CLAMP: tl.constexpr = True):
     """``clamp(round_half_even((q - 8) * ratio), -127, 127)`` as int8, for int32 nibbles ``q`` in [0, 15] and
-    fp32 ratios (fp16 values, so the product is exact in fp32 and only the final rounding happens)."""
+    fp32 ratios (fp16 values, so the product is exact in fp32 and only the final rounding happens). Without
+    ``CLAMP`` the caller guarantees every ``|(q - 8) * ratio| < 127.5``."""
     centred = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # (2**23 + q) - (2**23 + 8)
     w = round_to_int32(centred * ratio)
-    w = tl.minimum(tl.maximum(w, -127), 127)
+    if CLAMP:
+        w = tl.minimum(tl.maximum(w, -127), 127)
     return w.to(tl.int8)
 
 
@@ -56,7 +58,18 @@ def unpack_signed_x16(packed, USE_ASM: tl.constexpr):
 
 
 # QQQ's FusedDequantQuant in PTX for one 32-bit word of packed codes (8 weights) and the f16x2 ratio words of its
-# low and high nibbles; the operand numbers depend on how the caller packs its tensors
+# low and high nibbles; the operand numbers depend on how the caller packs its tensors. The min/max lines clamp
+# to [-127, 127]; they never act when every |(q - 8) * ratio| < 127.5 (``numerics.group_products_fit_int8``),
+# and the UNCLAMPED variants drop them (8 of 27 instructions)
+_CLAMP_LINES = """        max.f16x2 a, a, kmin;
+        max.f16x2 b, b, kmin;
+        max.f16x2 c, c, kmin;
+        max.f16x2 d, d, kmin;
+        min.f16x2 a, a, kmax;
+        min.f16x2 b, b, kmax;
+        min.f16x2 c, c, kmax;
+        min.f16x2 d, d, kmax;
+"""
 _FUSED_DEQUANT_QUANT_PTX = """{
         .reg .b32 x, a, b, c, d, k1032, k1152, kmin, kmax;
         mov.b32 k1032, 0x64086408;
@@ -79,39 +92,39 @@ _FUSED_DEQUANT_QUANT_PTX = """{
         fma.rn.f16x2 b, b, RATIO_LOW, k1152;
         fma.rn.f16x2 c, c, RATIO_HIGH, k1152;
         fma.rn.f16x2 d, d, RATIO_HIGH, k1152;
-        max.f16x2 a, a, kmin;
-        max.f16x2 b, b, kmin;
-        max.f16x2 c, c, kmin;
-        max.f16x2 d, d, kmin;
-        min.f16x2 a, a, kmax;
-        min.f16x2 b, b, kmax;
-        min.f16x2 c, c, kmax;
-        min.f16x2 d, d, kmax;
-        prmt.b32 a, a, b, 0x6240;
+CLAMP_LINES        prmt.b32 a, a, b, 0x6240;
         prmt.b32 c, c, d, 0x6240;
         xor.b32 $0, a, 0x80808080;
         xor.b32 $1, c, 0x80808080;
         }"""
+
+
+def _fused_dequant_quant_ptx(ratio_high_operand: str, clamp: bool) -> tl.constexpr:
+    text = _FUSED_DEQUANT_QUANT_PTX.replace("CLAMP_LINES", _CLAMP_LINES if clamp else "")
+    return tl.constexpr(text.replace("PACKED", "$2").replace("RATIO_LOW", "$3").replace("RATIO_HIGH", ratio_high_operand))
+
+
 # int8 tensors with pack=4: the word is $2, each int32 ratio operand comes as 4 registers (the first is used)
-FUSED_DEQUANT_QUANT_BYTES = tl.constexpr(
-    _FUSED_DEQUANT_QUANT_PTX.replace("PACKED", "$2").replace("RATIO_LOW", "$3").replace("RATIO_HIGH", "$7"))
+FUSED_DEQUANT_QUANT_BYTES = _fused_dequant_quant_ptx("$7", clamp=True)
+FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED = _fused_dequant_quant_ptx("$7", clamp=False)
 # int32 word tensors with pack=1
-FUSED_DEQUANT_QUANT_WORDS = tl.constexpr(
-    _FUSED_DEQUANT_QUANT_PTX.replace("PACKED", "$2").replace("RATIO_LOW", "$3").replace("RATIO_HIGH", "$4"))
+FUSED_DEQUANT_QUANT_WORDS = _fused_dequant_quant_ptx("$4", clamp=True)
+FUSED_DEQUANT_QUANT_WORDS_UNCLAMPED = _fused_dequant_quant_ptx("$4", clamp=False)
 
 
 @triton.jit
-def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high):
+def int8_from_group_codes_asm(packed, ratio_pair_low, ratio_pair_high, CLAMP: tl.constexpr = True):
     """QQQ's FusedDequantQuant on the GPU, 8 weights per ~20 instructions. For each byte pair of a 32-bit
     word, the nibbles become fp16 ``1024 + q`` (exponent trick), ``- 1032`` gives ``q - 8`` exactly, one
     ``fma.rn.f16x2`` with the ratio and ``+ 1152`` rounds ``(q - 8) * r`` half to even into the low byte
     (+128 offset; fp16 has ulp 1 on [1024, 2048)), min/max clamp it to [-127, 127] like the spec, and
     ``prmt`` + xor 0x80 gather four int8 lanes. ``ratio_pair_*`` hold the fp16 ratio of the low / high
     nibbles twice (an f16x2 word, int32 tensors; with pack=4 each comes as 4 registers, the first is used).
-    Returns (low-nibble weights, high-nibble weights)."""
+    Returns (low-nibble weights, high-nibble weights). ``CLAMP=False``: no min/max (see ``_CLAMP_LINES``)."""
+    ptx: tl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
     return tl.inline_asm_elementwise(
-        FUSED_DEQUANT_QUANT_BYTES,
-        "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        ptx, "=r,=r,r,r,r,r,r,r,r,r,r", [packed, ratio_pair_low, ratio_pair_high], dtype=(tl.int8, tl.int8),
+        is_pure=True, pack=4)
 
 
 @triton.jit
@@ -122,22 +135,23 @@ def ratio_pair(r):
 
 
 @triton.jit
-def int8_words_from_group_codes(packed, r_low, r_high, USE_ASM: tl.constexpr):
+def int8_words_from_group_codes(packed, r_low, r_high, USE_ASM: tl.constexpr, CLAMP: tl.constexpr = True):
     """Per-group codes in int32 words (8 codes each, ``packing.py``) -> (low-nibble, high-nibble) words of four int8
     lanes ``clamp(round_half_even((q - 8) * ratio), -127, 127)``, with the fp16 ratios ``r_low`` / ``r_high``
-    of each word's nibbles: the word form of ``int8_from_group_codes_asm`` (PTX) / ``int8_from_group_codes``."""
+    of each word's nibbles (broadcast to ``packed``'s shape): the word form of ``int8_from_group_codes_asm``
+    (PTX) / ``int8_from_group_codes``."""
     if USE_ASM:
-        low, high = tl.inline_asm_elementwise(
-            FUSED_DEQUANT_QUANT_WORDS, "=r,=r,r,r,r", [packed, ratio_pair(r_low), ratio_pair(r_high)],
-            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        ptx: tl.constexpr = FUSED_DEQUANT_QUANT_WORDS if CLAMP else FUSED_DEQUANT_QUANT_WORDS_UNCLAMPED
+        low, high = tl.inline_asm_elementwise(ptx, "=r,=r,r,r,r", [packed, ratio_pair(r_low), ratio_pair(r_high)],
+                                              dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     else:
         low = tl.zeros_like(packed)
         high = tl.zeros_like(packed)
         for lane in tl.static_range(4):
             q_low = (packed >> (8 * lane)) & 0xF
             q_high = (packed >> (8 * lane + 4)) & 0xF
-            low |= (int8_from_group_codes(q_low, r_low.to(tl.float32)).to(tl.int32) & 0xFF) << (8 * lane)
-            high |= (int8_from_group_codes(q_high, r_high.to(tl.float32)).to(tl.int32) & 0xFF) << (8 * lane)
+            low |= (int8_from_group_codes(q_low, r_low.to(tl.float32), CLAMP).to(tl.int32) & 0xFF) << (8 * lane)
+            high |= (int8_from_group_codes(q_high, r_high.to(tl.float32), CLAMP).to(tl.int32) & 0xFF) << (8 * lane)
     return low, high
 
 

@@ -54,8 +54,14 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     return ("fused", "split_k", "dequant", "streaming", "streaming_split_k") + per_group + wide
 
 
-LAUNCH_BRANCHES = {"w4a8_gemm": tuple(f"{path}/g{group}" for group in numerics.SUPPORTED_GROUP_SIZES
-                                      for path in _gemm_paths(group))}
+def _branch(path: str, group_size: int, clamp: bool) -> str:
+    """Per-group weights whose products fit int8 (``ratios_fit_int8``) take the unclamped unpack: its own branch."""
+    return f"{path}/g{group_size}" + ("/unclamped" if group_size != -1 and not clamp else "")
+
+
+LAUNCH_BRANCHES = {"w4a8_gemm": tuple(_branch(path, group, clamp) for group in numerics.SUPPORTED_GROUP_SIZES
+                                      for path in _gemm_paths(group)
+                                      for clamp in ((True,) if group == -1 else (True, False)))}
 
 
 @triton.jit
@@ -79,7 +85,7 @@ def _w4a8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr,
     workspace_ptr, tickets_ptr, acc_out_ptr,
     M, N, K, n_groups, stride_am, stride_wn, stride_om,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
@@ -127,14 +133,14 @@ def _w4a8_gemm_kernel(
                 for i in tl.static_range(1, BLOCK_K // GROUP_SIZE):
                     r_i = tl.load(ratio_row + first_group + i, mask=n_mask, other=0.0)
                     pair = tl.where(group_of_column == i, ratio_pair(r_i)[:, None], pair)
-                w_low, w_high = int8_from_group_codes_asm(packed, pair, pair)
+                w_low, w_high = int8_from_group_codes_asm(packed, pair, pair, CLAMP)
             else:
                 ratio = tl.broadcast_to(r.to(tl.float32)[:, None], (BLOCK_N, BLOCK_K // 2))
                 for i in tl.static_range(1, BLOCK_K // GROUP_SIZE):
                     r_i = tl.load(ratio_row + first_group + i, mask=n_mask, other=0.0)
                     ratio = tl.where(group_of_column == i, r_i.to(tl.float32)[:, None], ratio)
-                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), ratio)
-                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), ratio)
+                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), ratio, CLAMP)
+                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), ratio, CLAMP)
         else:
             if PREFETCH:
                 r_low, r_high = r_low_0, r_high_0
@@ -144,10 +150,10 @@ def _w4a8_gemm_kernel(
             if USE_ASM:
                 pair_low = tl.broadcast_to(ratio_pair(r_low)[:, None], (BLOCK_N, BLOCK_K // 2))
                 pair_high = tl.broadcast_to(ratio_pair(r_high)[:, None], (BLOCK_N, BLOCK_K // 2))
-                w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
+                w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high, CLAMP)
             else:
-                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
-                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
+                w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None], CLAMP)
+                w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None], CLAMP)
         acc = tl.dot(w_low, a_low, acc=acc, out_dtype=tl.int32)
         acc = tl.dot(w_high, a_high, acc=acc, out_dtype=tl.int32)
         w_ptrs += BLOCK_K // 2
@@ -164,8 +170,8 @@ def _w4a8_gemm_kernel(
 
 @triton.jit(do_not_specialize=["n_groups"])
 def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn, stride_on,
-                            GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            USE_ASM: tl.constexpr):
+                            GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
     """Packed int4 [N, K // 2] -> the int8 weight [N, K] the W4A8 GEMM multiplies (per-channel: 16 * code),
     for the prefill path (dequantize once, then the plain int8 GEMM). BLOCK_K == 64 or <= GROUP_SIZE."""
     HALF: tl.constexpr = 32
@@ -191,17 +197,18 @@ def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn
             bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             pair_low = tl.broadcast_to((bits_low | (bits_low << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
             pair_high = tl.broadcast_to((bits_high | (bits_high << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
-            w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high)
+            w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high, CLAMP)
         else:
-            w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None])
-            w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None])
+            w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None], CLAMP)
+            w_high = int8_from_group_codes((packed >> 4).to(tl.int32), r_high.to(tl.float32)[:, None], CLAMP)
     out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k_low[None, :]
     tl.store(out_ptrs, w_low, mask=n_mask[:, None])
     tl.store(out_ptrs + HALF, w_high, mask=n_mask[:, None])
 
 
-def dequantize_int8(qweight, group_ratio, group_size, use_asm: bool) -> torch.Tensor:
-    """The int8 weight [N, K] of the GEMM (per-channel lanes hold 16 * code)."""
+def dequantize_int8(qweight, group_ratio, group_size, use_asm: bool, clamp: bool = True) -> torch.Tensor:
+    """The int8 weight [N, K] of the GEMM (per-channel lanes hold 16 * code); ``clamp=False`` only when every
+    per-group product fits int8 (``numerics.group_products_fit_int8``)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     out = torch.empty((n, k), dtype=torch.int8, device=qweight.device)
     block_k = 64 if group_size in (32, 64) else 128
@@ -210,7 +217,7 @@ def dequantize_int8(qweight, group_ratio, group_size, use_asm: bool) -> torch.Te
     n_groups = k // group_size if group_size != -1 else 1
     _dequantize_int8_kernel[(triton.cdiv(n, block_n), k // block_k)](
         qweight, ratio, out, n, k, n_groups, qweight.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=use_asm, num_warps=4)
+        GROUP_SIZE=group_size, CLAMP=clamp, BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=use_asm, num_warps=4)
     return out
 
 
@@ -274,12 +281,16 @@ def _launch_path(config: dict, group_size: int) -> str:
 
 
 def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
-              config: dict | None = None, return_acc: bool = False, weights_checked: bool = False):
+              config: dict | None = None, return_acc: bool = False, weights_checked: bool = False,
+              ratios_fit_int8: bool = False):
     """GEMM on already quantized activations: ``a_codes`` int8 [M, K], ``a_scale`` fp32 [M].
 
     Returns ``out`` [M, N] in ``out_dtype`` (and the exact int32 accumulator [M, N] if ``return_acc``).
     ``weights_checked``: the caller ran ``check_weights`` on these weight tensors once (a layer that owns them),
-    so an eager prefill does not pay the Python checks on every call."""
+    so an eager prefill does not pay the Python checks on every call. ``ratios_fit_int8``: the caller knows that
+    ``numerics.group_products_fit_int8(codes, group_ratio)`` holds for these weights (true of every weight
+    ``numerics.two_level_scales`` makes), so the per-group unpack may skip its clamp to [-127, 127], which then
+    never acts; wrong results if it does not hold."""
     if a_codes.dtype != torch.int8 or a_codes.dim() != 2 or a_codes.stride(1) != 1:
         raise ValueError("a_codes must be a 2-D int8 tensor with contiguous rows")
     m, k = a_codes.shape
@@ -302,9 +313,10 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     else:
         config_table.check_config(kernel_name, config, m, n, k, group_size)
     use_asm = use_inline_asm(a_codes)
-    branches.record("w4a8_gemm", f"{_launch_path(config, group_size)}/g{group_size}")
+    clamp = group_size != -1 and not ratios_fit_int8
+    branches.record("w4a8_gemm", _branch(_launch_path(config, group_size), group_size, clamp))
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
-        weight = dequantize_int8(qweight, group_ratio, group_size, use_asm)
+        weight = dequantize_int8(qweight, group_ratio, group_size, use_asm, clamp)
         launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
                          group_size == -1, return_acc)
         return (out, acc_out) if return_acc else out
@@ -313,7 +325,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \
             if split_k > 1 else (out, out)
         launch_w4a8_gemv(a_codes.contiguous(), a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
-                         acc_out, config, workspace, tickets, use_asm, return_acc)
+                         acc_out, config, workspace, tickets, use_asm, return_acc, clamp)
         return (out, acc_out) if return_acc else out
     block_n, block_m, split_k = config["BLOCK_N"], config["BLOCK_M"], config["SPLIT_K"]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -327,7 +339,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         a_codes, a_scale, qweight, channel_scale, ratio, bias if bias is not None else channel_scale, out,
         workspace, tickets, acc_out,
         m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
+        GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
         GROUP_N=config["GROUP_N"], USE_ASM=use_asm, PREFETCH=int(group_size != -1 and config.get("PREFETCH", 0)),
         num_warps=config["num_warps"],
@@ -337,13 +349,13 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
 
 
 def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_size=-1, *,
-                config: dict | None = None, return_acc: bool = False):
+                config: dict | None = None, return_acc: bool = False, ratios_fit_int8: bool = False):
     """QQQ W4A8 linear: ``x`` [..., K] fp16, bf16 or fp32 -> [..., N] in ``x``'s dtype. Quantizes ``x`` per token,
     then runs the W4A8 GEMM (+ bias); an fp32 input gives the same int8 codes its own way and an fp32 output.
 
     ``qweight`` = ``pack_int4(codes)`` (uint8 [N, K // 2]); ``channel_scale`` fp32 [N], the true per-channel scale
     of ``qqq.numerics``; ``group_ratio`` fp16 [N, K // group_size] or None when ``group_size == -1``.
-    ``return_acc`` also returns the exact int32 accumulator (a test hook)."""
+    ``return_acc`` also returns the exact int32 accumulator (a test hook); ``ratios_fit_int8`` as in ``w4a8_gemm``."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"w4a8_linear expects fp16, bf16 or fp32 input, got {x.dtype}")
     if x.dim() == 0 or qweight.dim() != 2 or x.shape[-1] != 2 * qweight.shape[1]:
@@ -353,7 +365,7 @@ def w4a8_linear(x, qweight, channel_scale, group_ratio=None, bias=None, group_si
     check_weights(qweight, channel_scale, group_ratio, bias, group_size, k, x.device)
     a_codes, a_scale = quantize_per_token(x)
     result = w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, x.dtype,
-                       config=config, return_acc=return_acc)
+                       config=config, return_acc=return_acc, ratios_fit_int8=ratios_fit_int8)
     lead = x.shape[:-1]
     if return_acc:
         out, acc = result
