@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_model, token_batch
-from qqq.fast.generation import Generator
+from qqq.fast.generation import Generator, prefill_bucket
 from qqq.fast.model import FastLlama
 
 
@@ -34,6 +34,29 @@ def test_decode_step_matches_a_full_prefill(reference_backend, kv_bits):
     for step in range(3):
         assert torch.equal(last_logits(fast, sequence).argmax(-1), generated[:, step])
         sequence = torch.cat((sequence, generated[:, step:step + 1]), dim=1)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_a_padded_prefill_gives_the_prompts_tokens_and_cache(reference_backend, kv_bits):
+    """What a prefill graph replays (the prompt padded to its bucket with leftovers of a longer prompt), run eagerly:
+    the same first token, the same cache up to the prompt (up to float rounding: attention over 16 positions
+    instead of 7 sums in another order), and the same tokens after it."""
+    fast = FastLlama.from_hf(tiny_model(), "w4a8_rtn", kv_bits=kv_bits)
+    prompts, leftovers = token_batch(2, 7), token_batch(2, 16) + 1
+    assert prefill_bucket(7, 32) == 16 and prefill_bucket(100, 32) == 100 and prefill_bucket(17, 40) == 32
+    eager = Generator(fast, batch=2, capacity=32, use_graph=False)
+    padded = Generator(fast, batch=2, capacity=32, use_graph=False)
+    tokens = leftovers.clone()
+    tokens[:, :7] = prompts
+    padded.last.fill_(6)
+    padded.padded_prefill(tokens)
+    assert torch.equal(padded.first, eager.prefill(prompts))
+    for name, prompt_part in (("k", (..., slice(7), slice(None))), ("v", (..., slice(7), slice(None))),
+                              ("k_scale", (..., slice(7))), ("v_scale", (..., slice(7)))):
+        if getattr(eager.cache, name) is not None:
+            got, expected = (getattr(c.cache, name)[prompt_part].float() for c in (padded, eager))
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    assert torch.equal(padded.decode(padded.first, 7, 5), eager.decode(eager.prefill(prompts), 7, 5))
 
 
 def test_a_decode_past_the_cache_is_refused_and_writes_nothing(reference_backend):

@@ -30,6 +30,28 @@ def test_fast_model_and_cuda_graph_decode_on_cuda(method, kv_bits, monkeypatch):
     assert Generator(fast, 2, 24).cache.k.dtype == (torch.int8 if kv_bits == 8 else torch.float16)
 
 
+@pytest.mark.parametrize("method", ["fp16", "w4a8_rtn_g128"])
+def test_graphed_prefill_replays_the_padded_prefill(method):
+    """Prompts of 20, 7 and 17 tokens (buckets 32, 16, 32) replay prefill graphs: the tokens are those of the same
+    padded prefill run eagerly (the padding a 17-token prompt finds is the 20-token prompt's tail, never attended to)."""
+    from qqq.fast.generation import Generator, prefill_bucket
+    from qqq.fast.model import FastLlama
+
+    fast = FastLlama.from_hf(tiny_model(hidden=256, intermediate=512, heads=4, kv_heads=2).half().cuda(), method,
+                             kv_bits=8)
+    graphed, eager = Generator(fast, 2, 40), Generator(fast, 2, 40, use_graph=False)
+    for length in (20, 7, 17):
+        prompts = token_batch(2, length, seed=length).cuda()
+        got = graphed.generate(prompts, 6).tokens
+        tokens = torch.zeros(2, prefill_bucket(length, 40), dtype=torch.long, device="cuda")
+        tokens[:, :length] = prompts
+        eager.last.fill_(length - 1)
+        eager.padded_prefill(tokens)
+        expected = torch.cat((eager.first[:, None], eager.decode(eager.first.clone(), length, 5)), dim=1)
+        assert torch.equal(got, expected)
+    assert sorted(graphed.prefill_graphs) == [16, 32] and not eager.prefill_graphs
+
+
 def test_a_graphed_decode_past_the_cache_is_refused_on_cuda():
     from qqq.fast.generation import Generator
     from qqq.fast.model import FastLlama

@@ -1,4 +1,6 @@
-"""Greedy generation with ``FastLlama``: an eager prefill, then each decode step as one CUDA-graph replay."""
+"""Greedy generation with ``FastLlama``: on CUDA each decode step is one CUDA-graph replay, and so is a short
+prefill (padded to a power-of-two length, one graph per length), where an eager prefill would be bound by the
+host's kernel launches rather than by the GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +10,19 @@ from dataclasses import dataclass
 import torch
 
 from qqq.fast.model import FastLlama
+
+# a prefill of at most this many tokens (batch x padded length) replays a CUDA graph: at batch 1 and 1024 tokens
+# the eager prefill of the W4A8 model took about twice FP16's time on the H200 (results/e2e_speed_h200.md), launch
+# after launch from Python; longer prefills keep the GPU busy on their own (and a graph would hold their activations)
+PREFILL_GRAPH_MAX_TOKENS = 4096
+SHORTEST_PREFILL_BUCKET = 16
+
+
+def prefill_bucket(tokens: int, capacity: int) -> int:
+    """The length a prompt of ``tokens`` tokens is padded to for a graphed prefill: the next power of two (at
+    least 16), or the prompt's own length where that would pass the cache's ``capacity``."""
+    bucket = max(SHORTEST_PREFILL_BUCKET, 1 << (tokens - 1).bit_length())
+    return bucket if bucket <= capacity else tokens
 
 
 @dataclass
@@ -38,6 +53,9 @@ class Generator:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.history = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.graph = None
+        self.first = torch.zeros(batch, dtype=torch.long, device=device)  # a graphed prefill's output
+        self.last = torch.zeros((), dtype=torch.long, device=device)  # the index of its last real token
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> graph, tokens
 
     @torch.no_grad()
     def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
@@ -45,8 +63,30 @@ class Generator:
         batch, t = prompts.shape
         if batch != self.batch or t < 1 or t >= self.capacity:
             raise ValueError(f"prompts must be [{self.batch}, T] with 1 <= T < {self.capacity}, got {tuple(prompts.shape)}")
+        if self.use_graph and batch * prefill_bucket(t, self.capacity) <= PREFILL_GRAPH_MAX_TOKENS:
+            return self._graphed_prefill(prompts)
         positions = torch.arange(t, device=prompts.device).expand(batch, t)
         return self.model(prompts, positions, self.cache).argmax(-1)
+
+    def _graphed_prefill(self, prompts: torch.Tensor) -> torch.Tensor:
+        t = prompts.shape[1]
+        bucket = prefill_bucket(t, self.capacity)
+        if bucket not in self.prefill_graphs:
+            tokens = torch.zeros(self.batch, bucket, dtype=torch.long, device=prompts.device)
+            self.prefill_graphs[bucket] = (self._graph_of(lambda: self.padded_prefill(tokens)), tokens)
+        graph, tokens = self.prefill_graphs[bucket]
+        tokens[:, :t].copy_(prompts)  # past t: whatever an earlier prompt left there, never attended to
+        self.last.fill_(t - 1)
+        graph.replay()
+        return self.first.clone()
+
+    @torch.no_grad()
+    def padded_prefill(self, tokens: torch.Tensor) -> None:
+        """The prefill of ``tokens`` [B, bucket] whose real prompt ends at index ``self.last``: writes the first
+        generated token to ``self.first`` (what a prefill graph replays). The padding's keys and values land in
+        the cache past the prompt, where each decode step overwrites its own position before it attends to it."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        self.first.copy_(self.model(tokens, positions, self.cache, self.last).argmax(-1))
 
     @torch.no_grad()
     def _decode_step(self) -> None:
@@ -59,17 +99,22 @@ class Generator:
 
     def _capture(self) -> None:
         saved = [t.clone() for t in (self.token, self.position, self.step)]
+        self.graph = self._graph_of(self._decode_step)
+        for target, value in zip((self.token, self.position, self.step), saved):
+            target.copy_(value)
+
+    @staticmethod
+    def _graph_of(step) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile and pick kernel configs outside the capture
-                self._decode_step()
+                step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._decode_step()
-        for target, value in zip((self.token, self.position, self.step), saved):
-            target.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
 
     def decode(self, first: torch.Tensor, start: int, steps: int) -> torch.Tensor:
         """``steps`` greedy steps after token ``first`` [B] at position ``start``; returns them [B, steps]."""

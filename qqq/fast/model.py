@@ -138,9 +138,12 @@ class FastLlama(nn.Module):
         return cls(arch, weight(arch.vocab, arch.hidden), layers, norm(), weight(arch.vocab, arch.hidden), cos, sin,
                    kv_bits)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, vocab] of the last position of ``tokens`` [B, T] at ``positions`` [B, T]. A prefill
-        (T > 1) starts at position 0; a decode step (T == 1) attends to the cache up to its position."""
+        (T > 1) starts at position 0; a decode step (T == 1) attends to the cache up to its position.
+        ``last`` (a 0-d long tensor): the index of the last real token of a prefill padded at its end (causal, so
+        the padding changes neither those logits nor the cache below it)."""
         arch = self.arch
         batch, t = tokens.shape
         residual = F.embedding(tokens, self.embed).reshape(batch * t, arch.hidden)
@@ -159,8 +162,11 @@ class FastLlama(nn.Module):
             delta = layer.o(quantize_rows(attended) if layer.o.takes_int8 else attended)
             normed, residual = rmsnorm(delta, layer.post_attention_norm, arch.eps, residual, layer.gate_up.takes_int8)
             delta = layer.down(silu_mul(layer.gate_up(normed), layer.down.takes_int8))
-        last = slice(t - 1, None, t)  # the last row of each sequence
-        final = rmsnorm(delta[last], self.final_norm, arch.eps, residual[last], quantize=False)[0]
+        if last is None:
+            rows = slice(t - 1, None, t)  # the last row of each sequence
+        else:
+            rows = torch.arange(batch, device=tokens.device) * t + last
+        final = rmsnorm(delta[rows], self.final_norm, arch.eps, residual[rows], quantize=False)[0]
         return F.linear(final, self.lm_head)
 
 
