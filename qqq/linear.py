@@ -141,8 +141,9 @@ class QQQLinear(nn.Module):
 
 def w4a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, channel_scale: torch.Tensor,
                           group_ratio: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                          group_size: int = -1) -> torch.Tensor:
-    """What ``qqq.kernels_triton.w4a8_gemm.w4a8_linear`` computes for ``x`` [..., K], from ``qqq.numerics``."""
+                          group_size: int = -1, ratios_fit_int8: bool = False) -> torch.Tensor:
+    """What ``qqq.kernels_triton.w4a8_gemm.w4a8_linear`` computes for ``x`` [..., K], from ``qqq.numerics``
+    (which always clamps the per-group int8 weight: a no-op where ``ratios_fit_int8`` holds)."""
     codes = unpack_int4(qweight, x.shape[-1], signed=group_size == -1)
     y = numerics.w4a8_linear_reference(x.reshape(-1, x.shape[-1]), codes, channel_scale, group_ratio, bias)
     return y.reshape(*x.shape[:-1], -1)
