@@ -59,6 +59,30 @@ def test_a_padded_prefill_gives_the_prompts_tokens_and_cache(reference_backend, 
     assert torch.equal(padded.decode(padded.first, 7, 5), eager.decode(eager.prefill(prompts), 7, 5))
 
 
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: the warm-up runs, then each replay runs the captured step again."""
+
+    def __init__(self, step):
+        step()
+        step()
+        self.replay = step
+
+
+def test_prefill_buckets_reuse_their_graph_and_see_only_their_prompt(reference_backend, monkeypatch):
+    """The graphed prefill's bookkeeping (buckets, padding buffers, the last-token index set before a capture's
+    warm-up runs) with graphs replaced by eager replays: a 7-token prompt after a 20-token one captures bucket 16
+    (its warm-up must not index the rows with the longer prompt's last token), 17 tokens replay bucket 32."""
+    monkeypatch.setattr(Generator, "_graph_of", staticmethod(EagerGraph))
+    fast = FastLlama.from_hf(tiny_model(), "w4a8_rtn")
+    graphed, eager = Generator(fast, 2, 40, use_graph=True), Generator(fast, 2, 40, use_graph=False)
+    for length in (20, 7, 17):
+        prompts = token_batch(2, length, seed=length)
+        first = graphed.prefill(prompts)
+        assert torch.equal(first, eager.prefill(prompts))
+        assert torch.equal(graphed.decode(first, length, 3), eager.decode(first, length, 3))
+    assert sorted(graphed.prefill_graphs) == [16, 32]
+
+
 def test_a_decode_past_the_cache_is_refused_and_writes_nothing(reference_backend):
     runner = Generator(FastLlama.from_hf(tiny_model()), batch=2, capacity=8, use_graph=False)
     first = runner.prefill(token_batch(2, 4))

@@ -71,12 +71,14 @@ class Generator:
     def _graphed_prefill(self, prompts: torch.Tensor) -> torch.Tensor:
         t = prompts.shape[1]
         bucket = prefill_bucket(t, self.capacity)
-        if bucket not in self.prefill_graphs:
+        graph, tokens = self.prefill_graphs.get(bucket, (None, None))
+        if tokens is None:
             tokens = torch.zeros(self.batch, bucket, dtype=torch.long, device=prompts.device)
-            self.prefill_graphs[bucket] = (self._graph_of(lambda: self.padded_prefill(tokens)), tokens)
-        graph, tokens = self.prefill_graphs[bucket]
         tokens[:, :t].copy_(prompts)  # past t: whatever an earlier prompt left there, never attended to
-        self.last.fill_(t - 1)
+        self.last.fill_(t - 1)  # before a capture too: its warm-up runs index the rows with it
+        if graph is None:
+            graph = self._graph_of(lambda: self.padded_prefill(tokens))
+            self.prefill_graphs[bucket] = (graph, tokens)
         graph.replay()
         return self.first.clone()
 

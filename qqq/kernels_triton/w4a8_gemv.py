@@ -55,22 +55,14 @@ def _w4a8_gemv_kernel(
     USE_ASM: tl.constexpr,
 ):
     """``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words); ``words_ptr``: the
-    int8 codes [M, K] (contiguous rows) as int32 words. Tiles are [BLOCK_N, BLOCK_M, chunks, 8 words]: a chunk is
-    the 8 words of 64 columns, whose low (high) nibbles all lie in one group for every supported group size, so
-    a ratio's index is computed once per chunk. The ratios are still loaded at the full tile shape (the index
-    repeated over the 8 words): a [.., chunks, 1] load made Triton pass every weight tile through shared memory
-    to match layouts (sm_90 SASS), which costs more than the repeated, L1-resident 2-byte loads."""
+    int8 codes [M, K] (contiguous rows) as int32 words."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    CHUNKS: tl.constexpr = BLOCK_KW // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    row_in = n_mask[:, None, None, None]
-    token_in = m_mask[None, :, None, None]
-    offs_c = tl.arange(0, CHUNKS)[None, None, :, None]
-    offs_i = tl.arange(0, 8)[None, None, None, :]
+    offs_w = tl.arange(0, BLOCK_KW)
 
     words_per_split = tl.cdiv(K // 8 // BLOCK_KW, split_k) * BLOCK_KW
     first_word = pid_k * words_per_split
@@ -78,34 +70,39 @@ def _w4a8_gemv_kernel(
     # a split past the end of K (split_k does not divide the tiles evenly) runs no step, but its first load is
     # issued before the loop: keep that address inside the row
     first_load = tl.minimum(first_word, (K // 8 // BLOCK_KW - 1) * BLOCK_KW)  # a multiple of BLOCK_KW: 16-byte loads
-    w_ptrs = w_ptr + offs_n[:, None, None, None] * stride_wn + first_load + offs_c * 8 + offs_i
-    ratio_row = ratio_ptr + offs_n[:, None, None, None] * n_groups
-    acc = tl.zeros([BLOCK_N, BLOCK_M, CHUNKS, 8], dtype=tl.int32)
-    x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
-    next_packed = tl.load(w_ptrs, mask=row_in, other=0)
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (first_load + offs_w)[None, None, :]
+    ratio_row = ratio_ptr + offs_n[:, None, None] * n_groups
+    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
+    x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
+    next_packed = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
     for word0 in range(first_word, last_word, BLOCK_KW):
         # the next tile's load is issued before this one is used (two tiles in flight per thread)
         packed = next_packed
         w_ptrs += tl.where(word0 + BLOCK_KW < last_word, BLOCK_KW, 0)  # the last step reloads its own tile
-        next_packed = tl.load(w_ptrs, mask=row_in, other=0)
-        chunk = word0 // 8 + offs_c
-        # the activation words of chunk c: 16c .. 16c + 7 for the low nibbles, 16c + 8 .. 16c + 15 for the high
-        x_low = tl.load(x_rows + chunk * 16 + offs_i, mask=token_in, other=0)
-        x_high = tl.load(x_rows + chunk * 16 + 8 + offs_i, mask=token_in, other=0)
+        next_packed = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+        word = word0 + offs_w
+        # the activation word of the low nibbles of word 8c + i is 16c + i (4 codes per word); runs of 8
+        x_low_index = tl.max_contiguous(tl.multiple_of(word + (word // 8) * 8, 8), 8)[None, None, :]
+        x_low = tl.load(x_rows + x_low_index, mask=m_mask[None, :, None], other=0)
+        x_high = tl.load(x_rows + x_low_index + 8, mask=m_mask[None, :, None], other=0)
         if GROUP_SIZE == -1:
             w_low = (packed << 4) & SIGNED_HIGH_NIBBLES  # int8 lanes holding 16 * code
             w_high = packed & SIGNED_HIGH_NIBBLES
         else:
-            every_word = offs_i * 0  # the full tile shape (see the docstring)
-            r_low = tl.load(ratio_row + (chunk * 64 // GROUP_SIZE + every_word), mask=row_in, other=0.0)
+            # word 8c + i holds columns 64c + 4i .. + 3 (low nibbles) and 32 further (high): every supported group
+            # size (>= 32) keeps each half of the 64-column chunk in one group
+            chunk_column = (word // 8) * 64
+            r_low = tl.load(ratio_row + (chunk_column // GROUP_SIZE)[None, None, :], mask=n_mask[:, None, None],
+                            other=0.0)
             if GROUP_SIZE >= 64:
                 r_high = r_low
             else:
-                r_high = tl.load(ratio_row + ((chunk * 64 + 32) // GROUP_SIZE + every_word), mask=row_in, other=0.0)
+                r_high = tl.load(ratio_row + ((chunk_column + 32) // GROUP_SIZE)[None, None, :],
+                                 mask=n_mask[:, None, None], other=0.0)
             w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
         acc = dot4_int8(w_low, x_low, acc, USE_ASM)
         acc = dot4_int8(w_high, x_high, acc, USE_ASM)
-    total = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_N, BLOCK_M]
+    total = tl.sum(acc, axis=2)  # [BLOCK_N, BLOCK_M]
 
     if not SPLIT:
         epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
