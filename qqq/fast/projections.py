@@ -153,8 +153,8 @@ class W4A8Projection(Projection):
     def forward(self, rows: Int8Rows) -> torch.Tensor:
         ratio = self.group_ratio if self.group_size != -1 else None
         gemm = triton_or_reference(rows.codes, "w4a8_gemm.w4a8_gemm", self._reference)
-        # the kernel checks the weights on its first call on a device, not on every call of an eager prefill
         fits = cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, ratio)
+        # the kernel checks the weights on its first call on a device, not on every call of an eager prefill
         out = gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias, self.group_size,
                    self.dtype, weights_checked=self.checked_on == rows.codes.device, ratios_fit_int8=fits)
         self.checked_on = rows.codes.device
