@@ -15,10 +15,12 @@ Measured per (model, method, batch), after a warm-up generation (compilation, gr
 - ``weight_gb``: the model's weights on the GPU.
 
 Writes ``<out>/e2e_speed.csv`` (+ ``e2e_speed.runs.json``: each run's command, device, versions, date),
-``e2e_speed.md`` and ``e2e_speed.png``; ``--append`` adds a run (e.g. another model) to the table, ``--merge``
+``e2e_speed.md`` and ``e2e_speed.png``, and with ``--profile-batches`` the kernels of one decode step per method,
+KV cache and batch in ``e2e_speed_profile.csv`` (the bytes of the linears and of the attention, so each
+step's time can be traced to what it reads); ``--append`` adds a run (e.g. another model) to the table, ``--merge``
 the runs of tables written elsewhere.
 
-    python experiments/e2e_speed.py --models llama-2-7b --kv-bits 16 8 --profile-batch 1 --out results
+    python experiments/e2e_speed.py --models llama-2-7b --kv-bits 16 8 --profile-batches 1 16 64 --out results
     python experiments/e2e_speed.py --models llama-2-13b --append --out results
 """
 
@@ -127,8 +129,9 @@ def measure(fast: FastLlama, batch: int, input_len: int, output_len: int, repeat
             "decode_tok_s": batch * steps / decode_s, "decode_ms_per_step": 1e3 * decode_s / steps}
 
 
-def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) -> list[tuple[str, float]]:
-    """CUDA time per kernel over eager decode steps (the graph replays the same kernels)."""
+def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) -> list[tuple[str, float, float]]:
+    """(kernel, calls, us) per decode step over eager decode steps at ``context`` tokens (the graph replays the
+    same kernels), the slowest first."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = Generator(fast, batch, context + steps + 1, use_graph=False)
@@ -137,7 +140,60 @@ def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) ->
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.decode(first, context, steps)
         torch.cuda.synchronize()
-    return sorted(((name, us / steps) for name, us in kernel_microseconds(prof).items()), key=lambda kv: -kv[1])
+    counts = kernel_calls(prof)
+    return sorted(((name, counts[name] / steps, us / steps) for name, us in kernel_microseconds(prof).items()),
+                  key=lambda row: -row[2])
+
+
+# the decode step's parts whose bytes are known: every linear (and the lm_head) reads its weights once, the decode
+# attention reads the KV cache up to each sequence's position
+ATTENTION_KERNELS = ("_decode_split_kernel", "_decode_merge_kernel")
+LINEAR_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "tinygemm", "_int_mm")
+
+
+def step_part(kernel: str) -> str:
+    if any(name in kernel for name in ATTENTION_KERNELS):
+        return "attention"
+    return "linear" if any(mark in kernel.lower() for mark in LINEAR_KERNEL_MARKS) else "other"
+
+
+def step_part_bytes(fast: FastLlama, batch: int, context: int) -> dict[str, int]:
+    """Bytes a decode step must read per part: the weights of every linear and the lm_head (all buffers but the
+    embedding table, of which a step reads ``batch`` rows), and the KV cache of ``context`` tokens (int8 codes
+    and their fp32 scales for the 8-bit cache)."""
+    arch = fast.arch
+    embedding = 0 if fast.lm_head.data_ptr() == fast.embed.data_ptr() else fast.embed.numel() * fast.embed.element_size()
+    per_value = 1 + 4 / arch.head_dim if fast.kv_bits == 8 else fast.embed.element_size()
+    kv = 2 * arch.layers * batch * arch.kv_heads * context * arch.head_dim * per_value
+    return {"linear": fast.weight_bytes() - embedding, "attention": int(kv)}
+
+
+def profile_rows(fast: FastLlama, model_name: str, method: str, batch: int, context: int) -> list[dict]:
+    """The decode step's kernels at ``batch`` (one row each: calls and us per step), then one row per part
+    (linear, attention, other) with its bytes and achieved TB/s where the bytes are known."""
+    kernels = profile_decode(fast, batch, context)
+    key = {"model": model_name, "method": method, "kv_bits": fast.kv_bits, "batch": batch, "context": context}
+    rows = [dict(key, kernel=name, part=step_part(name), calls_per_step=calls, us_per_step=us)
+            for name, calls, us in kernels]
+    known = step_part_bytes(fast, batch, context)
+    for part in ("linear", "attention", "other"):
+        us = sum(r["us_per_step"] for r in rows if r["part"] == part)
+        calls = sum(r["calls_per_step"] for r in rows if r["part"] == part)
+        moved = known.get(part)
+        rows.append(dict(key, kernel=f"[{part}]", part=part, calls_per_step=calls, us_per_step=us,
+                         bytes_per_step=moved, tb_s=moved / us / 1e6 if moved and us else None))
+    rows.append(dict(key, kernel="[step]", part="step", calls_per_step=sum(calls for _, calls, _ in kernels),
+                     us_per_step=sum(us for _, _, us in kernels)))
+    return rows
+
+
+def kernel_calls(prof) -> dict[str, int]:
+    """Launches per kernel name in a torch profiler's trace."""
+    calls: dict[str, int] = {}
+    for event in prof.key_averages():
+        if getattr(event, "self_device_time_total", 0):
+            calls[event.key] = calls.get(event.key, 0) + event.count
+    return calls
 
 
 def kernel_microseconds(prof) -> dict[str, float]:
@@ -188,20 +244,22 @@ def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, ba
     return row
 
 
-def print_profiles(fast: FastLlama, batch: int, input_len: int) -> None:
-    free_memory()
-    top = profile_decode(fast, batch, input_len)
-    total = sum(us for _, us in top)
-    print(f"  decode step kernels at batch {batch}, {fast.kv_bits}-bit KV ({total:.0f} us of GPU time per step):")
-    for name, us in top[:12]:
-        print(f"    {us:8.1f} us  {name[:100]}")
+def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int) -> None:
+    step = next(r for r in rows if r["kernel"] == "[step]")
+    print(f"  decode step kernels at batch {batch}, {fast.kv_bits}-bit KV ({step['us_per_step']:.0f} us of GPU time per "
+          "step):")
+    for r in rows:
+        if r["kernel"].startswith("["):
+            rate = f", {r['bytes_per_step'] / 1e6:.0f} MB at {r['tb_s']:.2f} TB/s" if r.get("tb_s") else ""
+            print(f"    {r['kernel']:12s} {r['us_per_step']:8.1f} us, {r['calls_per_step']:.0f} launches{rate}")
+    for r in [r for r in rows if not r["kernel"].startswith("[")][:8]:
+        print(f"    {r['us_per_step']:8.1f} us  {r['calls_per_step']:4.0f} x  {r['kernel'][:90]}")
     gpu_ms, wall_ms = profile_prefill(fast, batch, input_len)
-    print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager: the rest is "
-          "host-side launch time)", flush=True)
+    print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager)", flush=True)
 
 
-def run(args, meta) -> pd.DataFrame:
-    rows = []
+def run(args, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, profiles = [], []
     if 8 in args.kv_bits:
         error = check_int8_kv_attention()
         if error > 0.01:
@@ -227,10 +285,13 @@ def run(args, meta) -> pd.DataFrame:
                     if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
                         continue
                     rows.append(measured_row(fast, model_name, method, kv_bits, batch, weight_gb, args, meta))
-                if args.profile_batch and method in ("fp16", "w4a8_rtn"):
-                    print_profiles(fast, args.profile_batch, args.input_len)
+                for batch in args.profile_batches:
+                    free_memory()
+                    profile = profile_rows(fast, model_name, method, batch, args.input_len)
+                    print_profile(profile, fast, batch, args.input_len)
+                    profiles += profile
             del fast
-    return with_ratios(pd.DataFrame(rows))
+    return with_ratios(pd.DataFrame(rows)), pd.DataFrame(profiles)
 
 
 def with_ratios(table: pd.DataFrame) -> pd.DataFrame:
@@ -284,6 +345,24 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
     plot_e2e_speedup(table, out / "e2e_speed.png")
 
 
+def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, append: bool) -> None:
+    """The per-step profiles under a "# key: value" provenance header; with ``append`` the profiles of other
+    (model, method, KV, batch) already in the file stay, each under the header of the run that measured it."""
+    key = ["model", "method", "kv_bits", "batch"]
+    header = "".join(f"# {name}: {value}\n" for name, value in meta.items())
+    profiles = profiles.assign(measured=meta["date"])
+    if append and path.exists():
+        kept = pd.read_csv(path, comment="#")
+        measured = set(map(tuple, profiles[key].astype(str).values))
+        kept = kept[[tuple(r) not in measured for r in kept[key].astype(str).values]]
+        previous = [line for line in path.read_text().splitlines(True) if line.startswith("# ")]
+        header = "".join(previous) + "# appended:\n" + header
+        profiles = pd.concat([kept, profiles], ignore_index=True)
+    partial = path.with_suffix(".csv.partial")
+    partial.write_text(header + profiles.to_csv(index=False, float_format="%.4g"))
+    partial.replace(path)
+
+
 def results_part(path: Path, folder: Path) -> Path:
     """``path`` (an e2e_speed.csv of another ``--out``) as a part that ``ResultsTable.absorb`` takes in: as it is
     when its runs.json lies beside it, else read from its "# key: value" provenance header lines (the format
@@ -327,8 +406,10 @@ def main():
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile-batch", type=int, default=0,
-                        help="print the decode step's kernel times at this batch for fp16 and w4a8_rtn (0: off)")
+    parser.add_argument("--profile-batches", nargs="*", type=int, default=[],
+                        help="profile one decode step of every method at these batches: printed, and written to "
+                             "<out>/e2e_speed_profile.csv (kernel, calls, us; bytes and TB/s of the linears and the "
+                             "attention)")
     parser.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
                         help="measure each method with these KV caches: 16 (the model's dtype) and/or 8 (int8)")
     parser.add_argument("--append", action="store_true",
@@ -351,8 +432,11 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("e2e_speed measures GPU speed: no CUDA device found")
     print(meta, flush=True)
-    table = results.write(run(args, meta).to_dict("records"))
+    measured, profiles = run(args, meta)
+    table = results.write(measured.to_dict("records"))
     write_reports(table, results, out)
+    if len(profiles):
+        write_profiles(profiles, out / "e2e_speed_profile.csv", meta, args.append)
     print((out / "e2e_speed.md").read_text().split("## Methods")[0])
 
 
