@@ -193,10 +193,8 @@ def _dequantize_int8_kernel(w_ptr, ratio_ptr, out_ptr, N, K, n_groups, stride_wn
         else:
             r_high = tl.load(ratio_ptr + offs_n * n_groups + (k0 + HALF) // GROUP_SIZE, mask=n_mask, other=0.0)
         if USE_ASM:
-            bits_low = r_low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            bits_high = r_high.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            pair_low = tl.broadcast_to((bits_low | (bits_low << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
-            pair_high = tl.broadcast_to((bits_high | (bits_high << 16))[:, None], (BLOCK_N, BLOCK_K // 2))
+            pair_low = tl.broadcast_to(ratio_pair(r_low)[:, None], (BLOCK_N, BLOCK_K // 2))
+            pair_high = tl.broadcast_to(ratio_pair(r_high)[:, None], (BLOCK_N, BLOCK_K // 2))
             w_low, w_high = int8_from_group_codes_asm(packed, pair_low, pair_high, CLAMP)
         else:
             w_low = int8_from_group_codes((packed & 0xF).to(tl.int32), r_low.to(tl.float32)[:, None], CLAMP)
