@@ -77,6 +77,7 @@ class ModelFamily:
         return model.lm_head
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """The decoder linears of ``layer`` by name, in the order the layer's forward calls them."""
         return {name: layer.get_submodule(name) for name in LINEAR_NAMES}
 
     def linear_groups(self, layer: nn.Module) -> list[dict[str, nn.Module]]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from qqq import numerics
 from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
-from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
+from qqq.layerwise import capture_layer0_inputs, feed_layer, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
 from qqq.model_families import family_of
 from qqq.rotation import rotate_model
@@ -158,14 +158,17 @@ def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, 
             solvers = [GPTQ(*group.values()) for group in groups]
             hooks = [linear.register_forward_pre_hook(lambda _m, args, s=solver: s.add_input(args[0]))
                      for solver in solvers for linear in solver.linears]
-            try:
-                run_layer(layer, inputs, batch_size)
+            try:  # the layer's FP output is not needed: it runs up to the input of its last linear
+                feed_layer(layer, inputs, batch_size, last=list(family.linears(layer).values())[-1])
             finally:
                 for h in hooks:
                     h.remove()
             layer_losses = {}
             for group, solver in zip(groups, solvers):
                 solver.check_inputs_shared()
+                if solver.rows_seen != inputs.hidden.shape[0] * inputs.hidden.shape[1]:
+                    raise ValueError(f"GPTQ: {', '.join(group)} saw {solver.rows_seen} of the "
+                                     f"{inputs.hidden.shape[0] * inputs.hidden.shape[1]} calibration tokens")
                 for (name, linear), result in zip(group.items(), solver.quantize_each(group_size, config)):
                     layer_losses[name] = GPTQLoss(result.loss, result.rtn_loss)
                     _replace(layer, name, quantized_linear(linear, method, group_size, result.codes, result.scale))
