@@ -62,15 +62,16 @@ def abs_max(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tens
 # ---------------------------------------------------------------- activations
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (last dim) symmetric int8 quantization.
 
-    Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``.
+    Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``. ``overwrite``: an fp32
+    ``x`` the caller no longer needs is used as scratch space (its values are lost; one copy fewer).
     """
     x = x.float()
     scale = divide_exactly(abs_max(x, dim=-1, keepdim=True), INT8_MAX)
-    codes = (x / _safe_divisor(scale)).round_().clamp_(-INT8_MAX, INT8_MAX)
-    return codes.to(torch.int8), scale
+    codes = (x.div_(_safe_divisor(scale)) if overwrite else x / _safe_divisor(scale)).round_()
+    return codes.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:

@@ -134,13 +134,19 @@ class ScaledGroupWeights:
         codes, self.group_scale = numerics.quantize_weight_per_group(weight, group_size)
         self.centered = (codes.float() - numerics.INT4_ZERO_POINT).view(n, self.groups, group_size)
         self.group_max = numerics.abs_max(self.centered) * self.group_scale
+        self._scratch = {}  # fp32 work space by shape, reused from call to call (nothing returned lives in it)
+
+    def _scratch_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self._scratch:
+            self._scratch[shape] = torch.empty(shape, dtype=torch.float32, device=self.weight.device)
+        return self._scratch[shape]
 
     def _quantize_groups(self, scales: torch.Tensor, index: torch.Tensor):
         """Centered codes [S, N, k, g], group scales and group maxima [S, N, k] of groups ``index`` of
         ``weight * s`` for every row ``s`` of ``scales`` (numerics.quantize_weight_per_group's arithmetic)."""
         s = scales.view(scales.shape[0], self.groups, self.group_size)
         if len(index) == self.groups:  # every group: no gather needed
-            scaled = self.weight[None] * s[:, None]
+            scaled = torch.mul(self.weight[None], s[:, None], out=self._scratch_for((len(s), *self.weight.shape)))
         else:
             scaled = self.weight[None, :, index] * s[:, index][:, None]
         high, low = scaled.amax(dim=-1), scaled.amin(dim=-1)
@@ -167,7 +173,7 @@ class ScaledGroupWeights:
         if len(index) == groups:
             product = centered.mul_(ratio)
         else:
-            product = self.centered * ratio
+            product = torch.mul(self.centered, ratio, out=self._scratch_for((count, n, groups, size)))
             if len(index):
                 product[:, :, index] = centered.mul_(ratio[:, :, index])
         codes = product.round_().clamp_(-numerics.INT8_MAX, numerics.INT8_MAX).to(torch.int8)
@@ -182,10 +188,11 @@ def _int8_weight_maker(weight: torch.Tensor, config: SmoothingConfig):
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K]^T`` of int8 matrices, exact, as fp32 (int8 GEMM on the CPU, 3-4x fp32's speed)."""
+    """``a [M, K] @ b [N, K]^T`` of int8 matrices, exact: int32 from the CPU's int8 GEMM (3-4x fp32's speed),
+    fp32 holding the exact sums elsewhere. Either becomes the same fp32 numbers in a product with fp32."""
     if a.device.type == "cpu":
-        return torch._int_mm(a, b.T).float()
-    return numerics.int8_matmul_exact(a, b).float()
+        return torch._int_mm(a, b.T)
+    return numerics.int8_matmul_exact(a, b, torch.float32)
 
 
 def _candidate_bytes(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
@@ -225,16 +232,17 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], biases: list, blo
         for start in range(0, len(thresholds), per_batch):
             batch = thresholds[start:start + per_batch]
             scales = (channel_max / torch.tensor(batch, device=x.device)[:, None]).clamp(min=1.0)
-            x_codes, token_scale = numerics.quantize_per_token(rows / scales[:, None, :])
+            x_codes, token_scale = numerics.quantize_per_token(rows / scales[:, None, :], overwrite=True)
             w_codes, w_scale = int8_weights(scales)
             for i, t in enumerate(batch):
                 accumulated = _int8_matmul(x_codes[i], w_codes[i])
                 projections = []
                 for begin, end, b in zip([0] + ends[:-1], ends, biases):
-                    projection = accumulated[:, begin:end] * token_scale[i] * w_scale[i, begin:end]
+                    # int32 * fp32 is computed as float(int32) * fp32
+                    projection = (accumulated[:, begin:end] * token_scale[i]).mul_(w_scale[i, begin:end])
                     # (no bias: nothing added; adding 0 would only turn -0.0 into 0.0, which no loss can see)
                     projections.append((projection if b is None else projection + b).view(*x.shape[:-1], -1))
-                loss = float((block(x, projections) - target).pow(2).sum(dim=-1).mean())
+                loss = float((block(x, projections) - target).pow_(2).sum(dim=-1).mean())
                 if loss < best[0]:
                     best = (loss, scales[i].clone(), t)
     return best[1], best[2]
