@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qqq import numerics
-from qqq.layerwise import LayerInputs, capture_layer0_inputs, moved_to, recorded_inputs, run_layer
+from qqq.layerwise import LayerInputs, capture_layer0_inputs, feed_layer, moved_to, recorded_inputs, run_layer
 from qqq.model_families import ModelFamily, SmoothingPoint, attention_output
 
 
@@ -297,7 +297,7 @@ def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, con
     for point in family.smoothing_points:
         consumers = [layer.get_submodule(name) for name in point.consumers]
         with fake_quantized(quantized, config.group_size, config.weight_bits), recorded_inputs(consumers[0]) as seen:
-            run_layer(layer, inputs, config.batch_size)
+            feed_layer(layer, inputs, config.batch_size, last=consumers[0])  # the rest of the layer is not needed
         x = torch.cat(seen)
         tie = tying.tie if point.producer.endswith("v_proj") else None
         weights = [c.weight for c in consumers]
