@@ -178,29 +178,32 @@ class GPTQ:
         row_slices = [slice(begin, end) for begin, end in zip([0] + ends[:-1], ends)]
 
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-        # per column, computed once: the scale with 1 where it is 0, and the squared diagonal of h_inv
-        safe_scale = torch.where(column_scale > 0, column_scale, torch.ones_like(column_scale))
+        # The column loop works on transposed copies, so that each column is a contiguous row (the same
+        # elementwise arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0,
+        # and the squared diagonal of h_inv.
+        scale_by_column = column_scale.T.contiguous()
+        safe_scale_by_column = torch.where(scale_by_column > 0, scale_by_column, torch.ones_like(scale_by_column))
         squared_diagonal = torch.diag(h_inv) ** 2
 
-        codes = torch.zeros_like(weight)
+        codes_by_column = torch.zeros_like(weight.T)
         losses = torch.zeros(weight.shape[0], device=weight.device)
         for start in range(0, columns, config.block_size):
             end = min(start + config.block_size, columns)
-            block = weight[:, start:end].clone()
+            block = weight[:, start:end].T.contiguous()
             errors = torch.zeros_like(block)
             h_inv_block = h_inv[start:end, start:end]
             for i in range(end - start):
-                w, d, j = block[:, i], h_inv_block[i, i], start + i
-                codes[:, j], q = _round_to_grid(w, column_scale[:, j], group_size, safe_scale[:, j])
+                w, d, j = block[i], h_inv_block[i, i], start + i
+                codes_by_column[j], q = _round_to_grid(w, scale_by_column[j], group_size, safe_scale_by_column[j])
                 difference = w - q
                 losses += difference.square().div_(squared_diagonal[j]).div_(2)
-                err = difference.div_(d)
-                block[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
-                errors[:, i] = err
+                err = torch.div(difference, d, out=errors[i])
+                block[i:] -= h_inv_block[i, i:][:, None] * err[None, :]
+            errors = errors.T.contiguous()
             for rows in row_slices:
                 weight[rows, end:] -= errors[rows] @ h_inv[start:end, end:]
 
-        codes = codes[:, torch.argsort(order)]
+        codes = codes_by_column[torch.argsort(order)].T.contiguous()
         dtype = torch.int8 if group_size == -1 else torch.uint8
         return [GPTQResult(codes[rows].to(dtype), scale.float(), float(losses[rows].sum()), rtn_loss)
                 for rows, scale, rtn_loss in zip(row_slices, scales, rtn_losses)]
