@@ -63,15 +63,18 @@ def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn) -> torch.
     return best if group_size == -1 else best.reshape(weight.shape[0], -1)
 
 
-def _round_to_grid(w: torch.Tensor, s: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _round_to_grid(w: torch.Tensor, s: torch.Tensor, group_size: int,
+                   safe_s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of ``w`` on the 4-bit grid with (elementwise) scale ``s``, and their values: signed codes in
-    [-7, 7] per-channel, unsigned codes in [0, 15] with zero point 8 per group."""
-    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    [-7, 7] per-channel, unsigned codes in [0, 15] with zero point 8 per group. ``safe_s`` (``s`` with 1 where it
+    is 0) may be given, computed once for many calls."""
+    if safe_s is None:
+        safe_s = torch.where(s > 0, s, torch.ones_like(s))
     if group_size == -1:
-        code = torch.round(w / safe_s).clamp(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
+        code = torch.div(w, safe_s).round_().clamp_(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
         return code, code * s
-    code = (torch.round(w / safe_s) + numerics.INT4_ZERO_POINT).clamp(0, numerics.INT4_UNSIGNED_MAX)
-    return code, (code - numerics.INT4_ZERO_POINT) * s
+    code = torch.div(w, safe_s).round_().add_(numerics.INT4_ZERO_POINT).clamp_(0, numerics.INT4_UNSIGNED_MAX)
+    return code, (code - numerics.INT4_ZERO_POINT).mul_(s)
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -89,13 +92,21 @@ def _quantize_rows_per_group(w, scale):
 
 
 class GPTQ:
-    """Accumulates the Hessian ``H = 2/n * sum x x^T`` of one linear's inputs, then quantizes its weight."""
+    """Accumulates the Hessian ``H = 2/n * sum x x^T`` of the inputs of one linear, or of several linears that read
+    the same input (q/k/v, gate/up: one Hessian serves them all), then quantizes their weights."""
 
-    def __init__(self, linear: nn.Module):
-        self.linear = linear
-        columns = linear.weight.shape[1]
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
+    def __init__(self, *linears: nn.Module):
+        if not linears or len({linear.weight.shape[1] for linear in linears}) != 1:
+            raise ValueError("GPTQ needs one linear, or several with the same input size")
+        self.linears = linears
+        columns = linears[0].weight.shape[1]
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linears[0].weight.device)
         self.rows_seen = 0
+        self._last_input, self._inputs_seen, self._calls = None, 0, 0
+
+    @property
+    def linear(self) -> nn.Module:
+        return self.linears[0]
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -104,6 +115,21 @@ class GPTQ:
         self.rows_seen += n
         x = x * (2 / self.rows_seen) ** 0.5
         self.hessian += x.T @ x
+
+    def add_input(self, inputs: torch.Tensor) -> None:
+        """What a forward hook on each of the linears calls with the linear's input: every linear of the solver
+        reads the same tensor, which is added once (:meth:`check_inputs_shared` checks that it was)."""
+        self._calls += 1
+        if inputs is not self._last_input:
+            self.add_batch(inputs)
+            self._last_input, self._inputs_seen = inputs, self._inputs_seen + 1
+
+    def check_inputs_shared(self) -> None:
+        """Raise unless every :meth:`add_input` tensor was read by each linear (else one Hessian cannot serve them)."""
+        self._last_input = None
+        if self._calls != self._inputs_seen * len(self.linears):
+            raise ValueError(f"GPTQ: {len(self.linears)} linears were to read one input, but {self._calls} calls "
+                             f"brought {self._inputs_seen} different tensors")
 
     def initial_scale(self, weight: torch.Tensor, group_size: int, mse_clip: bool) -> torch.Tensor:
         if group_size == -1:
@@ -114,48 +140,70 @@ class GPTQ:
             return _clipped_scale(weight, group_size, _quantize_rows_per_group)
         return numerics.group_scales(weight, group_size)
 
-    @torch.no_grad()
     def quantize(self, group_size: int = -1, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
         """The weight's 4-bit codes per-channel (``group_size`` -1) or per group, with their scales."""
-        weight = self.linear.weight.detach().float().clone()
-        rows, columns = weight.shape
+        if len(self.linears) != 1:
+            raise ValueError(f"this solver quantizes {len(self.linears)} linears: call quantize_each")
+        return self.quantize_each(group_size, config)[0]
+
+    @torch.no_grad()
+    def quantize_each(self, group_size: int = -1, config: GPTQConfig = GPTQConfig()) -> list[GPTQResult]:
+        """:meth:`quantize` of each linear, in order: the same numbers as a solver per linear with this Hessian.
+        GPTQ treats every output row on its own, so the linears' rows go through the column loop together; only the
+        block updates (matmuls) and the losses are computed linear by linear, as for one linear."""
+        weights = [linear.weight.detach().float().clone() for linear in self.linears]
+        columns = weights[0].shape[1]
         numerics.check_group_size(group_size, columns)
         hessian = self.hessian.clone()
         dead = torch.diag(hessian) == 0
         hessian[dead, dead] = 1
-        weight[:, dead] = 0
+        for weight in weights:
+            weight[:, dead] = 0
 
-        scale = self.initial_scale(weight, group_size, config.mse_clip)  # static: from the original weights
+        # static: from the original weights
+        scales = [self.initial_scale(weight, group_size, config.mse_clip) for weight in weights]
         if group_size == -1:
-            column_scale = scale[:, None].expand(rows, columns)
+            column_scales = [scale[:, None].expand(-1, columns) for scale in scales]
         else:
-            column_scale = scale.repeat_interleave(group_size, dim=1)
+            column_scales = [scale.repeat_interleave(group_size, dim=1) for scale in scales]
 
         hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
-        rtn_loss = output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
+        rtn_losses = [output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
+                      for weight, column_scale in zip(weights, column_scales)]
 
         order = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else torch.arange(columns)
-        weight, hessian, column_scale = weight[:, order], hessian[order][:, order], column_scale[:, order]
+        weight, column_scale = torch.cat(weights)[:, order], torch.cat(column_scales)[:, order]
+        hessian = hessian[order][:, order]
+        ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
+        row_slices = [slice(begin, end) for begin, end in zip([0] + ends[:-1], ends)]
 
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+        # The column loop works on transposed copies, so that each column is a contiguous row (the same
+        # elementwise arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0,
+        # and the squared diagonal of h_inv.
+        scale_by_column = column_scale.T.contiguous()
+        safe_scale_by_column = torch.where(scale_by_column > 0, scale_by_column, torch.ones_like(scale_by_column))
+        squared_diagonal = torch.diag(h_inv) ** 2
 
-        codes = torch.zeros_like(weight)
-        losses = torch.zeros(rows, device=weight.device)
+        codes_by_column = torch.zeros_like(weight.T)
+        losses = torch.zeros(weight.shape[0], device=weight.device)
         for start in range(0, columns, config.block_size):
             end = min(start + config.block_size, columns)
-            block = weight[:, start:end].clone()
+            block = weight[:, start:end].T.contiguous()
             errors = torch.zeros_like(block)
             h_inv_block = h_inv[start:end, start:end]
             for i in range(end - start):
-                w, d = block[:, i], h_inv_block[i, i]
-                code, q = _round_to_grid(w, column_scale[:, start + i], group_size)
-                codes[:, start + i] = code
-                losses += (w - q) ** 2 / d ** 2 / 2
-                err = (w - q) / d
-                block[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
-                errors[:, i] = err
-            weight[:, end:] -= errors @ h_inv[start:end, end:]
+                w, d, j = block[i], h_inv_block[i, i], start + i
+                codes_by_column[j], q = _round_to_grid(w, scale_by_column[j], group_size, safe_scale_by_column[j])
+                difference = w - q
+                losses += difference.square().div_(squared_diagonal[j]).div_(2)
+                err = torch.div(difference, d, out=errors[i])
+                block[i:] -= h_inv_block[i, i:][:, None] * err[None, :]
+            errors = errors.T.contiguous()
+            for rows in row_slices:
+                weight[rows, end:] -= errors[rows] @ h_inv[start:end, end:]
 
-        codes = codes[:, torch.argsort(order)]
+        codes = codes_by_column[torch.argsort(order)].T.contiguous()
         dtype = torch.int8 if group_size == -1 else torch.uint8
-        return GPTQResult(codes.to(dtype), scale.float(), float(losses.sum()), rtn_loss)
+        return [GPTQResult(codes[rows].to(dtype), scale.float(), float(losses[rows].sum()), rtn_loss)
+                for rows, scale, rtn_loss in zip(row_slices, scales, rtn_losses)]

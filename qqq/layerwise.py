@@ -79,6 +79,24 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, batch_size: int) -> torch.T
     return torch.cat([layer_output(layer(batch, **inputs.layer_kwargs)) for batch in inputs.batches(batch_size)])
 
 
+@torch.no_grad()
+def feed_layer(layer: nn.Module, inputs: LayerInputs, batch_size: int, last: nn.Module) -> None:
+    """Run ``layer`` on every batch of ``inputs`` only until ``last`` (a submodule) is called, for forward hooks
+    that collect inputs: ``last`` and whatever follows it are not computed, and nothing is returned."""
+    def stop(_module, _args):
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(stop)  # after the caller's hooks on ``last``, which still run
+    try:
+        for batch in inputs.batches(batch_size):
+            try:
+                layer(batch, **inputs.layer_kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def recorded_inputs(module: nn.Module):
     """Collect the first positional input of every call of ``module`` into a list."""

@@ -77,7 +77,13 @@ class ModelFamily:
         return model.lm_head
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """The decoder linears of ``layer`` by name, in the order the layer's forward calls them."""
         return {name: layer.get_submodule(name) for name in LINEAR_NAMES}
+
+    def linear_groups(self, layer: nn.Module) -> list[dict[str, nn.Module]]:
+        """The decoder linears of ``layer`` grouped by the input they read, the consumers of each smoothing point
+        (q/k/v, o, gate/up, down): GPTQ needs one Hessian per group."""
+        return [{name: layer.get_submodule(name) for name in point.consumers} for point in self.smoothing_points]
 
     def head_layout(self, model: nn.Module) -> tuple[int, int, int]:
         """(num_attention_heads, num_key_value_heads, head_dim)."""

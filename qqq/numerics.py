@@ -53,18 +53,25 @@ def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def abs_max(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """``x.abs().amax(dim, keepdim)``, from the reductions ``max`` and ``-min`` (exact, without the copy that
+    ``abs`` makes; the last ``abs`` only turns an all-zero maximum into +0.0, as ``x.abs()`` would)."""
+    return torch.maximum(x.amax(dim=dim, keepdim=keepdim), -x.amin(dim=dim, keepdim=keepdim)).abs()
+
+
 # ---------------------------------------------------------------- activations
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (last dim) symmetric int8 quantization.
 
-    Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``.
+    Returns ``(codes int8 [..., K], scales fp32 [..., 1])`` with ``x ~= codes * scales``. ``overwrite``: an fp32
+    ``x`` the caller no longer needs is used as scratch space (its values are lost; one copy fewer).
     """
     x = x.float()
-    scale = divide_exactly(x.abs().amax(dim=-1, keepdim=True), INT8_MAX)
-    codes = torch.round(x / _safe_divisor(scale)).clamp_(-INT8_MAX, INT8_MAX)
-    return codes.to(torch.int8), scale
+    scale = divide_exactly(abs_max(x, dim=-1, keepdim=True), INT8_MAX)
+    codes = (x.div_(_safe_divisor(scale)) if overwrite else x / _safe_divisor(scale)).round_()
+    return codes.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -213,17 +220,18 @@ def _cpu_int_mm() -> bool:
         return False
 
 
-def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N]. On the CPU one int8 GEMM with
-    int32 accumulation where torch has one; otherwise fp32 matmuls over K-chunks short enough that every partial
-    sum is an integer below 2**24, added in float64 (fast on any device)."""
+def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N] (or ``dtype``: float32 gives each
+    exact sum rounded once, the same numbers as the float64 result cast to float32). On the CPU one int8 GEMM
+    with int32 accumulation where torch has one; otherwise fp32 matmuls over K-chunks short enough that every
+    partial sum is an integer below 2**24, added in float64 (fast on any device)."""
     if a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and _cpu_int_mm():
-        return torch._int_mm(a.contiguous(), b.T).double()
+        return torch._int_mm(a.contiguous(), b.T).to(dtype)
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], EXACT_FP32_CHUNK):
         chunk = slice(start, start + EXACT_FP32_CHUNK)
         acc += (a[:, chunk].float() @ b[:, chunk].float().T).double()
-    return acc
+    return acc.to(dtype)
 
 
 def w4a8_linear_reference(
@@ -246,8 +254,8 @@ def int8_linear_reference(x_codes: torch.Tensor, token_scale: torch.Tensor, weig
                           channel_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Already quantized activations (``x_codes`` int8 [M, K], ``token_scale`` fp32 [M]) times an int8 weight
     [N, K]: exact accumulation, then ``acc * token_scale * channel_scale`` (+ bias) in fp32, cast to ``dtype``."""
-    acc = int8_matmul_exact(x_codes, weight)
-    y = acc.float() * token_scale.float()[:, None] * channel_scale.float()
+    acc = int8_matmul_exact(x_codes, weight, torch.float32)
+    y = acc * token_scale.float()[:, None] * channel_scale.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from qqq import numerics
 from qqq.gptq import GPTQ, GPTQConfig, GPTQLoss
 from qqq.kernels_triton.packing import check_packable
-from qqq.layerwise import capture_layer0_inputs, moved_to, run_layer
+from qqq.layerwise import capture_layer0_inputs, feed_layer, moved_to, run_layer
 from qqq.linear import FakeQuantLinear, QQQLinear
 from qqq.model_families import family_of
 from qqq.rotation import rotate_model
@@ -143,7 +143,8 @@ def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, 
     objective for its weight and for round-to-nearest onto the same grid (:class:`qqq.gptq.GPTQLoss`).
 
     The Hessians of all seven linears of a layer come from one forward of the not yet quantized layer
-    (as in QQQ), then the layer is run again, quantized, to produce the next layer's inputs.
+    (as in QQQ; the linears that read one input, q/k/v and gate/up, share theirs), then the layer is run again,
+    quantized, to produce the next layer's inputs.
     """
     family = family_of(model)
     inputs = capture_layer0_inputs(model, family, calibration_ids, device)
@@ -151,22 +152,28 @@ def gptq_model(model: nn.Module, method: Method, calibration_ids: torch.Tensor, 
     progress = tqdm(family.decoder_layers(model), desc="GPTQ", unit="layer")
     for layer in progress:
         with moved_to([layer], device):
-            linears = family.linears(layer)
-            solvers = {name: GPTQ(linear) for name, linear in linears.items()}
-            hooks = [linear.register_forward_pre_hook(lambda _m, args, s=solvers[name]: s.add_batch(args[0]))
-                     for name, linear in linears.items()]
-            try:
-                run_layer(layer, inputs, batch_size)
+            groups = family.linear_groups(layer)
+            if sorted(name for group in groups for name in group) != sorted(family.linears(layer)):
+                raise ValueError(f"{family.name}: the linear groups do not hold each decoder linear once")
+            solvers = [GPTQ(*group.values()) for group in groups]
+            hooks = [linear.register_forward_pre_hook(lambda _m, args, s=solver: s.add_input(args[0]))
+                     for solver in solvers for linear in solver.linears]
+            try:  # the layer's FP output is not needed: it runs up to the input of its last linear
+                feed_layer(layer, inputs, batch_size, last=list(family.linears(layer).values())[-1])
             finally:
                 for h in hooks:
                     h.remove()
             layer_losses = {}
-            for name, solver in solvers.items():
-                result = solver.quantize(group_size, config)
-                layer_losses[name] = GPTQLoss(result.loss, result.rtn_loss)
-                _replace(layer, name, quantized_linear(linears[name], method, group_size,
-                                                       result.codes, result.scale))
+            for group, solver in zip(groups, solvers):
+                solver.check_inputs_shared()
+                if solver.rows_seen != inputs.hidden.shape[0] * inputs.hidden.shape[1]:
+                    raise ValueError(f"GPTQ: {', '.join(group)} saw {solver.rows_seen} of the "
+                                     f"{inputs.hidden.shape[0] * inputs.hidden.shape[1]} calibration tokens")
+                for (name, linear), result in zip(group.items(), solver.quantize_each(group_size, config)):
+                    layer_losses[name] = GPTQLoss(result.loss, result.rtn_loss)
+                    _replace(layer, name, quantized_linear(linear, method, group_size, result.codes, result.scale))
                 del solver.hessian
+            layer_losses = {name: layer_losses[name] for name in family.linears(layer)}
             losses.append(layer_losses)
             progress.set_postfix(loss=f"{sum(loss.gptq for loss in layer_losses.values()):.3g}")
             inputs.hidden = run_layer(layer, inputs, batch_size)

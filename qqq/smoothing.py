@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qqq import numerics
-from qqq.layerwise import LayerInputs, capture_layer0_inputs, moved_to, recorded_inputs, run_layer
+from qqq.layerwise import LayerInputs, capture_layer0_inputs, feed_layer, moved_to, recorded_inputs, run_layer
 from qqq.model_families import ModelFamily, SmoothingPoint, attention_output
 
 
@@ -113,11 +113,86 @@ def _int8_weights(weight: torch.Tensor, scales: torch.Tensor, config: SmoothingC
     return codes.view(-1, n, c), channel_scale.view(-1, n)
 
 
+def _centered_codes(quotient: torch.Tensor) -> torch.Tensor:
+    """``code - 8`` of per-group codes from ``w / group_scale`` (in place): round(w / scale) + 8 clamped to [0, 15],
+    minus 8 again, are the same integers as round(w / scale) clamped to [-8, 7]."""
+    return quotient.round_().clamp_(-numerics.INT4_ZERO_POINT, numerics.INT4_UNSIGNED_MAX - numerics.INT4_ZERO_POINT)
+
+
+class ScaledGroupWeights:
+    """:func:`_int8_weights` of a 4-bit per-group ``weight`` [N, C] for many candidate scales, the same numbers
+    computed with less work. A group of ``weight * s`` whose channels all have ``s_j == 1`` (most groups, for all
+    but the lowest thresholds) has the codes and group scale of ``weight`` itself: those are computed once here,
+    and each candidate batch quantizes only the groups where some ``s_j != 1``. The two-level step then needs
+    only per-group maxima: ``max |(code - 8) * group_scale|`` over a group is ``max |code - 8| * group_scale``
+    (rounding is monotonic), so the channel scale comes from [N, C / g] numbers, not from a dequantized copy."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        n, c = weight.shape
+        self.group_size, self.groups = group_size, c // group_size
+        self.weight = weight.float().view(n, self.groups, group_size)
+        codes, self.group_scale = numerics.quantize_weight_per_group(weight, group_size)
+        self.centered = (codes.float() - numerics.INT4_ZERO_POINT).view(n, self.groups, group_size)
+        self.group_max = numerics.abs_max(self.centered) * self.group_scale
+        self._scratch = {}  # fp32 work space by shape, reused from call to call (nothing returned lives in it)
+
+    def _scratch_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape not in self._scratch:
+            self._scratch[shape] = torch.empty(shape, dtype=torch.float32, device=self.weight.device)
+        return self._scratch[shape]
+
+    def _quantize_groups(self, scales: torch.Tensor, index: torch.Tensor):
+        """Centered codes [S, N, k, g], group scales and group maxima [S, N, k] of groups ``index`` of
+        ``weight * s`` for every row ``s`` of ``scales`` (numerics.quantize_weight_per_group's arithmetic)."""
+        s = scales.view(scales.shape[0], self.groups, self.group_size)
+        if len(index) == self.groups:  # every group: no gather needed
+            scaled = torch.mul(self.weight[None], s[:, None], out=self._scratch_for((len(s), *self.weight.shape)))
+        else:
+            scaled = self.weight[None, :, index] * s[:, index][:, None]
+        high, low = scaled.amax(dim=-1), scaled.amin(dim=-1)
+        group_scale = numerics.divide_exactly(torch.maximum(high, -low).abs() * 2, numerics.INT4_UNSIGNED_MAX)
+        divisor = torch.where(group_scale > 0, group_scale, torch.ones_like(group_scale))
+
+        centered = _centered_codes(scaled.div_(divisor[..., None]))
+        # the codes of a group's largest and smallest weights are its largest and smallest codes (w -> code is
+        # monotonic), so max |code| needs no pass over the codes
+        code_max = torch.maximum(_centered_codes(high / divisor).abs(), _centered_codes(low / divisor).abs())
+        return centered, group_scale, code_max * group_scale
+
+    def __call__(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weights [S, N, C] and channel scales [S, N] of ``weight * s`` for the rows ``s`` of ``scales``."""
+        count, (n, groups, size) = scales.shape[0], self.weight.shape
+        index = (scales != 1).view(count, groups, size).any(dim=2).any(dim=0).nonzero()[:, 0]
+        group_scale = self.group_scale.expand(count, n, groups).clone()
+        group_max = self.group_max.expand(count, n, groups).clone()
+        if len(index):
+            centered, group_scale[:, :, index], group_max[:, :, index] = self._quantize_groups(scales, index)
+        channel_scale = numerics.divide_exactly(group_max.amax(dim=2), numerics.INT8_MAX)
+        divisor = torch.where(channel_scale > 0, channel_scale, torch.ones_like(channel_scale))
+        ratio = (group_scale / divisor[..., None]).to(torch.float16).float()[..., None]
+        if len(index) == groups:
+            product = centered.mul_(ratio)
+        else:
+            product = torch.mul(self.centered, ratio, out=self._scratch_for((count, n, groups, size)))
+            if len(index):
+                product[:, :, index] = centered.mul_(ratio[:, :, index])
+        codes = product.round_().clamp_(-numerics.INT8_MAX, numerics.INT8_MAX).to(torch.int8)
+        return codes.view(count, n, groups * size), channel_scale
+
+
+def _int8_weight_maker(weight: torch.Tensor, config: SmoothingConfig):
+    """A function ``scales [S, C] -> (int8 weights [S, N, C], channel scales [S, N])`` for ``weight``."""
+    if config.weight_bits == 4 and config.group_size != -1:
+        return ScaledGroupWeights(weight, config.group_size)
+    return lambda scales: _int8_weights(weight, scales, config)
+
+
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [N, K]^T`` of int8 matrices, exact, as fp32 (int8 GEMM on the CPU, 3-4x fp32's speed)."""
+    """``a [M, K] @ b [N, K]^T`` of int8 matrices, exact: int32 from the CPU's int8 GEMM (3-4x fp32's speed),
+    fp32 holding the exact sums elsewhere. Either becomes the same fp32 numbers in a product with fp32."""
     if a.device.type == "cpu":
-        return torch._int_mm(a, b.T).float()
-    return numerics.int8_matmul_exact(a, b).float()
+        return torch._int_mm(a, b.T)
+    return numerics.int8_matmul_exact(a, b, torch.float32)
 
 
 def _candidate_bytes(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
@@ -136,30 +211,38 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], biases: list, blo
 
     For each candidate ``t`` the scale is ``max(1, max|X_j| / t)``, ``x / s`` is rounded onto its per-token int8
     grid and ``w * s`` onto the weight grid, and the loss is ``block``'s squared error against FP. The candidates
-    are quantized in batches, and each quantized linear is an exact int8 GEMM scaled back to fp32: the product
-    of the fake-quantized tensors, without fp32's rounding of the sum (as the W4A8 kernel computes it)."""
+    are quantized in batches, and the consumers' quantized weights, stacked, are one exact int8 GEMM scaled back
+    to fp32: the product of the fake-quantized tensors, without fp32's rounding of the sum (as the W4A8 kernel
+    computes it). (Every weight grid quantizes each output row on its own, so stacking the consumers' rows
+    changes no number.)"""
     x, weights = x.float(), [w.float() for w in weights]
     biases = [None if b is None else b.float() for b in biases]
     channel_max = x.abs().flatten(0, -2).amax(dim=0)
     if tie is not None:
         channel_max = tie(channel_max)
     rows = x.flatten(0, -2)
+    ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
     with torch.no_grad():
         target = block(x, [nn.functional.linear(x, w, b) for w, b in zip(weights, biases)])
         t_max = float(channel_max.max())
         thresholds = torch.linspace(t_max, 0.1, config.threshold_count(t_max)).tolist() if t_max > 0.1 else [t_max]
         per_batch = max(1, CANDIDATE_BATCH_BYTES // _candidate_bytes(x, weights))
+        int8_weights = _int8_weight_maker(torch.cat(weights), config)
         best = (float("inf"), torch.ones_like(channel_max), t_max)
         for start in range(0, len(thresholds), per_batch):
             batch = thresholds[start:start + per_batch]
             scales = (channel_max / torch.tensor(batch, device=x.device)[:, None]).clamp(min=1.0)
-            x_codes, token_scale = numerics.quantize_per_token(rows / scales[:, None, :])
-            quantized = [_int8_weights(w, scales, config) for w in weights]
+            x_codes, token_scale = numerics.quantize_per_token(rows / scales[:, None, :], overwrite=True)
+            w_codes, w_scale = int8_weights(scales)
             for i, t in enumerate(batch):
-                projections = [(_int8_matmul(x_codes[i], w_codes[i]) * token_scale[i] * w_scale[i]
-                                + (0 if b is None else b)).view(*x.shape[:-1], -1)
-                               for (w_codes, w_scale), b in zip(quantized, biases)]
-                loss = float((block(x, projections) - target).pow(2).sum(dim=-1).mean())
+                accumulated = _int8_matmul(x_codes[i], w_codes[i])
+                projections = []
+                for begin, end, b in zip([0] + ends[:-1], ends, biases):
+                    # int32 * fp32 is computed as float(int32) * fp32
+                    projection = (accumulated[:, begin:end] * token_scale[i]).mul_(w_scale[i, begin:end])
+                    # (no bias: nothing added; adding 0 would only turn -0.0 into 0.0, which no loss can see)
+                    projections.append((projection if b is None else projection + b).view(*x.shape[:-1], -1))
+                loss = float((block(x, projections) - target).pow_(2).sum(dim=-1).mean())
                 if loss < best[0]:
                     best = (loss, scales[i].clone(), t)
     return best[1], best[2]
@@ -214,7 +297,7 @@ def smooth_layer(layer: nn.Module, family: ModelFamily, inputs: LayerInputs, con
     for point in family.smoothing_points:
         consumers = [layer.get_submodule(name) for name in point.consumers]
         with fake_quantized(quantized, config.group_size, config.weight_bits), recorded_inputs(consumers[0]) as seen:
-            run_layer(layer, inputs, config.batch_size)
+            feed_layer(layer, inputs, config.batch_size, last=consumers[0])  # the rest of the layer is not needed
         x = torch.cat(seen)
         tie = tying.tie if point.producer.endswith("v_proj") else None
         weights = [c.weight for c in consumers]

@@ -89,3 +89,38 @@ def test_reported_losses_are_the_output_errors_of_gptq_and_round_to_nearest(grou
     assert result.loss == pytest.approx(expected(weight - result.dequantized()), rel=1e-3)
     assert result.rtn_loss == pytest.approx(expected(weight - rtn_weight), rel=1e-3)
     assert result.loss < 0.8 * result.rtn_loss
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("act_order,mse_clip", [(True, False), (False, False), (True, True)])
+def test_one_solver_for_linears_that_read_one_input_gives_each_linear_its_own_result(group_size, act_order, mse_clip):
+    torch.manual_seed(4)
+    linears = [torch.nn.Linear(256, n, bias=False) for n in (96, 32, 40)]
+    x = correlated_inputs()
+    x[:, 9] = 0  # a dead input column
+    config = GPTQConfig(act_order=act_order, mse_clip=mse_clip, block_size=64)
+    shared = GPTQ(*linears)
+    for chunk in x.split(100):
+        for _ in linears:  # what the forward hooks do: each linear brings the same tensor
+            shared.add_input(chunk)
+    shared.check_inputs_shared()
+    for linear, result in zip(linears, shared.quantize_each(group_size, config)):
+        alone = GPTQ(linear)
+        for chunk in x.split(100):
+            alone.add_batch(chunk)
+        expected = alone.quantize(group_size, config)
+        assert torch.equal(result.codes, expected.codes) and torch.equal(result.scale, expected.scale)
+        assert result.loss == expected.loss and result.rtn_loss == expected.rtn_loss
+
+
+def test_linears_that_read_different_inputs_cannot_share_a_solver():
+    linears = [torch.nn.Linear(64, 8) for _ in range(2)]
+    solver = GPTQ(*linears)
+    solver.add_input(torch.randn(10, 64))
+    solver.add_input(torch.randn(10, 64))
+    with pytest.raises(ValueError, match="read one input"):
+        solver.check_inputs_shared()
+    with pytest.raises(ValueError, match="quantize_each"):
+        solver.quantize()
+    with pytest.raises(ValueError, match="input size"):
+        GPTQ(torch.nn.Linear(64, 8), torch.nn.Linear(32, 8))

@@ -105,6 +105,28 @@ def test_int8_matmul_is_exact_beyond_fp32_integers(int_mm, monkeypatch):
     exact = a.long() @ b.long().T  # |values| up to 127 * 127 * k > 2**24
     assert exact.abs().max() > 2 ** 24
     assert torch.equal(numerics.int8_matmul_exact(a, b), exact.double())
+    assert torch.equal(numerics.int8_matmul_exact(a, b, torch.float32), exact.double().float())
+
+
+def test_per_token_quantization_may_overwrite_its_input():
+    x = torch.randn(4, 7, 64) * 3
+    x[0, 0] = 0
+    codes, scale = numerics.quantize_per_token(x)
+    scratch = x.clone()
+    overwritten_codes, overwritten_scale = numerics.quantize_per_token(scratch, overwrite=True)
+    assert torch.equal(codes, overwritten_codes) and torch.equal(scale, overwritten_scale)
+    assert scale[0, 0] == 0 and (codes[0, 0] == 0).all()
+
+
+def test_abs_max_is_the_maximum_of_the_absolute_values():
+    x = torch.randn(3, 5, 64)
+    x[0, 0] = -0.0
+    x[0, 1] = 0.0
+    x[1, 2, 7] = -1000
+    for dim, keepdim in ((-1, False), (1, True), (0, False)):
+        expected = x.abs().amax(dim=dim, keepdim=keepdim)
+        got = numerics.abs_max(x, dim=dim, keepdim=keepdim)
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
 
 
 def test_output_tolerance_admits_a_fused_epilogue_and_rejects_a_wrong_one():

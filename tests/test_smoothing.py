@@ -144,6 +144,27 @@ def test_batched_search_chooses_what_the_straightforward_loop_chooses(model_type
     assert any(t < t_max for t, t_max in thresholds)  # the search chose real smoothing somewhere
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_scaled_group_weights_are_each_scaled_copy_quantized(group_size):
+    """Only the groups with a scale != 1 are requantized; the rest reuse the unscaled weight's codes."""
+    torch.manual_seed(2)
+    weight = torch.randn(40, 256) * 0.05
+    weight[:, 3] *= 20
+    weight[5] = 0  # an all-zero row: channel scale 0
+    channel_max = torch.rand(256) * 2
+    channel_max[[1, 100, 200]] *= 50
+    config = SmoothingConfig(group_size=group_size)
+    quantized = smoothing.ScaledGroupWeights(weight, group_size)
+    for thresholds in ([200.0], [90.0, 80.0, 30.0], [5.0, 1.5], [0.3, 0.1]):  # no group .. every group scaled
+        scales = (channel_max / torch.tensor(thresholds)[:, None]).clamp(min=1.0)
+        codes, channel_scale = quantized(scales)
+        expected_codes, expected_scale = smoothing._int8_weights(weight, scales, config)
+        assert torch.equal(codes, expected_codes) and torch.equal(channel_scale, expected_scale)
+        for s, c, cs in zip(scales, codes, channel_scale):  # numerics' fake-quantized weight, row by row
+            fake = numerics.fake_quantize_weight(weight * s, group_size)
+            assert torch.equal(c.float() * cs[:, None], fake)
+
+
 def test_candidate_batches_do_not_change_the_choice(monkeypatch):
     torch.manual_seed(1)
     x = torch.randn(2, 16, 64)
