@@ -86,13 +86,10 @@ def drive_every_branch() -> None:
                                     cache.clone(), heads)
     q = torch.randn(2, heads, 1, head_dim).half()
     decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
-    decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]), quantize=True)
     codes, scales = torch.zeros(2, kv_heads, 64, head_dim, dtype=torch.int8), torch.zeros(2, kv_heads, 64)
     fused_producers.rope_into_cache(qkv, angles.cos(), angles.sin(), torch.zeros(2, 3, dtype=torch.long), codes,
                                     codes.clone(), heads, scales, scales.clone())
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())
-    decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
-                                      quantize=True)
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)
     x = torch.randn(3, 1024).half()
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)

@@ -69,24 +69,3 @@ def test_decode_attention_rejects_bad_caches():
     with pytest.raises(ValueError, match="must be alike"):
         decode_attention(q, codes, codes.clone(), torch.zeros(1, dtype=torch.long), torch.ones(1, 2, 16),
                          torch.ones(1, 2, 16, dtype=torch.float16))
-
-
-@pytest.mark.parametrize("batch,heads,kv_heads,capacity,int8_kv", [
-    (2, 6, 2, 90, False),    # GQA, a row (6 x 32) narrower than the quantization chunk
-    (3, 40, 8, 70, True),    # a row of 1280: two chunks, the second partly masked; int8 cache
-])
-def test_fused_output_quantization_is_per_token_quantization_of_the_output(batch, heads, kv_heads, capacity, int8_kv):
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn(batch, heads, 1, 32, generator=gen).half()
-    if int8_kv:
-        cache = int8_cache(batch, kv_heads, capacity, 32, gen)
-    else:
-        cache = tuple(torch.randn(batch, kv_heads, capacity, 32, generator=gen).half() for _ in range(2))
-    positions = torch.tensor([capacity - 1, 3, capacity // 2][:batch])
-    rows = decode_attention(q, cache[0], cache[1], positions, *cache[2:]).reshape(batch, heads * 32)
-    expected_codes, expected_scale = numerics.quantize_per_token(rows.float())
-    for _ in range(2):  # the second call finds the tickets the first left zeroed
-        codes, scale = decode_attention(q, cache[0], cache[1], positions, *cache[2:], quantize=True)
-        assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale[:, 0])
-    reference_codes, reference_scale = decode_attention_reference(q, *cache[:2], positions, *cache[2:], quantize=True)
-    assert reference_codes.shape == codes.shape and reference_scale.shape == scale.shape

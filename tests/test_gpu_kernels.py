@@ -92,7 +92,6 @@ def covered_branches() -> set[tuple[str, str]]:
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
                 ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w4a16_linear", "w4a16")}
-    covered |= {("decode_attention", f"{branch}/int8_out") for branch in ("split_kv", "split_kv_int8")}
     return covered
 
 
@@ -390,33 +389,6 @@ def test_decode_attention_matches_masked_sdpa(batch, heads, kv_heads):
         got = decode_attention(q, k, v, positions)
     _assert_branch(taken, "decode_attention", "split_kv")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
-
-
-@compiled_kernels
-@pytest.mark.parametrize("int8_kv", [False, True])
-@pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(1, 32, 32, 1152), (5, 40, 8, 1030), (64, 32, 8, 300)])
-def test_decode_attention_quantizes_its_output_exactly_on_cuda(int8_kv, batch, heads, kv_heads, capacity):
-    """The fused o_proj input quantization: the int8 rows of the attention output, exactly what the per-token
-    quantization kernel makes of the unquantized output, call after call (the tickets are left zeroed)."""
-    from qqq.kernels_triton.activation_quant import quantize_per_token
-    from qqq.kernels_triton.decode_attention import decode_attention
-
-    generator = torch.Generator(device="cuda").manual_seed(9)
-    q = torch.randn(batch, heads, 1, 128, device="cuda", generator=generator).half()
-    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda", generator=generator) for _ in range(2))
-    if int8_kv:
-        (k, k_scale), (v, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
-        scales = (k_scale[..., 0], v_scale[..., 0])
-    else:
-        k, v, scales = k.half(), v.half(), ()
-    positions = torch.randint(0, capacity, (batch,), device="cuda", generator=generator)
-    positions[0] = capacity - 1
-    expected_codes, expected_scale = quantize_per_token(decode_attention(q, k, v, positions, *scales))
-    for _ in range(3):
-        with branches.recording() as taken:
-            codes, scale = decode_attention(q, k, v, positions, *scales, quantize=True)
-        _assert_branch(taken, "decode_attention", ("split_kv_int8" if int8_kv else "split_kv") + "/int8_out")
-        assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
 
 
 @compiled_kernels

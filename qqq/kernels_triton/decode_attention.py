@@ -8,11 +8,6 @@ sequence's position is read (no mask tensor is built). GQA: query head ``h`` rea
 
 An 8-bit cache (int8 codes, an fp32 scale per token and head) is read as codes: a key's score is
 ``(codes . q) * k_scale`` and a value enters the sum with weight ``p * v_scale``.
-
-``quantize=True`` fuses the o_proj input quantization into the merge: each (sequence, head) program rounds its
-output to the model's dtype and hands it over through a workspace; the last head of a sequence to arrive (a ticket
-counter, as in the split-K GEMMs) quantizes the sequence's whole row per token (``activation_quant``), so a W4A8
-o_proj gets its int8 codes and scale without a launch of its own.
 """
 
 from __future__ import annotations
@@ -24,15 +19,13 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.activation_quant import int8_codes, int8_scale
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu
 
 BLOCK_KEYS = 64
 PROGRAMS_PER_SM = 8  # enough loads in flight to stream the cache at small batch
 MAX_SPLITS = 64
-QUANTIZE_CHUNK = 1024  # row elements per step of the fused quantization
-LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "split_kv/int8_out", "split_kv_int8/int8_out")}
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
 
 
 @triton.jit
@@ -81,9 +74,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
 
 
 @triton.jit
-def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, handover_ptr, tickets_ptr, codes_ptr, scale_ptr, n_heads,
-                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, QUANTIZE: tl.constexpr,
-                         CHUNK: tl.constexpr):
+def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
     row = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
@@ -92,47 +84,10 @@ def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, handover_ptr, tickets_
     overall = tl.max(maxima, axis=0)  # split 0 always holds key 0, so this is finite
     weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
     partial = tl.load(partial_ptr + (row * SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :])
-    out = (tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)).to(out_ptr.dtype.element_ty)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
     batch = row // n_heads
     head = row % n_heads
-    if not QUANTIZE:
-        tl.store(out_ptr + batch * stride_ob + head * stride_oh + dims, out)
-    else:
-        width = n_heads * HEAD_DIM
-        handover = handover_ptr + batch.to(tl.int64) * width
-        tl.atomic_xchg(handover + head * HEAD_DIM + dims, out.to(tl.float32).to(tl.int32, bitcast=True))
-        tl.debug_barrier()  # every lane's value is handed over before the ticket is taken
-        ticket = tl.atomic_add(tickets_ptr + batch, 1)
-        if ticket == n_heads - 1:  # every head of this sequence is in the workspace
-            tl.atomic_xchg(tickets_ptr + batch, 0)
-            cols = tl.arange(0, CHUNK)
-            amax = tl.zeros([CHUNK], dtype=tl.float32)
-            for first in range(0, width, CHUNK):  # .cg: from L2, where the other heads' values are
-                values = tl.load(handover + first + cols, mask=first + cols < width, other=0, cache_modifier=".cg")
-                values = values.to(tl.float32, bitcast=True)
-                amax = tl.maximum(amax, tl.abs(values))
-            scale = int8_scale(tl.max(amax, axis=0))
-            for first in range(0, width, CHUNK):
-                mask = first + cols < width
-                values = tl.load(handover + first + cols, mask=mask, other=0, cache_modifier=".cg")
-                values = values.to(tl.float32, bitcast=True)
-                tl.store(codes_ptr + batch.to(tl.int64) * width + first + cols, int8_codes(values, scale), mask=mask)
-            tl.store(scale_ptr + batch, scale)
-
-
-_HANDOVER: dict = {}
-
-
-def _handover(device: torch.device, elements: int, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused quantization's workspace (fp32 bits as int32: the interpreter has no float exchange) and zeroed
-    per-sequence tickets, kept per device (the kernel leaves
-    the tickets zeroed again; not safe for concurrent launches on several streams)."""
-    cached = _HANDOVER.get(device)
-    if cached is None or cached[0].numel() < elements or cached[1].numel() < sequences:
-        cached = (torch.empty(max(elements, 1 << 16), dtype=torch.int32, device=device),
-                  torch.zeros(max(sequences, 1 << 10), dtype=torch.int32, device=device))
-        _HANDOVER[device] = cached
-    return cached
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def split_count(rows: int, capacity: int) -> int:
@@ -142,11 +97,9 @@ def split_count(rows: int, capacity: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, quantize: bool = False):
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of ``q`` [B, H, 1, D] over ``k_cache``/``v_cache`` [B, Hkv, S, D], keys ``0..positions[b]``
-    (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype, or with
-    ``quantize`` that output's rows [B, H * D] per-token quantized: ``(codes int8 [B, H * D], scale fp32 [B])``,
-    exactly ``activation_quant.quantize_per_token`` of it.
+    (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype.
 
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
     entry is its codes times its scale)."""
@@ -174,7 +127,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     positions = positions.contiguous()
-    branches.record("decode_attention", ("split_kv_int8" if quantized else "split_kv") + ("/int8_out" if quantize else ""))
+    branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
     if not quantized:
         k_scale = v_scale = partial  # unused
     _decode_split_kernel[(rows, splits)](
@@ -182,14 +135,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS,
         SPLITS=splits, QUANTIZED=quantized, num_warps=4)
-    if not quantize:
-        _decode_merge_kernel[(rows,)](partial, stats, out, out, out, out, out, n_heads, out.stride(0), out.stride(1),
-                                      HEAD_DIM=head_dim, SPLITS=splits, QUANTIZE=False, CHUNK=1, num_warps=1)
-        return out
-    handover, tickets = _handover(q.device, rows * head_dim, batch)
-    codes = torch.empty((batch, n_heads * head_dim), dtype=torch.int8, device=q.device)
-    scale = torch.empty((batch,), dtype=torch.float32, device=q.device)
-    _decode_merge_kernel[(rows,)](partial, stats, out, handover, tickets, codes, scale, n_heads, out.stride(0),
-                                  out.stride(1), HEAD_DIM=head_dim, SPLITS=splits, QUANTIZE=True,
-                                  CHUNK=min(QUANTIZE_CHUNK, triton.next_power_of_2(n_heads * head_dim)), num_warps=4)
-    return codes, scale
+    _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+                                  SPLITS=splits, num_warps=1)
+    return out
