@@ -165,7 +165,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
     notes += ["", "## How it was made", ""]
     if args.merge:
         command = next(r for r in results.runs if r['run'] == results.run)['command']
-        notes += ["Runs made in parallel (each with its own `--out`) joined into this table by "
+        notes += ["Runs made separately (each with its own `--out`, in parallel or one after another: see their dates) "
+                  "joined into this table by "
                   f"`{command}`. {SCRATCH_FOLDERS_NOTE}", ""]
     notes += [results.markdown(table, configurations), ""]
     path.write_text("\n".join(notes))
