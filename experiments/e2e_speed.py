@@ -140,8 +140,7 @@ def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) ->
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.decode(first, context, steps)
         torch.cuda.synchronize()
-    counts = kernel_calls(prof)
-    return sorted(((name, counts[name] / steps, us / steps) for name, us in kernel_microseconds(prof).items()),
+    return sorted(((name, calls / steps, us / steps) for name, (calls, us) in kernel_totals(prof).items()),
                   key=lambda row: -row[2])
 
 
@@ -187,22 +186,14 @@ def profile_rows(fast: FastLlama, model_name: str, method: str, batch: int, cont
     return rows
 
 
-def kernel_calls(prof) -> dict[str, int]:
-    """Launches per kernel name in a torch profiler's trace."""
-    calls: dict[str, int] = {}
-    for event in prof.key_averages():
-        if getattr(event, "self_device_time_total", 0):
-            calls[event.key] = calls.get(event.key, 0) + event.count
-    return calls
-
-
-def kernel_microseconds(prof) -> dict[str, float]:
-    """GPU time per kernel name in a torch profiler's trace."""
-    totals: dict[str, float] = {}
+def kernel_totals(prof) -> dict[str, tuple[int, float]]:
+    """(launches, GPU time in us) per kernel name in a torch profiler's trace."""
+    totals: dict[str, tuple[int, float]] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0)
         if us:
-            totals[event.key] = totals.get(event.key, 0.0) + us
+            calls, total = totals.get(event.key, (0, 0.0))
+            totals[event.key] = (calls + event.count, total + us)
     return totals
 
 
@@ -221,7 +212,7 @@ def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float,
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.prefill(prompts)
         torch.cuda.synchronize()
-    return sum(kernel_microseconds(prof).values()) / 1e3, wall * 1e3
+    return sum(us for _, us in kernel_totals(prof).values()) / 1e3, wall * 1e3
 
 
 def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, batch: int, weight_gb: float, args,

@@ -25,7 +25,7 @@ from torch import nn
 from qqq.linear import QQQLinear
 from qqq.model_families import family_of
 from qqq.models import source_dtype
-from qqq.numerics import INT4_ZERO_POINT
+from qqq.numerics import INT4_ZERO_POINT, safe_divisor
 
 EXPORT_FORMATS = ("compressed-tensors",)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -70,7 +70,7 @@ def compressed_linear(layer: QQQLinear, scheme, dtype: torch.dtype) -> nn.Linear
     # The compressor quantizes a float weight with the given scale: code * scale / scale gives the code back
     # exactly (a 4-bit integer times the scale). A zero scale (an all-zero row or group) would give 0 / 0, a NaN
     # whose cast to int8 is undefined, so the codes are packed against 1 there and the true scale is stored.
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    divisor = safe_divisor(scale)
     weight = codes.float() * divisor.float().repeat_interleave(layer.in_features // scale.shape[1], dim=1)
     state = PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": divisor}, scheme)
     state["weight_scale"] = scale

@@ -69,7 +69,7 @@ def _round_to_grid(w: torch.Tensor, s: torch.Tensor, group_size: int,
     [-7, 7] per-channel, unsigned codes in [0, 15] with zero point 8 per group. ``safe_s`` (``s`` with 1 where it
     is 0) may be given, computed once for many calls."""
     if safe_s is None:
-        safe_s = torch.where(s > 0, s, torch.ones_like(s))
+        safe_s = numerics.safe_divisor(s)
     if group_size == -1:
         code = torch.div(w, safe_s).round_().clamp_(-numerics.INT4_SIGNED_MAX, numerics.INT4_SIGNED_MAX)
         return code, code * s
@@ -182,7 +182,7 @@ class GPTQ:
         # elementwise arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0,
         # and the squared diagonal of h_inv.
         scale_by_column = column_scale.T.contiguous()
-        safe_scale_by_column = torch.where(scale_by_column > 0, scale_by_column, torch.ones_like(scale_by_column))
+        safe_scale_by_column = numerics.safe_divisor(scale_by_column)
         squared_diagonal = torch.diag(h_inv) ** 2
 
         codes_by_column = torch.zeros_like(weight.T)

@@ -49,7 +49,8 @@ def divide_exactly(t: torch.Tensor, divisor: float) -> torch.Tensor:
     return t / torch.full_like(t, divisor)
 
 
-def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+def safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with 1 where it is 0 (an all-zero row or group): a divisor that leaves zero codes."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -70,7 +71,7 @@ def quantize_per_token(x: torch.Tensor, overwrite: bool = False) -> tuple[torch.
     """
     x = x.float()
     scale = divide_exactly(abs_max(x, dim=-1, keepdim=True), INT8_MAX)
-    codes = (x.div_(_safe_divisor(scale)) if overwrite else x / _safe_divisor(scale)).round_()
+    codes = (x.div_(safe_divisor(scale)) if overwrite else x / safe_divisor(scale)).round_()
     return codes.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
@@ -91,7 +92,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, scale: torch.Tensor | None
     w = weight.float()
     if scale is None:
         scale = divide_exactly(w.abs().amax(dim=1), INT4_SIGNED_MAX)
-    codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT4_SIGNED_MAX, INT4_SIGNED_MAX)
+    codes = torch.round(w / safe_divisor(scale)[:, None]).clamp_(-INT4_SIGNED_MAX, INT4_SIGNED_MAX)
     return codes.to(torch.int8), scale.float()
 
 
@@ -113,7 +114,7 @@ def quantize_weight_per_group(weight: torch.Tensor, group_size: int, scale: torc
         scale = group_scales(weight, group_size)
     check_group_size(group_size, k)
     grouped = weight.float().reshape(n, k // group_size, group_size)
-    codes = (torch.round(grouped / _safe_divisor(scale)[..., None]) + INT4_ZERO_POINT).clamp_(0, INT4_UNSIGNED_MAX)
+    codes = (torch.round(grouped / safe_divisor(scale)[..., None]) + INT4_ZERO_POINT).clamp_(0, INT4_UNSIGNED_MAX)
     return codes.to(torch.uint8).reshape(n, k), scale.float()
 
 
@@ -130,7 +131,7 @@ def two_level_scales(codes: torch.Tensor, group_scale: torch.Tensor) -> tuple[to
     """
     dequantized = _per_group(codes.float() - INT4_ZERO_POINT, group_scale)
     channel_scale = divide_exactly(dequantized.abs().amax(dim=(1, 2)), INT8_MAX)
-    ratio = (group_scale / _safe_divisor(channel_scale)[:, None]).to(torch.float16)
+    ratio = (group_scale / safe_divisor(channel_scale)[:, None]).to(torch.float16)
     return channel_scale, ratio
 
 
@@ -180,7 +181,7 @@ def quantize_weight_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor
     """Symmetric int8 per-channel weights (the SmoothQuant W8A8 baseline): codes in [-127, 127]."""
     w = weight.float()
     scale = divide_exactly(w.abs().amax(dim=1), INT8_MAX)
-    codes = torch.round(w / _safe_divisor(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    codes = torch.round(w / safe_divisor(scale)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
     return codes.to(torch.int8), scale
 
 

@@ -151,7 +151,7 @@ class ScaledGroupWeights:
             scaled = self.weight[None, :, index] * s[:, index][:, None]
         high, low = scaled.amax(dim=-1), scaled.amin(dim=-1)
         group_scale = numerics.divide_exactly(torch.maximum(high, -low).abs() * 2, numerics.INT4_UNSIGNED_MAX)
-        divisor = torch.where(group_scale > 0, group_scale, torch.ones_like(group_scale))
+        divisor = numerics.safe_divisor(group_scale)
 
         centered = _centered_codes(scaled.div_(divisor[..., None]))
         # the codes of a group's largest and smallest weights are its largest and smallest codes (w -> code is
@@ -168,7 +168,7 @@ class ScaledGroupWeights:
         if len(index):
             centered, group_scale[:, :, index], group_max[:, :, index] = self._quantize_groups(scales, index)
         channel_scale = numerics.divide_exactly(group_max.amax(dim=2), numerics.INT8_MAX)
-        divisor = torch.where(channel_scale > 0, channel_scale, torch.ones_like(channel_scale))
+        divisor = numerics.safe_divisor(channel_scale)
         ratio = (group_scale / divisor[..., None]).to(torch.float16).float()[..., None]
         if len(index) == groups:
             product = centered.mul_(ratio)

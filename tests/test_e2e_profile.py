@@ -62,3 +62,14 @@ def test_appended_profiles_replace_only_their_own_method_and_batch(e2e_speed, tm
     assert header == ["# command: first", "# date: d1", "# appended:", "# command: second", "# date: d2"]
     e2e_speed.write_profiles(_profile("fp16", 16, 5.0), path, first, False)  # without --append: only this run
     assert len(pd.read_csv(path, comment="#")) == 1
+
+
+def test_kernel_totals_add_launches_and_time_per_name_and_skip_host_events(e2e_speed):
+    from types import SimpleNamespace
+
+    events = [SimpleNamespace(key="k", count=2, self_device_time_total=3.0),
+              SimpleNamespace(key="k", count=1, self_device_time_total=1.5),
+              SimpleNamespace(key="host_op", count=4, self_device_time_total=0),
+              SimpleNamespace(key="other", count=3, self_device_time_total=6.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert e2e_speed.kernel_totals(prof) == {"k": (3, 4.5), "other": (3, 6.0)}
