@@ -85,10 +85,11 @@ def drive_every_branch() -> None:
     fused_producers.rope_into_cache(qkv, angles.cos(), angles.sin(), torch.zeros(2, 3, dtype=torch.long), cache,
                                     cache.clone(), heads)
     q = torch.randn(2, heads, 1, head_dim).half()
-    decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
     codes, scales = torch.zeros(2, kv_heads, 64, head_dim, dtype=torch.int8), torch.zeros(2, kv_heads, 64)
     fused_producers.rope_into_cache(qkv, angles.cos(), angles.sin(), torch.zeros(2, 3, dtype=torch.long), codes,
                                     codes.clone(), heads, scales, scales.clone())
+    decode_attention.use_inline_asm = lambda t: True
+    decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)
     x = torch.randn(3, 1024).half()

@@ -1,13 +1,19 @@
 """Attention of one decode step over a static KV cache (split-KV "flash decoding").
 
-Each (sequence, head) reads its keys 0..position from the cache; the keys are split over several programs so
-that a small batch still spreads the cache read over the whole GPU. Each program keeps an online softmax
-(running max, sum and weighted values) over its keys; a second small kernel merges the splits. The sequence
-lengths are read from the device (``positions``), so one CUDA graph serves every step, and nothing past a
-sequence's position is read (no mask tensor is built). GQA: query head ``h`` reads kv head ``h // (H / Hkv)``.
+A program owns one kv head of one sequence and all the query heads that read it (GQA: query head ``h`` reads kv
+head ``h // (H / Hkv)``), as the rows of tensor-core dots padded to 16, so each key block is read once for its
+group. The keys are split over several programs so that a small batch still spreads the cache read over the
+whole GPU; each keeps an online softmax (running max, sum and weighted values) over its keys, its loads
+pipelined (``num_stages``), and a second small kernel merges the splits. The sequence lengths are read from the
+device (``positions``), so one CUDA graph serves every step, and nothing past a sequence's position is read (no
+mask tensor is built).
 
-An 8-bit cache (int8 codes, an fp32 scale per token and head) is read as codes: a key's score is
-``(codes . q) * k_scale`` and a value enters the sum with weight ``p * v_scale``.
+Precision: the scores' products are exact (16-bit values into an fp32 accumulator); the softmax weights enter
+the value dot in the queries' 16-bit type, as in FlashAttention. An 8-bit cache (int8 codes, an fp32 scale per
+token and head) is read as codes, converted exactly to 16 bits: a key's score is ``(codes . q) * k_scale`` and
+a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled in fp32).
+(The first kernel, one query head per program with CUDA-core fp32 products and no pipelining, was up to 1.5x
+slower: see NOTES.md.)
 """
 
 from __future__ import annotations
@@ -21,56 +27,106 @@ import triton.language as tl
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton.unpack import use_inline_asm
 
-BLOCK_KEYS = 64
-PROGRAMS_PER_SM = 8  # enough loads in flight to stream the cache at small batch
+BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
+PROGRAMS_PER_SM = 4  # with the pipelined loads, enough to stream the cache at small batch
 MAX_SPLITS = 64
 LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
 
 
 @triton.jit
+def fp16_from_int8(codes, USE_ASM: tl.constexpr):
+    """int8 codes -> the same integers in fp16 (exact). On the GPU 4 codes at a time: the codes + 128 become the
+    low mantissa bytes of 1024.0 (``prmt``), then one ``sub.f16x2`` of 1152 per pair; a plain cast elsewhere."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, magic;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 magic, 0x64806480;
+            prmt.b32 $0, t, 0x64646464, 0x5140;
+            prmt.b32 $1, t, 0x64646464, 0x5342;
+            sub.f16x2 $0, $0, magic;
+            sub.f16x2 $1, $1, magic;
+            }""", "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return codes.to(tl.float16)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
-                         n_heads, group, keys_per_split, sm_scale,
-                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
-                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                         QUANTIZED: tl.constexpr):
-    row = tl.program_id(0)  # batch * n_heads + head
+                             n_heads, n_kv_heads, group, keys_per_split, sm_scale,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
+                             splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                             QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr,
+                             NUM_STAGES: tl.constexpr):
+    kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
-    batch = row // n_heads
-    head = row % n_heads
+    batch = kv_row // n_kv_heads
+    kv_head = kv_row % n_kv_heads
     length = tl.load(positions_ptr + batch).to(tl.int32) + 1
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, length)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + dims).to(tl.float32) * sm_scale
-    kv_offset = batch.to(tl.int64) * stride_kb + (head // group) * stride_kh
-    scale_offset = batch.to(tl.int64) * stride_sb + (head // group) * stride_sh
-    running_max = tl.zeros([], dtype=tl.float32) - float("inf")
-    running_sum = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for first in range(start, end, BLOCK_N):
+    members = tl.arange(0, BLOCK_H)  # the query heads of this kv head; rows >= group are padding
+    heads = kv_head * group + members
+    member = members < group
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=member[:, None],
+                other=0)
+    if QUANTIZED:
+        compute = q.dtype  # the codes are converted to the queries' type (exactly: |code| <= 127)
+    else:
+        compute = k_ptr.dtype.element_ty
+        q = q.to(compute)
+    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
+    running_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         keys = first + tl.arange(0, BLOCK_N)
         valid = keys < end
         offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0).to(tl.float32)  # in flight with k
-        scores = tl.sum(k * q[None, :], axis=1)
+        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
+        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
         if QUANTIZED:
-            scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
-        scores = tl.where(valid, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            if compute == tl.float16:
+                k = fp16_from_int8(k, ASM_CODES)
+                v = fp16_from_int8(v, ASM_CODES)
+            else:
+                k = k.to(compute)
+                v = v.to(compute)
+        if compute == tl.float32:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))  # fp16/bf16 products are exact in the fp32 accumulator
+        scores = scores * sm_scale
+        if QUANTIZED:
+            scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max)
-        value_weights = weights
-        if QUANTIZED:
-            value_weights = weights * tl.load(v_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
-        acc = acc * rescale + tl.sum(value_weights[:, None] * v, axis=0)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
         running_max = new_max
-    slot = row * SPLITS + split
-    tl.store(partial_ptr + slot * HEAD_DIM + dims, acc)
-    tl.store(stats_ptr + slot * 2, running_max)
-    tl.store(stats_ptr + slot * 2 + 1, running_sum)
+        if QUANTIZED:
+            # p * v_scale, over the block's largest scale so the weights stay <= 1 (no 16-bit underflow of the
+            # terms that matter); the dot's result is scaled back in fp32
+            v_scale = tl.load(v_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
+            block_scale = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+            weights = weights * (v_scale / block_scale)[None, :]
+        if compute == tl.float32:
+            values = tl.dot(weights, v, input_precision="ieee")
+        else:
+            values = tl.dot(weights.to(compute), v)
+        if QUANTIZED:
+            values = values * block_scale
+        acc = acc * rescale[:, None] + values
+    slots = (batch * n_heads + heads) * splits + split
+    tl.store(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], acc, mask=member[:, None])
+    tl.store(stats_ptr + slots * 2, running_max, mask=member)
+    tl.store(stats_ptr + slots * 2 + 1, running_sum, mask=member)
 
 
 @triton.jit
@@ -90,19 +146,32 @@ def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, st
     tl.store(out_ptr + batch * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def split_count(rows: int, capacity: int) -> int:
-    """Splits per (sequence, head): enough programs to fill the GPU, at least a block of keys each."""
-    wanted = math.ceil(PROGRAMS_PER_SM * current_gpu().sm_count / rows)
-    return min(triton.next_power_of_2(wanted), MAX_SPLITS, triton.next_power_of_2(triton.cdiv(capacity, BLOCK_KEYS)))
+def split_count(rows: int, capacity: int, programs_per_sm: int = PROGRAMS_PER_SM, block_keys: int = BLOCK_KEYS) -> int:
+    """Splits per program row (a (sequence, head) or (sequence, kv head)): enough programs to fill the GPU, at
+    least a block of keys each."""
+    wanted = math.ceil(programs_per_sm * current_gpu().sm_count / rows)
+    return min(triton.next_power_of_2(wanted), MAX_SPLITS, triton.next_power_of_2(triton.cdiv(capacity, block_keys)))
+
+
+def default_config(quantized: bool) -> dict:
+    """The launch of a decode step (``config`` of :func:`decode_attention`): keys per block, warps, pipeline
+    stages, programs per SM the splits aim at, and (int8) the codes' conversion in PTX. The best single choice
+    per cache format over batch 1-64, contexts 1k-4k, MHA and GQA on the H200 (``experiments/attention_speed.py
+    --sweep``, results/attention_speed_sweep_h200.csv)."""
+    if quantized:
+        return {"BLOCK_N": 2 * BLOCK_KEYS, "num_warps": 4, "num_stages": 3, "programs_per_sm": PROGRAMS_PER_SM,
+                "int8_ptx": True}
+    return {"BLOCK_N": BLOCK_KEYS, "num_warps": 4, "num_stages": 2, "programs_per_sm": PROGRAMS_PER_SM}
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     config: dict | None = None) -> torch.Tensor:
     """Softmax attention of ``q`` [B, H, 1, D] over ``k_cache``/``v_cache`` [B, Hkv, S, D], keys ``0..positions[b]``
     (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype.
 
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
-    entry is its codes times its scale)."""
+    entry is its codes times its scale). ``config``: the kernel and launch (:func:`default_config`'s keys)."""
     batch, n_heads, t, head_dim = q.shape
     n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     quantized = k_scale is not None or v_scale is not None
@@ -120,9 +189,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("an int8 KV cache needs its k_scale and v_scale")
     if positions.shape != (batch,):
         raise ValueError(f"positions must be [{batch}], got {tuple(positions.shape)}")
+    config = config or default_config(quantized)
+    group = n_heads // n_kv_heads
+    block_n = config["BLOCK_N"]
+    program_rows = batch * n_kv_heads
+    splits = split_count(program_rows, capacity, config["programs_per_sm"], block_n)
+    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     rows = batch * n_heads
-    splits = split_count(rows, capacity)
-    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_KEYS) * BLOCK_KEYS
     partial = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -130,11 +203,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
     if not quantized:
         k_scale = v_scale = partial  # unused
-    _decode_split_kernel[(rows, splits)](
-        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_heads // n_kv_heads,
+    _decode_split_kernel[(program_rows, splits)](
+        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
         keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), HEAD_DIM=head_dim, BLOCK_N=BLOCK_KEYS,
-        SPLITS=splits, QUANTIZED=quantized, num_warps=4)
+        k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), splits, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, QUANTIZED=quantized,
+        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"],
+        num_warps=config["num_warps"])
     _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
                                   SPLITS=splits, num_warps=1)
     return out
