@@ -113,7 +113,8 @@ def time_problem(layout: str, kv_bits: int, batch: int, context: int, configs, c
     return rows
 
 
-CONFIG_KEYS = ("DOT", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "int8_ptx")  # DOT: only in the first sweep (False: the CUDA-core kernel since removed)
+# DOT: only in the first sweep's file (False: the CUDA-core split kernel, removed after it)
+CONFIG_KEYS = ("DOT", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "int8_ptx")
 
 
 def summary(table: pd.DataFrame, with_best: bool) -> pd.DataFrame:
