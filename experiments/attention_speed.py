@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qqq import numerics  # noqa: E402
 from qqq.fast.attention import decode_attention_reference  # noqa: E402
 from qqq.kernels_triton import autotune, decode_attention  # noqa: E402
-from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import markdown_provenance, provenance, read_provenance_header  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_speed import copy_ceiling_gbs  # noqa: E402
@@ -150,16 +150,6 @@ def write_markdown(table: pd.DataFrame, meta: dict, path: Path, with_best: bool)
     return best
 
 
-def read_results_csv(path: Path) -> tuple[pd.DataFrame, dict]:
-    meta = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("# "):
-            break
-        key, _, value = line[2:].partition(": ")
-        meta[key] = value
-    return pd.read_csv(path, comment="#"), meta
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results")
@@ -173,7 +163,7 @@ def main():
                         help="time nothing: write the markdown of an attention_speed.csv next to it")
     args = parser.parse_args()
     if args.markdown_only:
-        table, meta = read_results_csv(args.markdown_only)
+        table, meta = pd.read_csv(args.markdown_only, comment="#"), read_provenance_header(args.markdown_only)
         per_problem = table.groupby(["layout", "kv_bits", "batch", "context"]).size().max()
         write_markdown(table, meta, args.markdown_only.with_suffix(".md"), with_best=per_problem > 2)
         return

@@ -46,7 +46,7 @@ from qqq.fast.model import FastLlama  # noqa: E402
 from qqq.fast.producers import quantize_rows  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
-from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance  # noqa: E402
+from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance, read_provenance_header  # noqa: E402
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -360,12 +360,7 @@ def results_part(path: Path, folder: Path) -> Path:
     this script wrote before it kept runs.json)."""
     if path.with_suffix(".runs.json").exists():
         return path.with_suffix("")
-    meta = {}
-    for line in path.read_text().splitlines():
-        if not line.startswith("# "):
-            break
-        key, _, value = line[2:].partition(": ")
-        meta[key] = value
+    meta = read_provenance_header(path)
     if "command" not in meta or "device" not in meta:
         raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
     part = folder / f"{path.parent.name}_{path.stem}"

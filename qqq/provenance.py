@@ -68,6 +68,17 @@ SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands
                         "that ran them, not kept: every row they held is in this table.")
 
 
+def read_provenance_header(path: Path) -> dict[str, str]:
+    """The "# key: value" lines a results csv starts with (what ``provenance()`` gave the run that wrote it)."""
+    meta = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("# "):
+            break
+        key, _, value = line[2:].partition(": ")
+        meta[key] = value
+    return meta
+
+
 def markdown_provenance(meta: dict[str, str]) -> str:
     return "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in meta.items())
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from qqq.provenance import ResultsTable
+from qqq.provenance import ResultsTable, read_provenance_header
 
 KEYS = ["method", "group_size"]
 
@@ -72,3 +72,9 @@ def test_provenance_names_the_code_quietly(capfd):
     code = provenance()["code"]
     assert code.startswith("unknown") or len(code.split()[0]) == 12
     assert "fatal" not in capfd.readouterr().err
+
+
+def test_the_provenance_header_of_a_results_csv_is_read_back(tmp_path):
+    path = tmp_path / "speed.csv"
+    path.write_text("# command: python x.py --out o\n# device: NVIDIA H200\n# note: a: b\nkernel,us\n# not header\n")
+    assert read_provenance_header(path) == {"command": "python x.py --out o", "device": "NVIDIA H200", "note": "a: b"}
