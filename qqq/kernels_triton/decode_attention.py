@@ -56,11 +56,10 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
-                             n_heads, n_kv_heads, group, keys_per_split, sm_scale,
-                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
-                             splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                             QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr,
-                             NUM_STAGES: tl.constexpr):
+                         n_heads, n_kv_heads, group, keys_per_split, sm_scale,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
+                         splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr):
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
