@@ -41,10 +41,9 @@ HEAD_DIM = 128
 LAYOUTS = {"llama-2-7b": (32, 32), "llama-3-8b": (32, 8)}  # (query heads, kv heads)
 CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p}
               for n, w, s, p in itertools.product((32, 64, 128), (4, 8), (2, 3), (4, 8, 16, 32))]
-# the int8 cache (scores on the int8 tensor cores, the value codes converted in PTX): key blocks, warps, pipeline
-# stages (a 128-key block with 3 stages already takes 104 KB of shared memory), programs per SM
-CANDIDATES_INT8 = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": True}
-                   for n, w, s, p in itertools.product((64, 128), (4, 8), (2, 3), (2, 4, 8))]
+# the int8 cache: longer key blocks, deeper pipelines, the codes' conversion in PTX or as a plain cast
+CANDIDATES_INT8 = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": x}
+                   for n, w, s, p, x in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (2, 4, 8), (True, False))]
 
 
 def random_cache(batch: int, kv_heads: int, capacity: int, kv_bits: int, generator) -> tuple:

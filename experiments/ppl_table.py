@@ -104,8 +104,7 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              "measured on that model",
              "- kv_bits 16: attention reads the keys and values the model computes; kv_bits 8: keys (after RoPE) and "
              "values rounded to int8 per token and head (symmetric, scale = amax / 127) before attention, as the fast "
-             "path's 8-bit KV cache stores them, and the queries rounded the same way, as its decode kernel's int8 "
-             "scores take them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
+             "path's 8-bit KV cache stores them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
              ]
     notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):

@@ -422,16 +422,16 @@ def test_rope_into_int8_cache_matches_the_reference_on_cuda(dtype, t, start):
 
 
 @compiled_kernels
-@pytest.mark.parametrize("dtype,int8_ptx", [(torch.float16, True), (torch.float16, False), (torch.bfloat16, False)])
+@pytest.mark.parametrize("int8_ptx", [True, False])
 @pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(1, 32, 32, 4096), (5, 32, 8, 1153), (16, 8, 2, 1030),
                                                             (3, 28, 4, 777)])
 def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch, heads, kv_heads, capacity,
-                                                                            dtype, int8_ptx):
+                                                                            int8_ptx):
     from qqq.fast.attention import decode_attention_reference
     from qqq.kernels_triton.decode_attention import decode_attention, default_config
 
     torch.manual_seed(0)
-    q = torch.randn(batch, heads, 1, 128, device="cuda").to(dtype)
+    q = torch.randn(batch, heads, 1, 128, device="cuda").half()
     k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda") for _ in range(2))
     (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
     positions = torch.randint(0, capacity, (batch,), device="cuda")
@@ -441,6 +441,4 @@ def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch
     with branches.recording() as taken:
         got = decode_attention(q, *cache, config={**default_config(True), "int8_ptx": int8_ptx})
     _assert_branch(taken, "decode_attention", "split_kv_int8")
-    assert got.dtype == dtype
-    tolerance = 2e-3 if dtype == torch.float16 else 1e-2  # the output's own rounding
-    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)

@@ -3,10 +3,8 @@
 The cache holds k (after RoPE) and v per layer, in the model's dtype or, with ``bits=8``, as int8 codes with a
 per-token, per-head fp32 scale: ``numerics.quantize_per_token`` over each head's ``head_dim`` values (symmetric,
 ``scale = amax / 127``). The RoPE producer writes it (``qqq.fast.producers.rope_into_cache``) and the split-KV
-decode kernel reads it (``qqq.kernels_triton.decode_attention``). With the 8-bit cache the queries are rounded too,
-per token and head on the same kind of grid, because the decode kernel computes the scores on the int8 tensor
-cores (:func:`queries_for_an_int8_cache`). :func:`kv_cache_fake_quantized` applies the same roundings inside a
-Hugging Face model, so the accuracy cost can be measured on the reference path.
+decode kernel reads it (``qqq.kernels_triton.decode_attention``); :func:`kv_cache_fake_quantized` applies the same
+rounding inside a Hugging Face model, so the accuracy cost can be measured on the reference path.
 """
 
 from __future__ import annotations
@@ -62,7 +60,6 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
     k, v, k_scale, v_scale = (None if part is None else part[:batch] for part in cache)
     if t > 1:
         keys = slice(None, t)
-        q = q if k_scale is None else queries_for_an_int8_cache(q)
         k = dequantized(k[:, :, keys], None if k_scale is None else k_scale[:, :, keys], q.dtype)
         v = dequantized(v[:, :, keys], None if v_scale is None else v_scale[:, :, keys], q.dtype)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
@@ -72,19 +69,11 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
 
 def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None):
     """What ``kernels_triton.decode_attention.decode_attention`` computes: SDPA of ``q`` [B, H, 1, D] over the
-    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``; over an int8 cache, the queries
-    on their int8 grids (in fp32: the kernel's scores are exact int32 sums times the two scales)."""
+    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``."""
     k, v = dequantized(k_cache, k_scale, torch.float32), dequantized(v_cache, v_scale, torch.float32)
-    queries = q.float() if k_scale is None else queries_for_an_int8_cache(q.float())
     visible = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, None]
-    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=visible[:, None, None, :], **_gqa(q, k))
+    out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :], **_gqa(q, k))
     return out.to(q.dtype)
-
-
-def queries_for_an_int8_cache(q: torch.Tensor) -> torch.Tensor:
-    """``q`` [..., D] rounded onto one int8 grid per token and head (``numerics.quantize_per_token`` over ``D``), in
-    ``q``'s dtype: how the scores over an 8-bit cache see the queries."""
-    return numerics.fake_quantize_per_token(q)
 
 
 def dequantized(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -104,17 +93,15 @@ KV8_ATTENTION = "qqq_kv8_sdpa"
 def _kv8_sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # key (after RoPE) and value are [B, Hkv, T, D]: one int8 grid per token and head, as the 8-bit cache holds them;
-    # the query [B, H, T, D] rounded as the decode kernel's int8 scores take it
-    return sdpa_attention_forward(module, queries_for_an_int8_cache(query), numerics.fake_quantize_per_token(key),
+    # key (after RoPE) and value are [B, Hkv, T, D]: one int8 grid per token and head, as the 8-bit cache holds them
+    return sdpa_attention_forward(module, query, numerics.fake_quantize_per_token(key),
                                   numerics.fake_quantize_per_token(value), attention_mask, **kwargs)
 
 
 @contextmanager
 def kv_cache_fake_quantized(model):
     """Within the block, the Hugging Face ``model`` attends (SDPA) to keys and values rounded as the 8-bit KV
-    cache stores them, with its queries rounded as the int8 scores take them: the accuracy cost of ``bits=8`` on
-    the reference path."""
+    cache stores them: the accuracy cost of ``bits=8`` on the reference path."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(KV8_ATTENTION, _kv8_sdpa)

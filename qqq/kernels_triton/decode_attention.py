@@ -10,11 +10,8 @@ mask tensor is built).
 
 Precision: the scores' products are exact (16-bit values into an fp32 accumulator); the softmax weights enter
 the value dot in the queries' 16-bit type, as in FlashAttention. An 8-bit cache (int8 codes, an fp32 scale per
-token and head) is read as codes. The scores run on the int8 tensor cores: each query head is put on its own
-int8 grid (``numerics.quantize_per_token`` over its ``head_dim`` values, as SageAttention does), so a key's score
-is the exact int32 ``q_codes . k_codes`` times ``q_scale * k_scale``. The value codes are converted exactly to
-16 bits and a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled
-in fp32).
+token and head) is read as codes, converted exactly to 16 bits: a key's score is ``(codes . q) * k_scale`` and
+a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled in fp32).
 (The first kernel, one query head per program with CUDA-core fp32 products and no pipelining, was up to 1.5x
 slower: see NOTES.md.)
 """
@@ -28,7 +25,6 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.activation_quant import int8_codes_and_scale
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton.unpack import use_inline_asm
@@ -42,13 +38,7 @@ LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
 @triton.jit
 def fp16_from_int8(codes, USE_ASM: tl.constexpr):
     """int8 codes -> the same integers in fp16 (exact). On the GPU 4 codes at a time: the codes + 128 become the
-    low mantissa bytes of 1024.0 (``prmt``), then one ``sub.f16x2`` of 1152 per pair; a plain cast elsewhere.
-
-    The asm is declared impure only so that Triton keeps it where it stands: as a pure op it is moved behind the
-    shared-memory read of the value dot's operand, which then reads the int8 tile one byte at a time in the fp16
-    operand's layout (keys are not contiguous there). In place, 16-byte rows are converted and stored as fp16 and
-    ``ldmatrix`` feeds the dot: the loop of the int8 kernel fell from 1211 to 789 sm_90 instructions per 128
-    keys (NOTES.md)."""
+    low mantissa bytes of 1024.0 (``prmt``), then one ``sub.f16x2`` of 1152 per pair; a plain cast elsewhere."""
     if USE_ASM:
         return tl.inline_asm_elementwise(
             """{
@@ -59,7 +49,7 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
             prmt.b32 $1, t, 0x64646464, 0x5342;
             sub.f16x2 $0, $0, magic;
             sub.f16x2 $1, $1, magic;
-            }""", "=r,=r,r", [codes], dtype=tl.float16, is_pure=False, pack=4)
+            }""", "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
     else:
         return codes.to(tl.float16)
 
@@ -83,11 +73,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     member = members < group
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=member[:, None],
                 other=0)
-    if QUANTIZED:  # the scores on the int8 tensor cores: q on one int8 grid per head, the key codes as stored
-        compute = q.dtype  # the value codes are converted to the queries' type (exactly: |code| <= 127)
-        q_values = q.to(tl.float32)
-        q, q_scale = int8_codes_and_scale(q_values, tl.max(tl.abs(q_values), axis=1)[:, None])
-        score_scale = q_scale * sm_scale
+    if QUANTIZED:
+        compute = q.dtype  # the codes are converted to the queries' type (exactly: |code| <= 127)
     else:
         compute = k_ptr.dtype.element_ty
         q = q.to(compute)
@@ -103,13 +90,19 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
         k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
         v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
         if QUANTIZED:
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * score_scale  # exact int32 sums, then the scales
-            scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)[None, :]
-            v = fp16_from_int8(v, ASM_CODES) if compute == tl.float16 else v.to(compute)
-        elif compute == tl.float32:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+            if compute == tl.float16:
+                k = fp16_from_int8(k, ASM_CODES)
+                v = fp16_from_int8(v, ASM_CODES)
+            else:
+                k = k.to(compute)
+                v = v.to(compute)
+        if compute == tl.float32:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            scores = tl.dot(q, tl.trans(k)) * sm_scale  # fp16/bf16 products are exact in the fp32 accumulator
+            scores = tl.dot(q, tl.trans(k))  # fp16/bf16 products are exact in the fp32 accumulator
+        scores = scores * sm_scale
+        if QUANTIZED:
+            scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)[None, :]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp(running_max - new_max)
