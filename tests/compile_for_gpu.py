@@ -31,7 +31,7 @@ compiled: list[str] = []
 
 
 def _compile_instead_of_launching(self, *args, grid, warmup, **kwargs):
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "launch_pdl") if key in kwargs}
     bound = inspect.signature(self.fn).bind(*args, **kwargs)
     bound.apply_defaults()
     signature, constexprs = {}, {}
@@ -56,11 +56,12 @@ def drive_every_branch() -> None:
     import test_gpu_kernels as cases
 
     from qqq import numerics
-    from qqq.kernels_triton import baselines, decode_attention, fused_producers, w4a8_gemm
+    from qqq.kernels_triton import baselines, decode_attention, fused_producers, w4a8_gemm, w4a8_gemv
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.packing import pack_int4
 
     w4a8_gemm.use_inline_asm = lambda t: True  # the PTX paths are what a GPU runs
+    fused_producers.programmatic_launch = w4a8_gemv.programmatic_launch = lambda t: True  # as on Hopper
     for _, m, k in cases.QUANT_CASES:
         quantize_per_token(torch.randn(m, k).half())
     for path, g, clamp in cases.GEMM_CASES:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
+from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 
 MAX_ROW = 32768
 LAUNCH_BRANCHES = {
@@ -65,7 +66,10 @@ def _normalized(h, rstd, weight_ptr, offs, mask):
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_ptr, residual_out_ptr,
                     K, eps, stride_x, stride_residual, stride_out, stride_residual_out,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr):
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr,
+                    PDL: tl.constexpr):
+    let_next_kernel_start(PDL)  # the next GEMM streams its first weights while this runs
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -99,7 +103,9 @@ def _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in):
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_in, stride_out,
-                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, QUANTIZE: tl.constexpr):
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, QUANTIZE: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -213,10 +219,12 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
         residual = updated = rows  # unused
     out, scale, codes = _outputs(rows, k, quantize)
     branches.record("rmsnorm_quantize", _producer_branch(chunk, block, quantize, updated is not rows))
+    pdl = programmatic_launch(rows)
     if m:
         _rmsnorm_kernel[grid](rows, residual, weight, out, codes, scale, updated, k, eps, rows.stride(0),
                               residual.stride(0), out.stride(0), updated.stride(0), BLOCK=block, CHUNK=chunk,
-                              HAS_RESIDUAL=updated is not rows, QUANTIZE=quantize, num_warps=_num_warps(block))
+                              HAS_RESIDUAL=updated is not rows, QUANTIZE=quantize, PDL=pdl, num_warps=_num_warps(block),
+                              launch_pdl=pdl)
     normalized = (codes, scale) if quantize else out
     return (normalized, updated) if updated is not rows else normalized
 
@@ -233,9 +241,10 @@ def silu_mul_quantize(gate_up: torch.Tensor, quantize: bool = True):
     grid, block, chunk = _grid_and_block(m, width, "silu_mul_quantize")
     out, scale, codes = _outputs(rows, width, quantize)
     branches.record("silu_mul_quantize", _producer_branch(chunk, block, quantize))
+    pdl = programmatic_launch(rows)
     if m:
         _silu_mul_kernel[grid](rows, out, codes, scale, width, rows.stride(0), out.stride(0), BLOCK=block,
-                               CHUNK=chunk, QUANTIZE=quantize, num_warps=_num_warps(block))
+                               CHUNK=chunk, QUANTIZE=quantize, PDL=pdl, num_warps=_num_warps(block), launch_pdl=pdl)
     return (codes, scale) if quantize else out
 
 

@@ -7,8 +7,12 @@ CPU tests see the same launch shapes as the GPU we first tuned on.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
+
+import triton
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,26 @@ def current_gpu() -> GpuInfo:
     shared = getattr(props, "shared_memory_per_block_optin", 0) or STAND_IN.shared_memory_per_block
     return GpuInfo(props.name, f"{props.major}.{props.minor}", props.multi_processor_count, shared,
                    getattr(props, "L2_cache_size", 0) or STAND_IN.l2_bytes)
+
+
+def programmatic_launch(t) -> bool:
+    """Whether kernels on ``t``'s device are launched as programmatic dependents (Hopper and later, compiled: not
+    under the interpreter): such a kernel may start while the kernel before it finishes, and waits for it with
+    :func:`wait_for_previous_kernel` before it touches anything that kernel wrote."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" \
+        and int(current_gpu().compute_capability.split(".")[0]) >= 9
+
+
+@triton.jit
+def let_next_kernel_start(PDL: tl.constexpr):
+    """Allow the next kernel, if launched as a programmatic dependent, to start now (it waits for this one before
+    it reads anything): its launch and its first weight loads overlap this kernel's work."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible (programmatic launch)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()

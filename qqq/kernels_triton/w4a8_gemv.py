@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 from qqq.kernels_triton.int8_gemm import epilogue, split_k_epilogue
 from qqq.kernels_triton.unpack import int8_words_from_group_codes
 
@@ -52,10 +53,12 @@ def _w4a8_gemv_kernel(
     workspace_ptr, tickets_ptr, acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words); ``words_ptr``: the
-    int8 codes [M, K] (contiguous rows) as int32 words."""
+    int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic dependent (the first
+    weight tile is loaded before the wait for the kernel that wrote the activations)."""
+    let_next_kernel_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,6 +78,7 @@ def _w4a8_gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
     next_packed = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+    wait_for_previous_kernel(PDL)  # everything below may read what earlier kernels wrote
     for word0 in range(first_word, last_word, BLOCK_KW):
         # the next tile's load is issued before this one is used (two tiles in flight per thread)
         packed = next_packed
@@ -121,6 +125,7 @@ def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias
     m, k = a_codes.shape
     n = qweight.shape[0]
     block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
+    pdl = programmatic_launch(a_codes)
     _w4a8_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
         a_codes.view(torch.int32), a_scale, qweight.view(torch.int32), channel_scale,
         group_ratio if group_size != -1 else channel_scale, bias if bias is not None else channel_scale, out,
@@ -128,5 +133,5 @@ def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias
         out.stride(0), split_k,
         GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=block_n,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_KW=config["BLOCK_K"] // 8, SPLIT=split_k > 1, USE_ASM=use_asm,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )
