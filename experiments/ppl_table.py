@@ -22,12 +22,13 @@ import torch
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.fast.attention import KV_BITS, kv_cache_fake_quantized
+from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import calibrated_sweep
 from qqq.provenance import ResultsTable, provenance
 
-KEY_COLUMNS = ["model", "method", "group_size", "kv_bits", "dataset", "seqlen"]
+KEY_COLUMNS = ["model", "method", "group_size", "kv_bits", "kv_smooth", "dataset", "seqlen"]
 
 
 def parse_args():
@@ -40,6 +41,9 @@ def parse_args():
     p.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
                    help="16: attention reads the model's own keys and values; 8: rounded as the 8-bit KV cache holds "
                         "them (int8 per token and head)")
+    p.add_argument("--kv-smooth", type=float, default=0.0, metavar="ALPHA",
+                   help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA, QServe uses 0.5) "
+                        "folded into q_proj / k_proj first, calibrated on --calib-dataset (0: none)")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
@@ -60,7 +64,7 @@ def main():
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append, defaults={"kv_bits": 16})
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append, defaults={"kv_bits": 16, "kv_smooth": 0.0})
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
@@ -73,11 +77,14 @@ def main():
                 args.seed, device, use_cache=not args.no_cache):
             for kv_bits in args.kv_bits:
                 start = time.time()
-                label = f"{method.name} g{group_size} kv{kv_bits}"
+                kv_smooth = args.kv_smooth if kv_bits == 8 else 0.0
+                label = f"{method.name} g{group_size} kv{kv_bits}" + (f" smooth {kv_smooth}" if kv_smooth else "")
+                if kv_smooth:  # exact in floating point: a model scored after it with 16-bit keys is unchanged
+                    smooth_attention_calibrated(model, tokenizer, kv_smooth, args.calib_dataset, args.seed)
                 with kv_cache_fake_quantized(model) if kv_bits == 8 else nullcontext():
                     value = perplexity(model.to(device), windows, device, desc=label)
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, kv_bits=kv_bits,
-                                 dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0],
+                                 kv_smooth=kv_smooth, dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0],
                                  ppl=round(value, 4), seconds=round(seconds + time.time() - start),
                                  from_cache=cached is not None))
                 print(rows[-1], flush=True)
@@ -87,9 +94,10 @@ def main():
 
 def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration: dict, path: Path) -> None:
     order = {name: i for i, name in enumerate(METHODS)}
-    table = table.sort_values(["method", "group_size", "kv_bits"], key=lambda c: c.map(order) if c.name == "method"
-                              else -c if c.name == "kv_bits" else c, kind="stable")
-    pivot = table.pivot_table(index=["method", "group_size", "kv_bits"], columns="model", values="ppl", sort=False)
+    table = table.sort_values(["method", "group_size", "kv_bits", "kv_smooth"], key=lambda c: c.map(order)
+                              if c.name == "method" else -c if c.name == "kv_bits" else c, kind="stable")
+    pivot = table.pivot_table(index=["method", "group_size", "kv_bits", "kv_smooth"], columns="model", values="ppl",
+                              sort=False)
     pivot = pivot.reset_index().astype(object)
     pivot = pivot.where(pivot.notna(), None)  # None, not NaN: tabulate prints it as missingval
     notes = [f"# Perplexity ({args.dataset}, {args.seqlen}-token windows, lower is better)", "",
@@ -105,6 +113,10 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              "- kv_bits 16: attention reads the keys and values the model computes; kv_bits 8: keys (after RoPE) and "
              "values rounded to int8 per token and head (symmetric, scale = amax / 127) before attention, as the fast "
              "path's 8-bit KV cache stores them (`qqq.fast.attention.kv_cache_fake_quantized`, on the reference path)",
+             "- kv_smooth: with kv_bits 8, SmoothAttention's per-channel key scales (`qqq.key_smoothing`, QServe: "
+             "lambda = max ** kv_smooth per RoPE channel pair, from "
+             f"{CALIBRATION_WINDOWS[0]} x {CALIBRATION_WINDOWS[1]} tokens of the calibration text) folded into "
+             "q_proj and k_proj before the keys are rounded (exact in floating point); 0: none",
              ]
     notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):

@@ -11,6 +11,7 @@ import torch
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_FORMATS
 from qqq.gptq import GPTQConfig
+from qqq.key_smoothing import CALIBRATION_TEXT, DEFAULT_ALPHA, smooth_attention_calibrated
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
 from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
@@ -278,6 +279,9 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
     _note_if_embedded(args.model)
     checkpoint = is_qqq_checkpoint(args.model)
+    kv_smooth = (DEFAULT_ALPHA if args.kv_smooth is None else args.kv_smooth) if args.kv_bits == 8 else 0.0
+    if kv_smooth:
+        smooth_attention_calibrated(model, tokenizer, kv_smooth)
     prompt = prompt.to(device)
     capacity = prompt.shape[1] + args.max_new_tokens
     fast = FastLlama.from_hf(model, "fp16" if checkpoint else args.method, max_positions=capacity,
@@ -290,7 +294,8 @@ def cmd_generate(args) -> None:
     print(args.prompt + tokenizer.decode(tokens, skip_special_tokens=True))
     backend = "Triton kernels" if use_triton(prompt) else "PyTorch reference ops"
     weights = ("qqq checkpoint, W4A8" if checkpoint else "unquantized" if args.method == "fp16" else args.method)
-    print(f"\n[{weights}, {str(fast.dtype).removeprefix('torch.')} model, {args.kv_bits}-bit KV cache, {backend}"
+    cache = f"{args.kv_bits}-bit KV cache" + (f" (keys smoothed, alpha {kv_smooth})" if kv_smooth else "")
+    print(f"\n[{weights}, {str(fast.dtype).removeprefix('torch.')} model, {cache}, {backend}"
           f"{', CUDA graphs' if runner.use_graph else ''}; {fast.weight_bytes() / 1e9:.2f} GB of weights] time to "
           f"first token {1e3 * result.ttft_s:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s "
           f"({args.max_new_tokens} tokens, greedy, {device})", flush=True)
@@ -416,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "a QQQ checkpoint keeps its own smoothed + GPTQ weights)")
     generate.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
                           help="KV cache: 16 (the model's dtype) or 8 (int8, per-token and per-head scales)")
+    generate.add_argument("--kv-smooth", type=float, default=None, metavar="ALPHA",
+                          help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA) folded into "
+                          f"q_proj / k_proj, calibrated on {CALIBRATION_TEXT} (exact in floating point; it tames "
+                          f"the keys' outlier channels before they are rounded to int8; default {DEFAULT_ALPHA}, 0: "
+                          "none)")
     generate.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     generate.add_argument("--check", action="store_true",
                           help="compare the greedy tokens with the Hugging Face model's (PyTorch reference ops)")
