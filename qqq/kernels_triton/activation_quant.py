@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
+from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 
 MAX_SINGLE_PASS_K = 8192
 TWO_PASS_BLOCK_K = 4096
@@ -59,8 +60,10 @@ def int8_codes_and_scale(x, amax):
 @triton.jit
 def _quantize_per_token_kernel(
     x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
-    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     codes_row = codes_ptr + row * stride_codes
@@ -88,7 +91,9 @@ def _quantize_per_token_kernel(
 
 @triton.jit
 def _quantize_chunk_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
-                           ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                           ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs_row = tl.arange(0, ROW_BLOCK)
@@ -120,18 +125,19 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m == 0:
         return codes, scales
     single_pass = k <= MAX_SINGLE_PASS_K
+    pdl = programmatic_launch(rows)
     if not single_pass and m < FEW_ROWS and k <= MAX_CHUNKED_K:
         branches.record("quantize_per_token", "chunked")
         chunk = triton.next_power_of_2(triton.cdiv(k, ROW_CHUNKS))
         _quantize_chunk_kernel[(m, triton.cdiv(k, chunk))](
             rows, codes, scales, k, rows.stride(0), codes.stride(0),
-            ROW_BLOCK=triton.next_power_of_2(k), CHUNK=chunk, num_warps=8)
+            ROW_BLOCK=triton.next_power_of_2(k), CHUNK=chunk, PDL=pdl, num_warps=8, launch_pdl=pdl)
         return codes, scales
     branches.record("quantize_per_token", "single_pass" if single_pass else "two_pass")
     block_k = triton.next_power_of_2(k) if single_pass else TWO_PASS_BLOCK_K
     num_warps = 4 if block_k <= 2048 else 8
     _quantize_per_token_kernel[(m,)](
         rows, codes, scales, k, rows.stride(0), codes.stride(0),
-        BLOCK_K=block_k, SINGLE_PASS=single_pass, num_warps=num_warps,
+        BLOCK_K=block_k, SINGLE_PASS=single_pass, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )
     return codes, scales

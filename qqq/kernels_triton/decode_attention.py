@@ -26,7 +26,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.fused_producers import check_cache_scales
-from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton.gpu import current_gpu, let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 from qqq.kernels_triton.unpack import use_inline_asm
 
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
@@ -59,7 +59,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
                          n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                          splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr):
+                         QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
@@ -130,7 +133,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
 
 @triton.jit
 def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
-                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
@@ -202,13 +207,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
     if not quantized:
         k_scale = v_scale = partial  # unused
+    pdl = programmatic_launch(q)
     _decode_split_kernel[(program_rows, splits)](
         q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
         keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), splits, HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, QUANTIZED=quantized,
-        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"],
-        num_warps=config["num_warps"])
+        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"], PDL=pdl,
+        num_warps=config["num_warps"], launch_pdl=pdl)
     _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-                                  SPLITS=splits, num_warps=1)
+                                  SPLITS=splits, PDL=pdl, num_warps=1, launch_pdl=pdl)
     return out

@@ -123,7 +123,9 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
 def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                             k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
                             stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
-                            HALF: tl.constexpr, QUANTIZED: tl.constexpr):
+                            HALF: tl.constexpr, QUANTIZED: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     batch = token // T
@@ -282,12 +284,13 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
     branches.record("rope_into_cache", "rope_int8" if quantized else "rope")
     if not quantized:
         k_scale = v_scale = k_cache  # unused
+    pdl = programmatic_launch(rows)
     if batch * t:
         _rope_into_cache_kernel[(batch * t, n_heads + 2 * n_kv_heads)](
             rows, cos, sin, positions, q, k_cache, v_cache, k_scale, v_scale, t, n_heads, n_kv_heads, rows.stride(0),
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            k_scale.stride(0), k_scale.stride(1), HALF=head_dim // 2, QUANTIZED=quantized,
-            num_warps=1 if head_dim <= 128 else 2)
+            k_scale.stride(0), k_scale.stride(1), HALF=head_dim // 2, QUANTIZED=quantized, PDL=pdl,
+            num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
     return q
 
 
