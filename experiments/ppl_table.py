@@ -79,10 +79,11 @@ def main():
                 start = time.time()
                 kv_smooth = args.kv_smooth if kv_bits == 8 else 0.0
                 label = f"{method.name} g{group_size} kv{kv_bits}" + (f" smooth {kv_smooth}" if kv_smooth else "")
+                model = model.to(device)
                 if kv_smooth:  # exact in floating point: a model scored after it with 16-bit keys is unchanged
                     smooth_attention_calibrated(model, tokenizer, kv_smooth, args.calib_dataset, args.seed)
                 with kv_cache_fake_quantized(model) if kv_bits == 8 else nullcontext():
-                    value = perplexity(model.to(device), windows, device, desc=label)
+                    value = perplexity(model, windows, device, desc=label)
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, kv_bits=kv_bits,
                                  kv_smooth=kv_smooth, dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0],
                                  ppl=round(value, 4), seconds=round(seconds + time.time() - start),

@@ -279,7 +279,7 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
     _note_if_embedded(args.model)
     checkpoint = is_qqq_checkpoint(args.model)
-    kv_smooth = (DEFAULT_ALPHA if args.kv_smooth is None else args.kv_smooth) if args.kv_bits == 8 else 0.0
+    kv_smooth = args.kv_smooth if args.kv_bits == 8 else 0.0
     if kv_smooth:
         smooth_attention_calibrated(model, tokenizer, kv_smooth)
     prompt = prompt.to(device)
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a QQQ checkpoint keeps its own smoothed + GPTQ weights)")
     generate.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
                           help="KV cache: 16 (the model's dtype) or 8 (int8, per-token and per-head scales)")
-    generate.add_argument("--kv-smooth", type=float, default=None, metavar="ALPHA",
+    generate.add_argument("--kv-smooth", type=float, default=DEFAULT_ALPHA, metavar="ALPHA",
                           help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA) folded into "
                           f"q_proj / k_proj, calibrated on {CALIBRATION_TEXT} (exact in floating point; it tames "
                           f"the keys' outlier channels before they are rounded to int8; default {DEFAULT_ALPHA}, 0: "
