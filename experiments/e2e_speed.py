@@ -46,6 +46,7 @@ from qqq.fast.model import FastLlama  # noqa: E402
 from qqq.fast.producers import quantize_rows  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
+from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance, read_provenance_header  # noqa: E402
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
@@ -131,15 +132,17 @@ def measure(fast: FastLlama, batch: int, input_len: int, output_len: int, repeat
 
 def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) -> list[tuple[str, float, float]]:
     """(kernel, calls, us) per decode step over eager decode steps at ``context`` tokens (the graph replays the
-    same kernels), the slowest first."""
+    same kernels), the slowest first. Launched plainly (``sequential_launches``), so each kernel's time is its own
+    work, not a wait for the kernel before it."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = Generator(fast, batch, context + steps + 1, use_graph=False)
     first = torch.zeros(batch, dtype=torch.long, device="cuda")
-    runner.decode(first, context, 1)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        runner.decode(first, context, steps)
-        torch.cuda.synchronize()
+    with sequential_launches():
+        runner.decode(first, context, 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.decode(first, context, steps)
+            torch.cuda.synchronize()
     return sorted(((name, calls / steps, us / steps) for name, (calls, us) in kernel_totals(prof).items()),
                   key=lambda row: -row[2])
 

@@ -6,6 +6,7 @@ CPU tests see the same launch shapes as the GPU we first tuned on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -44,12 +45,28 @@ def current_gpu() -> GpuInfo:
                    getattr(props, "L2_cache_size", 0) or STAND_IN.l2_bytes)
 
 
+_sequential = False
+
+
 def programmatic_launch(t) -> bool:
     """Whether kernels on ``t``'s device are launched as programmatic dependents (Hopper and later, compiled: not
-    under the interpreter): such a kernel may start while the kernel before it finishes, and waits for it with
-    :func:`wait_for_previous_kernel` before it touches anything that kernel wrote."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" \
+    under the interpreter, not inside :func:`sequential_launches`): such a kernel may start while the kernel before
+    it finishes, and waits for it with :func:`wait_for_previous_kernel` before it touches anything that kernel
+    wrote."""
+    return t.is_cuda and not _sequential and os.environ.get("TRITON_INTERPRET") != "1" \
         and int(current_gpu().compute_capability.split(".")[0]) >= 9
+
+
+@contextlib.contextmanager
+def sequential_launches():
+    """Launch every kernel plainly inside this block, so that a profiler's time per kernel is its own work (an
+    early-started dependent's time would include its wait for the kernel before it)."""
+    global _sequential
+    previous, _sequential = _sequential, True
+    try:
+        yield
+    finally:
+        _sequential = previous
 
 
 @triton.jit
