@@ -56,13 +56,12 @@ def drive_every_branch() -> None:
     import test_gpu_kernels as cases
 
     from qqq import numerics
-    from qqq.kernels_triton import (activation_quant, baselines, decode_attention, fused_producers, int8_gemm, w4a8_gemm,
-                                    w4a8_gemv)
+    from qqq.kernels_triton import activation_quant, baselines, decode_attention, fused_producers, w4a8_gemm, w4a8_gemv
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.packing import pack_int4
 
     w4a8_gemm.use_inline_asm = lambda t: True  # the PTX paths are what a GPU runs
-    for module in (activation_quant, decode_attention, fused_producers, int8_gemm, w4a8_gemm, w4a8_gemv):
+    for module in (activation_quant, decode_attention, fused_producers, w4a8_gemv):
         module.programmatic_launch = lambda t: True  # as on Hopper
     for _, m, k in cases.QUANT_CASES:
         quantize_per_token(torch.randn(m, k).half())

@@ -8,8 +8,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
-
 
 @triton.jit
 def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
@@ -73,12 +71,10 @@ def int8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,
     M, N, K, stride_am, stride_wn, stride_om,
     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
     W4A8 (after ``_dequantize_int8_kernel``) and the W8A8 baseline."""
-    let_next_kernel_start(PDL)
-    wait_for_previous_kernel(PDL)
     pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,11 +98,10 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
     m, k = a_codes.shape
     n = weight.shape[0]
     grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
-    pdl = programmatic_launch(a_codes)
     int8_gemm_kernel[grid](
         a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
         m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
         X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=config["BLOCK_N"],
-        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"], PDL=pdl,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
+        BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

@@ -38,7 +38,6 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm, split_k_epilogue
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
@@ -89,10 +88,8 @@ def _w4a8_gemm_kernel(
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
-    let_next_kernel_start(PDL)
     pid_k = tl.program_id(1)
     pid_n, pid_m = grouped_tile_ids(N, M, BLOCK_N, BLOCK_M, GROUP_N)
 
@@ -114,8 +111,6 @@ def _w4a8_gemm_kernel(
     a_low_ptrs += kt_start * BLOCK_K
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    wait_for_previous_kernel(PDL)  # everything below may read (the activations, the split-K workspace) what
-    # earlier kernels wrote
     # PREFETCH: the group ratios of the next tile are loaded one iteration ahead by hand (the pipeliner only
     # pipelines dot operands); this costs Triton's in-register dequant layout (an extra shared-memory round
     # trip), so the tuner chooses per shape.
@@ -338,7 +333,6 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         workspace = tickets = out  # unused
     ratio = group_ratio if group_size != -1 else channel_scale  # any pointer when unused
     n_groups = k // group_size if group_size != -1 else 1
-    pdl = programmatic_launch(a_codes)
     _w4a8_gemm_kernel[(tiles, split_k)](
         a_codes, a_scale, qweight, channel_scale, ratio, bias if bias is not None else channel_scale, out,
         workspace, tickets, acc_out,
@@ -346,7 +340,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
         GROUP_N=config["GROUP_N"], USE_ASM=use_asm, PREFETCH=int(group_size != -1 and config.get("PREFETCH", 0)),
-        PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return (out, acc_out) if return_acc else out
 
