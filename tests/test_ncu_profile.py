@@ -1,0 +1,65 @@
+"""The summary of experiments/ncu_profile.py, read from Nsight Compute text reports (CPU: no profiling here)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ncu_profile.py"
+
+
+@pytest.fixture(scope="module")
+def ncu_profile():
+    spec = importlib.util.spec_from_file_location("ncu_profile", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _header(kernel, grid):
+    return f"  {kernel} ({grid}, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+
+
+def _sections(duration, registers):
+    return ("    Section: GPU Speed Of Light Throughput\n"
+            f"    Duration                         {duration[0]}        {duration[1]}\n"
+            "    DRAM Throughput                   %        62.62\n"
+            f"    Registers Per Thread             register/thread             {registers}\n"
+            "    Grid Size                                                  1,024\n")
+
+
+def _stalls(ns, megabytes, long_scoreboard, wait):
+    lines = [f"    gpu__time_duration.sum          ns        {ns}", f"    dram__bytes_read.sum   Mbyte   {megabytes}"]
+    for reason, value in (("long_scoreboard", long_scoreboard), ("wait", wait), ("barrier", 0.5)):
+        lines.append(f"    smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio   inst   {value}")
+    others = [r for r in ("mio_throttle", "lg_throttle", "math_pipe_throttle", "not_selected", "short_scoreboard",
+                          "no_instruction", "dispatch_stall", "membar", "branch_resolving", "drain", "imc_miss",
+                          "tex_throttle", "sleeping")]
+    lines += [f"    smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio   inst   0" for r in others]
+    return "\n".join(lines) + "\n"
+
+
+def _write(folder, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_w4a8_gemv_kernel")):
+    (folder / "ncu_sections.txt").write_text(
+        "==PROF== Connected\n" + _header("_decode_split_kernel", 1024) + _sections(("ms", "1.50"), 95)
+        + _header("_decode_merge_kernel", 32) + _sections(("us", "2.72"), 151)
+        + _header("_w4a8_gemv_kernel", 512) + _sections(("us", "30.46"), 125))
+    stalls = (_stalls(1500000, 3000.0, 0.2, 4.0), _stalls(2000, 0.5, 3.0, 1.0), _stalls(30000, 90.0, 10.0, 1.0))
+    (folder / "ncu_stalls.txt").write_text("".join(_header(k, 1) + s for k, s in zip(stall_kernels, stalls)))
+
+
+def test_kernels_are_assigned_to_their_cases_with_units_and_stalls_read(ncu_profile, tmp_path):
+    _write(tmp_path)
+    table = ncu_profile.summary(tmp_path, ["attn_b1_fp16", "gemv_paper_pc"])
+    assert list(table.case) == ["attn_b1_fp16", "attn_b1_fp16", "gemv_paper_pc"]
+    assert list(table.duration_us) == [1500.0, 2.72, 30.46]
+    assert list(table.registers) == [95, 151, 125] and list(table.grid) == [1024, 1024, 1024]
+    # bytes over the stall pass's own time: 3000 MB in 1.5 ms = 2 TB/s, 90 MB in 30 us = 3 TB/s
+    assert list(table.dram_read_tb_s) == [2.0, 0.25, 3.0]
+    assert table.top_stalls[0].startswith("wait 4.00, barrier 0.50, long_scoreboard 0.20")
+    assert table.top_stalls[2].startswith("long_scoreboard 10.00, wait 1.00")
+
+
+def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_path):
+    _write(tmp_path, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_decode_split_kernel"))
+    with pytest.raises(SystemExit, match="different kernels"):
+        ncu_profile.summary(tmp_path, ["attn_b1_fp16", "gemv_paper_pc"])
