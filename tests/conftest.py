@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,18 @@ interpreted_kernels = pytest.mark.skipif(
 compiled_kernels = pytest.mark.skipif(
     INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU with compiled kernels (TRITON_INTERPRET unset)")
 
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment_module(name: str):
+    """The script ``experiments/<name>.py`` imported as a module (its ``main`` not run), to test its helpers."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))  # the scripts import each other (attention_speed: gemm_speed)
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 def tiny_config(model_type: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2,
                 heads: int = 4, kv_heads: int = 2, vocab: int = 320):

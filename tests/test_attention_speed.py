@@ -1,22 +1,15 @@
 """The bookkeeping of experiments/attention_speed.py (CPU: no timing here): the bytes a decode step must read,
 the per-problem summary of a sweep, and the markdown rewritten from a results file."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "attention_speed.py"
+from conftest import experiment_module
 
 
 @pytest.fixture(scope="module")
 def attention_speed():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports gemm_speed's copy probe
-    spec = importlib.util.spec_from_file_location("attention_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("attention_speed")
 
 
 def test_cache_bytes_count_k_and_v_and_the_int8_scales(attention_speed):

@@ -1,24 +1,17 @@
 """The per-step profile file of experiments/e2e_speed.py: parts of the step, the bytes each must read, and a
 file that keeps the other runs' profiles on --append (CPU: no profiling here, only the bookkeeping)."""
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
+from conftest import experiment_module
 from transformers import LlamaConfig
 
 from qqq.fast.model import FastLlama
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "e2e_speed.py"
-
 
 @pytest.fixture(scope="module")
 def e2e_speed():
-    spec = importlib.util.spec_from_file_location("e2e_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("e2e_speed")
 
 
 def test_kernels_are_sorted_into_the_parts_whose_bytes_are_known(e2e_speed):

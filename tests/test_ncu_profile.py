@@ -1,18 +1,11 @@
 """The summary of experiments/ncu_profile.py, read from Nsight Compute text reports (CPU: no profiling here)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ncu_profile.py"
+from conftest import experiment_module
 
 
 @pytest.fixture(scope="module")
 def ncu_profile():
-    spec = importlib.util.spec_from_file_location("ncu_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_module("ncu_profile")
 
 
 def _header(kernel, grid):

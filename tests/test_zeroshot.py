@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import experiment_module
 
 pytest.importorskip("lm_eval")
 zeroshot = pytest.importorskip("qqq.zeroshot")
@@ -135,15 +136,9 @@ def test_zero_shot_scores_a_tiny_quantized_model(reference_backend):
 
 
 def test_table_average_comes_with_its_standard_error():
-    import importlib.util
-    from pathlib import Path
-
     import pandas as pd
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "zeroshot_table.py"
-    spec = importlib.util.spec_from_file_location("zeroshot_table", path)
-    table_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table_module)
+    table_module = experiment_module("zeroshot_table")
     tasks = list(table_module.TASKS)
     rows = [dict(model="m", method="fp16", group_size=-1, task=t, metric=metric, value=0.5 + 0.01 * i,
                  stderr=0.02 * (i + 1) if metric == "acc_norm" else 0.5)
@@ -177,15 +172,9 @@ def test_paired_difference_uses_the_documents_both_scored():
 
 
 def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     import pandas as pd
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "zeroshot_table.py"
-    spec = importlib.util.spec_from_file_location("zeroshot_table", path)
-    table_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table_module)
+    table_module = experiment_module("zeroshot_table")
 
     def docs(method, correct):
         return pd.DataFrame([dict(model="m", method=method, group_size=-1, task=t, doc_id=i, metric="acc",
