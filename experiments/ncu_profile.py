@@ -30,18 +30,20 @@ STALL_REASONS = ("long_scoreboard", "barrier", "mio_throttle", "lg_throttle", "w
                  "not_selected", "short_scoreboard", "no_instruction", "dispatch_stall", "membar",
                  "branch_resolving", "drain", "imc_miss", "tex_throttle", "sleeping")
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats", "SchedulerStats")
-CASES = {  # name: (description, first kernel of the case)
-    "gemv_paper_pc": ("streaming W4A8, paper shape 8192x21760, per-channel, M = 1", "_w4a8_gemv_kernel"),
-    "gemv_paper_g128": ("streaming W4A8, paper shape 8192x21760, g128, M = 1", "_w4a8_gemv_kernel"),
-    "gemv_7b_gate_up_pc": ("streaming W4A8, Llama-2-7B gate/up 22016x4096, per-channel, M = 1",
-                           "_w4a8_gemv_kernel"),
-    "attn_b64_int8": ("decode attention, Llama-2-7B heads, batch 64, context 1024, int8 cache",
-                      "_decode_split_kernel"),
-    "attn_b64_fp16": ("decode attention, Llama-2-7B heads, batch 64, context 1024, 16-bit cache",
-                      "_decode_split_kernel"),
-    "attn_b1_fp16": ("decode attention, Llama-2-7B heads, batch 1, context 1024, 16-bit cache",
-                     "_decode_split_kernel"),
+CASES = {  # name: (description, problem kind, its arguments)
+    "gemv_paper_pc": ("streaming W4A8, paper shape 8192x21760, per-channel, M = 1", "gemv", (8192, 21760, -1)),
+    "gemv_paper_g128": ("streaming W4A8, paper shape 8192x21760, g128, M = 1", "gemv", (8192, 21760, 128)),
+    "gemv_7b_gate_up_pc": ("streaming W4A8, Llama-2-7B gate/up 22016x4096, per-channel, M = 1", "gemv",
+                           (22016, 4096, -1)),
+    "attn_b64_int8": ("decode attention, Llama-2-7B heads, batch 64, context 1024, int8 cache", "attention",
+                      (64, 32, 32, 1024, 8)),
+    "attn_b64_fp16": ("decode attention, Llama-2-7B heads, batch 64, context 1024, 16-bit cache", "attention",
+                      (64, 32, 32, 1024, 16)),
+    "attn_b1_fp16": ("decode attention, Llama-2-7B heads, batch 1, context 1024, 16-bit cache", "attention",
+                     (1, 32, 32, 1024, 16)),
 }
+FIRST_KERNEL = {"gemv": "_w4a8_gemv_kernel", "attention": "_decode_split_kernel"}  # where a case's kernels start
+TIME_UNITS = {"ns": 1e-3, "us": 1.0, "ms": 1e3}  # in microseconds
 SECTION_METRICS = {  # summary column: the metric's name in the section report
     "grid": "Grid Size", "registers": "Registers Per Thread", "waves_per_sm": "Waves Per SM",
     "duration_us": "Duration", "dram_pct": "DRAM Throughput", "theoretical_occupancy_pct": "Theoretical Occupancy",
@@ -82,16 +84,12 @@ def workload(cases: list[str]) -> None:
         positions = torch.full((batch,), context - 1, dtype=torch.int32, device="cuda")
         return lambda: decode_attention(q, k, v, positions, k_scale, v_scale)
 
-    problems = {
-        "gemv_paper_pc": lambda: gemv(8192, 21760, -1), "gemv_paper_g128": lambda: gemv(8192, 21760, 128),
-        "gemv_7b_gate_up_pc": lambda: gemv(22016, 4096, -1), "attn_b64_int8": lambda: attention(64, 32, 32, 1024, 8),
-        "attn_b64_fp16": lambda: attention(64, 32, 32, 1024, 16),
-        "attn_b1_fp16": lambda: attention(1, 32, 32, 1024, 16),
-    }
+    builders = {"gemv": gemv, "attention": attention}
     torch.manual_seed(0)
     with gpu.sequential_launches():  # each kernel's own time, as the end-to-end profiles take them
         for case in cases:
-            call = problems[case]()
+            _, kind, arguments = CASES[case]
+            call = builders[kind](*arguments)
             call()
             torch.cuda.synchronize()
             torch.cuda.nvtx.range_push("prof")
@@ -134,7 +132,7 @@ def _case_names(kernels: list[str], cases: list[str]) -> list[str]:
     """The case each profiled kernel belongs to: a case starts at its first kernel's name."""
     names, index = [], -1
     for kernel in kernels:
-        if index + 1 < len(cases) and kernel == CASES[cases[index + 1]][1]:
+        if index + 1 < len(cases) and kernel == FIRST_KERNEL[CASES[cases[index + 1]][1]]:
             index += 1
         names.append(cases[index])
     return names
@@ -150,14 +148,13 @@ def summary(folder: Path, cases: list[str]) -> pd.DataFrame:
         row = {"case": case, "kernel": kernel}
         for column, name in SECTION_METRICS.items():
             unit, value = metrics.get(name, ("", float("nan")))
-            row[column] = value * 1000 if column == "duration_us" and unit == "ms" else value
+            row[column] = value * TIME_UNITS[unit] if column == "duration_us" else value
         row["grid"] = int(row["grid"])
         dram = counters["dram__bytes_read.sum"]
         scale = {"Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(dram[0], 1.0)
         row["dram_read_mb"] = round(dram[1] * scale / 1e6, 2)
-        seconds = counters["gpu__time_duration.sum"][1] * {"ms": 1e-3, "us": 1e-6, "ns": 1e-9}[
-            counters["gpu__time_duration.sum"][0]]  # the bytes over the time of the same (second) pass
-        row["dram_read_tb_s"] = round(dram[1] * scale / seconds / 1e12, 2)
+        unit, value = counters["gpu__time_duration.sum"]  # the bytes over the time of the same (second) pass
+        row["dram_read_tb_s"] = round(dram[1] * scale / (value * TIME_UNITS[unit]) / 1e6, 2)
         stalled = sorted(((counters[f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio"][1], r)
                           for r in STALL_REASONS), reverse=True)
         row["top_stalls"] = ", ".join(f"{r} {v:.2f}" for v, r in stalled[:3])

@@ -31,6 +31,7 @@ def experiment_module(name: str):
     spec.loader.exec_module(module)
     return module
 
+
 def tiny_config(model_type: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2,
                 heads: int = 4, kv_heads: int = 2, vocab: int = 320):
     """A small decoder of the given family, built from a config (no download): GQA, RoPE, SwiGLU."""
