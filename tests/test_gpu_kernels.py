@@ -41,7 +41,7 @@ def _narrow_block_k(group_size):
 
 
 def _streaming_config(split_k=1):
-    return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=256, SPLIT_K=split_k, GROUP_N=1, num_warps=4, num_stages=1, GEMV=1)
+    return dict(BLOCK_N=32, BLOCK_M=16, BLOCK_K=256, SPLIT_K=split_k, GROUP_N=1, num_warps=4, num_stages=2, GEMV=1)
 
 
 # w4a8_gemm: launch path -> the config that forces it for a group size

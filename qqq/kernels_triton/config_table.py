@@ -30,6 +30,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 M_BUCKETS = (1, 2, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 STREAMING_M_MAX = 2  # buckets up to this also time the streaming (CUDA-core) W4A8 kernel, w4a8_gemv.py
 GEMV_MAX_M = 16  # the most tokens the streaming kernel takes (all of them in one program)
+GEMV_SHARED_MEMORY = 64 * 1024  # the streaming kernel's ring stays small enough for several programs per SM
 SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
@@ -105,8 +106,9 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
 
 
 def _fits(kernel: str, cfg: dict) -> bool:
-    if cfg.get("GEMV", 0):
-        return True  # registers only: no shared-memory tiles
+    if cfg.get("GEMV", 0):  # the ring of weight and activation tiles the pipelined loop keeps in shared memory
+        ring = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_N"] // 2 + GEMV_MAX_M)
+        return ring <= GEMV_SHARED_MEMORY
     weight_bytes = 1.0 if cfg.get("DEQUANT", 0) else _weight_bytes_per_element(kernel)
     tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes \
         + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
@@ -143,9 +145,10 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                                 raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                                                 GROUP_N=8, num_warps=warps, num_stages=stages, PREFETCH=prefetch))
         if kernel in ("w4a8", "w4a8_group") and bucket <= STREAMING_M_MAX:
-            for block_n, block_k, split in itertools.product((16, 32, 64, 128), (128, 256, 512), (1, 2, 4, 8)):
+            for block_n, block_k, split, stages in itertools.product((16, 32, 64), (256, 512, 1024), (1, 2, 4, 8),
+                                                                     (2, 4)):
                 raw.append(dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split, GROUP_N=1, num_warps=4,
-                                num_stages=1, GEMV=1))
+                                num_stages=stages, GEMV=1))
     else:
         large = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
             (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),

@@ -1,12 +1,14 @@
-"""W4A8 streaming kernel for decode (M <= 16): the packed int4 weights are read once, straight into registers,
-and multiplied on the CUDA cores (``dp4a``): no shared memory, no tensor cores.
+"""W4A8 streaming kernel for decode (M <= 16): the packed int4 weights are read once and multiplied on the CUDA
+cores (``dp4a``): no tensor cores.
 
 Why a second kernel: at M <= 16 a linear reads N * K / 2 bytes of weights for M * N * K multiply-adds (the paper
 shape at M = 1: 89 MB against 178M), so the floor is the weight read (about 21 us on an H200). The tensor-core
 kernel (``w4a8_gemm.py``) runs load -> shared memory -> unpack -> wgmma in series in one warpgroup per program
 and streamed about 2.8 TB/s there. Here each program owns BLOCK_N output channels and all M tokens and streams
-their packed rows with 16-byte loads; many small programs per SM keep loads in flight while others unpack and
-multiply (the overlap a warp-specialized kernel would get from its producer warps, here from occupancy).
+their packed rows with 16-byte loads. The K loop is pipelined by Triton (``tl.range(num_stages=...)`` on a loop
+without a dot): the weight and activation tiles of the next ``num_stages - 1`` steps are in flight as
+``cp.async`` copies into a shared-memory ring, so the bytes in flight are no longer bounded by registers (the
+first design kept one tile ahead in registers and was latency-bound at 25% occupancy: NOTES.md).
 
 Each 32-bit word of a packed row (4 bytes of ``packing.py``'s layout) holds 8 codes: the low nibbles of the
 columns ``64c + 4i .. 64c + 4i + 3`` and the high nibbles of the columns 32 further, for word ``8c + i``. Both
@@ -47,74 +49,119 @@ def dot4_int8(a, b, acc, USE_ASM: tl.constexpr):
         return acc
 
 
-@triton.jit(do_not_specialize=["M", "n_groups", "split_k"])
+@triton.jit(do_not_specialize=["M", "split_k"])
 def _w4a8_gemv_kernel(
-    words_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr,
-    workspace_ptr, tickets_ptr, acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
-    GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
-    USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    words_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr,
+    M, N, K, stride_wn, stride_om, split_k,
+    HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
-    """``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words); ``words_ptr``: the
-    int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic dependent (the first
-    weight tile is loaded before the wait for the kernel that wrote the activations)."""
+    """Per-channel. ``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words);
+    ``words_ptr``: the int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic
+    dependent."""
     let_next_kernel_start(PDL)
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
     offs_w = tl.arange(0, BLOCK_KW)
-
-    words_per_split = tl.cdiv(K // 8 // BLOCK_KW, split_k) * BLOCK_KW
-    first_word = pid_k * words_per_split
-    last_word = tl.minimum(first_word + words_per_split, K // 8)
-    # a split past the end of K (split_k does not divide the tiles evenly) runs no step, but its first load is
-    # issued before the loop: keep that address inside the row
-    first_load = tl.minimum(first_word, (K // 8 // BLOCK_KW - 1) * BLOCK_KW)  # a multiple of BLOCK_KW: 16-byte loads
-    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (first_load + offs_w)[None, None, :]
-    ratio_row = ratio_ptr + offs_n[:, None, None] * n_groups
-    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
+    first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
+    w_rows = w_ptr + offs_n[:, None, None] * stride_wn
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
-    next_packed = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
     wait_for_previous_kernel(PDL)  # everything below may read what earlier kernels wrote
-    for word0 in range(first_word, last_word, BLOCK_KW):
-        # the next tile's load is issued before this one is used (two tiles in flight per thread)
-        packed = next_packed
-        w_ptrs += tl.where(word0 + BLOCK_KW < last_word, BLOCK_KW, 0)  # the last step reloads its own tile
-        next_packed = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
-        word = word0 + offs_w
-        # the activation word of the low nibbles of word 8c + i is 16c + i (4 codes per word); runs of 8
-        x_low_index = tl.max_contiguous(tl.multiple_of(word + (word // 8) * 8, 8), 8)[None, None, :]
-        x_low = tl.load(x_rows + x_low_index, mask=m_mask[None, :, None], other=0)
-        x_high = tl.load(x_rows + x_low_index + 8, mask=m_mask[None, :, None], other=0)
-        if GROUP_SIZE == -1:
-            w_low = (packed << 4) & SIGNED_HIGH_NIBBLES  # int8 lanes holding 16 * code
-            w_high = packed & SIGNED_HIGH_NIBBLES
-        else:
-            # word 8c + i holds columns 64c + 4i .. + 3 (low nibbles) and 32 further (high): every supported group
-            # size (>= 32) keeps each half of the 64-column chunk in one group
-            chunk_column = (word // 8) * 64
-            r_low = tl.load(ratio_row + (chunk_column // GROUP_SIZE)[None, None, :], mask=n_mask[:, None, None],
-                            other=0.0)
-            if GROUP_SIZE >= 64:
-                r_high = r_low
-            else:
-                r_high = tl.load(ratio_row + ((chunk_column + 32) // GROUP_SIZE)[None, None, :],
-                                 mask=n_mask[:, None, None], other=0.0)
-            w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
+    for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
+        word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)
+        packed = tl.load(w_rows + word[None, None, :], mask=n_mask[:, None, None], other=0)
+        x_low, x_high = _activation_words(x_rows, word[None, None, :], m_mask[None, :, None])
+        w_low = (packed << 4) & SIGNED_HIGH_NIBBLES  # int8 lanes holding 16 * code
+        w_high = packed & SIGNED_HIGH_NIBBLES
         acc = dot4_int8(w_low, x_low, acc, USE_ASM)
         acc = dot4_int8(w_high, x_high, acc, USE_ASM)
-    total = tl.sum(acc, axis=2)  # [BLOCK_N, BLOCK_M]
+    _epilogue(tl.sum(acc, axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr,
+              out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC,
+              SPLIT)
 
+
+@triton.jit(do_not_specialize=["M", "n_groups", "split_k"])
+def _w4a8_gemv_group_kernel(
+    words_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr, workspace_ptr, tickets_ptr,
+    acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
+    GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+):
+    """Per-group: the tile is [BLOCK_N, BLOCK_M, runs, RUN] words, a run being RUN consecutive words of a row under
+    one ratio (per nibble half), so each ratio is loaded and paired once per run, not once per word."""
+    # a group is GROUP_SIZE // 8 words holding both nibble halves when GROUP_SIZE >= 64; groups of 32 split each
+    # 8-word chunk (64 columns) into a low-nibble group and a high-nibble group
+    RUN: tl.constexpr = min(max(GROUP_SIZE // 8, 8), BLOCK_KW)
+    let_next_kernel_start(PDL)
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_run = tl.arange(0, BLOCK_KW // RUN) * RUN
+    offs_i = tl.arange(0, RUN)
+    first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
+    rows = offs_n[:, None, None, None]
+    row_mask = n_mask[:, None, None, None]
+    x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
+    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
+    wait_for_previous_kernel(PDL)
+    for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
+        run_start = word0 + offs_run  # [runs]
+        word = (run_start[:, None] + offs_i[None, :])[None, None, :, :]
+        packed = tl.load(w_ptr + rows * stride_wn + word, mask=row_mask, other=0)
+        # word 8c + i holds columns 64c + 4i .. + 3 (low nibbles) and 32 further (high)
+        chunk_column = ((run_start // 8) * 64)[None, None, :, None]
+        r_low = tl.load(ratio_ptr + rows * n_groups + chunk_column // GROUP_SIZE, mask=row_mask, other=0.0)
+        if GROUP_SIZE >= 64:
+            r_high = r_low
+        else:
+            r_high = tl.load(ratio_ptr + rows * n_groups + (chunk_column + 32) // GROUP_SIZE, mask=row_mask,
+                             other=0.0)
+        x_low, x_high = _activation_words(x_rows, word, m_mask[None, :, None, None])
+        w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
+        acc = dot4_int8(w_low, x_low, acc, USE_ASM)
+        acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+    _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
+              bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
+              WRITE_ACC, SPLIT)
+
+
+@triton.jit
+def _split_range(k_words, BLOCK_KW: tl.constexpr, split_k):
+    """The words [first, last) of the K split of this program (``program_id(1)``); a split past the end of K
+    (split_k does not divide the tiles evenly) gets an empty range."""
+    words_per_split = tl.cdiv(k_words // BLOCK_KW, split_k) * BLOCK_KW
+    first_word = tl.program_id(1) * words_per_split
+    return first_word, tl.minimum(first_word + words_per_split, k_words)
+
+
+@triton.jit
+def _activation_words(x_rows, word, m_mask):
+    """The activation words (4 int8 codes each) that meet the low and the high nibbles of the weight words
+    ``word``: word 8c + i holds columns 64c + 4i .. + 3 (activation word 16c + i) and 32 further (16c + i + 8)."""
+    x_low_index = word + (word // 8) * 8
+    x_low = tl.load(x_rows + x_low_index, mask=m_mask, other=0)
+    x_high = tl.load(x_rows + x_low_index + 8, mask=m_mask, other=0)
+    return x_low, x_high
+
+
+@triton.jit
+def _epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+              workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, X16: tl.constexpr,
+              HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SPLIT: tl.constexpr):
     if not SPLIT:
         epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                 acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
     else:
-        split_k_epilogue(total, pid_n, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask,
-                         a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
-                         GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+        split_k_epilogue(total, tl.program_id(0), split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask,
+                         m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om, X16,
+                         HAS_BIAS, WRITE_ACC)
 
 
 def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out, config,
@@ -126,12 +173,16 @@ def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias
     n = qweight.shape[0]
     block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
     pdl = programmatic_launch(a_codes)
-    _w4a8_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-        a_codes.view(torch.int32), a_scale, qweight.view(torch.int32), channel_scale,
-        group_ratio if group_size != -1 else channel_scale, bias if bias is not None else channel_scale, out,
-        workspace, tickets, acc_out, m, n, k, k // group_size if group_size != -1 else 1, qweight.stride(0) // 4,
-        out.stride(0), split_k,
-        GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=block_n,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_KW=config["BLOCK_K"] // 8, SPLIT=split_k > 1, USE_ASM=use_asm,
-        PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
-    )
+    grid = (triton.cdiv(n, block_n), split_k)
+    pointers = (a_codes.view(torch.int32), a_scale, qweight.view(torch.int32), channel_scale)
+    shared = dict(HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=block_n, BLOCK_M=triton.next_power_of_2(m),
+                  BLOCK_KW=config["BLOCK_K"] // 8, SPLIT=split_k > 1, NUM_STAGES=config["num_stages"],
+                  USE_ASM=use_asm, PDL=pdl, num_warps=config["num_warps"], launch_pdl=pdl)
+    bias = bias if bias is not None else channel_scale  # any pointer when unused
+    if group_size == -1:
+        _w4a8_gemv_kernel[grid](*pointers, bias, out, workspace, tickets, acc_out, m, n, k, qweight.stride(0) // 4,
+                                out.stride(0), split_k, **shared)
+    else:
+        _w4a8_gemv_group_kernel[grid](*pointers, group_ratio, bias, out, workspace, tickets, acc_out, m, n, k,
+                                      k // group_size, qweight.stride(0) // 4, out.stride(0), split_k,
+                                      GROUP_SIZE=group_size, CLAMP=clamp, **shared)
