@@ -70,7 +70,6 @@ def _w4a8_gemv_kernel(
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
-    _prefetch_first_tiles(w_ptr, offs_n, N, stride_wn, first_word, K // 8, BLOCK_KW, NUM_STAGES, PDL)
     wait_for_previous_kernel(PDL)  # everything below may read what earlier kernels wrote
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)
@@ -111,7 +110,6 @@ def _w4a8_gemv_group_kernel(
     row_mask = n_mask[:, None, None, None]
     x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
-    _prefetch_first_tiles(w_ptr, offs_n, N, stride_wn, first_word, K // 8, BLOCK_KW, NUM_STAGES, PDL)
     wait_for_previous_kernel(PDL)
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         run_start = word0 + offs_run  # [runs]
@@ -132,22 +130,6 @@ def _w4a8_gemv_group_kernel(
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
               bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
               WRITE_ACC, SPLIT)
-
-
-@triton.jit
-def _prefetch_first_tiles(w_ptr, offs_n, N, stride_wn, first_word, k_words, BLOCK_KW: tl.constexpr,
-                          NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
-    """Launched as a programmatic dependent: ask L2 for this program's first NUM_STAGES weight tiles (one
-    ``prefetch`` per 128-byte line) before waiting for the kernel that writes the activations. The weights do
-    not depend on it, and the pipelined loop only starts its copies after the wait."""
-    if PDL:
-        LINE_WORDS: tl.constexpr = 32
-        rows = tl.minimum(offs_n, N - 1)
-        for stage in tl.static_range(NUM_STAGES):
-            lines = first_word + stage * BLOCK_KW + tl.arange(0, max(BLOCK_KW // LINE_WORDS, 1)) * LINE_WORDS
-            addresses = w_ptr + rows[:, None] * stride_wn + tl.minimum(lines, k_words - 1)[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [addresses],
-                                      dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
