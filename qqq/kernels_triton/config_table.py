@@ -145,10 +145,10 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                                 raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split,
                                                 GROUP_N=8, num_warps=warps, num_stages=stages, PREFETCH=prefetch))
         if kernel in ("w4a8", "w4a8_group") and bucket <= STREAMING_M_MAX:
-            for block_n, block_k, split, stages in itertools.product((16, 32, 64), (256, 512, 1024), (1, 2, 4, 8),
-                                                                     (2, 4)):
-                raw.append(dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split, GROUP_N=1, num_warps=4,
-                                num_stages=stages, GEMV=1))
+            for block_n, block_k, split, stages, warps in itertools.product((16, 32, 64), (256, 512, 1024),
+                                                                            (1, 2, 4, 8), (2, 3, 4), (4, 8)):
+                raw.append(dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split, GROUP_N=1,
+                                num_warps=warps, num_stages=stages, GEMV=1))
     else:
         large = [  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
             (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),

@@ -60,11 +60,7 @@ def _w4a8_gemv_kernel(
     ``words_ptr``: the int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic
     dependent."""
     let_next_kernel_start(PDL)
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
+    offs_n, offs_m, n_mask, m_mask = _program_rows(N, M, BLOCK_N, BLOCK_M)
     offs_w = tl.arange(0, BLOCK_KW)
     first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
@@ -98,11 +94,7 @@ def _w4a8_gemv_group_kernel(
     # 8-word chunk (64 columns) into a low-nibble group and a high-nibble group
     RUN: tl.constexpr = min(max(GROUP_SIZE // 8, 8), BLOCK_KW)
     let_next_kernel_start(PDL)
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
+    offs_n, offs_m, n_mask, m_mask = _program_rows(N, M, BLOCK_N, BLOCK_M)
     offs_run = tl.arange(0, BLOCK_KW // RUN) * RUN
     offs_i = tl.arange(0, RUN)
     first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
@@ -130,6 +122,14 @@ def _w4a8_gemv_group_kernel(
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
               bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
               WRITE_ACC, SPLIT)
+
+
+@triton.jit
+def _program_rows(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's output channels (``program_id(0)``) and the tokens, with their masks."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, offs_n < N, offs_m < M
 
 
 @triton.jit
