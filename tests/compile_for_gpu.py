@@ -91,10 +91,8 @@ def drive_every_branch() -> None:
     fused_producers.rope_into_cache(qkv, angles.cos(), angles.sin(), torch.zeros(2, 3, dtype=torch.long), codes,
                                     codes.clone(), heads, scales, scales.clone())
     decode_attention.use_inline_asm = lambda t: True
-    for quantize in (False, True):
-        decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]), quantize=quantize)
-        decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
-                                          quantize=quantize)
+    decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
+    decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)
     x = torch.randn(3, 1024).half()
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)

@@ -69,26 +69,3 @@ def test_decode_attention_rejects_bad_caches():
     with pytest.raises(ValueError, match="must be alike"):
         decode_attention(q, codes, codes.clone(), torch.zeros(1, dtype=torch.long), torch.ones(1, 2, 16),
                          torch.ones(1, 2, 16, dtype=torch.float16))
-
-
-@pytest.mark.parametrize("batch,heads,kv_heads,capacity,kv_bits", [(2, 4, 2, 200, 16), (3, 6, 1, 70, 8),
-                                                                    (1, 2, 2, 131, 16)])
-def test_decode_attention_quantizes_each_sequence_row_for_the_o_proj(batch, heads, kv_heads, capacity, kv_bits):
-    """``quantize=True``: the merged output of every head of a sequence, as per-token int8 of its [H * D] row
-    (exactly ``numerics.quantize_per_token`` of the unquantized output), from the same launch; the arrival
-    counters are left zeroed, so a second call (a graph replay) gives the same result."""
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn(batch, heads, 1, 32, generator=gen)
-    if kv_bits == 8:
-        k, v, k_scale, v_scale = int8_cache(batch, kv_heads, capacity, 32, gen)
-    else:
-        k, v = (torch.randn(batch, kv_heads, capacity, 32, generator=gen) for _ in range(2))
-        k_scale = v_scale = None
-    positions = torch.tensor([capacity - 1, 5, capacity // 2][:batch])
-    out = decode_attention(q, k, v, positions, k_scale, v_scale)
-    expected_codes, expected_scale = numerics.quantize_per_token(out.reshape(batch, heads * 32))
-    for _ in range(2):
-        codes, scale = decode_attention(q, k, v, positions, k_scale, v_scale, quantize=True)
-        assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale[:, 0])
-    reference = decode_attention_reference(q, k, v, positions, k_scale, v_scale, quantize=True)
-    assert (codes.int() - reference[0].int()).abs().max() <= 1

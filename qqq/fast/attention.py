@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from qqq import numerics
 from qqq.fast.backend import triton_or_reference
-from qqq.fast.producers import Int8Rows, quantize_rows
 
 KV_BITS = (16, 8)
 
@@ -53,37 +52,28 @@ class KVCache:
                                                            for s in (self.k_scale, self.v_scale)))
 
 
-def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor, quantize: bool = False):
+def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
     """Causal attention of ``q`` [B, H, T, D] over the first B sequences of ``cache``: a prefill from position 0
     (T > 1, SDPA over the keys just written) or one decode step per sequence (T == 1, keys up to its position:
-    ``decode_attention`` or its reference). Returns the output as rows [B * T, H * D] (each token's heads side by
-    side, the o_proj's input), per-token int8 (``Int8Rows``) if ``quantize``."""
+    ``decode_attention`` or its reference)."""
     batch, t = q.shape[0], q.shape[2]
     k, v, k_scale, v_scale = (None if part is None else part[:batch] for part in cache)
     if t > 1:
         keys = slice(None, t)
         k = dequantized(k[:, :, keys], None if k_scale is None else k_scale[:, :, keys], q.dtype)
         v = dequantized(v[:, :, keys], None if v_scale is None else v_scale[:, :, keys], q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
-        rows = out.transpose(1, 2).reshape(batch * t, -1)
-        return quantize_rows(rows) if quantize else rows
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
     decode = triton_or_reference(q, "decode_attention.decode_attention", decode_attention_reference)
-    out = decode(q, k, v, positions[:, -1], k_scale, v_scale, quantize=quantize)
-    return Int8Rows(*out) if quantize else out.reshape(batch, -1)
+    return decode(q, k, v, positions[:, -1], k_scale, v_scale)
 
 
-def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None, quantize=False):
+def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None):
     """What ``kernels_triton.decode_attention.decode_attention`` computes: SDPA of ``q`` [B, H, 1, D] over the
-    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b`` (with ``quantize``, each
-    sequence's output row [H * D] as int8 codes [B, H * D] and scales [B])."""
+    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``."""
     k, v = dequantized(k_cache, k_scale, torch.float32), dequantized(v_cache, v_scale, torch.float32)
     visible = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, None]
     out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :], **_gqa(q, k))
-    out = out.to(q.dtype)
-    if quantize:
-        codes, scale = numerics.quantize_per_token(out.reshape(out.shape[0], -1))
-        return codes, scale[:, 0]
-    return out
+    return out.to(q.dtype)
 
 
 def dequantized(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

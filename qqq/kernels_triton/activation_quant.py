@@ -8,7 +8,7 @@ codes 0. Three launch shapes, one formula:
 - longer rows with many tokens: one program per row, two passes over the row (the second hits L1/L2);
 - longer rows (up to ``MAX_CHUNKED_K``) with few tokens (decode): each row is cut into ``ROW_CHUNKS`` chunks over
   as many programs; each program reads the whole row once for its absmax (from L2, all loads in flight) and
-  writes only its chunk, so a decode step does not wait on one program streaming a 20k-wide row.
+  quantizes only its chunk, so a decode step does not wait on one program streaming a 20k-wide row.
 """
 
 from __future__ import annotations
@@ -96,10 +96,14 @@ def _quantize_chunk_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_code
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    offs = tl.arange(0, ROW_BLOCK)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    codes, scale = int8_codes_and_scale(x, tl.max(tl.abs(x), axis=0))
-    tl.store(codes_ptr + row * stride_codes + offs, codes, mask=(offs < K) & (offs // CHUNK == chunk))
+    offs_row = tl.arange(0, ROW_BLOCK)
+    whole = tl.load(x_ptr + row * stride_x + offs_row, mask=offs_row < K, other=0.0)
+    amax = tl.max(tl.abs(whole), axis=0).to(tl.float32)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    codes, scale = int8_codes_and_scale(x, amax)
+    tl.store(codes_ptr + row * stride_codes + offs, codes, mask=mask)
     if chunk == 0:
         tl.store(scale_ptr + row, scale)
 

@@ -4,11 +4,9 @@ A program owns one kv head of one sequence and all the query heads that read it 
 head ``h // (H / Hkv)``), as the rows of tensor-core dots padded to 16, so each key block is read once for its
 group. The keys are split over several programs so that a small batch still spreads the cache read over the
 whole GPU; each keeps an online softmax (running max, sum and weighted values) over its keys, its loads
-pipelined (``num_stages``). The last split of a kv head to finish (an arrival counter) merges the splits, and
-with ``quantize`` the last kv head of a sequence to be merged writes the sequence's output row as the o_proj's
-int8 codes and scale: one launch per layer, where a merge kernel and a quantization kernel followed before.
-The sequence lengths are read from the device (``positions``), so one CUDA graph serves every step, and nothing
-past a sequence's position is read (no mask tensor is built).
+pipelined (``num_stages``), and a second small kernel merges the splits. The sequence lengths are read from the
+device (``positions``), so one CUDA graph serves every step, and nothing past a sequence's position is read (no
+mask tensor is built).
 
 Precision: the scores' products are exact (16-bit values into an fp32 accumulator); the softmax weights enter
 the value dot in the queries' 16-bit type, as in FlashAttention. An 8-bit cache (int8 codes, an fp32 scale per
@@ -27,7 +25,6 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.activation_quant import int8_codes_and_scale
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu, let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 from qqq.kernels_triton.unpack import use_inline_asm
@@ -35,7 +32,7 @@ from qqq.kernels_triton.unpack import use_inline_asm
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
 PROGRAMS_PER_SM = 4  # with the pipelined loads, enough to stream the cache at small batch
 MAX_SPLITS = 64
-LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "split_kv+int8_out", "split_kv_int8+int8_out")}
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
 
 
 @triton.jit
@@ -59,12 +56,11 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
-                         out_ptr, codes_ptr, out_scale_ptr, tickets_ptr, row_tickets_ptr, n_heads, n_kv_heads,
-                         group, keys_per_split, sm_scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-                         stride_sb, stride_sh,
-                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                         ROW_BLOCK: tl.constexpr, QUANTIZED: tl.constexpr, QUANTIZE_OUT: tl.constexpr,
-                         ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
+                         n_heads, n_kv_heads, group, keys_per_split, sm_scale,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
+                         splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
+                         PDL: tl.constexpr):
     let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
@@ -129,59 +125,29 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
         if QUANTIZED:
             values = values * block_scale
         acc = acc * rescale[:, None] + values
-    slots = (batch * n_heads + heads) * SPLITS + split
+    slots = (batch * n_heads + heads) * splits + split
     tl.store(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], acc, mask=member[:, None])
     tl.store(stats_ptr + slots * 2, running_max, mask=member)
     tl.store(stats_ptr + slots * 2 + 1, running_sum, mask=member)
-    # the last split of this kv head to finish merges them all (no second launch)
-    if _last_to_arrive(tickets_ptr + kv_row, SPLITS):
-        _merge_splits(partial_ptr, stats_ptr, out_ptr, batch, kv_head, group, n_heads, HEAD_DIM, SPLITS)
-        if QUANTIZE_OUT:  # and the last kv head of the sequence to be merged quantizes its row for the o_proj
-            if _last_to_arrive(row_tickets_ptr + batch, n_kv_heads):
-                _quantize_row(out_ptr, codes_ptr, out_scale_ptr, batch, n_heads * HEAD_DIM, ROW_BLOCK)
 
 
 @triton.jit
-def _last_to_arrive(ticket_ptr, arrivals):
-    """Whether this program is the last of ``arrivals`` to reach the counter at ``ticket_ptr`` (which it then
-    resets for the next launch). The barrier and the atomic's acquire-release order every thread's stores before
-    it ahead of the last program's reads."""
-    tl.debug_barrier()
-    last = tl.atomic_add(ticket_ptr, 1) == arrivals - 1
-    if last:
-        tl.atomic_xchg(ticket_ptr, 0)
-    return last
-
-
-@triton.jit
-def _merge_splits(partial_ptr, stats_ptr, out_ptr, batch, kv_head, group, n_heads, HEAD_DIM: tl.constexpr,
-                  SPLITS: tl.constexpr):
-    """Each query head of the kv head: the splits' partial sums, each under its running maximum, brought to the
-    overall maximum and normalized. The loads bypass L1: other programs wrote them."""
+def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    let_next_kernel_start(PDL)
+    wait_for_previous_kernel(PDL)
+    row = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
-    for member in range(0, group):
-        row = batch * n_heads + kv_head * group + member  # (sequence, query head); out is [B, H, 1, D] contiguous
-        slots = row.to(tl.int64) * SPLITS + splits
-        maxima = tl.load(stats_ptr + slots * 2, cache_modifier=".cg")
-        sums = tl.load(stats_ptr + slots * 2 + 1, cache_modifier=".cg")
-        overall = tl.max(maxima, axis=0)  # split 0 always holds key 0, so this is finite
-        weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
-        partial = tl.load(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")
-        out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
-        tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _quantize_row(out_ptr, codes_ptr, scale_ptr, batch, width, ROW_BLOCK: tl.constexpr):
-    """Sequence ``batch``'s attention output (all heads, ``width`` values) as per-token int8 codes and scale."""
-    offs = tl.arange(0, ROW_BLOCK)
-    mask = offs < width
-    start = batch.to(tl.int64) * width
-    values = tl.load(out_ptr + start + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    codes, scale = int8_codes_and_scale(values, tl.max(tl.abs(values), axis=0))
-    tl.store(codes_ptr + start + offs, codes, mask=mask)
-    tl.store(scale_ptr + batch, scale)
+    maxima = tl.load(stats_ptr + (row * SPLITS + splits) * 2)
+    sums = tl.load(stats_ptr + (row * SPLITS + splits) * 2 + 1)
+    overall = tl.max(maxima, axis=0)  # split 0 always holds key 0, so this is finite
+    weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
+    partial = tl.load(partial_ptr + (row * SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :])
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
+    batch = row // n_heads
+    head = row % n_heads
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def split_count(rows: int, capacity: int, programs_per_sm: int = PROGRAMS_PER_SM, block_keys: int = BLOCK_KEYS) -> int:
@@ -202,25 +168,11 @@ def default_config(quantized: bool) -> dict:
     return {"BLOCK_N": BLOCK_KEYS, "num_warps": 4, "num_stages": 2, "programs_per_sm": PROGRAMS_PER_SM}
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, kept per device: the kernel leaves them zeroed, so one allocation serves
-    every call (and every replay of a CUDA graph); not safe for concurrent launches on several streams."""
-    cached = _TICKETS.get(device)
-    if cached is None or cached.numel() < count:
-        cached = _TICKETS[device] = torch.zeros(max(count, 1 << 12), dtype=torch.int32, device=device)
-    return cached
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                     config: dict | None = None, quantize: bool = False):
+                     config: dict | None = None) -> torch.Tensor:
     """Softmax attention of ``q`` [B, H, 1, D] over ``k_cache``/``v_cache`` [B, Hkv, S, D], keys ``0..positions[b]``
-    (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype, or with
-    ``quantize`` each sequence's output row [H * D] as per-token int8 for the o_proj: ``(codes int8 [B, H * D],
-    scale fp32 [B])``, exactly ``numerics.quantize_per_token`` of that output.
+    (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype.
 
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
     entry is its codes times its scale). ``config``: the kernel and launch (:func:`default_config`'s keys)."""
@@ -250,23 +202,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows = batch * n_heads
     partial = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
-    out = torch.empty((batch, n_heads, 1, head_dim), dtype=q.dtype, device=q.device)
-    width = n_heads * head_dim
-    codes = torch.empty((batch, width), dtype=torch.int8, device=q.device) if quantize else out
-    scale = torch.empty((batch,), dtype=torch.float32, device=q.device) if quantize else out
-    tickets = _tickets(q.device, program_rows + batch)
+    out = torch.empty_like(q)
     positions = positions.contiguous()
-    branches.record("decode_attention",
-                    ("split_kv_int8" if quantized else "split_kv") + ("+int8_out" if quantize else ""))
+    branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
     if not quantized:
         k_scale = v_scale = partial  # unused
     pdl = programmatic_launch(q)
     _decode_split_kernel[(program_rows, splits)](
-        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, out, codes, scale, tickets,
-        tickets[program_rows:], n_heads, n_kv_heads, group, keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0),
-        q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
-        HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, SPLITS=splits,
-        ROW_BLOCK=triton.next_power_of_2(width), QUANTIZED=quantized, QUANTIZE_OUT=quantize,
+        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
+        keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), splits, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, QUANTIZED=quantized,
         ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"], PDL=pdl,
         num_warps=config["num_warps"], launch_pdl=pdl)
-    return (codes, scale) if quantize else out
+    _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+                                  SPLITS=splits, PDL=pdl, num_warps=1, launch_pdl=pdl)
+    return out

@@ -79,10 +79,18 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_p
     rstd = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / K + eps)
     y = _normalized(h, rstd, weight_ptr, offs, mask)
     amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)
-    own = mask & (offs // CHUNK == chunk)  # the row's statistics came from all of it; this program writes its chunk
-    if HAS_RESIDUAL:
-        tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=own)
-    _store(y, amax, offs, own, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+    if CHUNK == BLOCK:  # one program per row
+        if HAS_RESIDUAL:
+            tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
+        _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
+    else:  # the row's statistics came from all of it; this program recomputes and writes only its chunk
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < K
+        h = _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
+        y = _normalized(h, rstd, weight_ptr, offs, mask)
+        _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
 
 
 @triton.jit
@@ -100,16 +108,14 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    if QUANTIZE:  # the scale needs the whole row's maximum: each program computes all of it, writes its chunk
-        offs = tl.arange(0, BLOCK)
-        y = _silu_mul(gate_up_ptr, row, offs, offs < width, width, stride_in)
-        amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)
-        mask = (offs < width) & (offs // CHUNK == chunk)
-    else:
+    offs = tl.arange(0, BLOCK)
+    mask = offs < width
+    y = _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in)
+    amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)  # the scale needs the whole row's maximum
+    if CHUNK != BLOCK:  # this program recomputes and writes only its chunk
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
         mask = offs < width
         y = _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in)
-        amax = 0.0
     _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
 
 
