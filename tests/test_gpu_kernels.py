@@ -26,8 +26,9 @@ from qqq.kernels_triton.packing import pack_int4
 # ------------------------------------------------------------------------------------- the cases per branch
 
 # quantize_per_token: (branch, M, K)
-QUANT_CASES = [("single_pass", 1, 4096), ("single_pass", 300, 8192), ("two_pass", 128, 11008),
-               ("two_pass", 2048, 21760), ("two_pass", 300, 28672), ("chunked", 1, 13824), ("chunked", 127, 28672)]
+QUANT_CASES = [("single_pass", 1, 2048), ("single_pass", 17, 4096), ("single_pass", 300, 8192),
+               ("two_pass", 128, 11008), ("two_pass", 2048, 21760), ("two_pass", 300, 28672), ("chunked", 1, 4096),
+               ("chunked", 16, 5120), ("chunked", 1, 8192), ("chunked", 1, 13824), ("chunked", 127, 28672)]
 
 
 def _w4a8_config(block_k, split_k=1, prefetch=0, dequant=0):

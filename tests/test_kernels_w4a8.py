@@ -5,7 +5,7 @@ import torch
 from conftest import interpreted_kernels
 
 from qqq import numerics
-from qqq.kernels_triton import config_table
+from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
@@ -60,6 +60,17 @@ def test_quantize_per_token_matches_numerics(m, k, dtype):
     assert torch.equal(codes, ref_codes)
     assert torch.equal(scales, ref_scales[:, 0])
     assert scales[0] == 0 and not torch.isnan(scales).any()
+
+
+def test_quantize_per_token_cuts_decode_rows_into_chunks():
+    """A few rows of 4096 to MAX_SINGLE_PASS_K (a decode step's o_proj input) are cut into chunks too."""
+    x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(4)).half()
+    x[0, 17] = 40.0  # the row's maximum lies in one chunk; every chunk must use it
+    with branches.recording() as taken:
+        codes, scales = quantize_per_token(x)
+    assert taken == {("quantize_per_token", "chunked")}
+    ref_codes, ref_scales = numerics.quantize_per_token(x)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales[:, 0])
 
 
 @pytest.mark.parametrize("few_rows", [0, 128])  # 0: two passes per row; 128: rows cut into chunks (decode)

@@ -8,7 +8,10 @@ codes 0. Three launch shapes, one formula:
 - longer rows with many tokens: one program per row, two passes over the row (the second hits L1/L2);
 - longer rows (up to ``MAX_CHUNKED_K``) with few tokens (decode): each row is cut into ``ROW_CHUNKS`` chunks over
   as many programs; each program reads the whole row once for its absmax (from L2, all loads in flight) and
-  quantizes only its chunk, so a decode step does not wait on one program streaming a 20k-wide row.
+  quantizes only its chunk, so a decode step does not wait on one program streaming a 20k-wide row. Rows of
+  ``DECODE_CHUNKED_MIN_K`` to ``MAX_SINGLE_PASS_K`` with at most ``DECODE_ROWS`` tokens are cut the same way, into
+  ``SHORT_ROW_CHUNKS``: on the H200 that took the o_proj input of a decode step (M = 1) from 2.17 to 1.79 us at
+  K = 4096, 4.75 to 1.80 at 5120 and 2.87 to 1.91 at 8192 (``kernels_triton/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ TWO_PASS_BLOCK_K = 4096
 ROW_CHUNKS = 16  # chunks per row on the decode path
 MAX_CHUNKED_K = 32768
 FEW_ROWS = 128  # fewer rows than this (and rows longer than MAX_SINGLE_PASS_K) take the chunked path
+DECODE_ROWS = 16  # at most this many rows of DECODE_CHUNKED_MIN_K..MAX_SINGLE_PASS_K take it too
+DECODE_CHUNKED_MIN_K = 4096
+SHORT_ROW_CHUNKS = 8  # chunks per row of at most MAX_SINGLE_PASS_K
 ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds an fp32 |v| < 2**22 to an integer, half to even
 ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern: (bits(v + MAGIC) - MAGIC_BITS) is that integer
 LAUNCH_BRANCHES = {"quantize_per_token": ("single_pass", "two_pass", "chunked")}
@@ -126,9 +132,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, scales
     single_pass = k <= MAX_SINGLE_PASS_K
     pdl = programmatic_launch(rows)
-    if not single_pass and m < FEW_ROWS and k <= MAX_CHUNKED_K:
+    decode_rows = m <= DECODE_ROWS and k >= DECODE_CHUNKED_MIN_K
+    if k <= MAX_CHUNKED_K and (decode_rows or (not single_pass and m < FEW_ROWS)):
         branches.record("quantize_per_token", "chunked")
-        chunk = triton.next_power_of_2(triton.cdiv(k, ROW_CHUNKS))
+        chunk = triton.next_power_of_2(triton.cdiv(k, SHORT_ROW_CHUNKS if single_pass else ROW_CHUNKS))
         _quantize_chunk_kernel[(m, triton.cdiv(k, chunk))](
             rows, codes, scales, k, rows.stride(0), codes.stride(0),
             ROW_BLOCK=triton.next_power_of_2(k), CHUNK=chunk, PDL=pdl, num_warps=8, launch_pdl=pdl)
