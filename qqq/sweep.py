@@ -14,6 +14,7 @@ from torch import nn
 
 from qqq.cache import cache_key, entry_path, load_cached, save_cached
 from qqq.data import calibration_windows, load_text, tokenize
+from qqq.gptq import GPTQConfig
 from qqq.pipeline import Method, QuantizeSettings, get_method, rotate, round_weights, smooth
 
 
@@ -26,18 +27,20 @@ class SweepResult(NamedTuple):
 
 
 def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibration_ids: torch.Tensor | None,
-          smoothing_samples: int, device: torch.device, cache_as: dict | None = None):
+          smoothing_samples: int, device: torch.device, cache_as: dict | None = None, gptq: GPTQConfig | None = None):
     """Quantize a copy of ``base`` for every method x group size (group sizes only for 4-bit methods),
     rotating and searching each smoothing once, shared by the methods that use it. Yields ``SweepResult``s.
 
     ``cache_as`` = ``{"model": name or path, "calibration": {dataset, nsamples, seqlen, smooth_samples, seed}}``
     (describing ``base`` and ``calibration_ids``) turns on the disk cache (``qqq.cache``): a model stored by
-    an earlier run is loaded instead of quantized, and a newly quantized one is stored."""
+    an earlier run is loaded instead of quantized, and a newly quantized one is stored. ``gptq``: the GPTQ
+    options of the methods that use it (default ``GPTQConfig()``)."""
     prepared = {}  # rotated and/or smoothed copies of base, shared by the methods that need the same
     for name in methods:
         method = get_method(name)
         for group_size in (group_sizes if method.weight_bits == 4 else [-1]):
-            settings = QuantizeSettings(group_size=group_size, smoothing_samples=smoothing_samples)
+            settings = QuantizeSettings(group_size=group_size, smoothing_samples=smoothing_samples,
+                                        gptq=gptq or GPTQConfig())
             start = time.time()
             key = None
             if cache_as is not None and method.rounding:
@@ -60,7 +63,8 @@ def sweep(base: nn.Module, methods: list[str], group_sizes: list[int], calibrati
 
 
 def calibrated_sweep(model_name: str, base: nn.Module, tokenizer, methods: list[str], group_sizes: list[int],
-                     calibration: dict, calib_dataset: str, seed: int, device: torch.device, use_cache: bool = True):
+                     calibration: dict, calib_dataset: str, seed: int, device: torch.device, use_cache: bool = True,
+                     gptq: GPTQConfig | None = None):
     """``sweep`` of ``base`` (loaded as ``model_name``) calibrated on ``calib_dataset`` with ``calibration``
     (``nsamples``, ``seqlen``, ``smooth_samples``): the table scripts' loop. Reads and writes the quantized-model
     cache unless ``use_cache`` is off, and says when a model came from it."""
@@ -68,7 +72,7 @@ def calibrated_sweep(model_name: str, base: nn.Module, tokenizer, methods: list[
                               calibration["seqlen"], seed)
     cache_as = {"model": model_name, "calibration": dict(calibration, dataset=calib_dataset, seed=seed)} \
         if use_cache else None
-    for result in sweep(base, methods, group_sizes, ids, calibration["smooth_samples"], device, cache_as):
+    for result in sweep(base, methods, group_sizes, ids, calibration["smooth_samples"], device, cache_as, gptq):
         if result.cached:
             print(f"{result.method.name} g{result.group_size}: loaded from the cache ({result.cached})", flush=True)
         yield result

@@ -6,6 +6,7 @@ from conftest import tiny_model, token_batch
 
 import qqq.pipeline
 import qqq.sweep
+from qqq.gptq import GPTQConfig
 from qqq.sweep import sweep
 
 CALIBRATION = {"dataset": "toy", "nsamples": 4, "seqlen": 32, "smooth_samples": 2, "seed": 0}
@@ -51,3 +52,19 @@ def test_sweep_stores_then_reuses(reference_backend, monkeypatch):
     with pytest.raises(RuntimeError, match="quantized again"):  # another calibration seed misses
         list(sweep(base, ["w4a8_gptq"], [64], ids, 2, torch.device("cpu"),
                    {"model": "tiny", "calibration": CALIBRATION | {"seed": 1}}))
+
+
+def test_sweep_hands_its_gptq_options_to_the_gptq_methods_and_caches_them_apart(reference_backend, monkeypatch):
+    seen = []
+    original = qqq.sweep.round_weights
+    monkeypatch.setattr(qqq.sweep, "round_weights",
+                        lambda model, method, ids, settings, device: seen.append((method.name, settings.gptq.mse_clip))
+                        or original(model, method, ids, settings, device))
+    base, ids = tiny_model("llama"), token_batch(4, 32)
+    cache_as = {"model": "tiny", "calibration": CALIBRATION}
+    plain = list(sweep(base, ["w4a8_gptq"], [-1], ids, 2, torch.device("cpu"), cache_as))
+    clipped = list(sweep(base, ["w4a8_gptq"], [-1], ids, 2, torch.device("cpu"), cache_as, GPTQConfig(mse_clip=True)))
+    assert seen == [("w4a8_gptq", False), ("w4a8_gptq", True)]  # the clipped model was not taken from the cache
+    assert clipped[0].cached is None and plain[0].cached is None
+    with torch.no_grad():
+        assert not torch.equal(plain[0].model(ids).logits, clipped[0].model(ids).logits)
