@@ -25,6 +25,9 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     mse_clip: bool = False  # search a clipping factor per channel/group (QQQ's --gptq_mse)
+    # the same search, its error weighted by each column's input energy (the Hessian's diagonal) instead of
+    # |w - q(w)|^2.4: the diagonal part of GPTQ's own objective, so columns that meet large inputs are not clipped
+    hessian_clip: bool = False
 
 
 @dataclass
@@ -49,15 +52,19 @@ class GPTQLoss(NamedTuple):
     rtn: float
 
 
-def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn) -> torch.Tensor:
-    """Scale per row (or per group) that minimizes sum |w - q(w)|^2.4 over shrink factors 1.00 .. 0.21."""
+def _clipped_scale(weight: torch.Tensor, group_size: int, quantize_fn,
+                   column_energy: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale per row (or per group) that minimizes sum |w - q(w)|^2.4 over shrink factors 1.00 .. 0.21; with
+    ``column_energy`` [K] (the Hessian's diagonal), sum energy * (w - q(w))^2 instead."""
     rows = weight if group_size == -1 else weight.reshape(-1, group_size)
+    energy = None if column_energy is None else column_energy.expand_as(weight).reshape(rows.shape)
     full = rows.abs().amax(dim=1) / (numerics.INT4_SIGNED_MAX if group_size == -1 else numerics.INT4_UNSIGNED_MAX / 2)
     best_err = torch.full_like(full, float("inf"))
     best = full.clone()
     for i in range(80):
         candidate = full * (1 - i / 100)
-        err = (rows - quantize_fn(rows, candidate)).abs().pow(2.4).sum(dim=1)
+        difference = rows - quantize_fn(rows, candidate)
+        err = difference.abs().pow(2.4).sum(dim=1) if energy is None else (difference.square() * energy).sum(dim=1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, candidate, best)
     return best if group_size == -1 else best.reshape(weight.shape[0], -1)
@@ -131,13 +138,17 @@ class GPTQ:
             raise ValueError(f"GPTQ: {len(self.linears)} linears were to read one input, but {self._calls} calls "
                              f"brought {self._inputs_seen} different tensors")
 
-    def initial_scale(self, weight: torch.Tensor, group_size: int, mse_clip: bool) -> torch.Tensor:
+    def initial_scale(self, weight: torch.Tensor, group_size: int, mse_clip: bool,
+                      column_energy: torch.Tensor | None = None) -> torch.Tensor:
+        """The static scales: the absolute maximum, or with ``mse_clip`` (or ``column_energy``, which weights the
+        search's error) the best clipping of it."""
+        search = mse_clip or column_energy is not None
         if group_size == -1:
-            if mse_clip:
-                return _clipped_scale(weight, -1, _quantize_rows_per_channel)
+            if search:
+                return _clipped_scale(weight, -1, _quantize_rows_per_channel, column_energy)
             return numerics.divide_exactly(weight.abs().amax(dim=1), numerics.INT4_SIGNED_MAX)
-        if mse_clip:
-            return _clipped_scale(weight, group_size, _quantize_rows_per_group)
+        if search:
+            return _clipped_scale(weight, group_size, _quantize_rows_per_group, column_energy)
         return numerics.group_scales(weight, group_size)
 
     def quantize(self, group_size: int = -1, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
@@ -161,7 +172,8 @@ class GPTQ:
             weight[:, dead] = 0
 
         # static: from the original weights
-        scales = [self.initial_scale(weight, group_size, config.mse_clip) for weight in weights]
+        energy = torch.diag(hessian) if config.hessian_clip else None
+        scales = [self.initial_scale(weight, group_size, config.mse_clip, energy) for weight in weights]
         if group_size == -1:
             column_scales = [scale[:, None].expand(-1, columns) for scale in scales]
         else:

@@ -18,15 +18,15 @@ def output_error(x, weight, approx):
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256])
-@pytest.mark.parametrize("mse_clip", [False, True])
-def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip):
+@pytest.mark.parametrize("mse_clip,hessian_clip", [(False, False), (True, False), (False, True)])
+def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip, hessian_clip):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=False)
     x = correlated_inputs()
     solver = GPTQ(linear)
     for chunk in x.split(128):
         solver.add_batch(chunk)
-    result = solver.quantize(group_size, GPTQConfig(mse_clip=mse_clip))
+    result = solver.quantize(group_size, GPTQConfig(mse_clip=mse_clip, hessian_clip=hessian_clip))
     if group_size == -1:
         assert result.codes.dtype == torch.int8 and result.codes.abs().max() <= 7
     else:
@@ -124,3 +124,24 @@ def test_linears_that_read_different_inputs_cannot_share_a_solver():
         solver.quantize()
     with pytest.raises(ValueError, match="input size"):
         GPTQ(torch.nn.Linear(64, 8), torch.nn.Linear(32, 8))
+
+
+def test_hessian_clip_keeps_the_columns_that_meet_large_inputs():
+    """Rows whose largest weight sits in the column with by far the largest input energy: the plain clipping
+    search clips it (the other weights round better), the Hessian-weighted one keeps the full range, and its
+    choice has the smaller weighted error."""
+    from qqq.gptq import _clipped_scale, _quantize_rows_per_channel
+
+    torch.manual_seed(1)
+    weight = torch.randn(8, 64) * 0.1
+    weight[:, 0] = 1.0
+    energy = torch.ones(64)
+    energy[0] = 1e4
+    weighted = _clipped_scale(weight, -1, _quantize_rows_per_channel, energy)
+    plain = _clipped_scale(weight, -1, _quantize_rows_per_channel)
+    maximum = weight.abs().amax(dim=1) / numerics.INT4_SIGNED_MAX
+    assert torch.equal(weighted, maximum) and (plain < maximum).all()
+
+    def weighted_error(scale):
+        return ((weight - _quantize_rows_per_channel(weight, scale)).square() * energy).sum()
+    assert weighted_error(weighted) < weighted_error(plain)
