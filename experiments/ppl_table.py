@@ -70,8 +70,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
-                           defaults={"kv_bits": 16, "kv_smooth": 0.0, "mse_clip": False,
-                                                                 "hessian_clip": False})
+                           defaults={"kv_bits": 16, "kv_smooth": 0.0, "mse_clip": False, "hessian_clip": False})
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,

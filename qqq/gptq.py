@@ -142,13 +142,11 @@ class GPTQ:
                       column_energy: torch.Tensor | None = None) -> torch.Tensor:
         """The static scales: the absolute maximum, or with ``mse_clip`` (or ``column_energy``, which weights the
         search's error) the best clipping of it."""
-        search = mse_clip or column_energy is not None
+        if mse_clip or column_energy is not None:
+            quantize = _quantize_rows_per_channel if group_size == -1 else _quantize_rows_per_group
+            return _clipped_scale(weight, group_size, quantize, column_energy)
         if group_size == -1:
-            if search:
-                return _clipped_scale(weight, -1, _quantize_rows_per_channel, column_energy)
             return numerics.divide_exactly(weight.abs().amax(dim=1), numerics.INT4_SIGNED_MAX)
-        if search:
-            return _clipped_scale(weight, group_size, _quantize_rows_per_group, column_energy)
         return numerics.group_scales(weight, group_size)
 
     def quantize(self, group_size: int = -1, config: GPTQConfig = GPTQConfig()) -> GPTQResult:
