@@ -61,8 +61,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
                          splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
                          PDL: tl.constexpr):
-    let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
+    let_next_kernel_start(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
@@ -134,8 +134,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
 @triton.jit
 def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-    let_next_kernel_start(PDL)
     wait_for_previous_kernel(PDL)
+    let_next_kernel_start(PDL)
     row = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)

@@ -59,7 +59,6 @@ def _w4a8_gemv_kernel(
     """Per-channel. ``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words);
     ``words_ptr``: the int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic
     dependent."""
-    let_next_kernel_start(PDL)
     offs_n, offs_m, n_mask, m_mask = _program_rows(N, M, BLOCK_N, BLOCK_M)
     offs_w = tl.arange(0, BLOCK_KW)
     first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
@@ -67,6 +66,7 @@ def _w4a8_gemv_kernel(
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
     wait_for_previous_kernel(PDL)  # everything below may read what earlier kernels wrote
+    let_next_kernel_start(PDL)
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)
         packed = tl.load(w_rows + word[None, None, :], mask=n_mask[:, None, None], other=0)
@@ -93,7 +93,6 @@ def _w4a8_gemv_group_kernel(
     # a group is GROUP_SIZE // 8 words holding both nibble halves when GROUP_SIZE >= 64; groups of 32 split each
     # 8-word chunk (64 columns) into a low-nibble group and a high-nibble group
     RUN: tl.constexpr = min(max(GROUP_SIZE // 8, 8), BLOCK_KW)
-    let_next_kernel_start(PDL)
     offs_n, offs_m, n_mask, m_mask = _program_rows(N, M, BLOCK_N, BLOCK_M)
     offs_run = tl.arange(0, BLOCK_KW // RUN) * RUN
     offs_i = tl.arange(0, RUN)
@@ -103,6 +102,7 @@ def _w4a8_gemv_group_kernel(
     x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
     wait_for_previous_kernel(PDL)
+    let_next_kernel_start(PDL)
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         run_start = word0 + offs_run  # [runs]
         word = (run_start[:, None] + offs_i[None, :])[None, None, :, :]
