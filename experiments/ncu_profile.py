@@ -35,6 +35,8 @@ CASES = {  # name: (description, problem kind, its arguments)
     "gemv_paper_g128": ("streaming W4A8, paper shape 8192x21760, g128, M = 1", "gemv", (8192, 21760, 128)),
     "gemv_7b_gate_up_pc": ("streaming W4A8, Llama-2-7B gate/up 22016x4096, per-channel, M = 1", "gemv",
                            (22016, 4096, -1)),
+    "gemv_7b_qkv_g128": ("W4A8 as tuned, Llama-2-7B q/k/v 12288x4096, g128, M = 1", "gemv", (12288, 4096, 128)),
+    "gemv_7b_qkv_pc": ("W4A8 as tuned, Llama-2-7B q/k/v 12288x4096, per-channel, M = 1", "gemv", (12288, 4096, -1)),
     "attn_b64_int8": ("decode attention, Llama-2-7B heads, batch 64, context 1024, int8 cache", "attention",
                       (64, 32, 32, 1024, 8)),
     "attn_b64_fp16": ("decode attention, Llama-2-7B heads, batch 64, context 1024, 16-bit cache", "attention",
@@ -42,7 +44,10 @@ CASES = {  # name: (description, problem kind, its arguments)
     "attn_b1_fp16": ("decode attention, Llama-2-7B heads, batch 1, context 1024, 16-bit cache", "attention",
                      (1, 32, 32, 1024, 16)),
 }
-FIRST_KERNEL = {"gemv": "_w4a8_gemv_kernel", "attention": "_decode_split_kernel"}  # where a case's kernels start
+# where a case's kernels start: the W4A8 linear runs the streaming kernel (per-channel or per-group) or, where the
+# tuner chose it, the tensor-core one
+FIRST_KERNELS = {"gemv": ("_w4a8_gemv_kernel", "_w4a8_gemv_group_kernel", "_w4a8_gemm_kernel"),
+                 "attention": ("_decode_split_kernel",)}
 TIME_UNITS = {"ns": 1e-3, "us": 1.0, "ms": 1e3}  # in microseconds
 SECTION_METRICS = {  # summary column: the metric's name in the section report
     "grid": "Grid Size", "registers": "Registers Per Thread", "waves_per_sm": "Waves Per SM",
@@ -132,7 +137,7 @@ def _case_names(kernels: list[str], cases: list[str]) -> list[str]:
     """The case each profiled kernel belongs to: a case starts at its first kernel's name."""
     names, index = [], -1
     for kernel in kernels:
-        if index + 1 < len(cases) and kernel == FIRST_KERNEL[CASES[cases[index + 1]][1]]:
+        if index + 1 < len(cases) and kernel in FIRST_KERNELS[CASES[cases[index + 1]][1]]:
             index += 1
         names.append(cases[index])
     return names

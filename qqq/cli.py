@@ -86,6 +86,8 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser, group_size: int = -
     parser.add_argument("--mse-clip", action="store_true", help="GPTQ: search a clipping factor per channel/group")
     parser.add_argument("--hessian-clip", action="store_true",
                         help="GPTQ: that search with its error weighted by each column's input energy")
+    parser.add_argument("--gptq-clip", action="store_true",
+                        help="GPTQ: each row's clipping chosen by GPTQ's own objective (about 9x the GPTQ time)")
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' sampling")
@@ -155,7 +157,7 @@ def _quantize(model, calibration_ids: torch.Tensor | None, args, device) -> None
     settings = QuantizeSettings(group_size=args.group_size, smoothing_samples=calibration["smooth_samples"],
                                 smoothquant_alpha=args.alpha,
                                 gptq=GPTQConfig(act_order=not args.no_act_order, mse_clip=args.mse_clip,
-                                                hessian_clip=args.hessian_clip))
+                                                hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip))
     start = time.time()
     quantize_model(model, method, calibration_ids, settings, device)
     used = f"calibration {args.calib_dataset} {calibration}" if calibration_ids is not None else "no calibration"

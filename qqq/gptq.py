@@ -28,6 +28,13 @@ class GPTQConfig:
     # the same search, its error weighted by each column's input energy (the Hessian's diagonal) instead of
     # |w - q(w)|^2.4: the diagonal part of GPTQ's own objective, so columns that meet large inputs are not clipped
     hessian_clip: bool = False
+    # each row's clipping factor chosen by GPTQ's objective itself (rows are independent in GPTQ): the column loop
+    # runs once per candidate (the absolute maximum times GPTQ_CLIP_FACTORS, and the Hessian-weighted search's
+    # scale) and every row keeps its best; costs about len(GPTQ_CLIP_FACTORS) + 2 GPTQ runs
+    gptq_clip: bool = False
+
+
+GPTQ_CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 @dataclass
@@ -170,50 +177,75 @@ class GPTQ:
             weight[:, dead] = 0
 
         # static: from the original weights
-        energy = torch.diag(hessian) if config.hessian_clip else None
+        energy = torch.diag(hessian) if config.hessian_clip or config.gptq_clip else None
         scales = [self.initial_scale(weight, group_size, config.mse_clip, energy) for weight in weights]
-        if group_size == -1:
-            column_scales = [scale[:, None].expand(-1, columns) for scale in scales]
-        else:
-            column_scales = [scale.repeat_interleave(group_size, dim=1) for scale in scales]
-
         hessian.diagonal().add_(config.damping * torch.mean(torch.diag(hessian)))
-        rtn_losses = [output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
-                      for weight, column_scale in zip(weights, column_scales)]
 
         order = torch.argsort(torch.diag(hessian), descending=True) if config.act_order else torch.arange(columns)
-        weight, column_scale = torch.cat(weights)[:, order], torch.cat(column_scales)[:, order]
-        hessian = hessian[order][:, order]
         ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
         row_slices = [slice(begin, end) for begin, end in zip([0] + ends[:-1], ends)]
+        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian[order][:, order])),
+                                      upper=True)
+        if config.gptq_clip:
+            candidates = [[self.initial_scale(weight, group_size, False) * factor for weight in weights]
+                          for factor in GPTQ_CLIP_FACTORS] + [scales]
+            stacked = torch.stack([torch.cat(candidate) for candidate in candidates])  # [C, rows(, groups)]
+            _, losses = _column_loop(torch.cat(weights * len(candidates))[:, order],
+                                     _by_column(list(stacked), group_size, columns)[:, order], h_inv, group_size,
+                                     config.block_size, [slice(None)])
+            best = losses.view(len(candidates), -1).argmin(dim=0)
+            chosen = stacked.gather(0, best.view(1, -1, *([1] * (stacked.dim() - 2))).expand_as(stacked[:1]))[0]
+            scales = [chosen[rows].clone() for rows in row_slices]  # own storage: checkpoints save each
 
-        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-        # The column loop works on transposed copies, so that each column is a contiguous row (the same
-        # elementwise arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0,
-        # and the squared diagonal of h_inv.
-        scale_by_column = column_scale.T.contiguous()
-        safe_scale_by_column = numerics.safe_divisor(scale_by_column)
-        squared_diagonal = torch.diag(h_inv) ** 2
-
-        codes_by_column = torch.zeros_like(weight.T)
-        losses = torch.zeros(weight.shape[0], device=weight.device)
-        for start in range(0, columns, config.block_size):
-            end = min(start + config.block_size, columns)
-            block = weight[:, start:end].T.contiguous()
-            errors = torch.zeros_like(block)
-            h_inv_block = h_inv[start:end, start:end]
-            for i in range(end - start):
-                w, d, j = block[i], h_inv_block[i, i], start + i
-                codes_by_column[j], q = _round_to_grid(w, scale_by_column[j], group_size, safe_scale_by_column[j])
-                difference = w - q
-                losses += difference.square().div_(squared_diagonal[j]).div_(2)
-                err = torch.div(difference, d, out=errors[i])
-                block[i:] -= h_inv_block[i, i:][:, None] * err[None, :]
-            errors = errors.T.contiguous()
-            for rows in row_slices:
-                weight[rows, end:] -= errors[rows] @ h_inv[start:end, end:]
-
+        column_scales = [_by_column([scale], group_size, columns) for scale in scales]
+        rtn_losses = [output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
+                      for weight, column_scale in zip(weights, column_scales)]
+        codes_by_column, losses = _column_loop(torch.cat(weights)[:, order], torch.cat(column_scales)[:, order],
+                                               h_inv, group_size, config.block_size, row_slices)
         codes = codes_by_column[torch.argsort(order)].T.contiguous()
         dtype = torch.int8 if group_size == -1 else torch.uint8
         return [GPTQResult(codes[rows].to(dtype), scale.float(), float(losses[rows].sum()), rtn_loss)
                 for rows, scale, rtn_loss in zip(row_slices, scales, rtn_losses)]
+
+
+def _by_column(scales: list[torch.Tensor], group_size: int, columns: int) -> torch.Tensor:
+    """Scales (per row [N], or per group [N, K / g]) of row blocks, stacked, as one scale per weight [rows, K]."""
+    scale = torch.cat(scales)
+    if group_size == -1:
+        return scale[:, None].expand(-1, columns)
+    return scale.repeat_interleave(group_size, dim=1)
+
+
+def _column_loop(weight: torch.Tensor, column_scale: torch.Tensor, h_inv: torch.Tensor, group_size: int,
+                 block_size: int, row_slices: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop on ``weight`` [rows, K] (a copy; columns in processing order, ``h_inv`` the upper Cholesky
+    factor of the inverse Hessian in that order): the codes by column [K, rows] and each row's objective. The block
+    updates (matmuls) run per ``row_slices`` (one per linear), so that a solver for several linears gives each the
+    numbers of a solver for it alone."""
+    weight = weight.clone()
+    columns = weight.shape[1]
+    # The loop works on transposed copies, so that each column is a contiguous row (the same elementwise
+    # arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0, and the squared
+    # diagonal of h_inv.
+    scale_by_column = column_scale.T.contiguous()
+    safe_scale_by_column = numerics.safe_divisor(scale_by_column)
+    squared_diagonal = torch.diag(h_inv) ** 2
+
+    codes_by_column = torch.zeros_like(weight.T)
+    losses = torch.zeros(weight.shape[0], device=weight.device)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = weight[:, start:end].T.contiguous()
+        errors = torch.zeros_like(block)
+        h_inv_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            w, d, j = block[i], h_inv_block[i, i], start + i
+            codes_by_column[j], q = _round_to_grid(w, scale_by_column[j], group_size, safe_scale_by_column[j])
+            difference = w - q
+            losses += difference.square().div_(squared_diagonal[j]).div_(2)
+            err = torch.div(difference, d, out=errors[i])
+            block[i:] -= h_inv_block[i, i:][:, None] * err[None, :]
+        errors = errors.T.contiguous()
+        for rows in row_slices:
+            weight[rows, end:] -= errors[rows] @ h_inv[start:end, end:]
+    return codes_by_column, losses

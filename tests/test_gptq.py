@@ -18,15 +18,16 @@ def output_error(x, weight, approx):
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 256])
-@pytest.mark.parametrize("mse_clip,hessian_clip", [(False, False), (True, False), (False, True)])
-def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip, hessian_clip):
+@pytest.mark.parametrize("mse_clip,hessian_clip,gptq_clip",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+def test_gptq_beats_round_to_nearest_on_the_layer(group_size, mse_clip, hessian_clip, gptq_clip):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=False)
     x = correlated_inputs()
     solver = GPTQ(linear)
     for chunk in x.split(128):
         solver.add_batch(chunk)
-    result = solver.quantize(group_size, GPTQConfig(mse_clip=mse_clip, hessian_clip=hessian_clip))
+    result = solver.quantize(group_size, GPTQConfig(mse_clip=mse_clip, hessian_clip=hessian_clip, gptq_clip=gptq_clip))
     if group_size == -1:
         assert result.codes.dtype == torch.int8 and result.codes.abs().max() <= 7
     else:
@@ -145,3 +146,30 @@ def test_hessian_clip_keeps_the_columns_that_meet_large_inputs():
     def weighted_error(scale):
         return ((weight - _quantize_rows_per_channel(weight, scale)).square() * energy).sum()
     assert weighted_error(weighted) < weighted_error(plain)
+
+
+@pytest.mark.parametrize("group_size", [-1, 64])
+def test_gptq_clip_gives_each_row_its_best_candidate(group_size):
+    """GPTQ treats rows on their own, so the search's per-row choice is the best of its candidates for the whole
+    layer: its objective is at most that of GPTQ with the absolute maximum, with the Hessian-weighted clipping, and
+    with any one shrink factor, per linear when two linears share the solver; every chosen scale is one of them."""
+    from qqq.gptq import GPTQ_CLIP_FACTORS
+
+    torch.manual_seed(3)
+    linears = [torch.nn.Linear(128, 48, bias=False), torch.nn.Linear(128, 24, bias=False)]
+    with torch.no_grad():
+        linears[0].weight[:5, 0] *= 25  # rows with an outlier, where clipping pays off differently
+    solver = GPTQ(*linears)
+    solver.add_batch(correlated_inputs(384, 128, seed=3))
+    config = GPTQConfig(block_size=32)
+    searched = solver.quantize_each(group_size, GPTQConfig(block_size=32, gptq_clip=True))
+    rivals = [solver.quantize_each(group_size, config), solver.quantize_each(group_size, GPTQConfig(block_size=32,
+                                                                                                   hessian_clip=True))]
+    for result, *others in zip(searched, *rivals):
+        assert all(result.loss <= other.loss * (1 + 1e-5) for other in others)
+    for linear, result, plain, hessian in zip(linears, searched, *rivals):
+        candidates = [plain.scale * factor for factor in GPTQ_CLIP_FACTORS] + [hessian.scale]
+        matches = torch.stack([torch.isclose(result.scale, c, rtol=1e-6, atol=0) for c in candidates]).any(dim=0)
+        assert matches.all()
+        assert result.scale.untyped_storage().nbytes() == result.scale.numel() * 4  # not a view: safetensors saves it
+        assert len({round(float(s), 6) for s in (result.scale / plain.scale).flatten()}) > 1  # rows differ
