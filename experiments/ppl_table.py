@@ -26,11 +26,10 @@ from qqq.gptq import GPTQConfig
 from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
-from qqq.sweep import calibrated_sweep
+from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.provenance import ResultsTable, provenance
 
-KEY_COLUMNS = ["model", "method", "group_size", "mse_clip", "hessian_clip", "gptq_clip", "kv_bits", "kv_smooth",
-               "dataset", "seqlen"]
+KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "dataset", "seqlen"]
 
 
 def parse_args():
@@ -51,7 +50,7 @@ def parse_args():
     p.add_argument("--hessian-clip", action="store_true",
                    help="GPTQ methods: that search, its error weighted by the Hessian's diagonal (own rows)")
     p.add_argument("--gptq-clip", action="store_true",
-                   help="GPTQ methods: each channel's clipping chosen by GPTQ's own objective (own rows; ~9x GPTQ time)")
+                   help="GPTQ methods: each channel's clipping chosen by GPTQ's own objective (own rows; slower)")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
@@ -73,8 +72,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
-                           defaults={"kv_bits": 16, "kv_smooth": 0.0, "mse_clip": False, "hessian_clip": False,
-                                     "gptq_clip": False})
+                           defaults={"kv_bits": 16, "kv_smooth": 0.0} | dict.fromkeys(CLIP_COLUMNS, False))
+    gptq = GPTQConfig(mse_clip=args.mse_clip, hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip)
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
@@ -85,25 +84,21 @@ def main():
         for method, group_size, model, seconds, cached in calibrated_sweep(
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
                 args.seed, device, use_cache=not args.no_cache,
-                gptq=GPTQConfig(mse_clip=args.mse_clip, hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip)):
-            mse_clip = args.mse_clip and method.rounding == "gptq"
-            hessian_clip = args.hessian_clip and method.rounding == "gptq"
-            gptq_clip = args.gptq_clip and method.rounding == "gptq"
+                gptq=gptq):
+            clips = clip_columns(method, gptq)
             for kv_bits in args.kv_bits:
                 start = time.time()
                 kv_smooth = args.kv_smooth if kv_bits == 8 else 0.0
-                label = (f"{method.name} g{group_size}" + (" mse-clip" if mse_clip else "")
-                         + (" hessian-clip" if hessian_clip else "") + (" gptq-clip" if gptq_clip else "")
-                         + f" kv{kv_bits}"
+                label = (f"{method.name} g{group_size}{clip_label(clips)} kv{kv_bits}"
                          + (f" smooth {kv_smooth}" if kv_smooth else ""))
                 model = model.to(device)
                 if kv_smooth:  # exact in floating point: a model scored after it with 16-bit keys is unchanged
                     smooth_attention_calibrated(model, tokenizer, kv_smooth, args.calib_dataset, args.seed)
                 with kv_cache_fake_quantized(model) if kv_bits == 8 else nullcontext():
                     value = perplexity(model, windows, device, desc=label)
-                rows.append(dict(model=model_name, method=method.name, group_size=group_size, mse_clip=mse_clip,
-                                 hessian_clip=hessian_clip, gptq_clip=gptq_clip, kv_bits=kv_bits, kv_smooth=kv_smooth,
-                                 dataset=args.dataset, seqlen=args.seqlen, windows=windows.shape[0], ppl=round(value, 4),
+                rows.append(dict(model=model_name, method=method.name, group_size=group_size, **clips, kv_bits=kv_bits,
+                                 kv_smooth=kv_smooth, dataset=args.dataset, seqlen=args.seqlen,
+                                 windows=windows.shape[0], ppl=round(value, 4),
                                  seconds=round(seconds + time.time() - start), from_cache=cached is not None))
                 print(rows[-1], flush=True)
                 write_markdown(results.write(rows), results, args, calibration, out.with_suffix(".md"))  # after each
@@ -112,7 +107,7 @@ def main():
 
 def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration: dict, path: Path) -> None:
     order = {name: i for i, name in enumerate(METHODS)}
-    index = ["method", "group_size", "mse_clip", "hessian_clip", "gptq_clip", "kv_bits", "kv_smooth"]
+    index = ["method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth"]
     table = table.sort_values(index, key=lambda c: c.map(order) if c.name == "method" else -c if c.name == "kv_bits"
                               else c, kind="stable")
     pivot = table.pivot_table(index=index, columns="model", values="ppl", sort=False)
@@ -154,10 +149,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
 
 
 def configurations(rows: pd.DataFrame) -> str:
-    return ", ".join(f"{m} g{g}" + (" mse-clip" if clip else "") + (" hessian-clip" if hessian else "")
-                     + (" gptq-clip" if gptq else "") + (" kv8" if kv == 8 else "") for m, g, clip, hessian, gptq, kv in
-                     zip(rows["method"], rows["group_size"], rows["mse_clip"], rows["hessian_clip"], rows["gptq_clip"],
-                         rows["kv_bits"]))
+    return ", ".join(f"{row.method} g{row.group_size}{clip_label(row._asdict())}" + (" kv8" if row.kv_bits == 8 else "")
+                     for row in rows.itertuples())
 
 
 if __name__ == "__main__":

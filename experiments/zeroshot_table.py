@@ -24,11 +24,13 @@ import torch
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
-from qqq.sweep import calibrated_sweep
+from qqq.gptq import GPTQConfig
+from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
 
-KEY_COLUMNS = ["model", "method", "group_size", "task", "metric"]
-RUN_COLUMNS = ["model", "method", "group_size"]  # what one evaluation's documents are keyed by
+RUN_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS]  # what one evaluation's documents are keyed by
+KEY_COLUMNS = [*RUN_COLUMNS, "task", "metric"]
+CLIP_DEFAULTS = dict.fromkeys(CLIP_COLUMNS, False)  # rows and samples from before the clip columns
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -47,6 +49,9 @@ def parse_args():
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
     p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling")
+    p.add_argument("--mse-clip", action="store_true", help="GPTQ methods: ppl_table.py's --mse-clip (own rows)")
+    p.add_argument("--hessian-clip", action="store_true", help="GPTQ methods: ppl_table.py's --hessian-clip (own rows)")
+    p.add_argument("--gptq-clip", action="store_true", help="GPTQ methods: ppl_table.py's --gptq-clip (own rows)")
     p.add_argument("--no-cache", action="store_true", help="quantize again, neither read nor write the cache")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of --out.csv that this run does not measure again (needs the same --limit)")
@@ -68,7 +73,7 @@ def main():
                                         "limit": str(args.limit)}
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge))
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge), defaults=CLIP_DEFAULTS)
     for part in args.merge or []:
         results.absorb(Path(part))
     if {run.get("limit") for run in results.runs} != {str(args.limit)}:
@@ -81,23 +86,24 @@ def main():
         write_samples(out, kept_samples, table)
         write_markdown(table, results, args, out.with_suffix(".md"))
         return
+    gptq = GPTQConfig(mse_clip=args.mse_clip, hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip)
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         for method, group_size, model, seconds, cached in calibrated_sweep(
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
-                args.seed, device, use_cache=not args.no_cache):
+                args.seed, device, use_cache=not args.no_cache, gptq=gptq):
+            run = dict(model=model_name, method=method.name, group_size=group_size, **clip_columns(method, gptq))
             quantized = time.time()
             samples = [] if args.log_samples else None
             scores = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
                                max_length=args.max_length, batch_size=args.batch_size, device=device,
                                samples=samples)
-            this_run = pd.DataFrame([dict(model=model_name, method=method.name, group_size=group_size)])
+            this_run = pd.DataFrame([run])
             if samples is not None:
-                this_run = pd.DataFrame(samples).assign(model=model_name, method=method.name, group_size=group_size)
+                this_run = pd.DataFrame(samples).assign(**run)
             kept_samples = merged_samples(kept_samples, this_run)  # without --log-samples: drops its old documents
             for score in scores:
-                rows.append(dict(model=model_name, method=method.name, group_size=group_size, task=score["task"],
-                                 metric=score["metric"], value=round(score["value"], 4),
+                rows.append(dict(**run, task=score["task"], metric=score["metric"], value=round(score["value"], 4),
                                  stderr=round(score["stderr"], 4), docs=score["docs"], split=score["split"],
                                  quantize_seconds=round(seconds), from_cache=cached is not None,
                                  eval_seconds=round(time.time() - quantized)))
@@ -114,11 +120,19 @@ def samples_path(out: Path) -> Path:
 
 def read_samples(out: Path) -> pd.DataFrame | None:
     path = samples_path(out)
-    return pd.read_csv(path) if path.exists() else None
+    return with_clip_columns(pd.read_csv(path)) if path.exists() else None
+
+
+def with_clip_columns(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``frame`` with the clip columns it lacks (rows and samples from before them) set to False."""
+    if frame is None:
+        return None
+    return frame.assign(**{column: value for column, value in CLIP_DEFAULTS.items() if column not in frame})
 
 
 def merged_samples(kept: pd.DataFrame | None, new: pd.DataFrame | None) -> pd.DataFrame | None:
     """``new``'s documents replace ``kept``'s of the same model, method and group size."""
+    kept, new = with_clip_columns(kept), with_clip_columns(new)
     if new is None or kept is None:
         return kept if new is None else new
     replaced = kept.set_index(RUN_COLUMNS).index.isin(new.set_index(RUN_COLUMNS).index)
@@ -128,6 +142,7 @@ def merged_samples(kept: pd.DataFrame | None, new: pd.DataFrame | None) -> pd.Da
 def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) -> None:
     """The scored documents of the evaluations in ``table``; none left behind from evaluations that are not."""
     path = samples_path(out)
+    samples, table = with_clip_columns(samples), with_clip_columns(table)
     if samples is not None and "doc_id" in samples:
         samples = samples.dropna(subset=["doc_id"])
         kept = samples[samples.set_index(RUN_COLUMNS).index.isin(table.set_index(RUN_COLUMNS).index)]
@@ -140,16 +155,15 @@ def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) 
 def paired_layout(samples: pd.DataFrame, model: str, tasks: list[str]) -> pd.DataFrame:
     """Each method against fp16 on the documents both scored: the Avg difference (points) and its paired
     standard error."""
-    part = samples[samples["model"] == model]
+    part = with_clip_columns(samples[samples["model"] == model])
     averaged = [t for t in TASKS if t in tasks]
     lines = []
-    for method, group_size in part[["method", "group_size"]].drop_duplicates().itertuples(index=False):
-        if method == "fp16":
+    for who in part[RUN_COLUMNS[1:]].drop_duplicates().to_dict("records"):
+        if who["method"] == "fp16":
             continue
-        delta, error, docs = paired_difference(part, {"method": method, "group_size": group_size},
-                                               {"method": "fp16"}, averaged)
-        lines.append({"method": method, "group_size": group_size, "Avg - fp16": delta, "paired stderr": error,
-                      "docs": docs})
+        delta, error, docs = paired_difference(part, who, {"method": "fp16"}, averaged)
+        lines.append({"method": who["method"] + clip_label(who), "group_size": who["group_size"],
+                      "Avg - fp16": delta, "paired stderr": error, "docs": docs})
     return pd.DataFrame(lines)
 
 
@@ -158,10 +172,10 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
 
     ``metric`` None: acc_norm where the task has it, else acc (the convention of QuaRot's/QQQ's lm-eval code).
     """
-    part = table[table["model"] == model]
+    part = with_clip_columns(table[table["model"] == model])
     averaged = [t for t in TASKS if t in tasks]
     lines, shown = [], {}
-    for (method, group_size), group in part.groupby(["method", "group_size"], sort=False):
+    for (method, group_size, *clips), group in part.groupby(RUN_COLUMNS[1:], sort=False):
         scores, errors = {}, {}
         for task, task_rows in group.groupby("task", sort=False):
             by_metric = dict(zip(task_rows["metric"], task_rows["value"]))
@@ -170,7 +184,7 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
                 scores[task] = 100 * value
                 errors[task] = 100 * dict(zip(task_rows["metric"], task_rows["stderr"]))[name]
                 shown[task] = name
-        line = {"method": method, "group_size": group_size}
+        line = {"method": method + clip_label(dict(zip(CLIP_COLUMNS, clips))), "group_size": group_size}
         line |= {TASK_TITLES[t]: scores.get(t) for t in tasks}
         complete = averaged and all(t in scores for t in averaged)
         line["Avg"] = sum(scores[t] for t in averaged) / len(averaged) if complete else None
@@ -186,7 +200,7 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
 def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path) -> None:
     offline = not args.online
     order = {name: i for i, name in enumerate(METHODS)}
-    table = table.sort_values(["method", "group_size"], key=lambda c: c.map(order) if c.name == "method" else c,
+    table = table.sort_values(RUN_COLUMNS[1:], key=lambda c: c.map(order) if c.name == "method" else c,
                               kind="stable")
     docs = table.groupby("task", sort=False)["docs"].max().to_dict()
     limited = args.limit is not None
@@ -245,7 +259,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
 
 
 def configurations(rows: pd.DataFrame) -> str:
-    return ", ".join(dict.fromkeys(f"{m} g{g}" for m, g in zip(rows["method"], rows["group_size"])))
+    return ", ".join(dict.fromkeys(f"{row['method']} g{row['group_size']}{clip_label(row)}"
+                                   for row in rows.to_dict("records")))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,20 @@ from qqq.gptq import GPTQConfig
 from qqq.pipeline import Method, QuantizeSettings, get_method, rotate, round_weights, smooth
 
 
+CLIP_COLUMNS = ("mse_clip", "hessian_clip", "gptq_clip")  # the tables' columns for GPTQ's scale searches
+
+
+def clip_columns(method: Method, gptq: GPTQConfig) -> dict[str, bool]:
+    """The GPTQ scale searches that made a method's model, as the tables' columns (all False for a method without
+    GPTQ, whatever ``gptq`` says)."""
+    return {column: method.rounding == "gptq" and getattr(gptq, column) for column in CLIP_COLUMNS}
+
+
+def clip_label(columns) -> str:
+    """`` mse-clip`` / `` hessian-clip`` / `` gptq-clip`` (or several, or nothing) for a row's clip columns."""
+    return "".join(f" {column.replace('_', '-')}" for column in CLIP_COLUMNS if columns[column])
+
+
 class SweepResult(NamedTuple):
     method: Method
     group_size: int

@@ -68,3 +68,13 @@ def test_sweep_hands_its_gptq_options_to_the_gptq_methods_and_caches_them_apart(
     assert clipped[0].cached is None and plain[0].cached is None
     with torch.no_grad():
         assert not torch.equal(plain[0].model(ids).logits, clipped[0].model(ids).logits)
+
+
+def test_clip_columns_name_only_the_searches_a_method_used():
+    from qqq.pipeline import get_method
+    from qqq.sweep import clip_columns, clip_label
+
+    searches = GPTQConfig(hessian_clip=True, gptq_clip=True)
+    assert clip_columns(get_method("rot_qqq"), searches) == {"mse_clip": False, "hessian_clip": True, "gptq_clip": True}
+    assert not any(clip_columns(get_method("w4a8_rtn"), searches).values())  # no GPTQ: no search
+    assert clip_label(clip_columns(get_method("qqq"), searches)) == " hessian-clip gptq-clip"

@@ -194,3 +194,22 @@ def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path
     assert set(table_module.read_samples(out)["method"]) == {"fp16"}
     table_module.write_samples(out, None, table)
     assert table_module.read_samples(out) is None
+
+
+def test_table_keeps_a_clipping_variant_apart_from_its_method():
+    """Samples from before the clip columns count as no clipping; a method's run with a GPTQ scale search neither
+    replaces nor mixes with its plain run, in the samples or the paired table."""
+    import pandas as pd
+
+    table_module = experiment_module("zeroshot_table")
+
+    def docs(method, correct, **clips):
+        return pd.DataFrame([dict(model="m", method=method, group_size=-1, task=t, doc_id=i, metric="acc",
+                                  correct=float(correct), **clips) for t in table_module.TASKS for i in range(4)])
+
+    old = docs("fp16", 1).merge(docs("rot_qqq", 0), how="outer")  # written before the clip columns
+    kept = table_module.merged_samples(old, docs("rot_qqq", 1, mse_clip=False, hessian_clip=False, gptq_clip=True))
+    assert len(kept) == 3 * 4 * len(table_module.TASKS)
+    paired = table_module.paired_layout(kept, "m", list(table_module.TASKS))
+    assert sorted(paired[["method", "Avg - fp16"]].values.tolist()) == [["rot_qqq", -100.0],
+                                                                         ["rot_qqq gptq-clip", 0.0]]
