@@ -218,11 +218,10 @@ def _by_column(scales: list[torch.Tensor], group_size: int, columns: int) -> tor
 
 def _column_loop(weight: torch.Tensor, column_scale: torch.Tensor, h_inv: torch.Tensor, group_size: int,
                  block_size: int, row_slices: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's column loop on ``weight`` [rows, K] (a copy; columns in processing order, ``h_inv`` the upper Cholesky
-    factor of the inverse Hessian in that order): the codes by column [K, rows] and each row's objective. The block
-    updates (matmuls) run per ``row_slices`` (one per linear), so that a solver for several linears gives each the
-    numbers of a solver for it alone."""
-    weight = weight.clone()
+    """GPTQ's column loop on ``weight`` [rows, K] (updated in place: pass a copy; columns in processing order,
+    ``h_inv`` the upper Cholesky factor of the inverse Hessian in that order): the codes by column [K, rows] and each
+    row's objective. The block updates (matmuls) run per ``row_slices`` (one per linear), so that a solver for
+    several linears gives each the numbers of a solver for it alone."""
     columns = weight.shape[1]
     # The loop works on transposed copies, so that each column is a contiguous row (the same elementwise
     # arithmetic, on faster memory). Per column, computed once: the scale with 1 where it is 0, and the squared
