@@ -22,7 +22,7 @@ import torch
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.fast.attention import KV_BITS, kv_cache_fake_quantized
-from qqq.gptq import GPTQConfig
+from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
@@ -45,12 +45,7 @@ def parse_args():
     p.add_argument("--kv-smooth", type=float, default=0.0, metavar="ALPHA",
                    help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA, QServe uses 0.5) "
                         "folded into q_proj / k_proj first, calibrated on --calib-dataset (0: none)")
-    p.add_argument("--mse-clip", action="store_true",
-                   help="GPTQ methods: search a clipping factor per channel/group (rows of their own)")
-    p.add_argument("--hessian-clip", action="store_true",
-                   help="GPTQ methods: that search, its error weighted by the Hessian's diagonal (own rows)")
-    p.add_argument("--gptq-clip", action="store_true",
-                   help="GPTQ methods: each channel's clipping chosen by GPTQ's own objective (own rows; slower)")
+    add_clip_arguments(p, "GPTQ methods, rows of their own")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
@@ -73,7 +68,7 @@ def main():
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
                            defaults={"kv_bits": 16, "kv_smooth": 0.0} | dict.fromkeys(CLIP_COLUMNS, False))
-    gptq = GPTQConfig(mse_clip=args.mse_clip, hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip)
+    gptq = GPTQConfig(**clip_searches(args))
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         windows = perplexity_windows(tokenize(tokenizer, load_text(args.dataset, "test")), args.dataset,
@@ -83,8 +78,7 @@ def main():
                              f"{windows.shape[0]}: one table cannot mix them")
         for method, group_size, model, seconds, cached in calibrated_sweep(
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
-                args.seed, device, use_cache=not args.no_cache,
-                gptq=gptq):
+                args.seed, device, use_cache=not args.no_cache, gptq=gptq):
             clips = clip_columns(method, gptq)
             for kv_bits in args.kv_bits:
                 start = time.time()
@@ -149,8 +143,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
 
 
 def configurations(rows: pd.DataFrame) -> str:
-    return ", ".join(f"{row.method} g{row.group_size}{clip_label(row._asdict())}" + (" kv8" if row.kv_bits == 8 else "")
-                     for row in rows.itertuples())
+    return ", ".join(f"{row['method']} g{row['group_size']}{clip_label(row)}" + (" kv8" if row["kv_bits"] == 8 else "")
+                     for row in rows.to_dict("records"))
 
 
 if __name__ == "__main__":

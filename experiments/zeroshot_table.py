@@ -24,13 +24,12 @@ import torch
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
-from qqq.gptq import GPTQConfig
+from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
 
 RUN_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS]  # what one evaluation's documents are keyed by
 KEY_COLUMNS = [*RUN_COLUMNS, "task", "metric"]
-CLIP_DEFAULTS = dict.fromkeys(CLIP_COLUMNS, False)  # rows and samples from before the clip columns
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -49,9 +48,7 @@ def parse_args():
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
     p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling")
-    p.add_argument("--mse-clip", action="store_true", help="GPTQ methods: ppl_table.py's --mse-clip (own rows)")
-    p.add_argument("--hessian-clip", action="store_true", help="GPTQ methods: ppl_table.py's --hessian-clip (own rows)")
-    p.add_argument("--gptq-clip", action="store_true", help="GPTQ methods: ppl_table.py's --gptq-clip (own rows)")
+    add_clip_arguments(p, "GPTQ methods, rows of their own")
     p.add_argument("--no-cache", action="store_true", help="quantize again, neither read nor write the cache")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of --out.csv that this run does not measure again (needs the same --limit)")
@@ -73,7 +70,8 @@ def main():
                                         "limit": str(args.limit)}
     rows, out = [], Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge), defaults=CLIP_DEFAULTS)
+    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
+                           defaults=dict.fromkeys(CLIP_COLUMNS, False))
     for part in args.merge or []:
         results.absorb(Path(part))
     if {run.get("limit") for run in results.runs} != {str(args.limit)}:
@@ -86,7 +84,7 @@ def main():
         write_samples(out, kept_samples, table)
         write_markdown(table, results, args, out.with_suffix(".md"))
         return
-    gptq = GPTQConfig(mse_clip=args.mse_clip, hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip)
+    gptq = GPTQConfig(**clip_searches(args))
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
         for method, group_size, model, seconds, cached in calibrated_sweep(
@@ -120,19 +118,14 @@ def samples_path(out: Path) -> Path:
 
 def read_samples(out: Path) -> pd.DataFrame | None:
     path = samples_path(out)
-    return with_clip_columns(pd.read_csv(path)) if path.exists() else None
-
-
-def with_clip_columns(frame: pd.DataFrame | None) -> pd.DataFrame | None:
-    """``frame`` with the clip columns it lacks (rows and samples from before them) set to False."""
-    if frame is None:
+    if not path.exists():
         return None
-    return frame.assign(**{column: value for column, value in CLIP_DEFAULTS.items() if column not in frame})
+    samples = pd.read_csv(path)  # a file from before the clip columns: its runs used none
+    return samples.assign(**{column: False for column in CLIP_COLUMNS if column not in samples})
 
 
 def merged_samples(kept: pd.DataFrame | None, new: pd.DataFrame | None) -> pd.DataFrame | None:
     """``new``'s documents replace ``kept``'s of the same model, method and group size."""
-    kept, new = with_clip_columns(kept), with_clip_columns(new)
     if new is None or kept is None:
         return kept if new is None else new
     replaced = kept.set_index(RUN_COLUMNS).index.isin(new.set_index(RUN_COLUMNS).index)
@@ -142,7 +135,6 @@ def merged_samples(kept: pd.DataFrame | None, new: pd.DataFrame | None) -> pd.Da
 def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) -> None:
     """The scored documents of the evaluations in ``table``; none left behind from evaluations that are not."""
     path = samples_path(out)
-    samples, table = with_clip_columns(samples), with_clip_columns(table)
     if samples is not None and "doc_id" in samples:
         samples = samples.dropna(subset=["doc_id"])
         kept = samples[samples.set_index(RUN_COLUMNS).index.isin(table.set_index(RUN_COLUMNS).index)]
@@ -155,7 +147,7 @@ def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) 
 def paired_layout(samples: pd.DataFrame, model: str, tasks: list[str]) -> pd.DataFrame:
     """Each method against fp16 on the documents both scored: the Avg difference (points) and its paired
     standard error."""
-    part = with_clip_columns(samples[samples["model"] == model])
+    part = samples[samples["model"] == model]
     averaged = [t for t in TASKS if t in tasks]
     lines = []
     for who in part[RUN_COLUMNS[1:]].drop_duplicates().to_dict("records"):
@@ -172,7 +164,7 @@ def paper_layout(table: pd.DataFrame, model: str, tasks: list[str], metric: str 
 
     ``metric`` None: acc_norm where the task has it, else acc (the convention of QuaRot's/QQQ's lm-eval code).
     """
-    part = with_clip_columns(table[table["model"] == model])
+    part = table[table["model"] == model]
     averaged = [t for t in TASKS if t in tasks]
     lines, shown = [], {}
     for (method, group_size, *clips), group in part.groupby(RUN_COLUMNS[1:], sort=False):

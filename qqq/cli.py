@@ -10,7 +10,7 @@ import torch
 
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_FORMATS
-from qqq.gptq import GPTQConfig
+from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.key_smoothing import CALIBRATION_TEXT, DEFAULT_ALPHA, smooth_attention_calibrated
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
@@ -83,12 +83,7 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser, group_size: int = -
         if key not in calibration:  # else the command's own default, shown by HelpFormatter
             help_text += f" (default: {DEMO_CALIBRATION[key]}, with --paper-settings {PAPER_CALIBRATION[key]})"
         parser.add_argument(flag, type=positive_int, default=calibration.get(key), help=help_text)
-    parser.add_argument("--mse-clip", action="store_true", help="GPTQ: search a clipping factor per channel/group")
-    parser.add_argument("--hessian-clip", action="store_true",
-                        help="GPTQ: that search with its error weighted by each column's input energy")
-    parser.add_argument("--gptq-clip", action="store_true",
-                        help="GPTQ: each row's clipping chosen by GPTQ's own objective (its column loop run for 8 "
-                             "candidate scales)")
+    add_clip_arguments(parser)
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
     parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' sampling")
@@ -157,8 +152,7 @@ def _quantize(model, calibration_ids: torch.Tensor | None, args, device) -> None
     calibration = _calibration(args)
     settings = QuantizeSettings(group_size=args.group_size, smoothing_samples=calibration["smooth_samples"],
                                 smoothquant_alpha=args.alpha,
-                                gptq=GPTQConfig(act_order=not args.no_act_order, mse_clip=args.mse_clip,
-                                                hessian_clip=args.hessian_clip, gptq_clip=args.gptq_clip))
+                                gptq=GPTQConfig(act_order=not args.no_act_order, **clip_searches(args)))
     start = time.time()
     quantize_model(model, method, calibration_ids, settings, device)
     used = f"calibration {args.calib_dataset} {calibration}" if calibration_ids is not None else "no calibration"

@@ -35,6 +35,22 @@ class GPTQConfig:
 
 
 GPTQ_CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CLIP_SEARCHES = {  # GPTQConfig's scale searches: field (command-line flag --mse-clip etc.) -> what it does
+    "mse_clip": "search a clipping factor per channel/group minimizing sum |w - q(w)|^2.4",
+    "hessian_clip": "that search with its error weighted by each column's input energy (the Hessian's diagonal)",
+    "gptq_clip": "each row's clipping chosen by GPTQ's own objective (its column loop run for 8 candidate scales)",
+}
+
+
+def add_clip_arguments(parser, scope: str = "GPTQ") -> None:
+    """``--mse-clip`` / ``--hessian-clip`` / ``--gptq-clip`` (:data:`CLIP_SEARCHES`) on an argparse parser."""
+    for field, text in CLIP_SEARCHES.items():
+        parser.add_argument("--" + field.replace("_", "-"), action="store_true", help=f"{scope}: {text}")
+
+
+def clip_searches(args) -> dict[str, bool]:
+    """The scale searches that parsed arguments (:func:`add_clip_arguments`) ask for, as GPTQConfig fields."""
+    return {field: getattr(args, field) for field in CLIP_SEARCHES}
 
 
 @dataclass
@@ -187,8 +203,8 @@ class GPTQ:
         h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian[order][:, order])),
                                       upper=True)
         if config.gptq_clip:
-            candidates = [[self.initial_scale(weight, group_size, False) * factor for weight in weights]
-                          for factor in GPTQ_CLIP_FACTORS] + [scales]
+            maxima = [self.initial_scale(weight, group_size, False) for weight in weights]
+            candidates = [[maximum * factor for maximum in maxima] for factor in GPTQ_CLIP_FACTORS] + [scales]
             stacked = torch.stack([torch.cat(candidate) for candidate in candidates])  # [C, rows(, groups)]
             _, losses = _column_loop(torch.cat(weights * len(candidates))[:, order],
                                      _by_column(list(stacked), group_size, columns)[:, order], h_inv, group_size,

@@ -14,11 +14,11 @@ from torch import nn
 
 from qqq.cache import cache_key, entry_path, load_cached, save_cached
 from qqq.data import calibration_windows, load_text, tokenize
-from qqq.gptq import GPTQConfig
+from qqq.gptq import CLIP_SEARCHES, GPTQConfig
 from qqq.pipeline import Method, QuantizeSettings, get_method, rotate, round_weights, smooth
 
 
-CLIP_COLUMNS = ("mse_clip", "hessian_clip", "gptq_clip")  # the tables' columns for GPTQ's scale searches
+CLIP_COLUMNS = tuple(CLIP_SEARCHES)  # the tables' columns for GPTQ's scale searches
 
 
 def clip_columns(method: Method, gptq: GPTQConfig) -> dict[str, bool]:

@@ -140,7 +140,8 @@ def test_table_average_comes_with_its_standard_error():
 
     table_module = experiment_module("zeroshot_table")
     tasks = list(table_module.TASKS)
-    rows = [dict(model="m", method="fp16", group_size=-1, task=t, metric=metric, value=0.5 + 0.01 * i,
+    plain = dict.fromkeys(table_module.CLIP_COLUMNS, False)
+    rows = [dict(model="m", method="fp16", group_size=-1, **plain, task=t, metric=metric, value=0.5 + 0.01 * i,
                  stderr=0.02 * (i + 1) if metric == "acc_norm" else 0.5)
             for i, t in enumerate(tasks) for metric in ("acc", "acc_norm")]
     frame, _ = table_module.paper_layout(pd.DataFrame(rows), "m", tasks, None)
@@ -176,27 +177,29 @@ def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path
 
     table_module = experiment_module("zeroshot_table")
 
+    plain = dict.fromkeys(table_module.CLIP_COLUMNS, False)
+
     def docs(method, correct):
-        return pd.DataFrame([dict(model="m", method=method, group_size=-1, task=t, doc_id=i, metric="acc",
+        return pd.DataFrame([dict(model="m", method=method, group_size=-1, **plain, task=t, doc_id=i, metric="acc",
                                   correct=float(correct)) for t in table_module.TASKS for i in range(3)])
 
     kept = table_module.merged_samples(docs("fp16", 1), docs("qqq", 0))
     kept = table_module.merged_samples(kept, docs("qqq", 1))  # a re-run replaces its documents
     assert len(kept) == 2 * 3 * len(table_module.TASKS) and kept["correct"].eq(1.0).all()
-    table = pd.DataFrame([dict(model="m", method=m, group_size=-1) for m in ("fp16", "qqq")])
+    table = pd.DataFrame([dict(model="m", method=m, group_size=-1, **plain) for m in ("fp16", "qqq")])
     out = tmp_path / "zeroshot"
     table_module.write_samples(out, kept, table)
     paired = table_module.paired_layout(table_module.read_samples(out), "m", list(table_module.TASKS))
     assert paired[["method", "Avg - fp16", "paired stderr", "docs"]].values.tolist() == [["qqq", 0.0, 0.0, 15]]
     # an evaluation re-run without --log-samples takes its old documents away; none left: no file
-    placeholder = pd.DataFrame([dict(model="m", method="qqq", group_size=-1)])
+    placeholder = pd.DataFrame([dict(model="m", method="qqq", group_size=-1, **plain)])
     table_module.write_samples(out, table_module.merged_samples(kept, placeholder), table)
     assert set(table_module.read_samples(out)["method"]) == {"fp16"}
     table_module.write_samples(out, None, table)
     assert table_module.read_samples(out) is None
 
 
-def test_table_keeps_a_clipping_variant_apart_from_its_method():
+def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
     """Samples from before the clip columns count as no clipping; a method's run with a GPTQ scale search neither
     replaces nor mixes with its plain run, in the samples or the paired table."""
     import pandas as pd
@@ -207,7 +210,9 @@ def test_table_keeps_a_clipping_variant_apart_from_its_method():
         return pd.DataFrame([dict(model="m", method=method, group_size=-1, task=t, doc_id=i, metric="acc",
                                   correct=float(correct), **clips) for t in table_module.TASKS for i in range(4)])
 
-    old = docs("fp16", 1).merge(docs("rot_qqq", 0), how="outer")  # written before the clip columns
+    out = tmp_path / "zeroshot"
+    pd.concat([docs("fp16", 1), docs("rot_qqq", 0)]).to_csv(table_module.samples_path(out), index=False)  # old file
+    old = table_module.read_samples(out)
     kept = table_module.merged_samples(old, docs("rot_qqq", 1, mse_clip=False, hessian_clip=False, gptq_clip=True))
     assert len(kept) == 3 * 4 * len(table_module.TASKS)
     paired = table_module.paired_layout(kept, "m", list(table_module.TASKS))
