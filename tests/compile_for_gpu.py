@@ -3,16 +3,23 @@
 The interpreter never compiles a kernel, so a kernel that does not compile (a name bound only inside a loop, a
 type mismatch) passes the whole CPU suite. Here each launcher runs on CPU tensors with the GPU code paths chosen
 (inline PTX on), the same branch cases as ``test_gpu_kernels.py``, but every kernel launch is turned into a
-compilation for sm_90 through Triton's own compiler (its bundled ptxas) instead of a run. Prints one JSON object:
-the branches taken and the kernels compiled, or the first compilation error. Run by ``test_kernels_compile.py``
-in a fresh process, since Triton decides interpreter or compiler when a kernel is defined.
+compilation for sm_90 through Triton's own compiler (its bundled ptxas) instead of a run, with the arguments
+specialized as a launch specializes them. Prints one JSON object: the branches taken and the kernels compiled, or
+the first compilation error. Run by ``test_kernels_compile.py`` in a fresh process, since Triton decides
+interpreter or compiler when a kernel is defined.
+
+``--gemv-loop N K GROUP`` instead prints the SASS opcode counts of the streaming kernel's K loop at M = 1 with a
+shipped config (instructions per weight word, without a GPU: ``kernels_triton/NOTES.md``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import argparse
+import collections
 import os
+import re
+import subprocess
 import sys
 import traceback
 
@@ -21,34 +28,26 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8",
-                 torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
 compiled: list[str] = []
+_on_compiled = None  # called with (kernel name, compiled kernel) after each compilation (the SASS counts)
 
 
 def _compile_instead_of_launching(self, *args, grid, warmup, **kwargs):
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "launch_pdl") if key in kwargs}
-    bound = inspect.signature(self.fn).bind(*args, **kwargs)
-    bound.apply_defaults()
-    signature, constexprs = {}, {}
-    for param in self.params:
-        value = bound.arguments[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
-        else:
-            signature[param.name] = "fp32"
-    triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+    """Compile as a launch on the GPU would: Triton's own binder specializes the arguments (16-byte aligned
+    pointers, integers divisible by 16, as on a device), so the checked code is the code a GPU runs (vectorized
+    copies included)."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(self.signature, self.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+    kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
     compiled.append(self.fn.__name__)
+    if _on_compiled is not None:
+        _on_compiled(self.fn.__name__, kernel)
 
 
 def drive_every_branch() -> None:
@@ -99,9 +98,58 @@ def drive_every_branch() -> None:
     baselines.w4a16_linear(x, pack_int4(codes), scale)
 
 
+def _disassemble(kernel) -> list[tuple[int, str]]:
+    """(offset, instruction) of a compiled kernel's SASS, through the cuobjdump bundled with Triton."""
+    import tempfile
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
+    """The SASS of the streaming kernel's K loop for M = 1 with ``device``'s shipped config for (N, K, group):
+    opcode counts, and the weight words each thread converts per iteration."""
+    from qqq import numerics
+    from qqq.kernels_triton import config_table, w4a8_gemm, w4a8_gemv
+    from qqq.kernels_triton.packing import pack_int4
+
+    global _on_compiled
+    kernel_name = "w4a8" if group_size == -1 else "w4a8_group"
+    config = config_table.load_cache(device).get(config_table.config_key(kernel_name, n, k, group_size, 1))
+    if config is None or not config.get("GEMV"):
+        raise SystemExit(f"{device} has no streaming-kernel config for N={n} K={k} group {group_size} at M = 1")
+    w4a8_gemm.use_inline_asm = lambda t: True
+    w4a8_gemv.programmatic_launch = lambda t: True
+    kernels = {}
+    _on_compiled = kernels.__setitem__
+    codes, scale, ratio = numerics.random_quantized_weight(n, k, group_size)
+    w4a8_gemm.w4a8_linear(torch.randn(1, k).half(), pack_int4(codes), scale, ratio, None, group_size, config=config,
+                          ratios_fit_int8=group_size != -1)
+    sass = _disassemble(kernels["_w4a8_gemv_kernel" if group_size == -1 else "_w4a8_gemv_group_kernel"])
+    loops = [(int(m.group(1), 16), offset) for offset, text in sass
+             if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < offset]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for offset, text in sass if start <= offset <= end]
+    words = config["BLOCK_N"] * config["BLOCK_K"] // 8 // (32 * config["num_warps"])
+    return {"config": config, "words_per_thread": words, "instructions": len(body),
+            "per_word": round(len(body) / words, 2), "opcodes": dict(collections.Counter(body).most_common())}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gemv-loop", nargs=3, type=int, metavar=("N", "K", "GROUP"),
+                        help="print the SASS opcode counts of the streaming kernel's K loop instead")
+    parser.add_argument("--configs", default="NVIDIA_H200", help="the shipped config file (GPU name) for --gemv-loop")
+    args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     JITFunction.run = _compile_instead_of_launching
+    if args.gemv_loop:
+        print(json.dumps(gemv_loop(*args.gemv_loop, args.configs)))
+        return
     from qqq.kernels_triton import branches
 
     try:

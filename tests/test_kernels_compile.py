@@ -20,3 +20,19 @@ def test_every_launch_branch_compiles_for_hopper():
     expected = {f"{launcher}:{branch}" for launcher, branch in all_launch_branches()}
     assert set(report["branches"]) == expected
     assert len(report["compiled"]) >= len(expected)
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_streaming_kernel_loop_streams_on_hopper(group_size):
+    """The K loop of the streaming kernel as compiled for sm_90 with the H200 config of the paper shape: two
+    ``dp4a`` per weight word and the weights copied 16 bytes at a time into the pipeline's ring (with the launch's
+    own argument specialization: without it the copies are 4 bytes each)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    done = subprocess.run([sys.executable, str(script), "--gemv-loop", "8192", "21760", str(group_size)],
+                          capture_output=True, text=True, timeout=600, cwd=script.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    opcodes = report["opcodes"]
+    assert opcodes["IDP.4A.S8.S8"] == 2 * report["words_per_thread"]
+    assert opcodes.get("LDGSTS.E.BYPASS.128", 0) > 0
