@@ -207,13 +207,13 @@ class GPTQ:
             candidates = [[maximum * factor for maximum in maxima] for factor in GPTQ_CLIP_FACTORS] + [scales]
             stacked = torch.stack([torch.cat(candidate) for candidate in candidates])  # [C, rows(, groups)]
             _, losses = _column_loop(torch.cat(weights * len(candidates))[:, order],
-                                     _by_column(list(stacked), group_size, columns)[:, order], h_inv, group_size,
-                                     config.block_size, [slice(None)])
+                                     _by_column(stacked.flatten(0, 1), group_size, columns)[:, order], h_inv,
+                                     group_size, config.block_size, [slice(None)])
             best = losses.view(len(candidates), -1).argmin(dim=0)
             chosen = stacked.gather(0, best.view(1, -1, *([1] * (stacked.dim() - 2))).expand_as(stacked[:1]))[0]
             scales = [chosen[rows].clone() for rows in row_slices]  # own storage: checkpoints save each
 
-        column_scales = [_by_column([scale], group_size, columns) for scale in scales]
+        column_scales = [_by_column(scale, group_size, columns) for scale in scales]
         rtn_losses = [output_error(weight - _round_to_grid(weight, column_scale, group_size)[1], hessian)
                       for weight, column_scale in zip(weights, column_scales)]
         codes_by_column, losses = _column_loop(torch.cat(weights)[:, order], torch.cat(column_scales)[:, order],
@@ -224,9 +224,8 @@ class GPTQ:
                 for rows, scale, rtn_loss in zip(row_slices, scales, rtn_losses)]
 
 
-def _by_column(scales: list[torch.Tensor], group_size: int, columns: int) -> torch.Tensor:
-    """Scales (per row [N], or per group [N, K / g]) of row blocks, stacked, as one scale per weight [rows, K]."""
-    scale = torch.cat(scales)
+def _by_column(scale: torch.Tensor, group_size: int, columns: int) -> torch.Tensor:
+    """Scales per row [rows] or per group [rows, K / g] as one scale per weight [rows, K]."""
     if group_size == -1:
         return scale[:, None].expand(-1, columns)
     return scale.repeat_interleave(group_size, dim=1)

@@ -14,13 +14,14 @@ shipped config (instructions per weight word, without a GPU: ``kernels_triton/NO
 
 from __future__ import annotations
 
-import json
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import traceback
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -32,22 +33,21 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
 compiled: list[str] = []
-_on_compiled = None  # called with (kernel name, compiled kernel) after each compilation (the SASS counts)
+last_compiled: dict = {}  # kernel name -> its latest compiled kernel (for the SASS counts)
 
 
 def _compile_instead_of_launching(self, *args, grid, warmup, **kwargs):
     """Compile as a launch on the GPU would: Triton's own binder specializes the arguments (16-byte aligned
     pointers, integers divisible by 16, as on a device), so the checked code is the code a GPU runs (vectorized
     copies included)."""
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(self.signature, self.params, backend)
+    binder = create_function_from_signature(self.signature, self.params, BACKEND)
     bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
-    kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    options, signature, constexprs, attrs = self._pack_args(BACKEND, kwargs, bound_args, specialization, options)
+    last_compiled[self.fn.__name__] = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET,
+                                                     options=options.__dict__)
     compiled.append(self.fn.__name__)
-    if _on_compiled is not None:
-        _on_compiled(self.fn.__name__, kernel)
 
 
 def drive_every_branch() -> None:
@@ -100,8 +100,6 @@ def drive_every_branch() -> None:
 
 def _disassemble(kernel) -> list[tuple[int, str]]:
     """(offset, instruction) of a compiled kernel's SASS, through the cuobjdump bundled with Triton."""
-    import tempfile
-
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
@@ -117,19 +115,16 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
     from qqq.kernels_triton import config_table, w4a8_gemm, w4a8_gemv
     from qqq.kernels_triton.packing import pack_int4
 
-    global _on_compiled
     kernel_name = "w4a8" if group_size == -1 else "w4a8_group"
     config = config_table.load_cache(device).get(config_table.config_key(kernel_name, n, k, group_size, 1))
     if config is None or not config.get("GEMV"):
         raise SystemExit(f"{device} has no streaming-kernel config for N={n} K={k} group {group_size} at M = 1")
     w4a8_gemm.use_inline_asm = lambda t: True
     w4a8_gemv.programmatic_launch = lambda t: True
-    kernels = {}
-    _on_compiled = kernels.__setitem__
     codes, scale, ratio = numerics.random_quantized_weight(n, k, group_size)
     w4a8_gemm.w4a8_linear(torch.randn(1, k).half(), pack_int4(codes), scale, ratio, None, group_size, config=config,
                           ratios_fit_int8=group_size != -1)
-    sass = _disassemble(kernels["_w4a8_gemv_kernel" if group_size == -1 else "_w4a8_gemv_group_kernel"])
+    sass = _disassemble(last_compiled["_w4a8_gemv_kernel" if group_size == -1 else "_w4a8_gemv_group_kernel"])
     loops = [(int(m.group(1), 16), offset) for offset, text in sass
              if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < offset]
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
