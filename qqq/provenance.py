@@ -23,7 +23,8 @@ def device_name() -> str:
 
 def source_commit() -> str:
     """The git commit of the qqq source that runs, with ``+ uncommitted changes`` when it has any; asked
-    quietly (no ``fatal: not a git repository`` outside a checkout)."""
+    quietly (no ``fatal: not a git repository`` outside a checkout). A copy of qqq inside another checkout (an
+    exported old tree for an A/B run) is not that checkout's code: it is named by its folder instead."""
     folder = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
@@ -33,9 +34,12 @@ def source_commit() -> str:
             return None
         return done.stdout.strip()
 
-    commit = git("rev-parse", "--short=12", "HEAD")
-    if commit is None:
+    top = git("rev-parse", "--show-toplevel")
+    if top is None:
         return "unknown (not run from a git checkout)"
+    if Path(top).resolve() != folder:
+        return f"unknown (qqq in {folder}, a folder inside the git checkout {top}, not the checkout itself)"
+    commit = git("rev-parse", "--short=12", "HEAD")
     return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

@@ -78,3 +78,22 @@ def test_the_provenance_header_of_a_results_csv_is_read_back(tmp_path):
     path = tmp_path / "speed.csv"
     path.write_text("# command: python x.py --out o\n# device: NVIDIA H200\n# note: a: b\nkernel,us\n# not header\n")
     assert read_provenance_header(path) == {"command": "python x.py --out o", "device": "NVIDIA H200", "note": "a: b"}
+
+
+def test_source_commit_names_a_copy_inside_a_checkout_by_its_folder(tmp_path):
+    """An exported tree inside a checkout (the old side of an A/B run) must not be labelled with the checkout's
+    commit: that label once made two runs of the new code look like new against old."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import qqq.provenance
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    copy = tmp_path / "oldtree" / "qqq"
+    copy.mkdir(parents=True)
+    shutil.copy(qqq.provenance.__file__, copy / "provenance.py")
+    spec = importlib.util.spec_from_file_location("copied_provenance", copy / "provenance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.source_commit().startswith(f"unknown (qqq in {(tmp_path / 'oldtree').resolve()}")
