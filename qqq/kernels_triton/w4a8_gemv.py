@@ -125,23 +125,23 @@ def _w4a8_gemv_group_kernel(
                                                                        USE_ASM)
             # the activation codes in the tables' lane order: the columns of byte 0's low and high nibble, then
             # of byte 1's (word a), of bytes 2 and 3 (word b)
-            x_a = byte_permute(x_low, x_high, x_low * 0 + 0x5140, USE_ASM)
-            x_b = byte_permute(x_low, x_high, x_low * 0 + 0x7362, USE_ASM)
+            x_a = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x5140, tl.int32), USE_ASM)
+            x_b = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x7362, tl.int32), USE_ASM)
             acc = dot4_int8(pos_a, x_a, acc, USE_ASM)
             acc = dot4_int8(pos_b, x_b, acc, USE_ASM)
             acc_negative = dot4_int8(neg_a, x_a, acc_negative, USE_ASM)
             acc_negative = dot4_int8(neg_b, x_b, acc_negative, USE_ASM)
         else:
-            r_low = tl.load(ratio_ptr + rows * n_groups + chunk_column // GROUP_SIZE, mask=row_mask, other=0.0)
+            r_low = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, False)
             if GROUP_SIZE >= 64:
                 r_high = r_low
             else:
-                r_high = tl.load(ratio_ptr + rows * n_groups + (chunk_column + 32) // GROUP_SIZE, mask=row_mask,
-                                 other=0.0)
+                r_high = _group_ratio(ratio_ptr, rows, n_groups, (chunk_column + 32) // GROUP_SIZE, row_mask, False)
             w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
             acc = dot4_int8(w_low, x_low, acc, USE_ASM)
             acc = dot4_int8(w_high, x_high, acc, USE_ASM)
-    acc -= acc_negative
+    if LOOKUP:
+        acc -= acc_negative
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
               bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
               WRITE_ACC, SPLIT)
