@@ -16,12 +16,15 @@ import pkgutil
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import compiled_kernels
 
 import qqq.kernels_triton as kernel_package
 from qqq import numerics
 from qqq.kernels_triton import autotune, branches, config_table
 from qqq.kernels_triton.packing import pack_int4
+from qqq.kernels_triton.unpack import byte_permute, group_tables
 
 # ------------------------------------------------------------------------------------- the cases per branch
 
@@ -209,11 +212,78 @@ def test_streaming_split_k_with_an_empty_split(group_size):
 
 
 @compiled_kernels
+def test_streaming_per_group_with_an_odd_number_of_groups():
+    """K = 1280 in groups of 256: 5 ratios per row, so the streaming kernel reads them 16 bits each, not as words."""
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    for m in (1, 2):
+        _check_w4a8(_random_rows(m, 1280, torch.float16, generator), 1000, 256, _streaming_config())
+
+
+@compiled_kernels
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_w4a8_linear_takes_fp32_input_on_the_gpu(group_size):
     generator = torch.Generator(device="cuda").manual_seed(2)
     for m in (1, 300):
         _check_w4a8(_random_rows(m, 4096, torch.float32, generator), 640, group_size)
+
+
+@triton.jit
+def _lookup_formulations(words_ptr, ratio_ptr, out_ptr, N: tl.constexpr, USE_ASM: tl.constexpr):
+    """``byte_permute`` of random words and selectors and ``group_tables`` of the ratios, in one formulation."""
+    offs = tl.arange(0, N)
+    words = tl.load(words_ptr + offs)
+    tables = group_tables(tl.load(ratio_ptr + offs), USE_ASM)
+    tl.store(out_ptr + offs, byte_permute(words, words * 7 + 1, words >> 9, USE_ASM))
+    for i in tl.static_range(4):
+        tl.store(out_ptr + (i + 1) * N + offs, tables[i])
+
+
+@compiled_kernels
+def test_prmt_lookup_ptx_matches_its_plain_formulation():
+    """The PTX of the per-group lookup (``prmt``, the f16x2 tables) against the plain Triton ops the CPU suite
+    checks, bit for bit, compiled on the GPU: random words and selectors (the sign-replicating fields and the
+    ignored high half included), and ratios from 0 past the int8 edge to fp16's largest."""
+    n = 4096
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    words = torch.randint(-2**31, 2**31 - 1, (n,), device="cuda", generator=generator, dtype=torch.int64)
+    edges = torch.tensor([0.0, 2.0**-24, 1 / 64, 1 / 3, 15.875, 15.9, 17.0, 18.0, 1000.0, 65504.0], device="cuda")
+    ratios = torch.cat([edges, torch.rand(n - len(edges), device="cuda", generator=generator) * 20]).half()
+    outputs = []
+    for use_asm in (True, False):
+        out = torch.empty(5 * n, dtype=torch.int32, device="cuda")
+        _lookup_formulations[(1,)](words.to(torch.int32), ratios, out, N=n, USE_ASM=use_asm)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@compiled_kernels
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_streaming_per_group_lookup_at_the_int8_edge_on_the_gpu(group_size):
+    """As the CPU test of that name, at a real width: ratios past the int8 edge (clamped by the spec), ratios
+    rounding every weight to 0, and codes without 0 under a ratio only their own products fit."""
+    from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    n, k = 4096, 4096
+    codes = torch.randint(0, 16, (n, k), device="cuda", generator=generator).to(torch.uint8)
+    ratio = torch.tensor([[127 / 8], [15.9], [17.0], [1 / 3], [1 / 64], [0.0], [2.5], [18.0]], device="cuda")
+    ratio = ratio.repeat(n // 8, k // group_size).half()
+    codes[7::8] = codes[7::8].clamp(min=1)  # the rows of ratio 18: 7 * 18 fits int8, 8 * 18 does not
+    x = _random_rows(2, k, torch.float16, generator)
+    x_codes, _ = numerics.quantize_per_token(x)
+    expected = numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio))
+    for split_k in (1, 4):
+        for m in (1, 2):
+            _, acc = w4a8_linear(x[:m], pack_int4(codes), torch.rand(n, device="cuda") + 0.5, ratio, None,
+                                 group_size, config=_streaming_config(split_k), return_acc=True)
+            assert torch.equal(acc.double(), expected[:m])
+    products = (codes.float() - 8) * ratio.float().repeat_interleave(group_size, dim=1)
+    fits = products.abs().amax(dim=1) < 127.5  # the rows without the clamped ratio 17
+    assert 0 < fits.sum() < n
+    _, acc = w4a8_linear(x[:1], pack_int4(codes[fits]), torch.rand(int(fits.sum()), device="cuda") + 0.5,
+                         ratio[fits], None, group_size, config=_streaming_config(), return_acc=True,
+                         ratios_fit_int8=True)
+    assert torch.equal(acc.double(), expected[:1, fits])
 
 
 REAL_WIDTH_M = (1, 2, 16, 128, 1024, 4096)

@@ -24,9 +24,11 @@ def test_every_launch_branch_compiles_for_hopper():
 
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_streaming_kernel_loop_streams_on_hopper(group_size):
-    """The K loop of the streaming kernel as compiled for sm_90 with the H200 config of the paper shape: two
-    ``dp4a`` per weight word and the weights copied 16 bytes at a time into the pipeline's ring (with the launch's
-    own argument specialization: without it the copies are 4 bytes each)."""
+    """The K loop of the streaming kernel as compiled for sm_90 with the H200 config of the paper shape: the
+    weights copied 16 bytes at a time into the pipeline's ring (with the launch's own argument specialization:
+    without it the copies are 4 bytes each); per weight word two ``dp4a`` per-channel, and per-group four (the
+    lookup tables' positive and negative sums) with four ``prmt`` lookups and no fp16 conversion left in the loop
+    (the tables are built once per group)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
     script = Path(__file__).with_name("compile_for_gpu.py")
     done = subprocess.run([sys.executable, str(script), "--gemv-loop", "8192", "21760", str(group_size)],
@@ -34,5 +36,11 @@ def test_streaming_kernel_loop_streams_on_hopper(group_size):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     opcodes = report["opcodes"]
-    assert opcodes["IDP.4A.S8.S8"] == 2 * report["words_per_thread"]
+    words = report["words_per_thread"]
     assert opcodes.get("LDGSTS.E.BYPASS.128", 0) > 0
+    if group_size == -1:
+        assert opcodes["IDP.4A.S8.S8"] == 2 * words
+    else:
+        assert opcodes["IDP.4A.S8.S8"] == 4 * words
+        assert opcodes["PRMT"] >= 6 * words  # four lookups, two activation words in the tables' lane order
+        assert "HADD2" not in opcodes

@@ -110,6 +110,9 @@ CASES = [  # (M, N, K, group_size, config)
     (1, 24, 256, 32, dict(config(block_n=16, block_k=64), GEMV=1)),
     (5, 24, 256, 64, dict(config(block_n=16, block_k=128, split_k=2), GEMV=1)),
     (2, 20, 512, 128, dict(config(block_n=16, block_k=128), GEMV=1)),
+    (1, 20, 512, 128, dict(config(block_n=16, block_k=256, split_k=2), GEMV=1)),
+    (1, 24, 256, 64, dict(config(block_n=16, block_k=128), GEMV=1)),
+    (1, 20, 384, 128, dict(config(block_n=16, block_k=128), GEMV=1)),  # 3 groups: the ratios read 16 bits each
     (16, 20, 512, 256, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),
     (2, 24, 320, 64, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),  # 5 tiles: the 4th split is empty
     # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
@@ -153,6 +156,32 @@ def test_w4a8_per_group_extreme_ratios_clamp_like_reference():
     _, acc = w4a8_linear(x, pack_int4(codes), channel_scale, ratio, None, 32, config=config(), return_acc=True)
     x_codes, _ = numerics.quantize_per_token(x)
     assert torch.equal(acc.double(), numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio)))
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_streaming_per_group_lookup_at_the_int8_edge(group_size):
+    """The streaming kernel's per-group lookup tables: ratios whose products reach and pass the int8 edge (the
+    reference clamps them), ratios small enough to round every weight to 0, and groups that lack the code 0,
+    whose ratio makes 7 * r fit int8 but not 8 * r (``ratios_fit_int8`` holds, yet the table still has a byte
+    for the absent code)."""
+    gen = torch.Generator().manual_seed(9)
+    n, k = 24, 512
+    codes = torch.randint(0, 16, (n, k), generator=gen).to(torch.uint8)
+    ratio = torch.tensor([[127 / 8], [15.9], [17.0], [1 / 3], [1 / 64], [0.0]]).repeat(n // 6, k // group_size).half()
+    x = torch.randn(2, k, generator=gen)
+    x_codes, _ = numerics.quantize_per_token(x)
+    cfg = dict(config(block_n=16, block_k=256), GEMV=1)
+    for m in (1, 2):
+        _, acc = w4a8_linear(x[:m], pack_int4(codes), torch.rand(n) + 0.5, ratio, None, group_size, config=cfg,
+                             return_acc=True)
+        expected = numerics.int8_matmul_exact(x_codes[:m], numerics.int8_weight(codes, ratio))
+        assert torch.equal(acc.double(), expected)
+    without_zero = codes.clamp(min=1)
+    fitting = torch.full_like(ratio, 18.0)  # 7 * 18 = 126, 8 * 18 = 144
+    assert numerics.group_products_fit_int8(without_zero, fitting)
+    _, acc = w4a8_linear(x[:1], pack_int4(without_zero), torch.rand(n) + 0.5, fitting, None, group_size,
+                         config=cfg, return_acc=True, ratios_fit_int8=True)
+    assert torch.equal(acc.double(), numerics.int8_matmul_exact(x_codes[:1], numerics.int8_weight(without_zero, fitting)))
 
 
 def test_qqq_linear_skips_the_clamp_only_when_its_ratios_allow_it():

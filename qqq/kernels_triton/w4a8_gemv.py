@@ -32,7 +32,8 @@ import triton.language as tl
 
 from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
 from qqq.kernels_triton.int8_gemm import epilogue, split_k_epilogue
-from qqq.kernels_triton.unpack import int8_words_from_group_codes
+from qqq.kernels_triton.unpack import (byte_permute, group_tables, int8_words_from_group_codes,
+                                      int8_words_from_group_tables)
 
 SIGNED_HIGH_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
 
@@ -86,10 +87,16 @@ def _w4a8_gemv_group_kernel(
     acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, RATIO_WORDS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per-group: the tile is [BLOCK_N, BLOCK_M, runs, RUN] words, a run being RUN consecutive words of a row under
-    one ratio (per nibble half), so each ratio is loaded and paired once per run, not once per word."""
+    one ratio (per nibble half), so each ratio is loaded once per run, not once per word. One token and groups of 64
+    or more columns (``LOOKUP``): a word's 8 codes share one group and are looked up in its tables
+    (``unpack.group_tables``); otherwise QQQ's FusedDequantQuant (the lookup's doubled sums and activation
+    shuffles made two tokens slower: NOTES.md). ``RATIO_WORDS`` (lookup only): ``ratio_ptr`` holds the fp16
+    ratios [N, n_groups] (n_groups even) as int32 words, two each, which the pipeliner copies ahead with the
+    weights; a 16-bit load is no ``cp.async`` copy and stays in the loop, a memory round trip every step."""
+    LOOKUP: tl.constexpr = GROUP_SIZE >= 64 and BLOCK_M == 1
     # a group is GROUP_SIZE // 8 words holding both nibble halves when GROUP_SIZE >= 64; groups of 32 split each
     # 8-word chunk (64 columns) into a low-nibble group and a high-nibble group
     RUN: tl.constexpr = min(max(GROUP_SIZE // 8, 8), BLOCK_KW)
@@ -101,6 +108,7 @@ def _w4a8_gemv_group_kernel(
     row_mask = n_mask[:, None, None, None]
     x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
+    acc_negative = tl.zeros_like(acc)  # the table path's sums over the codes < 8 (their weights' magnitudes)
     wait_for_previous_kernel(PDL)
     let_next_kernel_start(PDL)
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
@@ -109,19 +117,44 @@ def _w4a8_gemv_group_kernel(
         packed = tl.load(w_ptr + rows * stride_wn + word, mask=row_mask, other=0)
         # word 8c + i holds columns 64c + 4i .. + 3 (low nibbles) and 32 further (high)
         chunk_column = ((run_start // 8) * 64)[None, None, :, None]
-        r_low = tl.load(ratio_ptr + rows * n_groups + chunk_column // GROUP_SIZE, mask=row_mask, other=0.0)
-        if GROUP_SIZE >= 64:
-            r_high = r_low
-        else:
-            r_high = tl.load(ratio_ptr + rows * n_groups + (chunk_column + 32) // GROUP_SIZE, mask=row_mask,
-                             other=0.0)
         x_low, x_high = _activation_words(x_rows, word, m_mask[None, :, None, None])
-        w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
-        acc = dot4_int8(w_low, x_low, acc, USE_ASM)
-        acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+        if LOOKUP:
+            ratio = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, RATIO_WORDS)
+            neg_low, neg_high, pos_low, pos_high = group_tables(ratio, USE_ASM)
+            neg_a, neg_b, pos_a, pos_b = int8_words_from_group_tables(packed, neg_low, neg_high, pos_low, pos_high,
+                                                                       USE_ASM)
+            # the activation codes in the tables' lane order: the columns of byte 0's low and high nibble, then
+            # of byte 1's (word a), of bytes 2 and 3 (word b)
+            x_a = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x5140, tl.int32), USE_ASM)
+            x_b = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x7362, tl.int32), USE_ASM)
+            acc = dot4_int8(pos_a, x_a, acc, USE_ASM)
+            acc = dot4_int8(pos_b, x_b, acc, USE_ASM)
+            acc_negative = dot4_int8(neg_a, x_a, acc_negative, USE_ASM)
+            acc_negative = dot4_int8(neg_b, x_b, acc_negative, USE_ASM)
+        else:
+            r_low = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, False)
+            if GROUP_SIZE >= 64:
+                r_high = r_low
+            else:
+                r_high = _group_ratio(ratio_ptr, rows, n_groups, (chunk_column + 32) // GROUP_SIZE, row_mask, False)
+            w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
+            acc = dot4_int8(w_low, x_low, acc, USE_ASM)
+            acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+    if LOOKUP:
+        acc -= acc_negative
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
               bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
               WRITE_ACC, SPLIT)
+
+
+@triton.jit
+def _group_ratio(ratio_ptr, rows, n_groups, group, row_mask, RATIO_WORDS: tl.constexpr):
+    """The fp16 ratio of (row, group), from the int32 words of the ratio rows (``RATIO_WORDS``) or 16 bits."""
+    if RATIO_WORDS:
+        words = tl.load(ratio_ptr + rows * (n_groups // 2) + group // 2, mask=row_mask, other=0)
+        return ((words >> ((group % 2) * 16)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        return tl.load(ratio_ptr + rows * n_groups + group, mask=row_mask, other=0.0)
 
 
 @triton.jit
@@ -183,6 +216,9 @@ def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias
         _w4a8_gemv_kernel[grid](*pointers, bias, out, workspace, tickets, acc_out, m, n, k, qweight.stride(0) // 4,
                                 out.stride(0), split_k, **shared)
     else:
-        _w4a8_gemv_group_kernel[grid](*pointers, group_ratio, bias, out, workspace, tickets, acc_out, m, n, k,
-                                      k // group_size, qweight.stride(0) // 4, out.stride(0), split_k,
-                                      GROUP_SIZE=group_size, CLAMP=clamp, **shared)
+        n_groups = k // group_size
+        ratio_words = m == 1 and group_size >= 64 and n_groups % 2 == 0 and group_ratio.data_ptr() % 4 == 0
+        _w4a8_gemv_group_kernel[grid](*pointers, group_ratio.view(torch.int32) if ratio_words else group_ratio, bias,
+                                      out, workspace, tickets, acc_out, m, n, k, n_groups, qweight.stride(0) // 4,
+                                      out.stride(0), split_k, GROUP_SIZE=group_size, CLAMP=clamp,
+                                      RATIO_WORDS=ratio_words, **shared)
