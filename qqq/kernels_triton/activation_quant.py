@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
+from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
 
 MAX_SINGLE_PASS_K = 8192
 TWO_PASS_BLOCK_K = 4096
@@ -68,8 +68,7 @@ def _quantize_per_token_kernel(
     x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
     BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     codes_row = codes_ptr + row * stride_codes
@@ -98,8 +97,7 @@ def _quantize_per_token_kernel(
 @triton.jit
 def _quantize_chunk_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_codes,
                            ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs_row = tl.arange(0, ROW_BLOCK)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.fused_producers import check_cache_scales
-from qqq.kernels_triton.gpu import current_gpu, let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
+from qqq.kernels_triton.gpu import current_gpu, programmatic_launch, wait_for_previous_then_let_next_start
 from qqq.kernels_triton.unpack import use_inline_asm
 
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
@@ -61,8 +61,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
                          splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
                          PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
@@ -134,8 +133,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
 @triton.jit
 def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)

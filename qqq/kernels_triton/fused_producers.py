@@ -24,7 +24,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
-from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
+from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
 
 MAX_ROW = 32768
 LAUNCH_BRANCHES = {
@@ -68,8 +68,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_p
                     K, eps, stride_x, stride_residual, stride_out, stride_residual_out,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr,
                     PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)  # the next GEMM launches while this runs
+    wait_for_previous_then_let_next_start(PDL)  # the next GEMM launches while this runs
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -104,8 +103,7 @@ def _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in):
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_in, stride_out,
                      BLOCK: tl.constexpr, CHUNK: tl.constexpr, QUANTIZE: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -124,8 +122,7 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
                             k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
                             stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
                             HALF: tl.constexpr, QUANTIZED: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     batch = token // T

@@ -51,7 +51,7 @@ _sequential = False
 def programmatic_launch(t) -> bool:
     """Whether kernels on ``t``'s device are launched as programmatic dependents (Hopper and later, compiled: not
     under the interpreter, not inside :func:`sequential_launches`): such a kernel may start while the kernel before
-    it finishes, and waits for it with :func:`wait_for_previous_kernel` before it touches anything that kernel
+    it finishes, and waits for it with :func:`wait_for_previous_then_let_next_start` before it touches anything that kernel
     wrote."""
     return t.is_cuda and not _sequential and os.environ.get("TRITON_INTERPRET") != "1" \
         and int(current_gpu().compute_capability.split(".")[0]) >= 9
@@ -70,17 +70,12 @@ def sequential_launches():
 
 
 @triton.jit
-def let_next_kernel_start(PDL: tl.constexpr):
-    """Allow the next kernel, if launched as a programmatic dependent, to start now (it waits for this one before
-    it reads anything): its launch overlaps this kernel's work. Called after this kernel's own
-    :func:`wait_for_previous_kernel`, so that at most one kernel waits ahead: triggered at the start, a whole chain
-    of waiting dependents piled up on the SMs (Llama-2-13B decode step 3.04 -> 4.07 ms, NOTES.md)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def wait_for_previous_kernel(PDL: tl.constexpr):
-    """Wait until the kernel before this one has finished and its writes are visible (programmatic launch)."""
+def wait_for_previous_then_let_next_start(PDL: tl.constexpr):
+    """Under programmatic launch: wait until the kernel before this one has finished and its writes are visible,
+    then allow the next kernel to start (it waits for this one before it reads anything), so its launch overlaps
+    this kernel's work. Every kernel calls this first. Triggering only after its own wait keeps at most one kernel
+    waiting ahead: triggered at the start, a whole chain of waiting dependents piled up on the SMs (Llama-2-13B
+    decode step 3.04 -> 4.07 ms, NOTES.md)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

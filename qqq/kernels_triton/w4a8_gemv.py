@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton.gpu import let_next_kernel_start, programmatic_launch, wait_for_previous_kernel
+from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
 from qqq.kernels_triton.int8_gemm import epilogue, split_k_epilogue
 from qqq.kernels_triton.unpack import (byte_permute, group_tables, int8_words_from_group_codes,
                                       int8_words_from_group_tables)
@@ -66,8 +66,7 @@ def _w4a8_gemv_kernel(
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
-    wait_for_previous_kernel(PDL)  # everything below may read what earlier kernels wrote
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)  # everything below may read what earlier kernels wrote
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)
         packed = tl.load(w_rows + word[None, None, :], mask=n_mask[:, None, None], other=0)
@@ -109,8 +108,7 @@ def _w4a8_gemv_group_kernel(
     x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
     acc_negative = tl.zeros_like(acc)  # the table path's sums over the codes < 8 (their weights' magnitudes)
-    wait_for_previous_kernel(PDL)
-    let_next_kernel_start(PDL)
+    wait_for_previous_then_let_next_start(PDL)
     for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         run_start = word0 + offs_run  # [runs]
         word = (run_start[:, None] + offs_i[None, :])[None, None, :, :]
