@@ -115,6 +115,7 @@ CASES = [  # (M, N, K, group_size, config)
     (1, 20, 384, 128, dict(config(block_n=16, block_k=128), GEMV=1)),  # 3 groups: the ratios read 16 bits each
     (16, 20, 512, 256, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),
     (2, 24, 320, 64, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),  # 5 tiles: the 4th split is empty
+    (1, 24, 320, -1, dict(config(block_n=16, block_k=64, split_k=4), GEMV=1)),  # its first tile is read before the wait
     # the prefill path: dequantize to int8 once, then the plain int8 GEMM (any BLOCK_K, any group size)
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),

@@ -65,19 +65,31 @@ def _w4a8_gemv_kernel(
     first_word, last_word = _split_range(K // 8, BLOCK_KW, split_k)
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn
     x_rows = words_ptr + offs_m[None, :, None] * (K // 4)
-    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32)
+    # the weights are constants: the first tile is read before the wait, overlapping the kernel that writes the
+    # activations (the pipeliner would issue the loop's first copies only after it)
+    word = tl.max_contiguous(tl.multiple_of(first_word + offs_w, BLOCK_KW), BLOCK_KW)[None, None, :]
+    in_split = word < last_word  # all or none: a split past the end of K has no tile
+    packed = tl.load(w_rows + word, mask=n_mask[:, None, None] & in_split, other=0)
     wait_for_previous_then_let_next_start(PDL)  # everything below may read what earlier kernels wrote
-    for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
-        word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)
-        packed = tl.load(w_rows + word[None, None, :], mask=n_mask[:, None, None], other=0)
-        x_low, x_high = _activation_words(x_rows, word[None, None, :], m_mask[None, :, None])
-        w_low = (packed << 4) & SIGNED_HIGH_NIBBLES  # int8 lanes holding 16 * code
-        w_high = packed & SIGNED_HIGH_NIBBLES
-        acc = dot4_int8(w_low, x_low, acc, USE_ASM)
-        acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+    acc = _channel_tile(packed, x_rows, word, m_mask[None, :, None] & in_split,
+                        tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32), USE_ASM)
+    for word0 in tl.range(first_word + BLOCK_KW, last_word, BLOCK_KW, num_stages=NUM_STAGES):
+        word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)[None, None, :]
+        packed = tl.load(w_rows + word, mask=n_mask[:, None, None], other=0)
+        acc = _channel_tile(packed, x_rows, word, m_mask[None, :, None], acc, USE_ASM)
     _epilogue(tl.sum(acc, axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr,
               out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC,
               SPLIT)
+
+
+@triton.jit
+def _channel_tile(packed, x_rows, word, x_mask, acc, USE_ASM: tl.constexpr):
+    """``acc`` + the products of the per-channel weight words ``packed`` and the activation words they meet."""
+    x_low, x_high = _activation_words(x_rows, word, x_mask)
+    w_low = (packed << 4) & SIGNED_HIGH_NIBBLES  # int8 lanes holding 16 * code
+    w_high = packed & SIGNED_HIGH_NIBBLES
+    acc = dot4_int8(w_low, x_low, acc, USE_ASM)
+    return dot4_int8(w_high, x_high, acc, USE_ASM)
 
 
 @triton.jit(do_not_specialize=["M", "n_groups", "split_k"])
