@@ -182,7 +182,8 @@ def test_streaming_per_group_lookup_at_the_int8_edge(group_size):
     assert numerics.group_products_fit_int8(without_zero, fitting)
     _, acc = w4a8_linear(x[:1], pack_int4(without_zero), torch.rand(n) + 0.5, fitting, None, group_size,
                          config=cfg, return_acc=True, ratios_fit_int8=True)
-    assert torch.equal(acc.double(), numerics.int8_matmul_exact(x_codes[:1], numerics.int8_weight(without_zero, fitting)))
+    expected = numerics.int8_matmul_exact(x_codes[:1], numerics.int8_weight(without_zero, fitting))
+    assert torch.equal(acc.double(), expected)
 
 
 def test_qqq_linear_skips_the_clamp_only_when_its_ratios_allow_it():
