@@ -58,8 +58,7 @@ def _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residua
 
 
 @triton.jit
-def _normalized(h, rstd, weight_ptr, offs, mask):
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+def _normalized(h, rstd, weight):
     return ((h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32) * weight.to(tl.float32)).to(h.dtype)
 
 
@@ -68,27 +67,32 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_p
                     K, eps, stride_x, stride_residual, stride_out, stride_residual_out,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr,
                     PDL: tl.constexpr):
-    wait_for_previous_then_let_next_start(PDL)  # the next GEMM launches while this runs
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
+    # the norm's weight is a constant: read before the wait, overlapping the kernel that writes x
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    if CHUNK != BLOCK:
+        chunk_offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        chunk_weight = tl.load(weight_ptr + chunk_offs, mask=chunk_offs < K, other=0.0)
+    wait_for_previous_then_let_next_start(PDL)  # the next GEMM launches while this runs
     h = _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL)
     hf = h.to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(hf * hf, axis=0) / K + eps)
-    y = _normalized(h, rstd, weight_ptr, offs, mask)
+    y = _normalized(h, rstd, weight)
     amax = tl.max(tl.abs(y.to(tl.float32)), axis=0)
     if CHUNK == BLOCK:  # one program per row
         if HAS_RESIDUAL:
             tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
         _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
     else:  # the row's statistics came from all of it; this program recomputes and writes only its chunk
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        offs = chunk_offs
         mask = offs < K
         h = _residual_sum(x_ptr, residual_ptr, row, offs, mask, stride_x, stride_residual, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             tl.store(residual_out_ptr + row * stride_residual_out + offs, h, mask=mask)
-        y = _normalized(h, rstd, weight_ptr, offs, mask)
+        y = _normalized(h, rstd, chunk_weight)
         _store(y, amax, offs, mask, row, out_ptr, stride_out, codes_ptr, scale_ptr, chunk, QUANTIZE)
 
 

@@ -75,7 +75,9 @@ def wait_for_previous_then_let_next_start(PDL: tl.constexpr):
     then allow the next kernel to start (it waits for this one before it reads anything), so its launch overlaps
     this kernel's work. Every kernel calls this first. Triggering only after its own wait keeps at most one kernel
     waiting ahead: triggered at the start, a whole chain of waiting dependents piled up on the SMs (Llama-2-13B
-    decode step 3.04 -> 4.07 ms, NOTES.md)."""
+    decode step 3.04 -> 4.07 ms, NOTES.md). It also means that when a kernel starts, every kernel but the one just
+    before it has finished, so what that one does not write (weights, tables, positions, older cache entries) may
+    be read before this call."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -28,6 +28,27 @@ def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr
              X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n]).
     ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here."""
+    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    channel_scale, bias = channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS)
+    scaled_store(acc, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr, N,
+                 stride_om, X16, HAS_BIAS, WRITE_ACC)
+
+
+@triton.jit
+def channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The epilogue's channel scales and bias [BLOCK_N] (fp32; the channel scales again when there is no bias)."""
+    channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        bias = channel_scale
+    return channel_scale, bias
+
+
+@triton.jit
+def scaled_store(acc, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr, N,
+                 stride_om, X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """:func:`epilogue` with its operands already loaded."""
     mask = n_mask[:, None] & m_mask[None, :]
     if X16:
         true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
@@ -35,33 +56,40 @@ def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr
         true_acc = acc
     if WRITE_ACC:
         tl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], true_acc, mask=mask)
-    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    channel_scale = tl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc.to(tl.float32)
     if X16:
         y = y * 0.0625  # exact: float(16 * a) == 16 * float(a)
     y = (y * token_scale[None, :]) * channel_scale[:, None]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = y + bias[:, None]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def split_k_epilogue(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, a_scale_ptr,
-                     channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
-                     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+def split_k_sum(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, N):
     """Split-K: this program's int32 partial sums [BLOCK_N, BLOCK_M] go atomically into the zeroed workspace
-    [M, N]; the last of the ``split_k`` programs of ``tile`` to arrive (its ticket counter) reads the total back,
-    leaves the workspace and the counter zeroed and runs the epilogue, so the result is the exact int32 sum."""
+    [M, N]. Returns ``(total, last)``: ``last`` for the last of the ``split_k`` programs of ``tile`` to arrive (its
+    ticket counter), which reads the exact int32 total back and leaves the workspace and the counter zeroed."""
     mask = n_mask[:, None] & m_mask[None, :]
     ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
     tl.atomic_add(ws_ptrs, partial, mask=mask)
     ticket = tl.atomic_add(tickets_ptr + tile, 1)
-    if ticket == split_k - 1:  # every partial sum of the tile is in the workspace
+    last = ticket == split_k - 1  # every partial sum of the tile is in the workspace
+    total = partial
+    if last:
         total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)
         tl.atomic_xchg(tickets_ptr + tile, 0)
+    return total, last
+
+
+@triton.jit
+def split_k_epilogue(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, a_scale_ptr,
+                     channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
+                     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+    """:func:`split_k_sum`, then the last program of the tile runs the epilogue."""
+    total, last = split_k_sum(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, N)
+    if last:
         epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
                  acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
 

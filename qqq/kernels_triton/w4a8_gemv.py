@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
-from qqq.kernels_triton.int8_gemm import epilogue, split_k_epilogue
+from qqq.kernels_triton.int8_gemm import channel_operands, scaled_store, split_k_sum
 from qqq.kernels_triton.unpack import (byte_permute, group_tables, int8_words_from_group_codes,
                                       int8_words_from_group_tables)
 
@@ -70,16 +70,17 @@ def _w4a8_gemv_kernel(
     word = tl.max_contiguous(tl.multiple_of(first_word + offs_w, BLOCK_KW), BLOCK_KW)[None, None, :]
     in_split = word < last_word  # all or none: a split past the end of K has no tile
     packed = tl.load(w_rows + word, mask=n_mask[:, None, None] & in_split, other=0)
+    channel_scale, bias = channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS)
     wait_for_previous_then_let_next_start(PDL)  # everything below may read what earlier kernels wrote
+    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     acc = _channel_tile(packed, x_rows, word, m_mask[None, :, None] & in_split,
                         tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW], dtype=tl.int32), USE_ASM)
     for word0 in tl.range(first_word + BLOCK_KW, last_word, BLOCK_KW, num_stages=NUM_STAGES):
         word = tl.max_contiguous(tl.multiple_of(word0 + offs_w, BLOCK_KW), BLOCK_KW)[None, None, :]
         packed = tl.load(w_rows + word, mask=n_mask[:, None, None], other=0)
         acc = _channel_tile(packed, x_rows, word, m_mask[None, :, None], acc, USE_ASM)
-    _epilogue(tl.sum(acc, axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr,
-              out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC,
-              SPLIT)
+    _epilogue(tl.sum(acc, axis=2), offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale, bias, out_ptr,
+              workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC, SPLIT)
 
 
 @triton.jit
@@ -98,16 +99,16 @@ def _w4a8_gemv_group_kernel(
     acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, RATIO_WORDS: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, LOOKUP: tl.constexpr, RATIO_WORDS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Per-group: the tile is [BLOCK_N, BLOCK_M, runs, RUN] words, a run being RUN consecutive words of a row under
-    one ratio (per nibble half), so each ratio is loaded once per run, not once per word. One token and groups of 64
-    or more columns (``LOOKUP``): a word's 8 codes share one group and are looked up in its tables
-    (``unpack.group_tables``); otherwise QQQ's FusedDequantQuant (the lookup's doubled sums and activation
-    shuffles made two tokens slower: NOTES.md). ``RATIO_WORDS`` (lookup only): ``ratio_ptr`` holds the fp16
-    ratios [N, n_groups] (n_groups even) as int32 words, two each, which the pipeliner copies ahead with the
+    one ratio (per nibble half), so each ratio is loaded once per run, not once per word. ``LOOKUP`` (the launcher
+    sets it for one token and groups of 64 or more columns): a word's 8 codes share one group and are looked up in
+    its tables (``unpack.group_tables``); otherwise QQQ's FusedDequantQuant (the lookup's doubled sums and
+    activation shuffles made two tokens slower: NOTES.md). ``RATIO_WORDS`` (lookup only): ``ratio_ptr`` holds the
+    fp16 ratios [N, n_groups] (n_groups even) as int32 words, two each, which the pipeliner copies ahead with the
     weights; a 16-bit load is no ``cp.async`` copy and stays in the loop, a memory round trip every step."""
-    LOOKUP: tl.constexpr = GROUP_SIZE >= 64 and BLOCK_M == 1
     # a group is GROUP_SIZE // 8 words holding both nibble halves when GROUP_SIZE >= 64; groups of 32 split each
     # 8-word chunk (64 columns) into a low-nibble group and a high-nibble group
     RUN: tl.constexpr = min(max(GROUP_SIZE // 8, 8), BLOCK_KW)
@@ -118,43 +119,69 @@ def _w4a8_gemv_group_kernel(
     rows = offs_n[:, None, None, None]
     row_mask = n_mask[:, None, None, None]
     x_rows = words_ptr + offs_m[None, :, None, None] * (K // 4)
-    acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32)
-    acc_negative = tl.zeros_like(acc)  # the table path's sums over the codes < 8 (their weights' magnitudes)
+    in_split = (first_word + offs_run < last_word)[None, None, :, None]  # all or none, as per channel
+    # the first tile before the wait, as per channel
+    word, packed, chunk_column = _group_words(w_ptr, rows, row_mask & in_split, stride_wn, first_word + offs_run,
+                                              offs_i)
+    channel_scale, bias = channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS)
     wait_for_previous_then_let_next_start(PDL)
-    for word0 in tl.range(first_word, last_word, BLOCK_KW, num_stages=NUM_STAGES):
-        run_start = word0 + offs_run  # [runs]
-        word = (run_start[:, None] + offs_i[None, :])[None, None, :, :]
-        packed = tl.load(w_ptr + rows * stride_wn + word, mask=row_mask, other=0)
-        # word 8c + i holds columns 64c + 4i .. + 3 (low nibbles) and 32 further (high)
-        chunk_column = ((run_start // 8) * 64)[None, None, :, None]
-        x_low, x_high = _activation_words(x_rows, word, m_mask[None, :, None, None])
-        if LOOKUP:
-            ratio = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, RATIO_WORDS)
-            neg_low, neg_high, pos_low, pos_high = group_tables(ratio, USE_ASM)
-            neg_a, neg_b, pos_a, pos_b = int8_words_from_group_tables(packed, neg_low, neg_high, pos_low, pos_high,
-                                                                       USE_ASM)
-            # the activation codes in the tables' lane order: the columns of byte 0's low and high nibble, then
-            # of byte 1's (word a), of bytes 2 and 3 (word b)
-            x_a = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x5140, tl.int32), USE_ASM)
-            x_b = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x7362, tl.int32), USE_ASM)
-            acc = dot4_int8(pos_a, x_a, acc, USE_ASM)
-            acc = dot4_int8(pos_b, x_b, acc, USE_ASM)
-            acc_negative = dot4_int8(neg_a, x_a, acc_negative, USE_ASM)
-            acc_negative = dot4_int8(neg_b, x_b, acc_negative, USE_ASM)
-        else:
-            r_low = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, False)
-            if GROUP_SIZE >= 64:
-                r_high = r_low
-            else:
-                r_high = _group_ratio(ratio_ptr, rows, n_groups, (chunk_column + 32) // GROUP_SIZE, row_mask, False)
-            w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
-            acc = dot4_int8(w_low, x_low, acc, USE_ASM)
-            acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+    token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    acc, acc_negative = _group_tile_dot(
+        packed, word, chunk_column, x_rows, m_mask[None, :, None, None] & in_split, ratio_ptr, rows,
+        row_mask & in_split, n_groups, tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32),
+        tl.zeros([BLOCK_N, BLOCK_M, BLOCK_KW // RUN, RUN], dtype=tl.int32),
+        GROUP_SIZE, LOOKUP, CLAMP, USE_ASM, RATIO_WORDS)
+    for word0 in tl.range(first_word + BLOCK_KW, last_word, BLOCK_KW, num_stages=NUM_STAGES):
+        word, packed, chunk_column = _group_words(w_ptr, rows, row_mask, stride_wn, word0 + offs_run, offs_i)
+        acc, acc_negative = _group_tile_dot(packed, word, chunk_column, x_rows, m_mask[None, :, None, None],
+                                            ratio_ptr, rows, row_mask, n_groups, acc, acc_negative, GROUP_SIZE,
+                                            LOOKUP, CLAMP, USE_ASM, RATIO_WORDS)
     if LOOKUP:
         acc -= acc_negative
-    _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr,
-              bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
+    _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale,
+              bias, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
               WRITE_ACC, SPLIT)
+
+
+@triton.jit
+def _group_words(w_ptr, rows, row_mask, stride_wn, run_start, offs_i):
+    """The per-group weight words of the runs starting at ``run_start`` ([runs]), and the first column of each
+    run's 64-column chunk (word 8c + i holds columns 64c + 4i .. + 3 in its low nibbles, 32 further in its high)."""
+    word = (run_start[:, None] + offs_i[None, :])[None, None, :, :]
+    packed = tl.load(w_ptr + rows * stride_wn + word, mask=row_mask, other=0)
+    return word, packed, ((run_start // 8) * 64)[None, None, :, None]
+
+
+@triton.jit
+def _group_tile_dot(packed, word, chunk_column, x_rows, x_mask, ratio_ptr, rows, row_mask, n_groups, acc,
+                    acc_negative, GROUP_SIZE: tl.constexpr, LOOKUP: tl.constexpr, CLAMP: tl.constexpr,
+                    USE_ASM: tl.constexpr, RATIO_WORDS: tl.constexpr):
+    """``acc`` (and, by lookup, ``acc_negative``) + the products of the per-group weight words ``packed`` and the
+    activation words they meet."""
+    x_low, x_high = _activation_words(x_rows, word, x_mask)
+    if LOOKUP:
+        ratio = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, RATIO_WORDS)
+        neg_low, neg_high, pos_low, pos_high = group_tables(ratio, USE_ASM)
+        neg_a, neg_b, pos_a, pos_b = int8_words_from_group_tables(packed, neg_low, neg_high, pos_low, pos_high,
+                                                                   USE_ASM)
+        # the activation codes in the tables' lane order: the columns of byte 0's low and high nibble, then
+        # of byte 1's (word a), of bytes 2 and 3 (word b)
+        x_a = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x5140, tl.int32), USE_ASM)
+        x_b = byte_permute(x_low, x_high, tl.full(x_low.shape, 0x7362, tl.int32), USE_ASM)
+        acc = dot4_int8(pos_a, x_a, acc, USE_ASM)
+        acc = dot4_int8(pos_b, x_b, acc, USE_ASM)
+        acc_negative = dot4_int8(neg_a, x_a, acc_negative, USE_ASM)
+        acc_negative = dot4_int8(neg_b, x_b, acc_negative, USE_ASM)
+    else:
+        r_low = _group_ratio(ratio_ptr, rows, n_groups, chunk_column // GROUP_SIZE, row_mask, False)
+        if GROUP_SIZE >= 64:
+            r_high = r_low
+        else:
+            r_high = _group_ratio(ratio_ptr, rows, n_groups, (chunk_column + 32) // GROUP_SIZE, row_mask, False)
+        w_low, w_high = int8_words_from_group_codes(packed, r_low, r_high, USE_ASM, CLAMP)
+        acc = dot4_int8(w_low, x_low, acc, USE_ASM)
+        acc = dot4_int8(w_high, x_high, acc, USE_ASM)
+    return acc, acc_negative
 
 
 @triton.jit
@@ -195,16 +222,18 @@ def _activation_words(x_rows, word, m_mask):
 
 
 @triton.jit
-def _epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-              workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, X16: tl.constexpr,
-              HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SPLIT: tl.constexpr):
-    if not SPLIT:
-        epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
-    else:
-        split_k_epilogue(total, tl.program_id(0), split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask,
-                         m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om, X16,
-                         HAS_BIAS, WRITE_ACC)
+def _epilogue(total, offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale, bias, out_ptr, workspace_ptr,
+              tickets_ptr, acc_out_ptr, N, stride_om, split_k, X16: tl.constexpr, HAS_BIAS: tl.constexpr,
+              WRITE_ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """The epilogue with its operands loaded at the kernel's start (the channel scales and bias before its wait,
+    the token scales right after it), so no load is left on the kernel's tail."""
+    last = True
+    if SPLIT:
+        total, last = split_k_sum(total, tl.program_id(0), split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask,
+                                  m_mask, N)
+    if last:
+        scaled_store(total, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr,
+                     N, stride_om, X16, HAS_BIAS, WRITE_ACC)
 
 
 def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out, config,
@@ -227,8 +256,9 @@ def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias
                                 out.stride(0), split_k, **shared)
     else:
         n_groups = k // group_size
-        ratio_words = m == 1 and group_size >= 64 and n_groups % 2 == 0 and group_ratio.data_ptr() % 4 == 0
+        lookup = m == 1 and group_size >= 64
+        ratio_words = lookup and n_groups % 2 == 0 and group_ratio.data_ptr() % 4 == 0
         _w4a8_gemv_group_kernel[grid](*pointers, group_ratio.view(torch.int32) if ratio_words else group_ratio, bias,
                                       out, workspace, tickets, acc_out, m, n, k, n_groups, qweight.stride(0) // 4,
                                       out.stride(0), split_k, GROUP_SIZE=group_size, CLAMP=clamp,
-                                      RATIO_WORDS=ratio_words, **shared)
+                                      LOOKUP=lookup, RATIO_WORDS=ratio_words, **shared)
