@@ -46,6 +46,17 @@ CHECK_M = (1, 16, 33, 256, 1024, 4096)
 CHECK_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
+def shapes_named(names: str) -> list[tuple[str, int, int]]:
+    """The shapes of a comma-separated list of names, in its order (the tuner saves after each, so a run cut
+    short keeps the first ones); an unknown name is an error, not a silently smaller run."""
+    by_name = {shape[0]: shape for shape in SHAPES}
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown or not wanted:
+        raise ValueError(f"unknown shape name(s) {unknown or names!r}; known: {', '.join(by_name)}")
+    return [by_name[name] for name in dict.fromkeys(wanted)]
+
+
 def check_correctness(shapes, m_values=CHECK_M) -> bool:
     """The W4A8 kernels on the GPU against ``qqq.numerics`` at every shape, M and group size that divides K, with
     the configs a user gets: int32 sums exact, outputs within ``numerics.output_tolerance``, the activation
@@ -293,6 +304,11 @@ def main():
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>/gemm_speed.png from the csv")
     args = parser.parse_args()
+    try:
+        shapes = SHAPES if args.shapes == "all" else shapes_named(args.shapes)
+        tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes
+    except ValueError as err:
+        parser.error(str(err))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
@@ -302,7 +318,6 @@ def main():
     meta = provenance()
     print(meta, flush=True)
     t0 = time.time()
-    shapes = SHAPES if args.shapes == "all" else [s for s in SHAPES if s[0] in args.shapes.split(",")]
     if args.check and not check_correctness(shapes):
         print("CORRECTNESS FAILED: no timing of wrong kernels")
         sys.exit(1)
@@ -312,8 +327,6 @@ def main():
     if args.act_quant:
         activation_quant_speed(meta, out_dir)
     if args.tune:
-        tune_names = args.tune_shapes.split(",") if args.tune_shapes else [s[0] for s in shapes]
-        tune_shapes = [s for s in SHAPES if s[0] in tune_names]
         ms = [int(v) for v in args.tune_ms.split(",")]
         timings = []
         problems = [(n, k, g) for _, n, k in tune_shapes for g in (-1, 128)]

@@ -1,0 +1,32 @@
+"""experiments/gemm_speed.py's shape selection (CPU: no kernel runs)."""
+import subprocess
+import sys
+
+import pytest
+from conftest import EXPERIMENTS, experiment_module
+
+
+@pytest.fixture(scope="module")
+def gemm_speed():
+    return experiment_module("gemm_speed")
+
+
+def test_shapes_named_keeps_the_order_given_and_drops_repeats(gemm_speed):
+    picked = gemm_speed.shapes_named("llama2-7b_down, paper_8192x21760,llama2-7b_down")
+    assert [name for name, _, _ in picked] == ["llama2-7b_down", "paper_8192x21760"]
+    assert picked[1][1:] == (8192, 21760)
+
+
+@pytest.mark.parametrize("names", ["llama2-7b-qkv", "paper_8192x21760,nope", ","])
+def test_shapes_named_refuses_an_unknown_or_empty_list(gemm_speed, names):
+    with pytest.raises(ValueError, match="known: paper_8192x21760"):
+        gemm_speed.shapes_named(names)
+
+
+def test_the_script_stops_on_a_misspelled_shape_before_writing_anything(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "gemm_speed.py"), "--tune-shapes", "llama2-7b-qkv",
+                          "--no-bench", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "unknown shape name(s) ['llama2-7b-qkv']" in run.stderr
+    assert not out.exists()
