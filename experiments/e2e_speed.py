@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qqq.fast.attention import KV_BITS, decode_attention_reference  # noqa: E402
 from qqq.fast.generation import Generator  # noqa: E402
 from qqq.fast.model import FastLlama  # noqa: E402
-from qqq.fast.producers import quantize_rows  # noqa: E402
+from qqq.fast.producers import quantize_rows, silu_mul_reference  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
 from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
@@ -86,18 +86,24 @@ def method_dtype(method: str) -> torch.dtype:
 
 def check_method(method: str, n: int = 768, k: int = 1024) -> float:
     """Largest error of the method's GPU projection against ``qqq.fast.projections.reference_linear``, relative to the
-    output's range (before any timing: no speed of a wrong kernel)."""
+    output's range (before any timing: no speed of a wrong kernel); the gate/up projection that ends in SiLU*up
+    (rows [gate; up] of ``weight``) against the reference followed by the SiLU*up producer's reference."""
     dtype = method_dtype(method)
     generator = torch.Generator(device="cuda").manual_seed(1)
     weight = (torch.randn(n, k, generator=generator, device="cuda") * 0.02).to(dtype)
     bias = None
-    projection = projection_from_weight(weight, bias, method)
+    plain = projection_from_weight(weight, bias, method)
+    gate_up = projection_from_weight(weight, bias, method, silu_mul=True)
     worst = 0.0
     for m in (1, 5, 64, 300):
         x = torch.randn(m, k, generator=generator, device="cuda").to(dtype)
-        rows = quantize_rows(x) if projection.takes_int8 else x
-        expected = reference_linear(x, weight, bias, method).float()
-        worst = max(worst, float((projection(rows).float() - expected).abs().max() / expected.abs().max()))
+        rows = quantize_rows(x) if plain.takes_int8 else x
+        expected = reference_linear(x, weight, bias, method)
+        for projection, want in ((plain, expected), (gate_up, silu_mul_reference(expected, quantize=False))):
+            if projection is gate_up and not gate_up.silu_mul:
+                continue
+            want = want.float()
+            worst = max(worst, float((projection(rows).float() - want).abs().max() / want.abs().max()))
     return worst
 
 

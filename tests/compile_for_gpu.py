@@ -70,6 +70,12 @@ def drive_every_branch() -> None:
         for dtype in (torch.float16, torch.bfloat16):
             w4a8_gemm.w4a8_linear(torch.randn(3, 1024).to(dtype), pack_int4(codes), scale, ratio, None, g,
                                   config=config, ratios_fit_int8=g != -1 and not clamp)
+    for path, g in cases.SILU_MUL_CASES:  # the SiLU*up epilogue, at one token (BLOCK_M 1 for streaming) and three
+        codes, scale, ratio = numerics.random_quantized_weight(128, 1024, g)
+        for m in (1, 3):
+            a_codes, a_scale = quantize_per_token(torch.randn(m, 1024).half())
+            w4a8_gemm.w4a8_gemm(a_codes, a_scale, pack_int4(codes), scale, ratio, None, g, torch.float16,
+                                config=cases.GEMM_PATH_CONFIGS[path](g), ratios_fit_int8=g != -1, silu_mul=True)
     for launcher, rows, residual, out in cases.PRODUCER_CASES:
         m, quantize = (1 if rows == "chunked" else 300), out == "int8"
         width = cases.PRODUCER_WIDTHS[launcher][0]
@@ -95,6 +101,7 @@ def drive_every_branch() -> None:
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)
     x = torch.randn(3, 1024).half()
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)
+    baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16, silu_mul=True)
     baselines.w4a16_linear(x, pack_int4(codes), scale)
 
 

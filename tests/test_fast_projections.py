@@ -5,7 +5,9 @@ import torch
 
 from conftest import tiny_model
 from qqq.fast.model import FastLlama
-from qqq.fast.projections import METHODS, RENAMED_METHODS, W4A8Projection, fast_method, fused_projection
+from qqq.fast.producers import quantize_rows, silu_mul
+from qqq.fast.projections import (METHODS, RENAMED_METHODS, W4A8Projection, fast_method, fused_projection,
+                                  projection_from_weight)
 from qqq.linear import QQQLinear
 
 
@@ -37,3 +39,35 @@ def test_fusing_mixed_layers_is_refused():
     with pytest.raises(ValueError, match="cannot fuse QQQLinear"):
         W4A8Projection([QQQLinear.from_linear(model.model.layers[0].mlp.up_proj),
                         QQQLinear.from_linear(model.model.layers[0].mlp.down_proj)], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+@pytest.mark.parametrize("method", ["w4a8_rtn", "w4a8_rtn_g128", "w8a8", "fp16"])
+def test_gate_up_ending_in_silu_mul_is_the_producer_on_the_plain_projection(method, backend, monkeypatch):
+    """The fused gate/up projection (rows alternating gate, up; SiLU(gate) * up in the GEMM's epilogue) gives
+    exactly what the plain gate/up projection followed by the SiLU*up producer gives; formats whose GEMM cannot
+    end in it stay plain."""
+    if backend == "reference":
+        monkeypatch.setenv("QQQ_BACKEND", "reference")
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(2 * 96, 256, generator=generator) * 0.05).half().float()
+    bias = torch.randn(2 * 96, generator=generator)
+    x = torch.randn(3, 256, generator=generator).half()
+    plain = projection_from_weight(weight.half(), bias.half(), method)
+    fused = projection_from_weight(weight.half(), bias.half(), method, silu_mul=True)
+    assert fused.silu_mul == (method != "fp16") and not plain.silu_mul
+    if method == "fp16":
+        return
+    rows = quantize_rows(x)
+    assert torch.equal(fused(rows), silu_mul(plain(rows), quantize=False))
+
+
+def test_checkpoint_gate_up_ends_in_silu_mul_only_for_a_pair_of_one_width():
+    model = tiny_model()
+    mlp = model.model.layers[0].mlp
+    gate, up = QQQLinear.from_linear(mlp.gate_proj), QQQLinear.from_linear(mlp.up_proj)
+    plain, fused = W4A8Projection([gate, up], torch.float32), W4A8Projection([gate, up], torch.float32, silu_mul=True)
+    rows = quantize_rows(torch.randn(2, gate.in_features, generator=torch.Generator().manual_seed(4)))
+    assert fused.silu_mul and torch.equal(fused(rows), silu_mul(plain(rows), quantize=False))
+    with pytest.raises(ValueError, match="one width"):
+        W4A8Projection([gate], torch.float32, silu_mul=True)

@@ -83,6 +83,9 @@ GEMM_CASES = _gemm_cases()
 def _gemm_path_ms(path):
     """Token counts a path is checked at: decode to prefill, the streaming kernel up to its 16 tokens."""
     return (1, 2, 16) if path.startswith("streaming") else (1, 33, 300)
+
+# the SiLU*up epilogue: each path's kernel, per-channel and g128 (unclamped, as a layer runs it)
+SILU_MUL_CASES = sorted({(path, g) for path, g, clamp in GEMM_CASES if g in (-1, 128) and (g == -1 or not clamp)})
 PRODUCER_WIDTHS = {"rmsnorm_quantize": (4096, 5120, 8192), "silu_mul_quantize": (11008, 13824, 28672)}
 PRODUCER_CASES = [(launcher, rows, residual, out) for launcher in PRODUCER_WIDTHS for rows in ("row", "chunked")
                   for residual in ((False, True) if launcher == "rmsnorm_quantize" else (False,))
@@ -92,10 +95,12 @@ PRODUCER_CASES = [(launcher, rows, residual, out) for launcher in PRODUCER_WIDTH
 def covered_branches() -> set[tuple[str, str]]:
     covered = {("quantize_per_token", branch) for branch, _, _ in QUANT_CASES}
     covered |= {("w4a8_gemm", _gemm_branch(path, g, clamp)) for path, g, clamp in GEMM_CASES}
+    covered |= {("w4a8_gemm", f"silu_mul/{path}") for path, _ in SILU_MUL_CASES}
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
-                ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w4a16_linear", "w4a16")}
+                ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
+                ("w4a16_linear", "w4a16")}
     return covered
 
 
@@ -200,6 +205,30 @@ def test_w4a8_gemm_branch(path, group_size, clamp, dtype, precompiled):
         with branches.recording() as taken:
             _check_w4a8(_random_rows(m, 8192, dtype, generator), 1000, group_size, config, clamp)
         _assert_branch(taken, "w4a8_gemm", _gemm_branch(path, group_size, clamp))
+
+
+@compiled_kernels
+@pytest.mark.parametrize("path,group_size", SILU_MUL_CASES)
+def test_w4a8_silu_mul_epilogue_branch(path, group_size):
+    """Gate/up rows alternating: the epilogue's SiLU(gate) * up equals the SiLU*up producer on the same path's
+    plain outputs (which ``test_w4a8_gemm_branch`` checks against the spec)."""
+    from qqq.kernels_triton.activation_quant import quantize_per_token
+    from qqq.kernels_triton.fused_producers import silu_mul_quantize
+    from qqq.kernels_triton.w4a8_gemm import w4a8_gemm
+
+    qweight, _, scale, ratio, bias = _weights(1000, 8192, group_size)
+    config = GEMM_PATH_CONFIGS[path](group_size)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    for m in _gemm_path_ms(path):
+        a_codes, a_scale = quantize_per_token(_random_rows(m, 8192, torch.float16, generator))
+        args = (a_codes, a_scale, qweight, scale, ratio, bias.half(), group_size, torch.float16)
+        outputs = w4a8_gemm(*args, config=config, ratios_fit_int8=group_size != -1)
+        with branches.recording() as taken:
+            gated = w4a8_gemm(*args, config=config, ratios_fit_int8=group_size != -1, silu_mul=True)
+        _assert_branch(taken, "w4a8_gemm", f"silu_mul/{path}")
+        expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+        assert gated.shape == (m, 500) and torch.equal(gated, expected), \
+            f"M={m}: {(gated != expected).sum().item()} of {expected.numel()} differ"
 
 
 @compiled_kernels
@@ -373,6 +402,25 @@ def test_baseline_branches(dtype):
         torch.testing.assert_close(got8.float(), expected8.float(), rtol=ulp, atol=1e-6)
         expected4 = torch.nn.functional.linear(x.float(), weight8.float() * scale[:, None], bias.float())
         torch.testing.assert_close(got4.float(), expected4, rtol=0, atol=1e-2 * float(expected4.abs().max()))
+
+
+@compiled_kernels
+def test_w8a8_silu_mul_epilogue_branch():
+    """As for W4A8: the epilogue's SiLU(gate) * up is the SiLU*up producer on the GEMM's plain outputs."""
+    from qqq.kernels_triton.activation_quant import quantize_per_token
+    from qqq.kernels_triton.baselines import w8a8_gemm
+    from qqq.kernels_triton.fused_producers import silu_mul_quantize
+
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    _, weight8, scale, _, bias = _weights(1000, 4096, -1)
+    for m in (1, 33, 300):
+        a_codes, a_scale = quantize_per_token(_random_rows(m, 4096, torch.float16, generator))
+        outputs = w8a8_gemm(a_codes, a_scale, weight8, scale, bias.half(), torch.float16)
+        with branches.recording() as taken:
+            gated = w8a8_gemm(a_codes, a_scale, weight8, scale, bias.half(), torch.float16, silu_mul=True)
+        _assert_branch(taken, "w8a8_gemm", "int8_gemm+silu_mul")
+        expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+        assert gated.shape == (m, 500) and torch.equal(gated, expected)
 
 
 # ------------------------------------------------------------------------------------- fused producers, attention

@@ -7,9 +7,10 @@ from conftest import interpreted_kernels
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.baselines import w4a16_linear, w8a8_linear
+from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
-from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+from qqq.kernels_triton.fused_producers import silu_mul_quantize
+from qqq.kernels_triton.w4a8_gemm import _launch_path, w4a8_gemm, w4a8_linear
 from qqq.linear import QQQLinear
 
 pytestmark = interpreted_kernels
@@ -139,6 +140,43 @@ def test_w4a8_matches_reference(m, n, k, group_size, cfg):
         assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
 
 
+SILU_MUL_CASES = [  # one per launch path and kernel
+    (1, 48, 128, -1, config()),
+    (3, 64, 192, -1, config(block_k=64, split_k=3)),
+    (17, 64, 256, 64, dict(config(block_k=64, split_k=2), PREFETCH=1)),
+    (3, 48, 512, 128, config(block_k=256)),
+    (1, 40, 128, -1, dict(config(block_k=64), GEMV=1)),
+    (5, 24, 256, 64, dict(config(block_n=16, block_k=128, split_k=2), GEMV=1)),
+    (1, 20, 512, 128, dict(config(block_n=16, block_k=256, split_k=2), GEMV=1)),  # the lookup
+    (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
+    (17, 40, 256, 32, config(block_k=128, dequant=1)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,group_size,cfg", SILU_MUL_CASES)
+def test_w4a8_silu_mul_epilogue_is_the_producer_on_the_outputs(m, n, k, group_size, cfg):
+    """Gate/up rows alternating: the epilogue's SiLU(gate) * up is the SiLU*up producer run on the same kernel's
+    plain outputs (each path: tensor cores, split-K, prefill, streaming, lookup)."""
+    codes, channel_scale, ratio = make_layer(n, k, group_size, seed=m + n + k)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).half()
+    bias = torch.randn(n).half() if m % 2 else None
+    a_codes, a_scale = quantize_per_token(x)
+    args = (a_codes, a_scale, pack_int4(codes), channel_scale, ratio, bias, group_size, torch.float16)
+    outputs = w4a8_gemm(*args, config=cfg, ratios_fit_int8=group_size != -1)
+    with branches.recording() as taken:
+        gated = w4a8_gemm(*args, config=cfg, ratios_fit_int8=group_size != -1, silu_mul=True)
+    expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+    assert gated.shape == (m, n // 2) and torch.equal(gated, expected)
+    assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
+
+
+def test_w4a8_silu_mul_needs_channel_pairs():
+    codes, channel_scale, _ = make_layer(33, 128, -1)
+    a_codes, a_scale = quantize_per_token(torch.randn(1, 128))
+    with pytest.raises(ValueError, match="pairs"):
+        w4a8_gemm(a_codes, a_scale, pack_int4(codes), channel_scale, None, None, -1, torch.float16, silu_mul=True)
+
+
 def test_w4a8_half_precision_and_batched_input():
     codes, channel_scale, ratio = make_layer(64, 128, 64, seed=5)
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(6)).half()
@@ -248,6 +286,10 @@ def test_baselines_match_reference():
     x_codes, ts = numerics.quantize_per_token(x)
     ref = numerics.int8_matmul_exact(x_codes, w8).float() * ts * s8
     assert torch.all((out - ref).abs() <= fp16_tolerance(ref))
+    x_codes, x_scale = quantize_per_token(x.half())
+    plain = w8a8_gemm(x_codes, x_scale, w8, s8, None, torch.float16, config=config(block_k=128))
+    gated = w8a8_gemm(x_codes, x_scale, w8, s8, None, torch.float16, config=config(block_k=128), silu_mul=True)
+    assert torch.equal(gated, silu_mul_quantize(torch.cat((plain[:, 0::2], plain[:, 1::2]), dim=1), quantize=False))
     codes, scale, _ = make_layer(48, 128, -1)
     out = w4a16_linear(x, pack_int4(codes), scale, None, config=config(block_k=128))
     ref = x @ numerics.dequantize_per_channel(codes, scale).T

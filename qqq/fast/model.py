@@ -100,7 +100,7 @@ class FastLlama(nn.Module):
                 layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                 fused_projection([attn.q_proj, attn.k_proj, attn.v_proj], method, dtype),
                 fused_projection([attn.o_proj], method, dtype),
-                fused_projection([mlp.gate_proj, mlp.up_proj], method, dtype),
+                fused_projection([mlp.gate_proj, mlp.up_proj], method, dtype, silu_mul=True),
                 fused_projection([mlp.down_proj], method, dtype)))
         positions = max_positions or model.config.max_position_embeddings
         cos, sin = rope_tables(model, positions)
@@ -129,7 +129,8 @@ class FastLlama(nn.Module):
         layers = [FastDecoderLayer(norm(), norm(),
                                    projection_from_weight(weight(qkv_rows, arch.hidden), None, method),
                                    projection_from_weight(weight(arch.hidden, arch.heads * arch.head_dim), None, method),
-                                   projection_from_weight(weight(2 * arch.intermediate, arch.hidden), None, method),
+                                   projection_from_weight(weight(2 * arch.intermediate, arch.hidden), None, method,
+                                                          silu_mul=True),
                                    projection_from_weight(weight(arch.hidden, arch.intermediate), None, method))
                   for _ in range(arch.layers)]
         with torch.device("meta"):
@@ -161,7 +162,11 @@ class FastLlama(nn.Module):
             attended = attended.transpose(1, 2).reshape(batch * t, arch.heads * arch.head_dim)
             delta = layer.o(quantize_rows(attended) if layer.o.takes_int8 else attended)
             normed, residual = rmsnorm(delta, layer.post_attention_norm, arch.eps, residual, layer.gate_up.takes_int8)
-            delta = layer.down(silu_mul(layer.gate_up(normed), layer.down.takes_int8))
+            hidden = layer.gate_up(normed)
+            if layer.gate_up.silu_mul:  # the GEMM's epilogue did SiLU(gate) * up
+                delta = layer.down(quantize_rows(hidden) if layer.down.takes_int8 else hidden)
+            else:
+                delta = layer.down(silu_mul(hidden, layer.down.takes_int8))
         if last is None:
             rows = slice(t - 1, None, t)  # the last row of each sequence
         else:

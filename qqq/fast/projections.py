@@ -1,5 +1,9 @@
 """The linear formats of the fast path: one ``Projection`` per format, q/k/v and gate/up each fused into one.
 
+The gate/up projection of the W4A8 and W8A8 formats ends in ``SiLU(gate) * up`` (``silu_mul``): its weight rows
+alternate gate, up and the GEMM's epilogue combines each pair (``qqq.kernels_triton.int8_gemm``), so the MLP
+needs no SiLU*up launch, only the per-token quantization of the result for down.
+
 A QQQ checkpoint's ``QQQLinear`` layers keep their own weights (smoothing + GPTQ, already W4A8). A plain model is
 converted by a method of :data:`METHODS`; the quantized ones round the weights to nearest, so ``w4a8_rtn`` is
 *not* the pipeline's ``qqq`` (which smooths and runs GPTQ first): it has QQQ's W4A8 format and kernels, for
@@ -19,7 +23,7 @@ from torch import nn
 
 from qqq import numerics
 from qqq.fast.backend import triton_or_reference
-from qqq.fast.producers import Int8Rows
+from qqq.fast.producers import Int8Rows, silu_mul_reference
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
 from qqq.linear import QQQLinear, cached_int8_weight, cached_ratios_fit_int8
 
@@ -41,9 +45,11 @@ def fast_method(name: str) -> str:
 
 
 class Projection(nn.Module):
-    """A (fused) linear of ``FastLlama``. ``takes_int8``: its producer hands it ``Int8Rows``, else fp16 rows."""
+    """A (fused) linear of ``FastLlama``. ``takes_int8``: its producer hands it ``Int8Rows``, else fp16 rows.
+    ``silu_mul``: its weight rows alternate gate, up and it returns ``SiLU(gate) * up`` (out_features / 2 wide)."""
 
     takes_int8 = False
+    silu_mul = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -125,8 +131,26 @@ class W8A8Projection(Projection):
         self.register_buffer("channel_scale", scale.contiguous())
 
     def forward(self, rows: Int8Rows) -> torch.Tensor:
-        gemm = triton_or_reference(rows.codes, "baselines.w8a8_gemm", numerics.int8_linear_reference)
-        return gemm(rows.codes, rows.scale, self.weight, self.channel_scale, self.bias, self.dtype)
+        gemm = triton_or_reference(rows.codes, "baselines.w8a8_gemm", _w8a8_gemm_reference)
+        return gemm(rows.codes, rows.scale, self.weight, self.channel_scale, self.bias, self.dtype,
+                    silu_mul=self.silu_mul)
+
+
+def _w8a8_gemm_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype, silu_mul=False):
+    out = numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
+    return silu_mul_of_alternating_rows(out) if silu_mul else out
+
+
+def alternate_halves(t: torch.Tensor) -> torch.Tensor:
+    """``t`` = [gate; up] (rows) -> rows alternating gate, up: row ``2j`` is gate ``j``, ``2j + 1`` is up ``j``."""
+    if t.shape[0] % 2:
+        raise ValueError(f"gate and up must have as many rows, got {t.shape[0]} rows in all")
+    return t.reshape(2, t.shape[0] // 2, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def silu_mul_of_alternating_rows(out: torch.Tensor) -> torch.Tensor:
+    """``SiLU(gate) * up`` of outputs [M, N] whose channels alternate gate, up (the producers' reference)."""
+    return silu_mul_reference(torch.cat((out[:, 0::2], out[:, 1::2]), dim=1), quantize=False)
 
 
 class W4A8Projection(Projection):
@@ -134,7 +158,8 @@ class W4A8Projection(Projection):
 
     takes_int8 = True
 
-    def __init__(self, linears: list[QQQLinear], dtype: torch.dtype):
+    def __init__(self, linears: list[QQQLinear], dtype: torch.dtype, silu_mul: bool = False):
+        """``silu_mul``: ``linears`` are (gate, up), fused into one projection returning ``SiLU(gate) * up``."""
         group_sizes = {linear.group_size for linear in linears}
         in_features = {linear.in_features for linear in linears}
         if len(group_sizes) != 1 or len(in_features) != 1:
@@ -143,9 +168,18 @@ class W4A8Projection(Projection):
         bias = stacked_bias(linears, dtype, linears[0].qweight.device)
         super().__init__(in_features.pop(), sum(linear.out_features for linear in linears), bias, dtype)
         self.group_size = group_sizes.pop()
-        self.register_buffer("qweight", torch.cat([linear.qweight for linear in linears]).contiguous())
-        self.register_buffer("channel_scale", torch.cat([linear.channel_scale for linear in linears]).contiguous())
-        self.register_buffer("group_ratio", torch.cat([linear.group_ratio for linear in linears]).contiguous())
+        if silu_mul and (len(linears) != 2 or linears[0].out_features != linears[1].out_features):
+            raise ValueError(f"silu_mul fuses a gate and an up projection of one width, got "
+                             f"{[linear.out_features for linear in linears]}")
+        self.silu_mul = silu_mul
+        rows = alternate_halves if silu_mul else (lambda t: t)
+        if silu_mul and self.bias is not None:
+            self.bias = rows(self.bias)
+        self.register_buffer("qweight", rows(torch.cat([linear.qweight for linear in linears])).contiguous())
+        self.register_buffer("channel_scale", rows(torch.cat([linear.channel_scale for linear in linears]))
+                             .contiguous())
+        self.register_buffer("group_ratio", rows(torch.cat([linear.group_ratio for linear in linears]))
+                             .contiguous())
         self.checked_on = None  # the device whose kernels last validated these buffers
         # checked now, not inside a CUDA-graph capture (it reads the codes back to the host)
         cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, self.group_ratio)
@@ -156,28 +190,32 @@ class W4A8Projection(Projection):
         fits = cached_ratios_fit_int8(self, self.qweight, self.in_features, self.group_size, ratio)
         # the kernel checks the weights on its first call on a device, not on every call of an eager prefill
         out = gemm(rows.codes, rows.scale, self.qweight, self.channel_scale, ratio, self.bias, self.group_size,
-                   self.dtype, weights_checked=self.checked_on == rows.codes.device, ratios_fit_int8=fits)
+                   self.dtype, weights_checked=self.checked_on == rows.codes.device, ratios_fit_int8=fits,
+                   silu_mul=self.silu_mul)
         self.checked_on = rows.codes.device
         return out
 
     def _reference(self, a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
-                   weights_checked=False, ratios_fit_int8=False):
+                   weights_checked=False, ratios_fit_int8=False, silu_mul=False):
         """What ``w4a8_gemm`` computes, from ``qqq.numerics``, with the int8 weight unpacked once."""
         weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)
-        return numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
+        out = numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
+        return silu_mul_of_alternating_rows(out) if silu_mul else out
 
 
-def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype) -> Projection:
+def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype, silu_mul: bool = False) -> Projection:
     """One projection computing ``linears`` side by side (q/k/v, gate/up). ``QQQLinear`` layers keep their
-    quantization; plain linears are converted by ``method`` (round to nearest for the quantized formats)."""
+    quantization; plain linears are converted by ``method`` (round to nearest for the quantized formats).
+    ``silu_mul``: ``linears`` are (gate, up), to end in ``SiLU(gate) * up`` where the format's kernels can (the
+    result's ``silu_mul`` says whether it does)."""
     if all(isinstance(linear, QQQLinear) for linear in linears):
-        return W4A8Projection(linears, dtype)
+        return W4A8Projection(linears, dtype, silu_mul)
     if not all(isinstance(linear, nn.Linear) for linear in linears):
         kinds = sorted({type(linear).__name__ for linear in linears})
         raise ValueError(f"cannot build a fast projection from {kinds}: expected nn.Linear or QQQLinear layers "
                          "(fake-quantized accuracy models have no fast path; save a W4A8 checkpoint instead)")
     weight = torch.cat([linear.weight.detach() for linear in linears])
-    return projection_from_weight(weight, stacked_bias(linears, weight.dtype, weight.device), method)
+    return projection_from_weight(weight, stacked_bias(linears, weight.dtype, weight.device), method, silu_mul)
 
 
 def stacked_bias(linears: list[nn.Module], dtype: torch.dtype, device) -> torch.Tensor | None:
@@ -188,9 +226,18 @@ def stacked_bias(linears: list[nn.Module], dtype: torch.dtype, device) -> torch.
                       torch.zeros(linear.out_features, dtype=dtype, device=device) for linear in linears])
 
 
-def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> Projection:
-    """``weight`` [N, K] (+ ``bias``) as a projection of ``method`` (the quantized ones round to nearest)."""
-    return FORMATS[fast_method(method)].build(weight, bias)
+def projection_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str,
+                           silu_mul: bool = False) -> Projection:
+    """``weight`` [N, K] (+ ``bias``) as a projection of ``method`` (the quantized ones round to nearest).
+    ``silu_mul``: ``weight`` is [gate; up], to end in ``SiLU(gate) * up`` where the format's kernels can (the
+    result's ``silu_mul`` says whether it does; each row is quantized on its own, so alternating the rows first
+    changes no code)."""
+    spec = FORMATS[fast_method(method)]
+    if not (silu_mul and spec.fuses_silu_mul):
+        return spec.build(weight, bias)
+    projection = spec.build(alternate_halves(weight), None if bias is None else alternate_halves(bias))
+    projection.silu_mul = True
+    return projection
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, method: str) -> torch.Tensor:
@@ -229,25 +276,26 @@ def _w4a8_rtn_reference(x, weight, bias, group_size):
 @dataclass(frozen=True)
 class Format:
     """A method of the fast path: ``build(weight, bias)`` makes its projection, ``reference(x, weight, bias)``
-    computes the same from ``qqq.numerics``."""
+    computes the same from ``qqq.numerics``; ``fuses_silu_mul``: its GEMM can end in ``SiLU(gate) * up``."""
     note: str
     build: Callable[[torch.Tensor, torch.Tensor | None], Projection]
     reference: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    fuses_silu_mul: bool = False
 
 
 FORMATS = {
     "fp16": Format("the model's own dtype, cuBLAS GEMMs", DenseProjection, F.linear),
     "w8a8": Format("per-channel int8 weights, per-token int8 activations (Triton int8 GEMM)", W8A8Projection,
-                   _w8a8_reference),
+                   _w8a8_reference, fuses_silu_mul=True),
     "w4a16": Format("per-channel int4 weights, fp16 activations (Triton W4A16 GEMM)", W4A16Projection,
                     partial(_w4a16_reference, group_size=-1)),
     "w4a16_tinygemm": Format(f"int4 weights in groups of {TINYGEMM_GROUP}, bf16 activations (torch's tinygemm "
                              "kernel; CUDA, bf16 models)", TinygemmW4A16Projection,
                              partial(_w4a16_reference, group_size=TINYGEMM_GROUP)),
     "w4a8_rtn": Format("QQQ's W4A8 format and kernels, per-channel weights rounded to nearest",
-                       partial(_w4a8_rtn, group_size=-1), partial(_w4a8_rtn_reference, group_size=-1)),
+                       partial(_w4a8_rtn, group_size=-1), partial(_w4a8_rtn_reference, group_size=-1), True),
     "w4a8_rtn_g128": Format("QQQ's W4A8 format and kernels, weights rounded to nearest in groups of 128",
-                            partial(_w4a8_rtn, group_size=128), partial(_w4a8_rtn_reference, group_size=128)),
+                            partial(_w4a8_rtn, group_size=128), partial(_w4a8_rtn_reference, group_size=128), True),
 }
 METHODS = tuple(FORMATS)
 METHOD_NOTES = {method: spec.note for method, spec in FORMATS.items()}

@@ -22,7 +22,7 @@ from qqq.kernels_triton.int8_gemm import grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.unpack import unpack_signed_x16
 
-LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm",), "w4a16_linear": ("w4a16",)}
+LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm", "int8_gemm+silu_mul"), "w4a16_linear": ("w4a16",)}
 
 
 @triton.jit
@@ -90,8 +90,10 @@ def _launch_config(kernel, config, m, n, k):
     return config
 
 
-def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: dict | None = None):
-    """Triton W8A8 GEMM on quantized activations: int8 [M, K] x int8 weight [N, K] -> [M, N]."""
+def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: dict | None = None,
+              silu_mul: bool = False):
+    """Triton W8A8 GEMM on quantized activations: int8 [M, K] x int8 weight [N, K] -> [M, N]; ``silu_mul``:
+    the weight rows alternate gate, up and the result is ``SiLU(gate) * up`` [M, N / 2] (``int8_gemm``)."""
     if a_codes.dtype != torch.int8 or weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError("w8a8_gemm expects int8 activations and a contiguous int8 [N, K] weight")
     m, k = a_codes.shape
@@ -99,10 +101,12 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     if weight.shape[1] != k or k % 64:
         raise ValueError(f"weight {tuple(weight.shape)} does not match K={k} (K must be a multiple of 64)")
     _check_common(n, k, channel_scale, bias)
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs gate and up rows in pairs, got {n} output channels")
     config = _launch_config("w8a8", config, m, n, k)
-    branches.record("w8a8_gemm", "int8_gemm")
-    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
-    launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False)
+    branches.record("w8a8_gemm", "int8_gemm+silu_mul" if silu_mul else "int8_gemm")
+    out = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype, device=a_codes.device)
+    launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
     return out
 
 

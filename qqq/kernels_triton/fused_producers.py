@@ -25,6 +25,7 @@ import triton.language as tl
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
 from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
+from qqq.kernels_triton.int8_gemm import silu_times_up
 
 MAX_ROW = 32768
 LAUNCH_BRANCHES = {
@@ -100,8 +101,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, codes_ptr, scale_p
 def _silu_mul(gate_up_ptr, row, offs, mask, width, stride_in):
     gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
-    silu = (gate.to(tl.float32) / (1.0 + tl.exp(-gate.to(tl.float32)))).to(gate.dtype)
-    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    return silu_times_up(gate, up)
 
 
 @triton.jit

@@ -1,6 +1,11 @@
 """The plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left (``acc[BLOCK_N, BLOCK_M]``):
 the prefill path of W4A8 (after ``w4a8_gemm.dequantize_int8``) and the W8A8 baseline. ``grouped_tile_ids`` (the
 L2-friendly program order) and ``epilogue`` (scales, bias, store) are shared with the fused W4A8 kernel.
+
+``SILU_MUL`` epilogues (a fused gate/up projection whose weight rows alternate gate, up: channel ``2j`` is gate
+``j``, ``2j + 1`` is up ``j``) store ``SiLU(gate) * up`` [M, N / 2] instead of the N outputs: each output is
+rounded to the output dtype first, then combined as Llama's ``SiLU(gate) * up`` rounds (``silu_times_up``), so
+the result is that of the separate SiLU*up producer on the projection's output, without its launch.
 """
 
 from __future__ import annotations
@@ -23,15 +28,23 @@ def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N
 
 
 @triton.jit
+def silu_times_up(gate, up):
+    """Llama's ``SiLU(gate) * up`` on 16-bit values, rounded where PyTorch rounds (after the SiLU, after the
+    product)."""
+    silu = (gate.to(tl.float32) / (1.0 + tl.exp(-gate.to(tl.float32)))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
              acc_out_ptr, N, stride_om,
-             X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+             X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] int32 -> out[m, n] = (acc * token_scale[m]) * channel_scale[n] (+ bias[n]).
-    ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here."""
+    ``X16``: the weights were 16 * code (per-channel lanes), undone exactly here. ``SILU_MUL``: see the module."""
     token_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     channel_scale, bias = channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS)
     scaled_store(acc, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr, N,
-                 stride_om, X16, HAS_BIAS, WRITE_ACC)
+                 stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
 @triton.jit
@@ -47,7 +60,8 @@ def channel_operands(offs_n, n_mask, channel_scale_ptr, bias_ptr, HAS_BIAS: tl.c
 
 @triton.jit
 def scaled_store(acc, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr, N,
-                 stride_om, X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+                 stride_om, X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+                 SILU_MUL: tl.constexpr):
     """:func:`epilogue` with its operands already loaded."""
     mask = n_mask[:, None] & m_mask[None, :]
     if X16:
@@ -62,8 +76,23 @@ def scaled_store(acc, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, 
     y = (y * token_scale[None, :]) * channel_scale[:, None]
     if HAS_BIAS:
         y = y + bias[:, None]
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    if SILU_MUL:
+        _silu_mul_store(y, offs_n, offs_m, m_mask, out_ptr, N, stride_om)
+    else:
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y, mask=mask)
+
+
+@triton.jit
+def _silu_mul_store(y, offs_n, offs_m, m_mask, out_ptr, N, stride_om):
+    """``SiLU(gate) * up`` of the rounded outputs ``y`` [BLOCK_N, BLOCK_M] whose rows alternate gate, up (a tile
+    starts at an even channel: BLOCK_N is even) into ``out`` [M, N / 2]."""
+    BLOCK_N: tl.constexpr = y.shape[0]
+    BLOCK_M: tl.constexpr = y.shape[1]
+    gate, up = tl.split(tl.permute(tl.reshape(y, [BLOCK_N // 2, 2, BLOCK_M]), (0, 2, 1)))
+    gate_channel, _ = tl.split(tl.reshape(offs_n, [BLOCK_N // 2, 2]))
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + (gate_channel // 2)[:, None]
+    tl.store(out_ptrs, silu_times_up(gate, up), mask=(gate_channel < N)[:, None] & m_mask[None, :])
 
 
 @triton.jit
@@ -86,19 +115,19 @@ def split_k_sum(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs
 @triton.jit
 def split_k_epilogue(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, a_scale_ptr,
                      channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
-                     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr):
+                     X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr):
     """:func:`split_k_sum`, then the last program of the tile runs the epilogue."""
     total, last = split_k_sum(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs_m, n_mask, m_mask, N)
     if last:
         epilogue(total, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
 @triton.jit(do_not_specialize=["M"])
 def int8_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr,
     M, N, K, stride_am, stride_wn, stride_om,
-    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Plain int8 x int8 -> int32 GEMM with the W4A8 epilogue, weight tile on the left: the prefill path of
@@ -119,17 +148,18 @@ def int8_gemm_kernel(
         w_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
     epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-             acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+             acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
-def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc):
+def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc,
+                     silu_mul=False):
     m, k = a_codes.shape
     n = weight.shape[0]
     grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
     int8_gemm_kernel[grid](
         a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
         m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
-        X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=config["BLOCK_N"],
+        X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, SILU_MUL=silu_mul, BLOCK_N=config["BLOCK_N"],
         BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

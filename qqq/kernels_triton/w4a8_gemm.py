@@ -59,9 +59,11 @@ def _branch(path: str, group_size: int, clamp: bool) -> str:
     return f"{path}/g{group_size}" + ("/unclamped" if group_size != -1 and not clamp else "")
 
 
+# the SiLU*up epilogue is its own variant of each path's kernel (checked per path, per-channel and g128)
 LAUNCH_BRANCHES = {"w4a8_gemm": tuple(_branch(path, group, clamp) for group in numerics.SUPPORTED_GROUP_SIZES
                                       for path in _gemm_paths(group)
-                                      for clamp in ((True,) if group == -1 else (True, False)))}
+                                      for clamp in ((True,) if group == -1 else (True, False)))
+                   + tuple(f"silu_mul/{path}" for path in _gemm_paths(128))}
 
 
 @triton.jit
@@ -86,7 +88,7 @@ def _w4a8_gemm_kernel(
     workspace_ptr, tickets_ptr, acc_out_ptr,
     M, N, K, n_groups, stride_am, stride_wn, stride_om,
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_N: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     HALF: tl.constexpr = 32  # packing.PACK_HALF_K: the two nibbles of a byte are 32 columns apart
@@ -161,11 +163,11 @@ def _w4a8_gemm_kernel(
 
     if SPLIT_K == 1:
         epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                 acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+                 acc_out_ptr, N, stride_om, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC, SILU_MUL)
     else:
         split_k_epilogue(acc, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, workspace_ptr, tickets_ptr, offs_n, offs_m,
                          n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, N, stride_om,
-                         GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC)
+                         GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
 @triton.jit(do_not_specialize=["n_groups"])
@@ -280,7 +282,7 @@ def _launch_path(config: dict, group_size: int) -> str:
 
 def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out_dtype,
               config: dict | None = None, return_acc: bool = False, weights_checked: bool = False,
-              ratios_fit_int8: bool = False):
+              ratios_fit_int8: bool = False, silu_mul: bool = False):
     """GEMM on already quantized activations: ``a_codes`` int8 [M, K], ``a_scale`` fp32 [M].
 
     Returns ``out`` [M, N] in ``out_dtype`` (and the exact int32 accumulator [M, N] if ``return_acc``).
@@ -288,7 +290,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     so an eager prefill does not pay the Python checks on every call. ``ratios_fit_int8``: the caller knows that
     ``numerics.group_products_fit_int8(codes, group_ratio)`` holds for these weights (true of every weight
     ``numerics.two_level_scales`` makes), so the per-group unpack may skip its clamp to [-127, 127], which then
-    never acts; wrong results if it does not hold."""
+    never acts; wrong results if it does not hold. ``silu_mul``: the weight rows alternate gate, up (a fused gate/up
+    projection) and the result is ``SiLU(gate) * up`` [M, N / 2] (``int8_gemm``'s module note)."""
     if a_codes.dtype != torch.int8 or a_codes.dim() != 2 or a_codes.stride(1) != 1:
         raise ValueError("a_codes must be a 2-D int8 tensor with contiguous rows")
     m, k = a_codes.shape
@@ -301,7 +304,9 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     n = qweight.shape[0]
     if max(m * k, n * k // 2, m * n) >= 2**31:
         raise ValueError("tensors with 2**31 or more elements are not supported (int32 offsets)")
-    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs gate and up rows in pairs, got {n} output channels")
+    out = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype, device=a_codes.device)
     acc_out = torch.empty((m, n), dtype=torch.int32, device=a_codes.device) if return_acc else out
     if m == 0:
         return (out, acc_out) if return_acc else out
@@ -312,18 +317,21 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         config_table.check_config(kernel_name, config, m, n, k, group_size)
     use_asm = use_inline_asm(a_codes)
     clamp = group_size != -1 and not ratios_fit_int8
-    branches.record("w4a8_gemm", _branch(_launch_path(config, group_size), group_size, clamp))
+    path = _launch_path(config, group_size)
+    branches.record("w4a8_gemm", _branch(path, group_size, clamp))
+    if silu_mul:
+        branches.record("w4a8_gemm", f"silu_mul/{path}")
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
         weight = dequantize_int8(qweight, group_ratio, group_size, use_asm, clamp)
         launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
-                         group_size == -1, return_acc)
+                         group_size == -1, return_acc, silu_mul)
         return (out, acc_out) if return_acc else out
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
         block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
         workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \
             if split_k > 1 else (out, out)
         launch_w4a8_gemv(a_codes.contiguous(), a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
-                         acc_out, config, workspace, tickets, use_asm, return_acc, clamp)
+                         acc_out, config, workspace, tickets, use_asm, return_acc, clamp, silu_mul)
         return (out, acc_out) if return_acc else out
     block_n, block_m, split_k = config["BLOCK_N"], config["BLOCK_M"], config["SPLIT_K"]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -337,7 +345,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         a_codes, a_scale, qweight, channel_scale, ratio, bias if bias is not None else channel_scale, out,
         workspace, tickets, acc_out,
         m, n, k, n_groups, a_codes.stride(0), qweight.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
+        GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=return_acc, SILU_MUL=silu_mul,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
         GROUP_N=config["GROUP_N"], USE_ASM=use_asm, PREFETCH=int(group_size != -1 and config.get("PREFETCH", 0)),
         num_warps=config["num_warps"],

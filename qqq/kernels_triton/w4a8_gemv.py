@@ -54,8 +54,9 @@ def dot4_int8(a, b, acc, USE_ASM: tl.constexpr):
 def _w4a8_gemv_kernel(
     words_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, bias_ptr, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr,
     M, N, K, stride_wn, stride_om, split_k,
-    HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per-channel. ``w_ptr``: the packed weight as int32 words [N, K // 8] (row stride ``stride_wn`` words);
     ``words_ptr``: the int8 codes [M, K] (contiguous rows) as int32 words. ``PDL``: launched as a programmatic
@@ -80,7 +81,8 @@ def _w4a8_gemv_kernel(
         packed = tl.load(w_rows + word, mask=n_mask[:, None, None], other=0)
         acc = _channel_tile(packed, x_rows, word, m_mask[None, :, None], acc, USE_ASM)
     _epilogue(tl.sum(acc, axis=2), offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale, bias, out_ptr,
-              workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC, SPLIT)
+              workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, True, HAS_BIAS, WRITE_ACC, SILU_MUL,
+              SPLIT)
 
 
 @triton.jit
@@ -98,7 +100,7 @@ def _w4a8_gemv_group_kernel(
     words_ptr, a_scale_ptr, w_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr, workspace_ptr, tickets_ptr,
     acc_out_ptr, M, N, K, n_groups, stride_wn, stride_om, split_k,
     GROUP_SIZE: tl.constexpr, CLAMP: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
+    SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, LOOKUP: tl.constexpr, RATIO_WORDS: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -140,7 +142,7 @@ def _w4a8_gemv_group_kernel(
         acc -= acc_negative
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale,
               bias, out_ptr, workspace_ptr, tickets_ptr, acc_out_ptr, N, stride_om, split_k, False, HAS_BIAS,
-              WRITE_ACC, SPLIT)
+              WRITE_ACC, SILU_MUL, SPLIT)
 
 
 @triton.jit
@@ -224,7 +226,7 @@ def _activation_words(x_rows, word, m_mask):
 @triton.jit
 def _epilogue(total, offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale, bias, out_ptr, workspace_ptr,
               tickets_ptr, acc_out_ptr, N, stride_om, split_k, X16: tl.constexpr, HAS_BIAS: tl.constexpr,
-              WRITE_ACC: tl.constexpr, SPLIT: tl.constexpr):
+              WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT: tl.constexpr):
     """The epilogue with its operands loaded at the kernel's start (the channel scales and bias before its wait,
     the token scales right after it), so no load is left on the kernel's tail."""
     last = True
@@ -233,21 +235,23 @@ def _epilogue(total, offs_n, offs_m, n_mask, m_mask, token_scale, channel_scale,
                                   m_mask, N)
     if last:
         scaled_store(total, token_scale, channel_scale, bias, offs_n, offs_m, n_mask, m_mask, out_ptr, acc_out_ptr,
-                     N, stride_om, X16, HAS_BIAS, WRITE_ACC)
+                     N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
 def launch_w4a8_gemv(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out, config,
-                     workspace, tickets, use_asm: bool, write_acc: bool, clamp: bool) -> None:
+                     workspace, tickets, use_asm: bool, write_acc: bool, clamp: bool, silu_mul: bool = False) -> None:
     """Launch the streaming kernel on checked inputs (``w4a8_gemm`` checks them and owns the buffers):
     ``a_codes`` int8 [M, K] (M <= 16, contiguous), the split-K ``workspace`` / ``tickets`` when SPLIT_K > 1;
-    ``clamp=False`` only when every per-group product fits int8 (``numerics.group_products_fit_int8``)."""
+    ``clamp=False`` only when every per-group product fits int8 (``numerics.group_products_fit_int8``);
+    ``silu_mul``: ``out`` is [M, N / 2], ``SiLU(gate) * up`` of alternating gate, up rows (``int8_gemm``)."""
     m, k = a_codes.shape
     n = qweight.shape[0]
     block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
     pdl = programmatic_launch(a_codes)
     grid = (triton.cdiv(n, block_n), split_k)
     pointers = (a_codes.view(torch.int32), a_scale, qweight.view(torch.int32), channel_scale)
-    shared = dict(HAS_BIAS=bias is not None, WRITE_ACC=write_acc, BLOCK_N=block_n, BLOCK_M=triton.next_power_of_2(m),
+    shared = dict(HAS_BIAS=bias is not None, WRITE_ACC=write_acc, SILU_MUL=silu_mul, BLOCK_N=block_n,
+                  BLOCK_M=triton.next_power_of_2(m),
                   BLOCK_KW=config["BLOCK_K"] // 8, SPLIT=split_k > 1, NUM_STAGES=config["num_stages"],
                   USE_ASM=use_asm, PDL=pdl, num_warps=config["num_warps"], launch_pdl=pdl)
     bias = bias if bias is not None else channel_scale  # any pointer when unused
