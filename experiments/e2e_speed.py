@@ -325,15 +325,18 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         lines.append("")
     lines += ["## Methods", ""] + [f"- {m}: {METHOD_NOTES[m]}" for m in METHODS] + [
         f"- w4a16_tinygemm runs only at batch <= {TINYGEMM_MAX_BATCH} (where it is the faster W4A16 GEMM)",
-        "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm and SiLU*up producers, RoPE written "
+        "- every method: fused q/k/v and gate/up linears, fused add+RMSNorm producers, RoPE written "
         "into a static KV cache, SDPA prefill attention, split-KV decode attention, one CUDA graph per decode step, "
         "fp16 (bf16 for tinygemm) embeddings and lm_head",
+        "- SiLU*up: in the gate/up GEMM's epilogue for w8a8 and the w4a8 methods (gate and up rows interleaved; then "
+        "the per-token quantization for down; since commit 4ac3b04), a fused SiLU*up producer for the others",
         "- KV 16: the cache in the model's dtype; KV 8: int8 codes with an fp32 scale per token and head, written by "
         "the RoPE producer and read by the decode attention kernel (checked against its reference before timing)",
         "- names measured before the rename (qqq, qqq_g128) are the same round-to-nearest W4A8 formats as w4a8_rtn, "
         "w4a8_rtn_g128",
         "- random weights (normal, std 0.02), round-to-nearest quantized: speed does not depend on the values; "
-        "each method's projection is checked against qqq.fast.projections.reference_linear on the GPU before timing",
+        "each method's projection (and its gate/up projection ending in SiLU*up) is checked against "
+        "qqq.fast.projections.reference_linear on the GPU before timing",
         "- timing: a warm-up generation (compilation, graph capture), then the median of the repeats; peak GB = "
         "torch.cuda.max_memory_allocated over the measurement (weights + KV cache + activations + graph pool)", "",
         "## How it was made", ""] + (
