@@ -63,9 +63,12 @@ def test_gate_up_ending_in_silu_mul_is_the_producer_on_the_plain_projection(meth
 
 
 def test_checkpoint_gate_up_ends_in_silu_mul_only_for_a_pair_of_one_width():
-    model = tiny_model()
-    mlp = model.model.layers[0].mlp
-    gate, up = QQQLinear.from_linear(mlp.gate_proj), QQQLinear.from_linear(mlp.up_proj)
+    generator = torch.Generator().manual_seed(5)
+    linears = [torch.nn.Linear(128, 96) for _ in range(2)]
+    for linear in linears:  # the bias too is interleaved
+        torch.nn.init.normal_(linear.weight, std=0.05, generator=generator)
+        torch.nn.init.normal_(linear.bias, generator=generator)
+    gate, up = (QQQLinear.from_linear(linear) for linear in linears)
     plain, fused = W4A8Projection([gate, up], torch.float32), W4A8Projection([gate, up], torch.float32, silu_mul=True)
     rows = quantize_rows(torch.randn(2, gate.in_features, generator=torch.Generator().manual_seed(4)))
     assert fused.silu_mul and torch.equal(fused(rows), silu_mul(plain(rows), quantize=False))
