@@ -293,9 +293,11 @@ FORMATS = {
                              "kernel; CUDA, bf16 models)", TinygemmW4A16Projection,
                              partial(_w4a16_reference, group_size=TINYGEMM_GROUP)),
     "w4a8_rtn": Format("QQQ's W4A8 format and kernels, per-channel weights rounded to nearest",
-                       partial(_w4a8_rtn, group_size=-1), partial(_w4a8_rtn_reference, group_size=-1), True),
+                       partial(_w4a8_rtn, group_size=-1), partial(_w4a8_rtn_reference, group_size=-1),
+                       fuses_silu_mul=True),
     "w4a8_rtn_g128": Format("QQQ's W4A8 format and kernels, weights rounded to nearest in groups of 128",
-                            partial(_w4a8_rtn, group_size=128), partial(_w4a8_rtn_reference, group_size=128), True),
+                            partial(_w4a8_rtn, group_size=128), partial(_w4a8_rtn_reference, group_size=128),
+                            fuses_silu_mul=True),
 }
 METHODS = tuple(FORMATS)
 METHOD_NOTES = {method: spec.note for method, spec in FORMATS.items()}
