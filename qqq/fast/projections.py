@@ -165,16 +165,15 @@ class W4A8Projection(Projection):
         if len(group_sizes) != 1 or len(in_features) != 1:
             raise ValueError(f"cannot fuse QQQLinear layers with group sizes {sorted(group_sizes)} and input sizes "
                              f"{sorted(in_features)}")
-        bias = stacked_bias(linears, dtype, linears[0].qweight.device)
-        super().__init__(in_features.pop(), sum(linear.out_features for linear in linears), bias, dtype)
-        self.group_size = group_sizes.pop()
         if silu_mul and (len(linears) != 2 or linears[0].out_features != linears[1].out_features):
             raise ValueError(f"silu_mul fuses a gate and an up projection of one width, got "
                              f"{[linear.out_features for linear in linears]}")
-        self.silu_mul = silu_mul
         rows = alternate_halves if silu_mul else (lambda t: t)
-        if silu_mul and self.bias is not None:
-            self.bias = rows(self.bias)
+        bias = stacked_bias(linears, dtype, linears[0].qweight.device)
+        super().__init__(in_features.pop(), sum(linear.out_features for linear in linears),
+                         None if bias is None else rows(bias), dtype)
+        self.group_size = group_sizes.pop()
+        self.silu_mul = silu_mul
         self.register_buffer("qweight", rows(torch.cat([linear.qweight for linear in linears])).contiguous())
         self.register_buffer("channel_scale", rows(torch.cat([linear.channel_scale for linear in linears]))
                              .contiguous())
