@@ -18,7 +18,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import grouped_tile_ids, launch_int8_gemm
+from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.unpack import unpack_signed_x16
 
@@ -101,11 +101,10 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     if weight.shape[1] != k or k % 64:
         raise ValueError(f"weight {tuple(weight.shape)} does not match K={k} (K must be a multiple of 64)")
     _check_common(n, k, channel_scale, bias)
-    if silu_mul and n % 2:
-        raise ValueError(f"silu_mul needs gate and up rows in pairs, got {n} output channels")
+    width = epilogue_width(n, silu_mul)
     config = _launch_config("w8a8", config, m, n, k)
     branches.record("w8a8_gemm", "int8_gemm+silu_mul" if silu_mul else "int8_gemm")
-    out = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype, device=a_codes.device)
+    out = torch.empty((m, width), dtype=out_dtype, device=a_codes.device)
     launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
     return out
 

@@ -151,6 +151,14 @@ def int8_gemm_kernel(
              acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
+def epilogue_width(n: int, silu_mul: bool) -> int:
+    """The channels the epilogue writes for ``n`` GEMM channels: ``n``, or ``n / 2`` with ``silu_mul`` (the rows
+    alternate gate, up; each pair becomes one ``SiLU(gate) * up``)."""
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs gate and up rows in pairs, got {n} output channels")
+    return n // 2 if silu_mul else n
+
+
 def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc,
                      silu_mul=False):
     m, k = a_codes.shape

@@ -38,7 +38,8 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import epilogue, grouped_tile_ids, launch_int8_gemm, split_k_epilogue
+from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
+                                         split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -304,9 +305,7 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     n = qweight.shape[0]
     if max(m * k, n * k // 2, m * n) >= 2**31:
         raise ValueError("tensors with 2**31 or more elements are not supported (int32 offsets)")
-    if silu_mul and n % 2:
-        raise ValueError(f"silu_mul needs gate and up rows in pairs, got {n} output channels")
-    out = torch.empty((m, n // 2 if silu_mul else n), dtype=out_dtype, device=a_codes.device)
+    out = torch.empty((m, epilogue_width(n, silu_mul)), dtype=out_dtype, device=a_codes.device)
     acc_out = torch.empty((m, n), dtype=torch.int32, device=a_codes.device) if return_acc else out
     if m == 0:
         return (out, acc_out) if return_acc else out
