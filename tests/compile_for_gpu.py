@@ -98,9 +98,6 @@ def drive_every_branch() -> None:
     decode_attention.use_inline_asm = lambda t: True
     decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())
-    step = qkv[:, :1]
-    tables = angles.cos().contiguous(), angles.sin().contiguous()
-    decode_attention.decode_attention_with_rope(step, *tables, torch.tensor([5, 63]), cache, cache.clone(), heads)
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)
     x = torch.randn(3, 1024).half()
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)

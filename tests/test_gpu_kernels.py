@@ -99,7 +99,7 @@ def covered_branches() -> set[tuple[str, str]]:
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
-                ("decode_attention", "split_kv_int8"), ("decode_attention", "split_kv+rope"), ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
+                ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
                 ("w4a16_linear", "w4a16")}
     return covered
 
@@ -561,38 +561,3 @@ def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch
         got = decode_attention(q, *cache, config={**default_config(True), "int8_ptx": int8_ptx})
     _assert_branch(taken, "decode_attention", "split_kv_int8")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
-
-
-@compiled_kernels
-@pytest.mark.parametrize("batch,heads,kv_heads,capacity,dtype", [(1, 32, 32, 1152, torch.float16),
-                                                                  (5, 32, 8, 1153, torch.float16),
-                                                                  (64, 32, 32, 1152, torch.float16),
-                                                                  (3, 28, 4, 777, torch.bfloat16)])
-def test_decode_attention_with_rope_is_rope_into_cache_then_attention_on_cuda(batch, heads, kv_heads, capacity, dtype):
-    from qqq.fast.attention import decode_step_reference
-    from qqq.kernels_triton.decode_attention import decode_attention, decode_attention_with_rope
-    from qqq.kernels_triton.fused_producers import rope_into_cache
-
-    generator = torch.Generator(device="cuda").manual_seed(9)
-    head_dim = 128
-    qkv = (3 * torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device="cuda", generator=generator)).to(dtype)
-    angles = torch.arange(capacity, device="cuda")[:, None] * 10000.0 ** (
-        -torch.arange(head_dim // 2, device="cuda")[None, :] / (head_dim // 2))
-    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
-    positions = torch.randint(0, capacity, (batch,), device="cuda", generator=generator)
-    positions[0] = capacity - 1
-    positions[-1] = 0 if batch > 1 else positions[-1]
-    cache = [torch.randn(batch, kv_heads, capacity, head_dim, device="cuda", generator=generator).to(dtype)
-             for _ in range(2)]
-    two_launches, fused, plain = ([part.clone() for part in cache] for _ in range(3))
-    q = rope_into_cache(qkv, cos, sin, positions[:, None], *two_launches, heads)
-    expected = decode_attention(q, *two_launches, positions).float()
-    with branches.recording() as taken:
-        got = decode_attention_with_rope(qkv, cos, sin, positions, *fused, heads)
-    _assert_branch(taken, "decode_attention", "split_kv+rope")
-    for written, wanted in zip(fused, two_launches):  # the producer's rounding, bit for bit
-        assert torch.equal(written, wanted)
-    tolerance = 2e-3 if dtype == torch.float16 else 1e-2
-    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
-    reference = decode_step_reference(qkv, cos, sin, positions, *plain, heads).float()
-    torch.testing.assert_close(got.float(), reference, rtol=tolerance, atol=tolerance)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from qqq import numerics
 from qqq.fast.backend import triton_or_reference
-from qqq.fast.producers import rope_into_cache, rope_into_cache_reference
 
 KV_BITS = (16, 8)
 
@@ -66,31 +65,6 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
     decode = triton_or_reference(q, "decode_attention.decode_attention", decode_attention_reference)
     return decode(q, k, v, positions[:, -1], k_scale, v_scale)
-
-
-ROPE_IN_ATTENTION_MIN_BATCH = 16  # below it, fusing RoPE into the attention gained nothing (NOTES.md)
-
-
-def decode_step_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                          cache: LayerCache, n_heads: int) -> torch.Tensor:
-    """One decode step from the q/k/v projection's output ``qkv`` [B, 1, (H + 2 Hkv) * D] at ``positions`` [B, 1]:
-    RoPE, the new key and value written into ``cache``, attention over the keys up to each position. Returns
-    [B, H, 1, D]. A 16-bit cache at batch >= ``ROPE_IN_ATTENTION_MIN_BATCH`` takes one kernel
-    (``decode_attention_with_rope``); otherwise the RoPE producer, then :func:`attention` (on the H200 the fused
-    kernel was no faster at batch 1, and 10-15% slower over an int8 cache, whose new key it must quantize)."""
-    batch = qkv.shape[0]
-    if cache.k_scale is not None or batch < ROPE_IN_ATTENTION_MIN_BATCH:
-        q = rope_into_cache(qkv, cos, sin, positions, cache.k, cache.v, n_heads, cache.k_scale, cache.v_scale)
-        return attention(q, cache, positions)
-    decode = triton_or_reference(qkv, "decode_attention.decode_attention_with_rope", decode_step_reference)
-    return decode(qkv, cos, sin, positions[:, -1], cache.k[:batch], cache.v[:batch], n_heads)
-
-
-def decode_step_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads):
-    """Plain composition of ``decode_attention.decode_attention_with_rope``: the RoPE producer's reference, then
-    :func:`decode_attention_reference` (``positions`` int [B])."""
-    q = rope_into_cache_reference(qkv, cos, sin, positions[:, None], k_cache, v_cache, n_heads)
-    return decode_attention_reference(q, k_cache, v_cache, positions)
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qqq.fast.attention import KV_BITS, KVCache, attention, decode_step_attention
+from qqq.fast.attention import KV_BITS, KVCache, attention
 from qqq.fast.producers import quantize_rows, rmsnorm, rope_into_cache, silu_mul
 from qqq.fast.projections import Projection, fast_method, fused_projection, projection_from_weight
 from qqq.model_families import family_of
@@ -156,12 +156,9 @@ class FastLlama(nn.Module):
                 normed, residual = rmsnorm(delta, layer.input_norm, arch.eps, residual, layer.qkv.takes_int8)
             qkv = layer.qkv(normed).reshape(batch, t, -1)
             kv = cache.layer(index)
-            if t == 1:
-                attended = decode_step_attention(qkv, self.rope_cos, self.rope_sin, positions, kv, arch.heads)
-            else:
-                q = rope_into_cache(qkv, self.rope_cos, self.rope_sin, positions, kv.k, kv.v, arch.heads, kv.k_scale,
-                                    kv.v_scale)
-                attended = attention(q, kv, positions)
+            q = rope_into_cache(qkv, self.rope_cos, self.rope_sin, positions, kv.k, kv.v, arch.heads, kv.k_scale,
+                                kv.v_scale)
+            attended = attention(q, kv, positions)
             attended = attended.transpose(1, 2).reshape(batch * t, arch.heads * arch.head_dim)
             delta = layer.o(quantize_rows(attended) if layer.o.takes_int8 else attended)
             normed, residual = rmsnorm(delta, layer.post_attention_norm, arch.eps, residual, layer.gate_up.takes_int8)

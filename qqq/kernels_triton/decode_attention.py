@@ -25,14 +25,14 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.fused_producers import check_cache_scales, check_rope_tables, rope_rotate
+from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu, programmatic_launch, wait_for_previous_then_let_next_start
 from qqq.kernels_triton.unpack import use_inline_asm
 
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
 PROGRAMS_PER_SM = 4  # with the pipelined loads, enough to stream the cache at small batch
 MAX_SPLITS = 64
-LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "split_kv+rope")}
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
 
 
 @triton.jit
@@ -56,36 +56,25 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
-                         cos_ptr, sin_ptr, n_heads, n_kv_heads, group, keys_per_split, sm_scale,
+                         n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                          splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         ROPE: tl.constexpr, PDL: tl.constexpr):
-    """``ROPE`` (a 16-bit cache): ``q_ptr`` is the q/k/v projection's output [B, (H + 2 Hkv) * D] (row stride
-    ``stride_qb``, ``stride_qh`` = D): q is rotated here, the loops read only the keys before the new position, and
-    the split holding it rotates the new key, writes it and the new value into the cache and adds them to its
-    softmax."""
+                         PDL: tl.constexpr):
+    wait_for_previous_then_let_next_start(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
     kv_head = kv_row % n_kv_heads
-    dims = tl.arange(0, HEAD_DIM)
-    # neither the positions nor RoPE's tables are written by the kernel just before this one: read before the wait
-    position = tl.load(positions_ptr + batch).to(tl.int32)
-    if ROPE:
-        cos = tl.load(cos_ptr + position * (HEAD_DIM // 2) + dims % (HEAD_DIM // 2))
-        sin = tl.load(sin_ptr + position * (HEAD_DIM // 2) + dims % (HEAD_DIM // 2))
-    wait_for_previous_then_let_next_start(PDL)
+    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
     start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, position if ROPE else position + 1)
+    end = tl.minimum(start + keys_per_split, length)
+    dims = tl.arange(0, HEAD_DIM)
     members = tl.arange(0, BLOCK_H)  # the query heads of this kv head; rows >= group are padding
     heads = kv_head * group + members
     member = members < group
-    q_rows = q_ptr + batch * stride_qb + heads[:, None] * stride_qh
-    q = tl.load(q_rows + dims[None, :], mask=member[:, None], other=0)
-    if ROPE:  # rounded to the projection's dtype, as the RoPE producer writes q
-        partner = tl.load(q_rows + _partner_dims(dims, HEAD_DIM)[None, :], mask=member[:, None], other=0)
-        q = _rotated(q, partner, cos[None, :], sin[None, :], dims[None, :], HEAD_DIM)
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=member[:, None],
+                other=0)
     if QUANTIZED:
         compute = q.dtype  # the codes are converted to the queries' type (exactly: |code| <= 127)
     else:
@@ -135,40 +124,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
         if QUANTIZED:
             values = values * block_scale
         acc = acc * rescale[:, None] + values
-    if ROPE:
-        if (start <= position) & (position < start + keys_per_split):
-            new_key = q_ptr + batch * stride_qb + (n_heads + kv_head) * stride_qh
-            key = _rotated(tl.load(new_key + dims), tl.load(new_key + _partner_dims(dims, HEAD_DIM)), cos, sin,
-                           dims, HEAD_DIM)
-            value = tl.load(new_key + n_kv_heads * stride_qh + dims)
-            slot = kv_offset + position * stride_ks + dims
-            tl.store(k_ptr + slot, key)
-            tl.store(v_ptr + slot, value)
-            score = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], axis=1) * sm_scale
-            new_max = tl.maximum(running_max, score)
-            rescale = tl.exp(running_max - new_max)
-            weight = tl.exp(score - new_max)
-            running_sum = running_sum * rescale + weight
-            running_max = new_max
-            acc = acc * rescale[:, None] + weight.to(compute).to(tl.float32)[:, None] * value.to(tl.float32)[None, :]
     slots = (batch * n_heads + heads) * splits + split
     tl.store(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], acc, mask=member[:, None])
     tl.store(stats_ptr + slots * 2, running_max, mask=member)
     tl.store(stats_ptr + slots * 2 + 1, running_sum, mask=member)
-
-
-@triton.jit
-def _partner_dims(dims, HEAD_DIM: tl.constexpr):
-    """The dim each dim of a head is rotated with by RoPE: d + D/2 in the first half, d - D/2 in the second."""
-    return (dims + HEAD_DIM // 2) % HEAD_DIM
-
-
-@triton.jit
-def _rotated(x, partner, cos, sin, dims, HEAD_DIM: tl.constexpr):
-    """RoPE of the rows ``x`` (16-bit) whose dims' partners are ``partner``, rounded back to ``x``'s dtype."""
-    x32 = x.to(tl.float32)
-    partner32 = partner.to(tl.float32)
-    return rope_rotate(x32, tl.where(dims < HEAD_DIM // 2, -partner32, partner32), cos, sin).to(x.dtype)
 
 
 @triton.jit
@@ -180,7 +139,7 @@ def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, st
     dims = tl.arange(0, HEAD_DIM)
     maxima = tl.load(stats_ptr + (row * SPLITS + splits) * 2)
     sums = tl.load(stats_ptr + (row * SPLITS + splits) * 2 + 1)
-    overall = tl.max(maxima, axis=0)  # split 0 always holds key 0 (in its loop, or as the new key), so this is finite
+    overall = tl.max(maxima, axis=0)  # split 0 always holds key 0, so this is finite
     weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
     partial = tl.load(partial_ptr + (row * SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :])
     out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
@@ -216,63 +175,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
     entry is its codes times its scale). ``config``: the kernel and launch (:func:`default_config`'s keys)."""
     batch, n_heads, t, head_dim = q.shape
+    n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    quantized = k_scale is not None or v_scale is not None
     if t != 1:
         raise ValueError(f"decode_attention takes one query per sequence, got {t}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q {tuple(q.shape)} must have contiguous heads")
-    _check_cache(batch, n_heads, head_dim, k_cache, v_cache, positions, k_scale, v_scale)
-    out = torch.empty_like(q)
-    _launch(q, q.stride(0), q.stride(1), out, k_cache, v_cache, positions, k_scale, v_scale, None, config)
-    return out
-
-
-def decode_attention_with_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                               k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                               config: dict | None = None) -> torch.Tensor:
-    """One decode step from the q/k/v projection's output ``qkv`` [B, 1, (H + 2 Hkv) * D] and a 16-bit cache, in
-    one launch where ``fused_producers.rope_into_cache`` + :func:`decode_attention` take two, with their results: q
-    and the new key rotated (Llama's rotate-half RoPE, ``cos``/``sin`` fp32 [max_positions, D / 2]) at ``positions``
-    (int [B]), the new key and value written into the caches there, and the attention of q over keys
-    ``0..positions[b]``. Returns [B, H, 1, D] in ``qkv``'s dtype."""
-    batch, t, width = qkv.shape
-    n_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    if t != 1:
-        raise ValueError(f"decode_attention_with_rope takes one token per sequence, got {t}")
-    if width != (n_heads + 2 * n_kv_heads) * head_dim or qkv.stride(-1) != 1:
-        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {n_heads} q and {n_kv_heads} k/v heads of {head_dim}")
-    if k_cache.dtype != qkv.dtype:
-        raise ValueError(f"decode_attention_with_rope takes a 16-bit cache in qkv's dtype {qkv.dtype}, got "
-                         f"{k_cache.dtype}")
-    check_rope_tables(cos, sin, head_dim)
-    _check_cache(batch, n_heads, head_dim, k_cache, v_cache, positions, None, None)
-    rows = qkv.reshape(batch, width)
-    out = torch.empty((batch, n_heads, 1, head_dim), dtype=qkv.dtype, device=qkv.device)
-    _launch(rows, rows.stride(0), head_dim, out, k_cache, v_cache, positions, None, None, (cos, sin), config)
-    return out
-
-
-def _check_cache(batch, n_heads, head_dim, k_cache, v_cache, positions, k_scale, v_scale) -> None:
     if head_dim & (head_dim - 1) or head_dim < 16 or k_cache.shape[3] != head_dim:
-        raise ValueError(f"decode attention needs a power-of-two head dim >= 16 matching the cache, got {head_dim} "
+        raise ValueError(f"decode_attention needs a power-of-two head dim >= 16 matching the cache, got {head_dim} "
                          f"and cache {tuple(k_cache.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] != batch \
-            or k_cache.dtype != v_cache.dtype or k_cache.stride(-1) != 1 or n_heads % k_cache.shape[1]:
-        raise ValueError(f"{batch} sequences of {n_heads} heads of {head_dim} and caches {tuple(k_cache.shape)} / "
-                         f"{tuple(v_cache.shape)} do not match")
-    if k_scale is not None or v_scale is not None:
+            or k_cache.dtype != v_cache.dtype or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or n_heads % n_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} and caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match")
+    if quantized:
         check_cache_scales(k_cache, k_scale, v_scale)
     elif k_cache.dtype == torch.int8:
         raise ValueError("an int8 KV cache needs its k_scale and v_scale")
     if positions.shape != (batch,):
         raise ValueError(f"positions must be [{batch}], got {tuple(positions.shape)}")
-
-
-def _launch(q, stride_qb, stride_qh, out, k_cache, v_cache, positions, k_scale, v_scale, rope, config) -> None:
-    """The split and merge kernels on checked inputs: ``q`` the queries (or, with ``rope`` = (cos, sin), the
-    q/k/v rows), head ``h`` of sequence ``b`` at ``b * stride_qb + h * stride_qh``."""
-    batch, n_heads, _, head_dim = out.shape
-    n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    quantized = k_scale is not None
     config = config or default_config(quantized)
     group = n_heads // n_kv_heads
     block_n = config["BLOCK_N"]
@@ -282,18 +200,19 @@ def _launch(q, stride_qb, stride_qh, out, k_cache, v_cache, positions, k_scale, 
     rows = batch * n_heads
     partial = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
     positions = positions.contiguous()
-    branches.record("decode_attention", ("split_kv_int8" if quantized else "split_kv") + ("+rope" if rope else ""))
+    branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
     if not quantized:
         k_scale = v_scale = partial  # unused
-    cos, sin = rope or (partial, partial)  # unused without RoPE
     pdl = programmatic_launch(q)
     _decode_split_kernel[(program_rows, splits)](
-        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, cos, sin, n_heads, n_kv_heads, group,
-        keys_per_split, 1.0 / math.sqrt(head_dim), stride_qb, stride_qh, k_cache.stride(0), k_cache.stride(1),
+        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
+        keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), splits, HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, QUANTIZED=quantized,
-        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"],
-        ROPE=rope is not None, PDL=pdl, num_warps=config["num_warps"], launch_pdl=pdl)
+        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"], PDL=pdl,
+        num_warps=config["num_warps"], launch_pdl=pdl)
     _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
                                   SPLITS=splits, PDL=pdl, num_warps=1, launch_pdl=pdl)
+    return out

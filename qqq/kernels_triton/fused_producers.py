@@ -122,14 +122,6 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
 
 
 @triton.jit
-def rope_rotate(x, signed_partner, cos, sin):
-    """Llama's rotate-half RoPE of fp32 ``x`` (dim ``d``), given its partner (dim ``d + D/2``, negated, in the first
-    half; dim ``d - D/2`` in the second): ``x * cos + signed_partner * sin`` as one explicit fma, so that every
-    kernel rotating a head (this producer, ``decode_attention_with_rope``) rounds it the same way."""
-    return tl.fma(x, cos, signed_partner * sin)
-
-
-@triton.jit
 def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                             k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
                             stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
@@ -147,7 +139,7 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
     if head < n_heads + n_kv_heads:  # q and k heads rotate, v heads are copied
         cos = tl.load(cos_ptr + pos * HALF + offs)
         sin = tl.load(sin_ptr + pos * HALF + offs)
-        first, second = rope_rotate(first, -second, cos, sin), rope_rotate(second, first, cos, sin)
+        first, second = first * cos - second * sin, second * cos + first * sin
     first, second = first.to(dtype), second.to(dtype)
     if head < n_heads:
         q_target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
@@ -282,7 +274,9 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
                          + (" (an int8 cache with k_scale / v_scale)" if quantized else " (qkv's dtype)"))
     if quantized:
         check_cache_scales(k_cache, k_scale, v_scale)
-    check_rope_tables(cos, sin, head_dim)
+    if cos.shape != sin.shape or cos.dtype != torch.float32 or cos.shape[1] != head_dim // 2 \
+            or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}]")
     if positions.shape != (batch, t):
         raise ValueError(f"positions must be [{batch}, {t}], got {tuple(positions.shape)}")
     rows = qkv.reshape(batch * t, width)
@@ -310,10 +304,3 @@ def check_cache_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_sc
                 or scale.stride() != k_scale.stride() or scale.device != k_cache.device:
             raise ValueError(f"k_scale and v_scale must be alike, fp32 {tuple(k_cache.shape[:3])} with contiguous "
                              f"positions, got {scale.dtype} {tuple(scale.shape)}")
-
-
-def check_rope_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
-    """RoPE's tables: ``cos`` and ``sin`` contiguous fp32 [max_positions, head_dim / 2]."""
-    if cos.shape != sin.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32 \
-            or cos.shape[1] != head_dim // 2 or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}]")
