@@ -131,12 +131,14 @@ class W8A8Projection(Projection):
         self.register_buffer("channel_scale", scale.contiguous())
 
     def forward(self, rows: Int8Rows) -> torch.Tensor:
-        gemm = triton_or_reference(rows.codes, "baselines.w8a8_gemm", _w8a8_gemm_reference)
+        gemm = triton_or_reference(rows.codes, "baselines.w8a8_gemm", _int8_gemm_reference)
         return gemm(rows.codes, rows.scale, self.weight, self.channel_scale, self.bias, self.dtype,
                     silu_mul=self.silu_mul)
 
 
-def _w8a8_gemm_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype, silu_mul=False):
+def _int8_gemm_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype, silu_mul=False):
+    """What the int8 GEMMs compute (``baselines.w8a8_gemm``; ``w4a8_gemm`` once its weight is int8), from
+    ``qqq.numerics``, ending in ``SiLU(gate) * up`` with ``silu_mul``."""
     out = numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
     return silu_mul_of_alternating_rows(out) if silu_mul else out
 
@@ -198,8 +200,7 @@ class W4A8Projection(Projection):
                    weights_checked=False, ratios_fit_int8=False, silu_mul=False):
         """What ``w4a8_gemm`` computes, from ``qqq.numerics``, with the int8 weight unpacked once."""
         weight = cached_int8_weight(self, qweight, self.in_features, group_size, group_ratio)
-        out = numerics.int8_linear_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype)
-        return silu_mul_of_alternating_rows(out) if silu_mul else out
+        return _int8_gemm_reference(a_codes, a_scale, weight, channel_scale, bias, out_dtype, silu_mul)
 
 
 def fused_projection(linears: list[nn.Module], method: str, dtype: torch.dtype, silu_mul: bool = False) -> Projection:
