@@ -212,6 +212,7 @@ def test_w4a8_gemm_branch(path, group_size, clamp, dtype, precompiled):
 def test_w4a8_silu_mul_epilogue_branch(path, group_size):
     """Gate/up rows alternating: the epilogue's SiLU(gate) * up equals the SiLU*up producer on the same path's
     plain outputs (which ``test_w4a8_gemm_branch`` checks against the spec)."""
+    from qqq.fast.projections import halves_of_alternating_channels
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.fused_producers import silu_mul_quantize
     from qqq.kernels_triton.w4a8_gemm import w4a8_gemm
@@ -226,7 +227,7 @@ def test_w4a8_silu_mul_epilogue_branch(path, group_size):
         with branches.recording() as taken:
             gated = w4a8_gemm(*args, config=config, ratios_fit_int8=group_size != -1, silu_mul=True)
         _assert_branch(taken, "w4a8_gemm", f"silu_mul/{path}")
-        expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+        expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
         assert gated.shape == (m, 500) and torch.equal(gated, expected), \
             f"M={m}: {(gated != expected).sum().item()} of {expected.numel()} differ"
 
@@ -407,6 +408,7 @@ def test_baseline_branches(dtype):
 @compiled_kernels
 def test_w8a8_silu_mul_epilogue_branch():
     """As for W4A8: the epilogue's SiLU(gate) * up is the SiLU*up producer on the GEMM's plain outputs."""
+    from qqq.fast.projections import halves_of_alternating_channels
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.baselines import w8a8_gemm
     from qqq.kernels_triton.fused_producers import silu_mul_quantize
@@ -419,7 +421,7 @@ def test_w8a8_silu_mul_epilogue_branch():
         with branches.recording() as taken:
             gated = w8a8_gemm(a_codes, a_scale, weight8, scale, bias.half(), torch.float16, silu_mul=True)
         _assert_branch(taken, "w8a8_gemm", "int8_gemm+silu_mul")
-        expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+        expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
         assert gated.shape == (m, 500) and torch.equal(gated, expected)
 
 

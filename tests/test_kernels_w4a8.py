@@ -5,6 +5,7 @@ import torch
 from conftest import interpreted_kernels
 
 from qqq import numerics
+from qqq.fast.projections import halves_of_alternating_channels
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm, w8a8_linear
@@ -165,7 +166,7 @@ def test_w4a8_silu_mul_epilogue_is_the_producer_on_the_outputs(m, n, k, group_si
     outputs = w4a8_gemm(*args, config=cfg, ratios_fit_int8=group_size != -1)
     with branches.recording() as taken:
         gated = w4a8_gemm(*args, config=cfg, ratios_fit_int8=group_size != -1, silu_mul=True)
-    expected = silu_mul_quantize(torch.cat((outputs[:, 0::2], outputs[:, 1::2]), dim=1), quantize=False)
+    expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
     assert gated.shape == (m, n // 2) and torch.equal(gated, expected)
     assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
 
@@ -289,7 +290,7 @@ def test_baselines_match_reference():
     x_codes, x_scale = quantize_per_token(x.half())
     plain = w8a8_gemm(x_codes, x_scale, w8, s8, None, torch.float16, config=config(block_k=128))
     gated = w8a8_gemm(x_codes, x_scale, w8, s8, None, torch.float16, config=config(block_k=128), silu_mul=True)
-    assert torch.equal(gated, silu_mul_quantize(torch.cat((plain[:, 0::2], plain[:, 1::2]), dim=1), quantize=False))
+    assert torch.equal(gated, silu_mul_quantize(halves_of_alternating_channels(plain), quantize=False))
     codes, scale, _ = make_layer(48, 128, -1)
     out = w4a16_linear(x, pack_int4(codes), scale, None, config=config(block_k=128))
     ref = x @ numerics.dequantize_per_channel(codes, scale).T

@@ -150,9 +150,14 @@ def alternate_halves(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(2, t.shape[0] // 2, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
 
+def halves_of_alternating_channels(out: torch.Tensor) -> torch.Tensor:
+    """Outputs [M, N] whose channels alternate gate, up -> [gate | up] (what the SiLU*up producer takes)."""
+    return torch.cat((out[:, 0::2], out[:, 1::2]), dim=1)
+
+
 def silu_mul_of_alternating_rows(out: torch.Tensor) -> torch.Tensor:
     """``SiLU(gate) * up`` of outputs [M, N] whose channels alternate gate, up (the producers' reference)."""
-    return silu_mul_reference(torch.cat((out[:, 0::2], out[:, 1::2]), dim=1), quantize=False)
+    return silu_mul_reference(halves_of_alternating_channels(out), quantize=False)
 
 
 class W4A8Projection(Projection):
