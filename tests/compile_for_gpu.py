@@ -55,7 +55,8 @@ def drive_every_branch() -> None:
     import test_gpu_kernels as cases
 
     from qqq import numerics
-    from qqq.kernels_triton import activation_quant, baselines, decode_attention, fused_producers, w4a8_gemm, w4a8_gemv
+    from qqq.kernels_triton import (activation_quant, baselines, decode_attention, fused_producers, greedy, w4a8_gemm,
+                                    w4a8_gemv)
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.packing import pack_int4
 
@@ -103,6 +104,9 @@ def drive_every_branch() -> None:
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)
     baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16, silu_mul=True)
     baselines.w4a16_linear(x, pack_int4(codes), scale)
+    for vocab in (77, 32000, 128256):
+        greedy.greedy_step(torch.randn(2, vocab).half(), *(torch.zeros(2, n, dtype=torch.long) for n in (1, 1, 8)),
+                          torch.zeros(1, dtype=torch.long))
 
 
 def _disassemble(kernel) -> list[tuple[int, str]]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model, token_batch
+from conftest import interpreted_kernels, tiny_model, token_batch
 from qqq.fast.generation import Generator, prefill_bucket
 from qqq.fast.model import FastLlama
 
@@ -57,6 +57,20 @@ def test_a_padded_prefill_gives_the_prompts_tokens_and_cache(reference_backend, 
             got, expected = (getattr(c.cache, name)[prompt_part].float() for c in (padded, eager))
             torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
     assert torch.equal(padded.decode(padded.first, 7, 5), eager.decode(eager.prefill(prompts), 7, 5))
+
+
+@interpreted_kernels
+def test_the_kernels_decode_gives_the_references_tokens(monkeypatch):
+    """The greedy step's kernel (and the model's, under the interpreter) against the reference backend, decoding from
+    a position past 0: the same tokens, recorded in the history from its first column."""
+    fast = FastLlama.from_hf(tiny_model(), "w4a8_rtn")
+    prompts = token_batch(2, 6)
+    kernels = Generator(fast, 2, 12, use_graph=False)
+    tokens = kernels.generate(prompts, 4).tokens
+    assert kernels.position[:, 0].tolist() == [9, 9]
+    assert torch.equal(kernels.history[:, :3], tokens[:, 1:]) and kernels.step.item() == 3
+    monkeypatch.setenv("QQQ_BACKEND", "reference")
+    assert torch.equal(Generator(fast, 2, 12, use_graph=False).generate(prompts, 4).tokens, tokens)
 
 
 class EagerGraph:

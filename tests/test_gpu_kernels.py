@@ -100,7 +100,7 @@ def covered_branches() -> set[tuple[str, str]]:
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
                 ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
-                ("w4a16_linear", "w4a16")}
+                ("w4a16_linear", "w4a16"), ("greedy_step", "greedy_step")}
     return covered
 
 
@@ -563,3 +563,26 @@ def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch
         got = decode_attention(q, *cache, config={**default_config(True), "int8_ptx": int8_ptx})
     _assert_branch(taken, "decode_attention", "split_kv_int8")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@compiled_kernels
+@pytest.mark.parametrize("batch,vocab,dtype", [(1, 32000, torch.float16), (64, 32000, torch.float16),
+                                               (3, 128256, torch.bfloat16), (2, 77, torch.float32)])
+def test_greedy_step_matches_argmax_on_cuda(batch, vocab, dtype):
+    """Logits from a small integer range, so each row holds its maximum many times: the first index must win."""
+    from qqq.fast.generation import greedy_step_reference
+    from qqq.kernels_triton.greedy import greedy_step
+
+    generator = torch.Generator(device="cuda").manual_seed(vocab)
+    logits = torch.randint(-50, 8, (batch, vocab), device="cuda", generator=generator).to(dtype)
+    capacity = 40
+    position = torch.randint(0, capacity, (batch, 1), device="cuda", generator=generator)
+    got = (torch.zeros(batch, 1, dtype=torch.long, device="cuda"), position,
+           torch.zeros(batch, capacity, dtype=torch.long, device="cuda"), torch.tensor([capacity - 1], device="cuda"))
+    expected = tuple(t.clone() for t in got)
+    with branches.recording() as taken:
+        greedy_step(logits, *got)
+    _assert_branch(taken, "greedy_step", "greedy_step")
+    greedy_step_reference(logits, *expected)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
