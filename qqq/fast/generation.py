@@ -96,8 +96,9 @@ class Generator:
         logits = self.model(self.token, self.position, self.cache)
         step = triton_or_reference(logits, "greedy.greedy_step", greedy_step_reference)
         step(logits, self.token, self.position, self.history, self.step)
-        self.step.add_(1)  # its own launch: with the step counter advanced inside the kernel, or the history indexed
-        # by position, 7B batch 16 ran 2.5-3% slower in FP16-first processes, in no kernel (qqq/kernels_triton/NOTES.md)
+        # the counter's own launch: without a counter (the history indexed by position) 7B batch 16 ran 2.5-3% slower
+        # in processes that ran FP16 first, with every kernel in the graph as fast as here (kernels_triton/NOTES.md)
+        self.step.add_(1)
 
     def _capture(self) -> None:
         saved = [t.clone() for t in (self.token, self.position, self.step)]
