@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -21,26 +22,66 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _git(folder: Path, *args: str, stdin: str | None = None) -> str | None:
+    """``git -C folder args``'s output, or None where it fails (asked quietly: no ``fatal: not a git repository``
+    outside a checkout)."""
+    try:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True,
+                              input=stdin)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return done.stdout.strip()
+
+
+def package_tree(checkout: Path) -> str | None:
+    """The git tree hash of the ``qqq`` folder as it is on disk (tracked and untracked files that git does not
+    ignore), computed without writing to the repository: equal to ``git rev-parse <commit>:qqq`` of the commit
+    whose package this is. None where git cannot list or hash the files."""
+    listed = _git(checkout, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "qqq")
+    if listed is None:
+        return None
+    paths = sorted({p for p in listed.split("\0") if p and (checkout / p).is_file()})
+    blobs = _git(checkout, "hash-object", "--stdin-paths", stdin="\n".join(paths)) if paths else ""
+    if blobs is None:
+        return None
+    root: dict = {}
+    for path, blob in zip(paths, blobs.split()):
+        *folders, name = path.split("/")
+        node = root
+        for folder in folders:
+            node = node.setdefault(folder, {})
+        node[name] = ("100755" if (checkout / path).stat().st_mode & 0o100 else "100644", blob)  # as git reads it
+
+    def tree(node: dict) -> str:
+        # git orders entries by name, a folder's name read with a trailing "/"
+        entries = sorted(node.items(), key=lambda item: item[0] + ("/" if isinstance(item[1], dict) else ""))
+        body = b"".join(
+            (b"40000 " + name.encode() + b"\0" + bytes.fromhex(tree(value)) if isinstance(value, dict)
+             else value[0].encode() + b" " + name.encode() + b"\0" + bytes.fromhex(value[1]))
+            for name, value in entries)
+        return hashlib.sha1(b"tree %d\0" % len(body) + body).hexdigest()
+
+    return tree(root.get("qqq", {}))
+
+
 def source_commit() -> str:
-    """The git commit of the qqq source that runs, with ``+ uncommitted changes`` when it has any; asked
-    quietly (no ``fatal: not a git repository`` outside a checkout). A copy of qqq inside another checkout (an
-    exported old tree for an A/B run) is not that checkout's code: it is named by its folder instead."""
+    """The git commit of the qqq source that runs. Where the checkout differs from it, ``+ uncommitted changes``
+    and the package's tree hash (:func:`package_tree`), which names the code exactly even where the checkout's
+    HEAD is not the commit it came from (a copy of a branch's files over another commit's history). A copy of qqq
+    inside another checkout (an exported old tree for an A/B run) is not that checkout's code: it is named by its
+    folder instead."""
     folder = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True)
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            return None
-        return done.stdout.strip()
-
-    top = git("rev-parse", "--show-toplevel")
+    top = _git(folder, "rev-parse", "--show-toplevel")
     if top is None:
         return "unknown (not run from a git checkout)"
     if Path(top).resolve() != folder:
         return f"unknown (qqq in {folder}, a folder inside the git checkout {top}, not the checkout itself)"
-    commit = git("rev-parse", "--short=12", "HEAD")
-    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    commit = _git(folder, "rev-parse", "--short=12", "HEAD")
+    package = package_tree(folder)
+    if package == _git(folder, "rev-parse", "HEAD:qqq") and not _git(folder, "status", "--porcelain",
+                                                                       "--untracked-files=no"):
+        return commit
+    return commit + " + uncommitted changes" + (f" (qqq/ tree {package[:12]})" if package else "")
 
 
 def provenance() -> dict[str, str]:

@@ -97,3 +97,37 @@ def test_source_commit_names_a_copy_inside_a_checkout_by_its_folder(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.source_commit().startswith(f"unknown (qqq in {(tmp_path / 'oldtree').resolve()}")
+
+
+def test_changed_code_is_named_by_its_package_tree(tmp_path):
+    """Uncommitted or untracked files in ``qqq/`` (a branch's files copied over another commit's history, as the GPU
+    machine's copy of a checkout is) are named by the package's tree hash, the one ``git`` gives that code once
+    committed, so a result can be traced to its commit whatever HEAD said."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import qqq.provenance
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    (tmp_path / "qqq" / "fast").mkdir(parents=True)
+    shutil.copy(qqq.provenance.__file__, tmp_path / "qqq" / "provenance.py")
+    (tmp_path / "qqq" / "fast" / "model.py").write_text("x = 1\n")
+    (tmp_path / "qqq" / "fast.py").write_text("y = 2\n")  # sorts between the folder "fast" and "fast/..." in git
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    spec = importlib.util.spec_from_file_location("copied_provenance", tmp_path / "qqq" / "provenance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.package_tree(tmp_path) == git("rev-parse", "HEAD:qqq")
+    assert module.source_commit() == git("rev-parse", "--short=12", "HEAD")
+    (tmp_path / "qqq" / "fast" / "greedy.py").write_text("z = 3\n")  # untracked: git status alone would not see it
+    label = module.source_commit()
+    git("add", "-A")
+    git("commit", "-qm", "second")
+    assert label.endswith(f" + uncommitted changes (qqq/ tree {git('rev-parse', 'HEAD:qqq')[:12]})")
