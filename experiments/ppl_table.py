@@ -6,7 +6,8 @@ Smoothing is searched once per (rule, group size) and shared by the methods that
 are cached on disk (qqq.cache; experiments/zeroshot_table.py reuses them). ``--append`` adds this run's rows
 to results/ppl.csv instead of replacing the table; the markdown names the run (command) behind each row.
 ``--kv-bits 16 8`` also scores each model with its keys and values rounded as the fast path's 8-bit KV cache
-stores them (``qqq.fast.attention.kv_cache_fake_quantized``), as rows of their own.
+stores them (``qqq.fast.attention.kv_cache_fake_quantized``), as rows of their own; ``--query-bits 16 8`` adds,
+for each 8-bit row, one with the queries rounded to int8 per token and head too (int8 attention scores).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
-from qqq.fast.attention import KV_BITS, kv_cache_fake_quantized
+from qqq.fast.attention import KV_BITS, QUERY_BITS, kv_cache_fake_quantized
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
@@ -29,7 +30,8 @@ from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.provenance import ResultsTable, provenance
 
-KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "dataset", "seqlen"]
+KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "query_bits", "dataset",
+               "seqlen"]
 
 
 def parse_args():
@@ -45,6 +47,9 @@ def parse_args():
     p.add_argument("--kv-smooth", type=float, default=0.0, metavar="ALPHA",
                    help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA, QServe uses 0.5) "
                         "folded into q_proj / k_proj first, calibrated on --calib-dataset (0: none)")
+    p.add_argument("--query-bits", nargs="+", type=int, default=[16], choices=QUERY_BITS,
+                   help="with --kv-bits 8: 8 also rounds each query to int8 per token and head, the numerics of "
+                        "attention scores taken as int8 dot products (16: the queries as computed)")
     add_clip_arguments(p, "GPTQ methods, rows of their own")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")
@@ -67,7 +72,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
-                           defaults={"kv_bits": 16, "kv_smooth": 0.0} | dict.fromkeys(CLIP_COLUMNS, False))
+                           defaults={"kv_bits": 16, "kv_smooth": 0.0, "query_bits": 16}
+                           | dict.fromkeys(CLIP_COLUMNS, False))
     gptq = GPTQConfig(**clip_searches(args))
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)
@@ -80,18 +86,20 @@ def main():
                 model_name, base, tokenizer, args.methods, args.group_sizes, calibration, args.calib_dataset,
                 args.seed, device, use_cache=not args.no_cache, gptq=gptq):
             clips = clip_columns(method, gptq)
-            for kv_bits in args.kv_bits:
+            smoothed = False
+            for kv_bits, query_bits in [(kv, q) for kv in args.kv_bits for q in (args.query_bits if kv == 8 else [16])]:
                 start = time.time()
                 kv_smooth = args.kv_smooth if kv_bits == 8 else 0.0
                 label = (f"{method.name} g{group_size}{clip_label(clips)} kv{kv_bits}"
-                         + (f" smooth {kv_smooth}" if kv_smooth else ""))
+                         + (f" smooth {kv_smooth}" if kv_smooth else "") + (" q8" if query_bits == 8 else ""))
                 model = model.to(device)
-                if kv_smooth:  # exact in floating point: a model scored after it with 16-bit keys is unchanged
+                if kv_smooth and not smoothed:  # exact in floating point: later 16-bit-key rows are unchanged
                     smooth_attention_calibrated(model, tokenizer, kv_smooth, args.calib_dataset, args.seed)
-                with kv_cache_fake_quantized(model) if kv_bits == 8 else nullcontext():
+                    smoothed = True
+                with kv_cache_fake_quantized(model, query_bits) if kv_bits == 8 else nullcontext():
                     value = perplexity(model, windows, device, desc=label)
                 rows.append(dict(model=model_name, method=method.name, group_size=group_size, **clips, kv_bits=kv_bits,
-                                 kv_smooth=kv_smooth, dataset=args.dataset, seqlen=args.seqlen,
+                                 kv_smooth=kv_smooth, query_bits=query_bits, dataset=args.dataset, seqlen=args.seqlen,
                                  windows=windows.shape[0], ppl=round(value, 4),
                                  seconds=round(seconds + time.time() - start), from_cache=cached is not None))
                 print(rows[-1], flush=True)
@@ -101,8 +109,9 @@ def main():
 
 def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration: dict, path: Path) -> None:
     order = {name: i for i, name in enumerate(METHODS)}
-    index = ["method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth"]
-    table = table.sort_values(index, key=lambda c: c.map(order) if c.name == "method" else -c if c.name == "kv_bits"
+    index = ["method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "query_bits"]
+    descending = ("kv_bits", "query_bits")
+    table = table.sort_values(index, key=lambda c: c.map(order) if c.name == "method" else -c if c.name in descending
                               else c, kind="stable")
     pivot = table.pivot_table(index=index, columns="model", values="ppl", sort=False)
     pivot = pivot.reset_index().astype(object)
@@ -132,6 +141,9 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
              "lambda = max ** kv_smooth per RoPE channel pair, from "
              f"{CALIBRATION_WINDOWS[0]} x {CALIBRATION_WINDOWS[1]} tokens of the calibration text) folded into "
              "q_proj and k_proj before the keys are rounded (exact in floating point); 0: none",
+             "- query_bits: 16, the queries as the model computes them; 8 (with kv_bits 8): each query (after RoPE) "
+             "rounded to int8 per token and head too, so every attention score is an int8 dot product times two "
+             "scales (`kv_cache_fake_quantized(model, query_bits=8)`)",
              ]
     notes += [f"- {name}: {embedded_note(name)}" for name in EMBEDDED_MODELS if name in set(table["model"])]
     if EMBEDDED_MODEL in set(table["model"]):
@@ -144,6 +156,7 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
 
 def configurations(rows: pd.DataFrame) -> str:
     return ", ".join(f"{row['method']} g{row['group_size']}{clip_label(row)}" + (" kv8" if row["kv_bits"] == 8 else "")
+                     + (" q8" if row.get("query_bits") == 8 else "")
                      for row in rows.to_dict("records"))
 
 

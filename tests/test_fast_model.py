@@ -117,3 +117,37 @@ def test_bad_input_gives_clear_errors():
         FastLlama.from_hf(model, "w3a3")
     with pytest.raises(ValueError, match="kv_bits must be one of"):
         FastLlama.from_hf(model, kv_bits=4)
+
+
+def test_query_bits_8_rounds_each_query_per_token_and_head(monkeypatch):
+    """With ``query_bits=8`` SDPA gets the query (after RoPE) on its int8 grid per token and head, where
+    ``query_bits=16`` gives it as the model computed it; the keys and values are rounded in both."""
+    from transformers.integrations import sdpa_attention
+
+    from qqq import numerics
+
+    model = tiny_model(heads=4, kv_heads=2)
+    tokens = token_batch(2, 12, seed=3)
+    seen = {}
+    original = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, *args, **kwargs):
+        seen.setdefault(module.layer_idx, (query, key))
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    logits, first = {}, {}
+    with torch.no_grad():
+        for bits in (16, 8):
+            seen.clear()
+            with kv_cache_fake_quantized(model, query_bits=bits):
+                logits[bits] = model(tokens).logits
+            first[bits] = seen[0]
+    (q16, k16), (q8, k8) = first[16], first[8]  # layer 0: the same input in both runs
+    assert q16.shape[1] == 4 and torch.equal(q8, numerics.fake_quantize_per_token(q16))
+    assert not torch.equal(q8, q16) and torch.equal(k8, k16)
+    assert not torch.equal(logits[8], logits[16])
+    assert torch.nn.functional.cosine_similarity(logits[8].flatten(), logits[16].flatten(), dim=0) > 0.99
+    with pytest.raises(ValueError, match="query_bits must be one of"):
+        with kv_cache_fake_quantized(model, query_bits=4):
+            pass

@@ -10,6 +10,7 @@ rounding inside a Hugging Face model, so the accuracy cost can be measured on th
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -87,26 +88,34 @@ def _gqa(q: torch.Tensor, k: torch.Tensor) -> dict:
     return {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
 
 
-KV8_ATTENTION = "qqq_kv8_sdpa"
+QUERY_BITS = (16, 8)
+KV8_ATTENTION = {16: "qqq_kv8_sdpa", 8: "qqq_kv8_q8_sdpa"}  # by query_bits
 
 
-def _kv8_sdpa(module, query, key, value, attention_mask, **kwargs):
+def _kv8_sdpa(module, query, key, value, attention_mask, round_query=False, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # key (after RoPE) and value are [B, Hkv, T, D]: one int8 grid per token and head, as the 8-bit cache holds them
+    # query [B, H, T, D], key (after RoPE) and value [B, Hkv, T, D]: one int8 grid per token and head
+    if round_query:
+        query = numerics.fake_quantize_per_token(query)
     return sdpa_attention_forward(module, query, numerics.fake_quantize_per_token(key),
                                   numerics.fake_quantize_per_token(value), attention_mask, **kwargs)
 
 
 @contextmanager
-def kv_cache_fake_quantized(model):
+def kv_cache_fake_quantized(model, query_bits: int = 16):
     """Within the block, the Hugging Face ``model`` attends (SDPA) to keys and values rounded as the 8-bit KV
-    cache stores them: the accuracy cost of ``bits=8`` on the reference path."""
+    cache stores them: the accuracy cost of ``bits=8`` on the reference path. ``query_bits=8`` rounds each
+    query onto its own int8 grid per token and head too: the numerics of a decode attention whose scores are
+    int8 dot products (q codes . k codes times both scales)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(KV8_ATTENTION, _kv8_sdpa)
+    if query_bits not in QUERY_BITS:
+        raise ValueError(f"query_bits must be one of {QUERY_BITS}, got {query_bits}")
+    name = KV8_ATTENTION[query_bits]
+    AttentionInterface.register(name, partial(_kv8_sdpa, round_query=query_bits == 8))
     previous = model.config._attn_implementation
-    model.set_attn_implementation(KV8_ATTENTION)
+    model.set_attn_implementation(name)
     try:
         yield model
     finally:
