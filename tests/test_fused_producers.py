@@ -142,3 +142,8 @@ def test_producers_reject_bad_input():
     with pytest.raises(ValueError, match="k_scale and v_scale"):
         rope_into_cache(qkv, trig, trig, position, int8_cache, int8_cache.clone(), 1, torch.zeros(1, 1, 8),
                         torch.zeros(1, 1, 7))
+    cache16 = torch.zeros(1, 1, 8, 32)
+    with pytest.raises(ValueError, match="cos/sin must be contiguous fp32"):
+        rope_into_cache(qkv, trig, trig.double(), position, cache16, cache16.clone(), 1)  # sin not fp32
+    with pytest.raises(ValueError, match="positions must be int32 or int64"):
+        rope_into_cache(qkv, trig, trig, position.float(), cache16, cache16.clone(), 1)

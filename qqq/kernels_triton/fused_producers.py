@@ -274,11 +274,14 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
                          + (" (an int8 cache with k_scale / v_scale)" if quantized else " (qkv's dtype)"))
     if quantized:
         check_cache_scales(k_cache, k_scale, v_scale)
-    if cos.shape != sin.shape or cos.dtype != torch.float32 or cos.shape[1] != head_dim // 2 \
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim // 2 \
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32 \
             or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}]")
-    if positions.shape != (batch, t):
-        raise ValueError(f"positions must be [{batch}, {t}], got {tuple(positions.shape)}")
+        raise ValueError(f"cos/sin must be contiguous fp32 [max_positions, {head_dim // 2}], got {cos.dtype} "
+                         f"{tuple(cos.shape)} and {sin.dtype} {tuple(sin.shape)}")
+    if positions.shape != (batch, t) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32 or int64 [{batch}, {t}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
     rows = qkv.reshape(batch * t, width)
     positions = positions.reshape(-1).contiguous()
     q = torch.empty((batch, n_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
