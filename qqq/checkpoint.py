@@ -46,14 +46,42 @@ def quantization_config(model: nn.Module) -> dict:
             "packing": PACKING_FORMAT, "modules_not_converted": ["lm_head"]}
 
 
-def check_output_folder(out: str | Path, overwrite: bool = False) -> None:
-    """Raise a clear error if ``out`` cannot take a checkpoint: it is a file, or a folder with files in it
-    (unless ``overwrite``)."""
-    out = Path(out)
+def check_output_folder(out: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Raise a clear error if ``out`` cannot take a checkpoint: it is a file, a folder with files in it (unless
+    ``overwrite``), the folder of ``source`` (the model it is made from) or one holding it, or a place where
+    nothing can be written. Returns ``out`` as an absolute path (``.`` has no name to write beside)."""
+    out = Path(out).resolve()
+    check_replaceable(out, source)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; a checkpoint is a folder: name a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds files; name a new folder, or replace it (--force, overwrite=True)")
+    check_writable_beside(out)
+    return out
+
+
+def check_replaceable(out: Path, source: str | Path | None) -> None:
+    """A finished output replaces the folder ``out`` (absolute) as a whole: refuse it where that folder is or holds
+    ``source`` (what the output is made from) or the current folder."""
+    if source is not None and Path(source).exists():
+        source = Path(source).resolve()
+        if out == source or source.is_relative_to(out):
+            raise ValueError(f"{out} would replace {source}, what it is made from: name another folder")
+    if Path.cwd().is_relative_to(out):
+        raise ValueError(f"{out} holds the current folder; the finished output replaces its folder as a whole: "
+                         "name a new folder")
+
+
+def check_writable_beside(out: Path) -> None:
+    """The folder is written beside ``out`` and renamed into place: its nearest existing parent must be a folder
+    that takes a new folder (tried, and removed at once), so that a long run does not fail at its last step."""
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{out}: {parent} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as error:
+        raise PermissionError(f"{out}: nothing can be written in {parent} ({error.strerror or error})") from None
 
 
 def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None,
@@ -65,8 +93,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None, extra:
     ``dtype``: the dtype of the model it was quantized from, e.g. float16 for a model quantized in float32 on
     the CPU: the tensors outside the packed format (embeddings, norms, lm_head, biases) are cast to it first, so
     the checkpoint is not larger than its source. The packed scales keep their own dtypes."""
-    out = Path(out_dir)
-    check_output_folder(out, overwrite)
+    out = check_output_folder(out_dir, overwrite)
     if dtype is not None:
         cast_unpacked_tensors(model, dtype)
     config = model.config.to_dict()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -11,7 +15,9 @@ import torch
 from qqq.data import calibration_windows, dataset_names, evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_FORMATS
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
+from qqq.kernels_triton.packing import PACK_CHUNK_K
 from qqq.key_smoothing import CALIBRATION_TEXT, DEFAULT_ALPHA, smooth_attention_calibrated
+from qqq.model_families import supported_model_types
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
 from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
@@ -51,6 +57,25 @@ def window_count(text: str) -> int | str:
     return "all" if text == "all" else positive_int(text)
 
 
+def unit_fraction(text: str) -> float:
+    """A migration strength or exponent in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def shard_size(text: str) -> str:
+    """A safetensors shard size with its unit, such as 5GB or 500MB (what ``save_pretrained`` parses)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size with its unit, like 5GB or 500MB, got {text!r}")
+    return text
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, device_use: str = "calibration and evaluation") -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the model computes in (default: float16 when --device is CUDA, float32 on "
@@ -85,13 +110,17 @@ def _add_quantize_arguments(parser: argparse.ArgumentParser, group_size: int = -
         parser.add_argument(flag, type=positive_int, default=calibration.get(key), help=help_text)
     add_clip_arguments(parser)
     parser.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
-    parser.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    parser.add_argument("--alpha", type=unit_fraction, default=0.5, help="SmoothQuant migration strength, in [0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' sampling")
 
 
 def _calibration(args) -> dict:
-    return calibration_settings(args.paper_settings, nsamples=args.nsamples, seqlen=args.seqlen,
-                                smooth_samples=args.smooth_samples)
+    settings = calibration_settings(args.paper_settings, nsamples=args.nsamples, seqlen=args.seqlen,
+                                    smooth_samples=args.smooth_samples)
+    if settings["smooth_samples"] > settings["nsamples"]:
+        raise ValueError(f"--smooth-samples {settings['smooth_samples']} exceeds the {settings['nsamples']} "
+                         "calibration windows (--nsamples) it is taken from")
+    return settings
 
 
 def _token_ids(tokenizer, source: str, split: str, vocab_size: int | None, flag: str) -> torch.Tensor:
@@ -112,13 +141,32 @@ def _check_vocabulary(ids: torch.Tensor, vocab_size: int | None) -> None:
                          "entries: the tokenizer in the folder does not belong to the model")
 
 
-def _check_group_size(config: dict, group_size: int, model_name: str) -> None:
-    """Before any weight is loaded: ``group_size`` must divide the input size of every decoder linear."""
+def _check_supported(config: dict, model_name: str) -> None:
+    """Before anything loads: the quantization pipeline and the fast path take these architectures only."""
+    model_type = config.get("model_type")
+    if model_type not in supported_model_types():
+        raise ValueError(f"{model_name}: model_type {model_type!r} is not supported by qqq; supported "
+                         f"architectures: {', '.join(supported_model_types())}")
+
+
+def _check_group_size(config: dict, group_size: int, model_name: str, packed: bool) -> None:
+    """Before any weight is loaded: ``group_size`` must divide the input size of every decoder linear, and a
+    packed W4A8 format needs input sizes in whole chunks of 64 columns."""
     inputs = sorted({k for _, k in linear_shapes(config)})
+    if packed and any(k % PACK_CHUNK_K for k in inputs):
+        raise ValueError(f"{model_name}'s layers have input sizes {inputs}: the packed W4A8 format needs multiples "
+                         f"of {PACK_CHUNK_K} (the int4 layout packs columns in chunks of {PACK_CHUNK_K})")
     fits = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or all(k % g == 0 for k in inputs)]
     if group_size not in fits:
         raise ValueError(f"--group-size {group_size} does not divide the input sizes {inputs} of {model_name}'s "
                          f"layers; choose one of {fits}")
+
+
+def _check_tokenizer(tokenizer, vocab_size: int | None) -> None:
+    """A tokenizer with more entries than the model's vocabulary does not belong to it."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary has {vocab_size}: "
+                         "the tokenizer in the folder does not belong to the model")
 
 
 def _calibration_ids(tokenizer, args, vocab_size: int | None) -> torch.Tensor:
@@ -177,7 +225,17 @@ def _note_if_embedded(name: str) -> None:
 
 
 def _device(args) -> torch.device:
-    return torch.device(args.device) if args.device else default_device()
+    if not args.device:
+        return default_device()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {args.device}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
 
 
 def cmd_quantize(args) -> None:
@@ -191,13 +249,16 @@ def cmd_quantize(args) -> None:
         sys.exit("qqq: error: the quantized model would be thrown away: add --eval (print FP and quantized "
                  "perplexity) and/or --out FOLDER (save the W4A8 checkpoint)")
     if args.out:
-        check_output_folder(args.out, args.force)
+        args.out = check_output_folder(args.out, args.force, source=args.model)
     device = _device(args)
+    _calibration(args)  # its flags' consistency, before anything loads
     config = model_config(args.model)
+    _check_supported(config, args.model)
     if method.weight_bits == 4:
-        _check_group_size(config, args.group_size, args.model)
+        _check_group_size(config, args.group_size, args.model, method.packs_w4a8)
     tokenizer = load_tokenizer(args.model)
     vocab_size = config.get("vocab_size")
+    _check_tokenizer(tokenizer, vocab_size)
     calibration_ids = _calibration_ids(tokenizer, args, vocab_size) if method.calibrates else None
     windows = _evaluation_windows(tokenizer, args, device, vocab_size, args.model) if args.eval else None
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
@@ -238,7 +299,8 @@ def cmd_zeroshot(args) -> None:
     from qqq.zeroshot import data_source, zero_shot
 
     device = _device(args)
-    load_tokenizer(args.model)  # a missing folder or tokenizer fails here, before the weights load
+    # a missing folder or tokenizer, or one that does not belong to the model, fails here, before the weights load
+    _check_tokenizer(load_tokenizer(args.model), model_config(args.model).get("vocab_size"))
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     rows = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
@@ -271,15 +333,26 @@ def cmd_generate(args) -> None:
         args.method = RENAMED_FAST_METHODS[args.method]
     device = _device(args)
     config = model_config(args.model)
+    _check_supported(config, args.model)
     tokenizer = load_tokenizer(args.model)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     if prompt.numel() == 0:
         sys.exit("qqq: error: --prompt gives no tokens; give some text")
     _check_vocabulary(prompt, config.get("vocab_size"))
+    positions = config.get("max_position_embeddings")
+    if positions and prompt.shape[1] + args.max_new_tokens > positions:
+        raise ValueError(f"the prompt's {prompt.shape[1]} tokens and --max-new-tokens {args.max_new_tokens} exceed "
+                         f"the {positions} positions of {args.model} (max_position_embeddings)")
+    checkpoint = is_qqq_checkpoint(args.model)
+    if checkpoint and args.method != "fp16":
+        print(f"qqq: note: --method {args.method} is ignored: a QQQ checkpoint runs its own W4A8 weights",
+              file=sys.stderr)
+    if args.kv_smooth is not None and args.kv_bits != 8:
+        print("qqq: note: --kv-smooth is ignored without --kv-bits 8 (it scales keys before they are rounded to "
+              "int8)", file=sys.stderr)
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), device=device)
     _note_if_embedded(args.model)
-    checkpoint = is_qqq_checkpoint(args.model)
-    kv_smooth = args.kv_smooth if args.kv_bits == 8 else 0.0
+    kv_smooth = (DEFAULT_ALPHA if args.kv_smooth is None else args.kv_smooth) if args.kv_bits == 8 else 0.0
     if kv_smooth:
         smooth_attention_calibrated(model, tokenizer, kv_smooth)
     prompt = prompt.to(device)
@@ -421,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a QQQ checkpoint keeps its own smoothed + GPTQ weights)")
     generate.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS,
                           help="KV cache: 16 (the model's dtype) or 8 (int8, per-token and per-head scales)")
-    generate.add_argument("--kv-smooth", type=float, default=DEFAULT_ALPHA, metavar="ALPHA",
+    generate.add_argument("--kv-smooth", type=unit_fraction, default=None, metavar="ALPHA",
                           help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA) folded into "
                           f"q_proj / k_proj, calibrated on {CALIBRATION_TEXT} (exact in floating point; it tames "
                           f"the keys' outlier channels before they are rounded to int8; default {DEFAULT_ALPHA}, 0: "
@@ -438,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="compressed-tensors", choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="the folder to write (refused if it exists and is not empty)")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    export.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size, e.g. 5GB")
+    export.add_argument("--max-shard-size", type=shard_size, default=DEFAULT_MAX_SHARD_SIZE,
+                        help="safetensors shard size, e.g. 5GB")
     export.set_defaults(run=cmd_export)
 
     tune = commands.add_parser("tune", help="autotune the W4A8 kernels for this GPU and store the configs",
@@ -452,12 +526,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (``kill``, a job scheduler) as an exit, so that a half-written output's clean-up runs as on Ctrl-C."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes signal handlers
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as error:
         sys.exit(f"qqq: error: {error}")
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qqq.checkpoint import check_replaceable, check_writable_beside, load_quantized, move_into_place
 from qqq.linear import QQQLinear
 from qqq.model_families import family_of
 from qqq.models import source_dtype
@@ -95,12 +96,12 @@ def _check_paths(checkpoint: Path, out: Path, force: bool) -> None:
         found = f"its quant_method is {method!r}" if method else "its config.json has no quantization_config"
         raise ValueError(f"{checkpoint} is not a QQQ checkpoint ({found}); write one with "
                          "`qqq quantize MODEL --method qqq --out DIR` first")
-    if out.resolve() == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"--out {out} would replace the checkpoint {checkpoint} itself")
+    check_replaceable(out, checkpoint)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+    check_writable_beside(out)
 
 
 def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
@@ -115,9 +116,7 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig
 
-    from qqq.checkpoint import load_quantized, move_into_place
-
-    checkpoint, out = Path(checkpoint), Path(out_dir)
+    checkpoint, out = Path(checkpoint), Path(out_dir).resolve()
     _check_paths(checkpoint, out, force)
     dtype = source_dtype(str(checkpoint)) or torch.float16
     model = load_quantized(checkpoint, dtype=dtype)

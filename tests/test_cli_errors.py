@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from conftest import tiny_model
 
 from qqq import cli
@@ -196,3 +197,121 @@ def test_lm_eval_git_hash_is_quiet_outside_a_checkout(tmp_path, monkeypatch, cap
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert zeroshot._git_commit_quietly() is None
     assert "fatal" not in capfd.readouterr().err
+
+
+def test_out_never_replaces_the_model_it_is_made_from(tiny_model_dir, tmp_path, capsys, no_model_load,
+                                                      monkeypatch):
+    """Not with --force either: the model folder itself, a folder holding it, and the current folder."""
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    for out in (tiny_model_dir, tiny_model_dir.parent):
+        argv = ["quantize", str(tiny_model_dir), "--method", "rtn", "--out", str(out), "--force", "--device", "cpu"]
+        assert "what it is made from" in error_of(argv, capsys)
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", str(tiny_model_dir), "--method", "rtn", "--out", ".", "--device", "cpu"]
+    assert "holds the current folder" in error_of(argv, capsys)
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+
+
+def test_out_where_nothing_can_be_written_is_refused_before_quantizing(tiny_model_dir, tmp_path, capsys,
+                                                                       no_model_load):
+    (tmp_path / "file.txt").write_text("x")
+    argv = ["quantize", str(tiny_model_dir), "--method", "rtn", "--out", str(tmp_path / "file.txt" / "sub")]
+    assert "is a file, not a folder" in error_of(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # the write probe left nothing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["quantize", "MODEL", "--method", "rtn", "--eval"], ["generate", "MODEL"],
+                                     ["eval", "ppl", "MODEL"]])
+def test_a_cuda_device_without_cuda_is_refused_first(tiny_model_dir, capsys, no_model_load, command):
+    argv = [str(tiny_model_dir) if word == "MODEL" else word for word in command]
+    assert "no CUDA GPU" in error_of([*argv, "--device", "cuda"], capsys)
+
+
+@pytest.mark.parametrize("command", ["quantize", "generate"])
+def test_an_unsupported_architecture_is_refused_before_loading(tmp_path, capsys, no_model_load, command):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    GPT2Config(n_layer=1, n_embd=64, n_head=2).save_pretrained(folder)
+    load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
+    argv = [command, str(folder), "--device", "cpu"] + (["--method", "rtn", "--eval"] if command == "quantize" else [])
+    assert "model_type 'gpt2' is not supported" in error_of(argv, capsys)
+
+
+def test_packed_w4a8_needs_input_sizes_in_chunks_of_64(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "odd"
+    tiny_model("llama", hidden=96, intermediate=128, vocab=len(load_tokenizer(EMBEDDED_MODEL))).save_pretrained(folder)
+    load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
+    message = error_of(["quantize", str(folder), "--method", "rtn", "--group-size", "32", "--eval"], capsys)
+    assert "multiples of 64" in message
+
+
+@pytest.mark.parametrize("flag,value", [("--alpha", "nan"), ("--alpha", "-3"), ("--alpha", "1.5")])
+def test_fractions_outside_zero_to_one_are_refused(tiny_model_dir, capsys, flag, value):
+    message = error_of(["quantize", str(tiny_model_dir), "--method", "w8a8_smoothquant", "--eval", flag, value], capsys)
+    assert "must be in [0, 1]" in message
+    assert "must be in [0, 1]" in error_of(["generate", str(tiny_model_dir), "--kv-smooth", value], capsys)
+
+
+def test_more_smoothing_windows_than_calibration_windows_is_refused(tiny_model_dir, capsys, no_model_load):
+    argv = ["quantize", str(tiny_model_dir), "--method", "qqq", "--eval", "--nsamples", "2", "--smooth-samples", "10"]
+    assert "--smooth-samples 10 exceeds the 2 calibration windows" in error_of(argv, capsys)
+
+
+def test_generating_past_the_models_positions_is_refused(tiny_model_dir, capsys, no_model_load):
+    positions = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    argv = ["generate", str(tiny_model_dir), "--max-new-tokens", str(positions), "--device", "cpu"]
+    assert f"exceed the {positions} positions" in error_of(argv, capsys)
+
+
+def test_a_zero_shot_tokenizer_that_does_not_belong_to_the_model_is_refused(tmp_path, capsys, no_model_load):
+    folder = tmp_path / "mismatched"
+    tiny_model("llama", hidden=64, intermediate=128, vocab=320).save_pretrained(folder)
+    load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
+    message = error_of(["eval", "zeroshot", str(folder), "--device", "cpu", "--limit", "1"], capsys)
+    assert "does not belong to the model" in message
+
+
+def test_a_shard_size_needs_its_unit(capsys):
+    assert "like 5GB" in error_of(["export", "ckpt", "--out", "x", "--max-shard-size", "abc"], capsys)
+    assert cli.shard_size("1.5GB") == "1.5GB"
+
+
+def test_ignored_flags_are_noted(tiny_model_dir, capsys, reference_backend):
+    main(["generate", str(tiny_model_dir), "--max-new-tokens", "1", "--kv-smooth", "0.3", "--device", "cpu"])
+    assert "--kv-smooth is ignored without --kv-bits 8" in capsys.readouterr().err
+
+
+def test_sigterm_exits_through_the_clean_up_and_the_handler_is_put_back(tiny_model_dir, monkeypatch):
+    import signal
+
+    with pytest.raises(SystemExit) as exited:
+        cli._terminated(signal.SIGTERM, None)
+    assert exited.value.code == 128 + signal.SIGTERM
+    seen = []
+    monkeypatch.setattr(cli, "cmd_ppl", lambda args: seen.append(signal.getsignal(signal.SIGTERM)))
+    before = signal.getsignal(signal.SIGTERM)
+    main(["eval", "ppl", str(tiny_model_dir)])
+    assert seen == [cli._terminated] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_python_dash_m_qqq_is_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qqq", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "quantize" in done.stdout
+
+
+def test_export_never_replaces_its_checkpoint_or_writes_where_it_cannot(checkpoint, tmp_path, capsys, monkeypatch):
+    before = sorted(p.name for p in checkpoint.iterdir())
+    for out in (checkpoint, checkpoint.parent):
+        assert "what it is made from" in error_of(["export", str(checkpoint), "--out", str(out), "--force"], capsys)
+    (tmp_path / "file.txt").write_text("x")
+    under_a_file = str(tmp_path / "file.txt" / "ct")
+    assert "is a file, not a folder" in error_of(["export", str(checkpoint), "--out", under_a_file], capsys)
+    monkeypatch.chdir(tmp_path)
+    assert "holds the current folder" in error_of(["export", str(checkpoint), "--out", "."], capsys)
+    assert sorted(p.name for p in checkpoint.iterdir()) == before

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from conftest import compiled_kernels
+from filelock import FileLock
 
 import qqq.kernels_triton as kernel_package
 from qqq import numerics
@@ -344,9 +345,10 @@ def _shipped_configs():
 
 
 @pytest.fixture(scope="module")
-def precompiled():
+def precompiled(tmp_path_factory):
     """Compile the GEMM configs of this file (fp16) in parallel processes into Triton's disk cache first, so the
-    suite takes minutes, not a serial compile of each."""
+    suite takes minutes, not a serial compile of each. Under pytest-xdist one worker compiles while the others
+    wait for it (a file lock), then find every kernel in the cache instead of compiling them all again."""
     jobs = [(kernel, n, k, g, min(bucket, 64), config) for kernel, n, k, g, bucket, config in _shipped_configs()]
     for _, n, k in config_table.LLAMA_GEMM_SHAPES:
         for g in (-1, 128):
@@ -354,7 +356,8 @@ def precompiled():
             jobs += [(kernel, n, k, g, m, config_table.get_config(kernel, m, n, k, g)) for m in REAL_WIDTH_M]
     jobs += [("w4a8" if g == -1 else "w4a8_group", 1000, 8192, g, 33, GEMM_PATH_CONFIGS[path](g))
              for path, g, _ in GEMM_CASES]
-    autotune.precompile(jobs)
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "qqq_precompile.lock")):
+        autotune.precompile(jobs)
 
 
 @compiled_kernels

@@ -1,0 +1,5 @@
+"""``python -m qqq``: the ``qqq`` command line."""
+
+from qqq.cli import main
+
+main()
