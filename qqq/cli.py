@@ -248,6 +248,10 @@ def cmd_quantize(args) -> None:
     if not args.out and not args.eval:
         sys.exit("qqq: error: the quantized model would be thrown away: add --eval (print FP and quantized "
                  "perplexity) and/or --out FOLDER (save the W4A8 checkpoint)")
+    ignored = [f"--{field.replace('_', '-')}" for field, on in clip_searches(args).items() if on]
+    ignored += ["--no-act-order"] if args.no_act_order else []
+    if ignored and method.rounding != "gptq":
+        print(f"qqq: note: {' '.join(ignored)} ignored: {method.name} does not run GPTQ", file=sys.stderr)
     if args.out:
         args.out = check_output_folder(args.out, args.force, source=args.model)
     device = _device(args)

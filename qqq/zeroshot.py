@@ -271,9 +271,13 @@ def zero_shot(model, tokenizer, tasks=TASKS, limit: int | None = None, offline: 
     manager = task_manager(offline, tasks)
     names = {(OFFLINE_TASKS[t].local_name if offline else t): t for t in tasks}
     with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_commit_quietly):
-        results = simple_evaluate(model=lm_eval_model(model, tokenizer, max_length, batch_size, device),
-                                  tasks=list(names), num_fewshot=0, limit=limit, task_manager=manager,
-                                  bootstrap_iters=bootstrap_iters, log_samples=samples is not None)
+        try:
+            results = simple_evaluate(model=lm_eval_model(model, tokenizer, max_length, batch_size, device),
+                                      tasks=list(names), num_fewshot=0, limit=limit, task_manager=manager,
+                                      bootstrap_iters=bootstrap_iters, log_samples=samples is not None)
+        except AssertionError as error:  # lm-eval's sanity checks are bare asserts
+            raise ValueError(f"lm-eval stopped at a sanity check with max_length {max_length} (usually an answer "
+                             "longer than that window: raise --max-length)") from error
     if samples is not None:
         for local_name, task in names.items():
             for example in results["samples"][local_name]:

@@ -279,9 +279,13 @@ def test_a_shard_size_needs_its_unit(capsys):
     assert cli.shard_size("1.5GB") == "1.5GB"
 
 
-def test_ignored_flags_are_noted(tiny_model_dir, capsys, reference_backend):
-    main(["generate", str(tiny_model_dir), "--max-new-tokens", "1", "--kv-smooth", "0.3", "--device", "cpu"])
+def test_ignored_flags_are_noted(tiny_model_dir, capsys, reference_backend, no_model_load):
+    with pytest.raises(AssertionError, match="was loaded"):  # the note comes first
+        main(["generate", str(tiny_model_dir), "--max-new-tokens", "1", "--kv-smooth", "0.3", "--device", "cpu"])
     assert "--kv-smooth is ignored without --kv-bits 8" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="was loaded"):
+        main(["quantize", str(tiny_model_dir), "--method", "rtn", "--eval", "--gptq-clip", "--device", "cpu"])
+    assert "--gptq-clip ignored: w4a8_rtn does not run GPTQ" in capsys.readouterr().err
 
 
 def test_sigterm_exits_through_the_clean_up_and_the_handler_is_put_back(tiny_model_dir, monkeypatch):
@@ -315,3 +319,10 @@ def test_export_never_replaces_its_checkpoint_or_writes_where_it_cannot(checkpoi
     monkeypatch.chdir(tmp_path)
     assert "holds the current folder" in error_of(["export", str(checkpoint), "--out", "."], capsys)
     assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+def test_a_zero_shot_window_shorter_than_an_answer_names_max_length(tiny_model_dir, capsys):
+    pytest.importorskip("lm_eval")
+    argv = ["eval", "zeroshot", str(tiny_model_dir), "--tasks", "hellaswag", "--limit", "2", "--max-length", "4",
+            "--device", "cpu"]
+    assert "raise --max-length" in error_of(argv, capsys)
