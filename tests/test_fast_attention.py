@@ -38,9 +38,9 @@ def test_prefill_attention_reads_the_dequantized_cache(reference_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_dequantized_rounds_the_fp32_product_once(dtype):
-    """A strided slice of an int8 cache (what a prefill reads) as ``dtype``: codes times scales in fp32, one
-    rounding."""
+def test_dequantized_is_the_fp32_product_rounded_to_the_dtype(dtype):
+    """A strided slice of an int8 cache (what a prefill reads) as ``dtype``: each code times its scale, rounded to
+    fp32 as an fp32 product is, then to ``dtype``."""
     gen = torch.Generator().manual_seed(5)
     codes = torch.randint(-127, 128, (2, 3, 40, 16), dtype=torch.int8, generator=gen)
     scale = torch.rand(2, 3, 40, generator=gen) / 100

@@ -81,7 +81,7 @@ def test_the_backend_rule_picks_the_kernels_for_cuda_tensors(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_prefill_dequantizes_the_int8_cache_as_on_the_cpu(dtype):
-    """On CUDA the one-pass ``dequantized`` (int8 times fp32 scale stored as ``dtype``) rounds once, as on the CPU."""
+    """On CUDA the one-pass ``dequantized`` (int8 times the fp32 scale, stored as ``dtype``) gives the CPU's values."""
     from qqq.fast.attention import dequantized
 
     gen = torch.Generator().manual_seed(6)
