@@ -35,3 +35,15 @@ def test_prefill_attention_reads_the_dequantized_cache(reference_backend):
     torch.testing.assert_close(attention(q, cache, torch.arange(6).expand(2, 6)), expected)
     assert torch.equal(dequantized(cache.k, cache.k_scale, torch.float32)[:, :, :6],
                        numerics.fake_quantize_per_token(k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantized_is_the_fp32_product_rounded_to_the_dtype(dtype):
+    """A strided slice of an int8 cache (what a prefill reads) as ``dtype``: each code times its scale, rounded to
+    fp32 as an fp32 product is, then to ``dtype``."""
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (2, 3, 40, 16), dtype=torch.int8, generator=gen)
+    scale = torch.rand(2, 3, 40, generator=gen) / 100
+    got = dequantized(codes[:, :, :25], scale[:, :, :25], dtype)
+    assert got.dtype == dtype and got.shape == (2, 3, 25, 16)
+    assert torch.equal(got, (codes[:, :, :25].double() * scale[:, :, :25, None].double()).float().to(dtype))

@@ -77,3 +77,15 @@ def test_the_backend_rule_picks_the_kernels_for_cuda_tensors(monkeypatch):
     assert triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference) is kernels.w4a8_linear
     monkeypatch.setenv("QQQ_BACKEND", "reference")
     assert triton_or_reference(x, "w4a8_gemm.w4a8_linear", w4a8_linear_reference) is w4a8_linear_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_prefill_dequantizes_the_int8_cache_as_on_the_cpu(dtype):
+    """On CUDA the one-pass ``dequantized`` (int8 times the fp32 scale, stored as ``dtype``) gives the CPU's values."""
+    from qqq.fast.attention import dequantized
+
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(-127, 128, (2, 4, 300, 128), dtype=torch.int8, generator=gen)
+    scale = torch.rand(2, 4, 300, generator=gen) / 50
+    got = dequantized(codes.cuda()[:, :, :257], scale.cuda()[:, :, :257], dtype)
+    assert torch.equal(got.cpu(), dequantized(codes[:, :, :257], scale[:, :, :257], dtype))
