@@ -59,6 +59,34 @@ def test_decode_attention_reads_an_int8_cache(batch, heads, kv_heads, capacity, 
     assert torch.isfinite(decode_attention(q, k_codes, v_codes, positions, k_scale, v_scale)).all()
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity,kv_bits,block_n", [
+    (2, 4, 4, 200, 16, 32),  # MHA, context not a multiple of the split or of the key block
+    (2, 4, 2, 200, 8, 32),   # GQA: each query head reads its kv head
+    (3, 2, 2, 131, 8, 16),   # fp16 queries, a sequence of one key (position 0)
+])
+def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_heads, capacity, kv_bits, block_n):
+    """The CUDA-core kernel (``slots``): its key slots' softmaxes merged at the end give the reference's output,
+    and it reads nothing past a sequence's position."""
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.float16 if block_n == 16 else torch.float32
+    q = torch.randn(batch, heads, 1, 32, generator=gen).to(dtype)
+    positions = torch.tensor([capacity - 1, 0, capacity // 2 + 3][:batch])
+    if kv_bits == 8:
+        k_codes, v_codes, k_scale, v_scale = int8_cache(batch, kv_heads, capacity, 32, gen)
+        cache = [k_codes, v_codes, positions, k_scale, v_scale]
+    else:
+        cache = [torch.randn(batch, kv_heads, capacity, 32, generator=gen).to(dtype) for _ in range(2)] + [positions]
+    config = {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": True}
+    got = decode_attention(q, *cache, config=config)
+    expected = decode_attention_reference(q, *cache)
+    tolerance = 1e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    past = cache[3] if kv_bits == 8 else cache[0]
+    past[0, :, positions[0] + 1:] = float("nan")
+    past[1, :, 1:] = float("nan")
+    assert torch.isfinite(decode_attention(q, *cache, config=config)).all()
+
+
 def test_decode_attention_rejects_bad_caches():
     q = torch.randn(1, 2, 1, 32)
     codes = torch.zeros(1, 2, 16, 32, dtype=torch.int8)
