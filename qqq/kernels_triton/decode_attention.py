@@ -55,6 +55,30 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb, stride_kh, stride_sb, stride_sh):
+    """The keys ``start .. end`` that program ``split`` of (``batch``, ``kv_head``) reads (up to the sequence's
+    position) and where that kv head's cache rows and scales start."""
+    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, length)
+    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
+    return start, end, kv_offset, scale_offset
+
+
+@triton.jit
+def key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N: tl.constexpr):
+    """The keys ``first .. first + BLOCK_N`` of a split ending at ``end``: their indices, which are real, and their
+    K and V rows (zeros past ``end``, which is never read)."""
+    keys = first + tl.arange(0, BLOCK_N)
+    valid = keys < end
+    offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
+    k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
+    v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
+    return keys, valid, k, v
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
                          n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
@@ -66,9 +90,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
     kv_head = kv_row % n_kv_heads
-    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, length)
+    start, end, kv_offset, scale_offset = split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb,
+                                                   stride_kh, stride_sb, stride_sh)
     dims = tl.arange(0, HEAD_DIM)
     members = tl.arange(0, BLOCK_H)  # the query heads of this kv head; rows >= group are padding
     heads = kv_head * group + members
@@ -80,17 +103,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     else:
         compute = k_ptr.dtype.element_ty
         q = q.to(compute)
-    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
     running_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        keys = first + tl.arange(0, BLOCK_N)
-        valid = keys < end
-        offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
+        keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
         if QUANTIZED:
             if compute == tl.float16:
                 k = fp16_from_int8(k, ASM_CODES)
@@ -145,22 +162,15 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
     batch = row // n_heads
     head = row % n_heads
     kv_head = head // group
-    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, length)
+    start, end, kv_offset, scale_offset = split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb,
+                                                   stride_kh, stride_sb, stride_sh)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + dims).to(tl.float32) * sm_scale
-    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
     slot_max = tl.zeros([BLOCK_N], dtype=tl.float32) - float("inf")
     slot_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        keys = first + tl.arange(0, BLOCK_N)
-        valid = keys < end
-        offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
+        keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
         if QUANTIZED:
             k = fp16_from_int8(k, ASM_CODES)
             v = fp16_from_int8(v, ASM_CODES)
