@@ -87,6 +87,24 @@ def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_h
     assert torch.isfinite(decode_attention(q, *cache, config=config)).all()
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(2, 4, 4, 200), (2, 4, 2, 131)])
+def test_int8_scores_are_those_of_the_query_rounded_per_head(batch, heads, kv_heads, capacity):
+    """``int8_scores``: the reference over the same cache with the query on its per-head int8 grid, exactly up to
+    fp32 rounding, and measurably not the unrounded query's attention."""
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(batch, heads, 1, 32, generator=gen)
+    cache = [*int8_cache(batch, kv_heads, capacity, 32, gen)]
+    cache.insert(2, torch.tensor([capacity - 1, 5]))
+    config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": True,
+              "int8_scores": True}
+    got = decode_attention(q, *cache, config=config)
+    torch.testing.assert_close(got, decode_attention_reference(numerics.fake_quantize_per_token(q), *cache),
+                               rtol=1e-5, atol=1e-6)
+    assert (got - decode_attention_reference(q, *cache)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
+        decode_attention(q, *cache, config={**config, "slots": False})
+
+
 def test_decode_attention_rejects_bad_caches():
     q = torch.randn(1, 2, 1, 32)
     codes = torch.zeros(1, 2, 16, 32, dtype=torch.int8)

@@ -100,6 +100,7 @@ def covered_branches() -> set[tuple[str, str]]:
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
                 ("decode_attention", "split_kv_int8"), ("decode_attention", "slots"), ("decode_attention", "slots_int8"),
+                ("decode_attention", "slots_int8_scores"),
                 ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
                 ("w4a16_linear", "w4a16"), ("greedy_step", "greedy_step")}
     return covered
@@ -593,6 +594,12 @@ def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_h
         got = decode_attention(q, *cache, config=config)
     _assert_branch(taken, "decode_attention", "slots_int8" if kv_bits == 8 else "slots")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+    if kv_bits == 8:  # the scores as int32 sums of the query rounded per head
+        with branches.recording() as taken:
+            got = decode_attention(q, *cache, config={**config, "int8_scores": True})
+        _assert_branch(taken, "decode_attention", "slots_int8_scores")
+        expected = decode_attention_reference(numerics.fake_quantize_per_token(q.float()), *cache).float()
+        torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
 
 
 @compiled_kernels

@@ -27,12 +27,14 @@ import triton.language as tl
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu, programmatic_launch, wait_for_previous_then_let_next_start
+from qqq.kernels_triton.activation_quant import int8_codes_and_scale
 from qqq.kernels_triton.unpack import use_inline_asm
+from qqq.kernels_triton.w4a8_gemv import dot4_int8
 
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
 PROGRAMS_PER_SM = 4  # with the pipelined loads, enough to stream the cache at small batch
 MAX_SPLITS = 64
-LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "slots", "slots_int8")}
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "slots", "slots_int8", "slots_int8_scores")}
 
 
 @triton.jit
@@ -152,10 +154,13 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
                                n_heads, group, keys_per_split, sm_scale,
                                stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                                splits, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr,
-                               ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
+                               ASM_CODES: tl.constexpr, INT8_SCORES: tl.constexpr, NUM_STAGES: tl.constexpr,
+                               PDL: tl.constexpr):
     """One query head per program, on the CUDA cores (fp32 products), each of the BLOCK_N key slots keeping its own
     online softmax over the keys ``slot, slot + BLOCK_N, ...`` of the split: no reduction across keys inside the
-    loop, one merge of the slots at the end. For MHA, where the tensor-core kernel's dots carry one real row of 16."""
+    loop, one merge of the slots at the end. For MHA, where the tensor-core kernel's dots carry one real row of 16.
+    ``INT8_SCORES`` (int8 cache): the query rounded to int8 per head (``numerics.quantize_per_token``), so a key's
+    score is an exact int32 sum of ``dp4a`` over its code words, times both scales: a change of numerics."""
     wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0)  # batch * n_heads + query head
     split = tl.program_id(1)
@@ -165,16 +170,35 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
     start, end, kv_offset, scale_offset = split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb,
                                                    stride_kh, stride_sb, stride_sh)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + dims).to(tl.float32) * sm_scale
+    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + dims).to(tl.float32)
+    if INT8_SCORES:
+        q_codes, q_scale = int8_codes_and_scale(q, tl.max(tl.abs(q), axis=0))
+        lanes = tl.reshape(q_codes.to(tl.int32) & 0xFF, [HEAD_DIM // 4, 4]) << (8 * tl.arange(0, 4))[None, :]
+        q_words = tl.sum(lanes, axis=1)  # 4 codes per word, lane i in byte i (disjoint bits: the sum is the OR)
+        q_scale = q_scale * sm_scale
+        words = tl.arange(0, HEAD_DIM // 4)
+        k_words_ptr = k_ptr.to(tl.pointer_type(tl.int32)) + kv_offset // 4  # the launcher checks the alignment
+    else:
+        q = q * sm_scale
     slot_max = tl.zeros([BLOCK_N], dtype=tl.float32) - float("inf")
     slot_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
-        if QUANTIZED:
-            k = fp16_from_int8(k, ASM_CODES)
+        if INT8_SCORES:
+            keys = first + tl.arange(0, BLOCK_N)
+            valid = keys < end
+            k_words = tl.load(k_words_ptr + keys[:, None] * (stride_ks // 4) + words[None, :], mask=valid[:, None],
+                              other=0)
+            v = tl.load(v_ptr + kv_offset + keys[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0)
             v = fp16_from_int8(v, ASM_CODES)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            sums = tl.sum(dot4_int8(k_words, q_words[None, :], tl.zeros_like(k_words), ASM_CODES), axis=1)
+            scores = sums.to(tl.float32) * q_scale
+        else:
+            keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
+            if QUANTIZED:
+                k = fp16_from_int8(k, ASM_CODES)
+                v = fp16_from_int8(v, ASM_CODES)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         if QUANTIZED:
             scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
         new_max = tl.where(valid, tl.maximum(slot_max, scores), slot_max)
@@ -221,8 +245,9 @@ def split_count(rows: int, capacity: int, programs_per_sm: int = PROGRAMS_PER_SM
 
 def default_config(quantized: bool) -> dict:
     """The launch of a decode step (``config`` of :func:`decode_attention`): keys per block, warps, pipeline
-    stages, programs per SM the splits aim at, (int8) the codes' conversion in PTX, and ``slots``: the CUDA-core
-    kernel of one query head per program (``_decode_split_slots_kernel``) instead of the tensor cores'. The best
+    stages, programs per SM the splits aim at, (int8) the codes' conversion in PTX, ``slots``: the CUDA-core
+    kernel of one query head per program (``_decode_split_slots_kernel``) instead of the tensor cores', and with it
+    ``int8_scores``: the query rounded to int8 and the scores as int32 sums (other numerics). The best
     single choice per cache format over batch 1-64, contexts 1k-4k, MHA and GQA on the H200
     (``experiments/attention_speed.py --sweep``, results/attention_speed_sweep_h200.csv)."""
     if quantized:
@@ -260,6 +285,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = n_heads // n_kv_heads
     block_n = config["BLOCK_N"]
     slots = config.get("slots", False)  # the CUDA-core kernel: one query head per program
+    int8_scores = config.get("int8_scores", False)
+    if int8_scores and not (slots and quantized and head_dim % 4 == 0
+                            and all(stride % 4 == 0 for stride in k_cache.stride()[:3])):
+        raise ValueError("int8_scores runs in the slots kernel over an int8 cache whose rows and strides are whole "
+                         f"32-bit words; got slots={slots}, quantized={quantized}, strides {k_cache.stride()}")
     program_rows = batch * (n_heads if slots else n_kv_heads)
     splits = split_count(program_rows, capacity, config["programs_per_sm"], block_n)
     keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
@@ -268,7 +298,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     positions = positions.contiguous()
-    branches.record("decode_attention", ("slots" if slots else "split_kv") + ("_int8" if quantized else ""))
+    branches.record("decode_attention", ("slots" if slots else "split_kv") + ("_int8" if quantized else "")
+                    + ("_scores" if int8_scores else ""))
     if not quantized:
         k_scale = v_scale = partial  # unused
     pdl = programmatic_launch(q)
@@ -280,7 +311,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if slots:
         _decode_split_slots_kernel[(program_rows, splits)](
             q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, group, keys_per_split,
-            1.0 / math.sqrt(head_dim), *strides, **common)
+            1.0 / math.sqrt(head_dim), *strides, INT8_SCORES=int8_scores, **common)
     else:
         _decode_split_kernel[(program_rows, splits)](
             q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
