@@ -103,6 +103,9 @@ def test_int8_scores_are_those_of_the_query_rounded_per_head(batch, heads, kv_he
     assert (got - decode_attention_reference(q, *cache)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
         decode_attention(q, *cache, config={**config, "slots": False})
+    shifted = torch.zeros(cache[0].numel() + 1, dtype=torch.int8)[1:].view(cache[0].shape)  # 1 byte off a word
+    with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
+        decode_attention(q, shifted, shifted.clone(), *cache[2:], config=config)
 
 
 def test_decode_attention_rejects_bad_caches():

@@ -286,10 +286,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n = config["BLOCK_N"]
     slots = config.get("slots", False)  # the CUDA-core kernel: one query head per program
     int8_scores = config.get("int8_scores", False)
-    if int8_scores and not (slots and quantized and head_dim % 4 == 0
+    if int8_scores and not (slots and quantized and head_dim % 4 == 0 and k_cache.data_ptr() % 4 == 0
                             and all(stride % 4 == 0 for stride in k_cache.stride()[:3])):
-        raise ValueError("int8_scores runs in the slots kernel over an int8 cache whose rows and strides are whole "
-                         f"32-bit words; got slots={slots}, quantized={quantized}, strides {k_cache.stride()}")
+        raise ValueError("int8_scores runs in the slots kernel over an int8 cache whose start, rows and strides are "
+                         f"whole 32-bit words; got slots={slots}, quantized={quantized}, strides {k_cache.stride()}")
     program_rows = batch * (n_heads if slots else n_kv_heads)
     splits = split_count(program_rows, capacity, config["programs_per_sm"], block_n)
     keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
