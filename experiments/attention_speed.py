@@ -44,6 +44,16 @@ CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm":
 # the int8 cache: longer key blocks, deeper pipelines, the codes' conversion in PTX or as a plain cast
 CANDIDATES_INT8 = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": x}
                    for n, w, s, p, x in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (2, 4, 8), (True, False))]
+# the CUDA-core kernel (one query head per program, a softmax per key slot), against both tensor-core defaults;
+# int8_scores (int8 cache only): the query rounded to int8 per head, the scores as dp4a sums (other numerics)
+CANDIDATES_SLOTS = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": True, "slots": True,
+                     "int8_scores": i}
+                    for n, w, s, p, i in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (2, 4, 8), (False, True))]
+
+
+def applies(config: dict, kv_bits: int) -> bool:
+    """Whether a candidate launch can read this cache (int8_scores needs the int8 one)."""
+    return kv_bits == 8 or not config.get("int8_scores", False)
 
 
 def random_cache(batch: int, kv_heads: int, capacity: int, kv_bits: int, generator) -> tuple:
@@ -66,13 +76,16 @@ def check_candidates(configs) -> None:
         k, v, k_scale, v_scale = random_cache(batch, kv_heads, capacity, kv_bits, generator)
         positions = torch.tensor([capacity - 1, 0, 400], device="cuda")
         expected = decode_attention_reference(q, k, v, positions, k_scale, v_scale).float()
-        for config in configs:
+        rounded_q = decode_attention_reference(numerics.fake_quantize_per_token(q.float()), k, v, positions, k_scale,
+                                               v_scale).float()
+        for config in (c for c in configs if applies(c, kv_bits)):
+            want = rounded_q if config.get("int8_scores") else expected
             try:
                 got = decode_attention.decode_attention(q, k, v, positions, k_scale, v_scale, config=config).float()
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory: time_problem skips it too
-            error = (got - expected).abs().max().item()
-            if not torch.allclose(got, expected, rtol=2e-3, atol=2e-3):
+            error = (got - want).abs().max().item()
+            if not torch.allclose(got, want, rtol=2e-3, atol=2e-3):
                 failures.append((heads, kv_heads, kv_bits, config, error))
     if failures:
         for failure in failures:
@@ -95,7 +108,7 @@ def time_problem(layout: str, kv_bits: int, batch: int, context: int, configs, c
     q = torch.randn(batch, heads, 1, HEAD_DIM, device="cuda", generator=generator, dtype=torch.float16)
     positions = torch.full((batch,), context - 1, device="cuda")
     rows = []
-    for config in configs:
+    for config in (c for c in configs if applies(c, kv_bits)):
         try:
             decode_attention.decode_attention(q, *caches[0][:2], positions, *caches[0][2:], config=config)
         except triton.runtime.errors.OutOfResources:
@@ -114,7 +127,7 @@ def time_problem(layout: str, kv_bits: int, batch: int, context: int, configs, c
 
 
 # DOT: only in the first sweep's file (False: the CUDA-core split kernel, removed after it)
-CONFIG_KEYS = ("DOT", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "int8_ptx")
+CONFIG_KEYS = ("DOT", "slots", "int8_scores", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "int8_ptx")
 
 
 def summary(table: pd.DataFrame, with_best: bool) -> pd.DataFrame:
@@ -159,6 +172,8 @@ def main():
     parser.add_argument("--kv-bits", type=int, nargs="+", default=[16, 8], choices=[16, 8])
     parser.add_argument("--sweep", action="store_true", help="time every candidate launch, not only the default")
     parser.add_argument("--sweep-int8", action="store_true", help="time the int8 cache's candidates (CANDIDATES_INT8)")
+    parser.add_argument("--sweep-slots", action="store_true",
+                        help="time the CUDA-core kernel's candidates (CANDIDATES_SLOTS) and the tensor-core defaults")
     parser.add_argument("--markdown-only", type=Path, metavar="CSV",
                         help="time nothing: write the markdown of an attention_speed.csv next to it")
     args = parser.parse_args()
@@ -175,7 +190,8 @@ def main():
     print(meta, flush=True)
     start = time.time()
     defaults = {bits: decode_attention.default_config(bits == 8) for bits in (16, 8)}
-    sweep = CANDIDATES_INT8 if args.sweep_int8 else CANDIDATES if args.sweep else None
+    sweep = (CANDIDATES_INT8 if args.sweep_int8 else CANDIDATES if args.sweep else
+             CANDIDATES_SLOTS + list(defaults.values()) if args.sweep_slots else None)
     check_candidates(sweep or list(defaults.values()))
     copy_gbs = copy_ceiling_gbs()
     print(f"copy: {copy_gbs / 1e3:.2f} TB/s", flush=True)
@@ -187,7 +203,7 @@ def main():
               f"({time.time() - start:.0f} s)", flush=True)
     table = pd.DataFrame(rows)
     table["is_default"] = [all(row.get(key) == value for key, value in defaults[row["kv_bits"]].items())
-                           for _, row in table.iterrows()]
+                           and row.get("slots") is not True for _, row in table.iterrows()]
     with open(out_dir / "attention_speed.csv", "w") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         table.to_csv(f, index=False)

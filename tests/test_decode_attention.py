@@ -59,6 +59,55 @@ def test_decode_attention_reads_an_int8_cache(batch, heads, kv_heads, capacity, 
     assert torch.isfinite(decode_attention(q, k_codes, v_codes, positions, k_scale, v_scale)).all()
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity,kv_bits,block_n", [
+    (2, 4, 4, 200, 16, 32),  # MHA, context not a multiple of the split or of the key block
+    (2, 4, 2, 200, 8, 32),   # GQA: each query head reads its kv head
+    (3, 2, 2, 131, 8, 16),   # fp16 queries, a sequence of one key (position 0)
+])
+def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_heads, capacity, kv_bits, block_n):
+    """The CUDA-core kernel (``slots``): its key slots' softmaxes merged at the end give the reference's output,
+    and it reads nothing past a sequence's position."""
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.float16 if block_n == 16 else torch.float32
+    q = torch.randn(batch, heads, 1, 32, generator=gen).to(dtype)
+    positions = torch.tensor([capacity - 1, 0, capacity // 2 + 3][:batch])
+    if kv_bits == 8:
+        k_codes, v_codes, k_scale, v_scale = int8_cache(batch, kv_heads, capacity, 32, gen)
+        cache = [k_codes, v_codes, positions, k_scale, v_scale]
+    else:
+        cache = [torch.randn(batch, kv_heads, capacity, 32, generator=gen).to(dtype) for _ in range(2)] + [positions]
+    config = {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": True}
+    got = decode_attention(q, *cache, config=config)
+    expected = decode_attention_reference(q, *cache)
+    tolerance = 1e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    past = cache[3] if kv_bits == 8 else cache[0]
+    past[0, :, positions[0] + 1:] = float("nan")
+    past[1, :, 1:] = float("nan")
+    assert torch.isfinite(decode_attention(q, *cache, config=config)).all()
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(2, 4, 4, 200), (2, 4, 2, 131)])
+def test_int8_scores_are_those_of_the_query_rounded_per_head(batch, heads, kv_heads, capacity):
+    """``int8_scores``: the reference over the same cache with the query on its per-head int8 grid, exactly up to
+    fp32 rounding, and measurably not the unrounded query's attention."""
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(batch, heads, 1, 32, generator=gen)
+    cache = [*int8_cache(batch, kv_heads, capacity, 32, gen)]
+    cache.insert(2, torch.tensor([capacity - 1, 5]))
+    config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": True,
+              "int8_scores": True}
+    got = decode_attention(q, *cache, config=config)
+    torch.testing.assert_close(got, decode_attention_reference(numerics.fake_quantize_per_token(q), *cache),
+                               rtol=1e-5, atol=1e-6)
+    assert (got - decode_attention_reference(q, *cache)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
+        decode_attention(q, *cache, config={**config, "slots": False})
+    shifted = torch.zeros(cache[0].numel() + 1, dtype=torch.int8)[1:].view(cache[0].shape)  # 1 byte off a word
+    with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
+        decode_attention(q, shifted, shifted.clone(), *cache[2:], config=config)
+
+
 def test_decode_attention_rejects_bad_caches():
     q = torch.randn(1, 2, 1, 32)
     codes = torch.zeros(1, 2, 16, 32, dtype=torch.int8)

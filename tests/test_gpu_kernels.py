@@ -100,7 +100,9 @@ def covered_branches() -> set[tuple[str, str]]:
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
     covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
-                ("decode_attention", "split_kv_int8"), ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
+                ("decode_attention", "split_kv_int8"), ("decode_attention", "slots"), ("decode_attention", "slots_int8"),
+                ("decode_attention", "slots_int8_scores"),
+                ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"),
                 ("w4a16_linear", "w4a16"), ("greedy_step", "greedy_step")}
     return covered
 
@@ -566,6 +568,41 @@ def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch
         got = decode_attention(q, *cache, config={**default_config(True), "int8_ptx": int8_ptx})
     _assert_branch(taken, "decode_attention", "split_kv_int8")
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@compiled_kernels
+@pytest.mark.parametrize("kv_bits", [16, 8])
+@pytest.mark.parametrize("block_n,num_warps,num_stages", [(16, 4, 2), (32, 4, 3), (64, 8, 4)])
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(1, 32, 32, 4096), (64, 32, 32, 1030), (3, 28, 4, 777)])
+def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_heads, capacity, block_n, num_warps,
+                                                              num_stages, kv_bits):
+    """The CUDA-core kernel (one query head per program, a softmax per key slot), both caches, MHA and GQA."""
+    from qqq.fast.attention import decode_attention_reference
+    from qqq.kernels_triton.decode_attention import decode_attention, default_config
+
+    generator = torch.Generator(device="cuda").manual_seed(block_n)
+    q = torch.randn(batch, heads, 1, 128, device="cuda", generator=generator).half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda", generator=generator) for _ in range(2))
+    positions = torch.randint(0, capacity, (batch,), device="cuda", generator=generator)
+    positions[0] = capacity - 1
+    if kv_bits == 8:
+        (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
+        cache = (k_codes, v_codes, positions, k_scale[..., 0], v_scale[..., 0])
+    else:
+        cache = (k.half(), v.half(), positions)
+    expected = decode_attention_reference(q, *cache).float()
+    config = {**default_config(kv_bits == 8), "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages,
+              "slots": True}
+    with branches.recording() as taken:
+        got = decode_attention(q, *cache, config=config)
+    _assert_branch(taken, "decode_attention", "slots_int8" if kv_bits == 8 else "slots")
+    torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
+    if kv_bits == 8:  # the scores as int32 sums of the query rounded per head
+        with branches.recording() as taken:
+            got = decode_attention(q, *cache, config={**config, "int8_scores": True})
+        _assert_branch(taken, "decode_attention", "slots_int8_scores")
+        expected = decode_attention_reference(numerics.fake_quantize_per_token(q.float()), *cache).float()
+        torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
 
 
 @compiled_kernels

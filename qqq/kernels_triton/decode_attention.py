@@ -27,12 +27,14 @@ import triton.language as tl
 from qqq.kernels_triton import branches
 from qqq.kernels_triton.fused_producers import check_cache_scales
 from qqq.kernels_triton.gpu import current_gpu, programmatic_launch, wait_for_previous_then_let_next_start
+from qqq.kernels_triton.activation_quant import int8_codes_and_scale
 from qqq.kernels_triton.unpack import use_inline_asm
+from qqq.kernels_triton.w4a8_gemv import dot4_int8
 
 BLOCK_KEYS = 64  # keys per block of the 16-bit cache (the int8 cache's blocks are twice as long)
 PROGRAMS_PER_SM = 4  # with the pipelined loads, enough to stream the cache at small batch
 MAX_SPLITS = 64
-LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8")}
+LAUNCH_BRANCHES = {"decode_attention": ("split_kv", "split_kv_int8", "slots", "slots_int8", "slots_int8_scores")}
 
 
 @triton.jit
@@ -55,6 +57,30 @@ def fp16_from_int8(codes, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb, stride_kh, stride_sb, stride_sh):
+    """The keys ``start .. end`` that program ``split`` of (``batch``, ``kv_head``) reads (up to the sequence's
+    position) and where that kv head's cache rows and scales start."""
+    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, length)
+    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
+    return start, end, kv_offset, scale_offset
+
+
+@triton.jit
+def key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N: tl.constexpr):
+    """The keys ``first .. first + BLOCK_N`` of a split ending at ``end``: their indices, which are real, and their
+    K and V rows (zeros past ``end``, which is never read)."""
+    keys = first + tl.arange(0, BLOCK_N)
+    valid = keys < end
+    offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
+    k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
+    v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
+    return keys, valid, k, v
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
                          n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
@@ -66,9 +92,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     split = tl.program_id(1)
     batch = kv_row // n_kv_heads
     kv_head = kv_row % n_kv_heads
-    length = tl.load(positions_ptr + batch).to(tl.int32) + 1
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, length)
+    start, end, kv_offset, scale_offset = split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb,
+                                                   stride_kh, stride_sb, stride_sh)
     dims = tl.arange(0, HEAD_DIM)
     members = tl.arange(0, BLOCK_H)  # the query heads of this kv head; rows >= group are padding
     heads = kv_head * group + members
@@ -80,17 +105,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     else:
         compute = k_ptr.dtype.element_ty
         q = q.to(compute)
-    kv_offset = batch.to(tl.int64) * stride_kb + kv_head * stride_kh
-    scale_offset = batch.to(tl.int64) * stride_sb + kv_head * stride_sh
     running_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     running_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        keys = first + tl.arange(0, BLOCK_N)
-        valid = keys < end
-        offsets = kv_offset + keys[:, None] * stride_ks + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0)
-        v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0)
+        keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
         if QUANTIZED:
             if compute == tl.float16:
                 k = fp16_from_int8(k, ASM_CODES)
@@ -131,6 +150,75 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
 
 
 @triton.jit
+def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
+                               n_heads, group, keys_per_split, sm_scale,
+                               stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
+                               splits, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr,
+                               ASM_CODES: tl.constexpr, INT8_SCORES: tl.constexpr, NUM_STAGES: tl.constexpr,
+                               PDL: tl.constexpr):
+    """One query head per program, on the CUDA cores (fp32 products), each of the BLOCK_N key slots keeping its own
+    online softmax over the keys ``slot, slot + BLOCK_N, ...`` of the split: no reduction across keys inside the
+    loop, one merge of the slots at the end. For MHA, where the tensor-core kernel's dots carry one real row of 16.
+    ``INT8_SCORES`` (int8 cache): the query rounded to int8 per head (``numerics.quantize_per_token``), so a key's
+    score is an exact int32 sum of ``dp4a`` over its code words, times both scales: a change of numerics."""
+    wait_for_previous_then_let_next_start(PDL)
+    row = tl.program_id(0)  # batch * n_heads + query head
+    split = tl.program_id(1)
+    batch = row // n_heads
+    head = row % n_heads
+    kv_head = head // group
+    start, end, kv_offset, scale_offset = split_of(positions_ptr, batch, kv_head, split, keys_per_split, stride_kb,
+                                                   stride_kh, stride_sb, stride_sh)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + dims).to(tl.float32)
+    if INT8_SCORES:
+        q_codes, q_scale = int8_codes_and_scale(q, tl.max(tl.abs(q), axis=0))
+        lanes = tl.reshape(q_codes.to(tl.int32) & 0xFF, [HEAD_DIM // 4, 4]) << (8 * tl.arange(0, 4))[None, :]
+        q_words = tl.sum(lanes, axis=1)  # 4 codes per word, lane i in byte i (disjoint bits: the sum is the OR)
+        q_scale = q_scale * sm_scale
+        words = tl.arange(0, HEAD_DIM // 4)
+        k_words_ptr = k_ptr.to(tl.pointer_type(tl.int32)) + kv_offset // 4  # the launcher checks the alignment
+    else:
+        q = q * sm_scale
+    slot_max = tl.zeros([BLOCK_N], dtype=tl.float32) - float("inf")
+    slot_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for first in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        if INT8_SCORES:
+            keys = first + tl.arange(0, BLOCK_N)
+            valid = keys < end
+            k_words = tl.load(k_words_ptr + keys[:, None] * (stride_ks // 4) + words[None, :], mask=valid[:, None],
+                              other=0)
+            v = tl.load(v_ptr + kv_offset + keys[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0)
+            v = fp16_from_int8(v, ASM_CODES)
+            sums = tl.sum(dot4_int8(k_words, q_words[None, :], tl.zeros_like(k_words), ASM_CODES), axis=1)
+            scores = sums.to(tl.float32) * q_scale
+        else:
+            keys, valid, k, v = key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N)
+            if QUANTIZED:
+                k = fp16_from_int8(k, ASM_CODES)
+                v = fp16_from_int8(v, ASM_CODES)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if QUANTIZED:
+            scores = scores * tl.load(k_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
+        new_max = tl.where(valid, tl.maximum(slot_max, scores), slot_max)
+        reference = tl.where(new_max > float("-inf"), new_max, 0.0)  # a slot with no key yet keeps (-inf, 0, 0)
+        rescale = tl.exp(slot_max - reference)
+        weights = tl.where(valid, tl.exp(scores - reference), 0.0)
+        slot_sum = slot_sum * rescale + weights
+        slot_max = new_max
+        if QUANTIZED:
+            weights = weights * tl.load(v_scale_ptr + scale_offset + keys, mask=valid, other=0.0)
+        acc = acc * rescale[:, None] + weights[:, None] * v.to(tl.float32)
+    overall = tl.max(slot_max, axis=0)  # -inf only for an empty split, whose stats then say so: (-inf, 0)
+    slot_weights = tl.exp(slot_max - tl.where(overall > float("-inf"), overall, 0.0))
+    slot = row * splits + split
+    tl.store(partial_ptr + slot * HEAD_DIM + dims, tl.sum(acc * slot_weights[:, None], axis=0))
+    tl.store(stats_ptr + slot * 2, overall)
+    tl.store(stats_ptr + slot * 2 + 1, tl.sum(slot_sum * slot_weights, axis=0))
+
+
+@triton.jit
 def _decode_merge_kernel(partial_ptr, stats_ptr, out_ptr, n_heads, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_then_let_next_start(PDL)
@@ -157,9 +245,11 @@ def split_count(rows: int, capacity: int, programs_per_sm: int = PROGRAMS_PER_SM
 
 def default_config(quantized: bool) -> dict:
     """The launch of a decode step (``config`` of :func:`decode_attention`): keys per block, warps, pipeline
-    stages, programs per SM the splits aim at, and (int8) the codes' conversion in PTX. The best single choice
-    per cache format over batch 1-64, contexts 1k-4k, MHA and GQA on the H200 (``experiments/attention_speed.py
-    --sweep``, results/attention_speed_sweep_h200.csv)."""
+    stages, programs per SM the splits aim at, (int8) the codes' conversion in PTX, ``slots``: the CUDA-core
+    kernel of one query head per program (``_decode_split_slots_kernel``) instead of the tensor cores', and with it
+    ``int8_scores``: the query rounded to int8 and the scores as int32 sums (other numerics). The best
+    single choice per cache format over batch 1-64, contexts 1k-4k, MHA and GQA on the H200
+    (``experiments/attention_speed.py --sweep``, results/attention_speed_sweep_h200.csv)."""
     if quantized:
         return {"BLOCK_N": 2 * BLOCK_KEYS, "num_warps": 4, "num_stages": 3, "programs_per_sm": PROGRAMS_PER_SM,
                 "int8_ptx": True}
@@ -194,7 +284,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     config = config or default_config(quantized)
     group = n_heads // n_kv_heads
     block_n = config["BLOCK_N"]
-    program_rows = batch * n_kv_heads
+    slots = config.get("slots", False)  # the CUDA-core kernel: one query head per program
+    int8_scores = config.get("int8_scores", False)
+    if int8_scores and not (slots and quantized and head_dim % 4 == 0 and k_cache.data_ptr() % 4 == 0
+                            and all(stride % 4 == 0 for stride in k_cache.stride()[:3])):
+        raise ValueError("int8_scores runs in the slots kernel over an int8 cache whose start, rows and strides are "
+                         f"whole 32-bit words; got slots={slots}, quantized={quantized}, strides {k_cache.stride()}")
+    program_rows = batch * (n_heads if slots else n_kv_heads)
     splits = split_count(program_rows, capacity, config["programs_per_sm"], block_n)
     keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     rows = batch * n_heads
@@ -202,17 +298,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     stats = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     positions = positions.contiguous()
-    branches.record("decode_attention", "split_kv_int8" if quantized else "split_kv")
+    branches.record("decode_attention", ("slots" if slots else "split_kv") + ("_int8" if quantized else "")
+                    + ("_scores" if int8_scores else ""))
     if not quantized:
         k_scale = v_scale = partial  # unused
     pdl = programmatic_launch(q)
-    _decode_split_kernel[(program_rows, splits)](
-        q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
-        keys_per_split, 1.0 / math.sqrt(head_dim), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), splits, HEAD_DIM=head_dim,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, QUANTIZED=quantized,
-        ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"], PDL=pdl,
-        num_warps=config["num_warps"], launch_pdl=pdl)
+    common = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, QUANTIZED=quantized,
+                  ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"],
+                  PDL=pdl, num_warps=config["num_warps"], launch_pdl=pdl)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0),
+               k_scale.stride(1), splits)
+    if slots:
+        _decode_split_slots_kernel[(program_rows, splits)](
+            q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, group, keys_per_split,
+            1.0 / math.sqrt(head_dim), *strides, INT8_SCORES=int8_scores, **common)
+    else:
+        _decode_split_kernel[(program_rows, splits)](
+            q, k_cache, v_cache, k_scale, v_scale, positions, partial, stats, n_heads, n_kv_heads, group,
+            keys_per_split, 1.0 / math.sqrt(head_dim), *strides, BLOCK_H=max(16, triton.next_power_of_2(group)),
+            **common)
     _decode_merge_kernel[(rows,)](partial, stats, out, n_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
                                   SPLITS=splits, PDL=pdl, num_warps=1, launch_pdl=pdl)
     return out
