@@ -20,13 +20,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from qqq.cli import unit_fraction
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.fast.attention import KV_BITS, QUERY_BITS, kv_cache_fake_quantized
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
-from qqq.pipeline import METHODS, calibration_settings, default_device
+from qqq.numerics import SUPPORTED_GROUP_SIZES
+from qqq.pipeline import METHODS, calibration_settings, default_device, get_method
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.provenance import ResultsTable, provenance
 
@@ -38,13 +40,13 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128])
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
                    help="16: attention reads the model's own keys and values; 8: rounded as the 8-bit KV cache holds "
                         "them (int8 per token and head)")
-    p.add_argument("--kv-smooth", type=float, default=0.0, metavar="ALPHA",
+    p.add_argument("--kv-smooth", type=unit_fraction, default=0.0, metavar="ALPHA",
                    help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA, QServe uses 0.5) "
                         "folded into q_proj / k_proj first, calibrated on --calib-dataset (0: none)")
     p.add_argument("--query-bits", nargs="+", type=int, default=[16], choices=QUERY_BITS,
@@ -61,7 +63,13 @@ def parse_args():
                    help="keep the rows of --out.csv that this run does not measure again")
     p.add_argument("--out", default="results/ppl")
     p.add_argument("--device", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    for name in args.methods:  # every row's method checked before the first row replaces the table
+        try:
+            get_method(name)
+        except ValueError as error:
+            p.error(str(error))
+    return args
 
 
 def main():
@@ -74,6 +82,10 @@ def main():
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
                            defaults={"kv_bits": 16, "kv_smooth": 0.0, "query_bits": 16}
                            | dict.fromkeys(CLIP_COLUMNS, False))
+    for column, value in (("dataset", args.dataset), ("seqlen", args.seqlen)):  # its cells would average them
+        if len(results.old) and set(results.old[column]) != {value}:
+            raise ValueError(f"--append: {out}.csv has {column} {sorted(set(results.old[column]))}, this run "
+                             f"{value}: one table cannot mix them")
     gptq = GPTQConfig(**clip_searches(args))
     for model_name in args.models:
         base, tokenizer = load_model(model_name, device="cpu", compute_device=device)

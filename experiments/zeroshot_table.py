@@ -22,7 +22,9 @@ import pandas as pd
 import torch
 
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
-from qqq.pipeline import METHODS, calibration_settings, default_device
+from qqq.cli import positive_int
+from qqq.numerics import SUPPORTED_GROUP_SIZES
+from qqq.pipeline import METHODS, calibration_settings, default_device, get_method
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
@@ -38,12 +40,12 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS + EXTRA_TASKS))
-    p.add_argument("--limit", type=int, default=None, help="first N docs of each task (default: all)")
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS + EXTRA_TASKS), choices=TASKS + EXTRA_TASKS)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N docs of each task (default: all)")
     p.add_argument("--online", action="store_true", help="lm-eval's own tasks, data from the Hugging Face hub")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=2048)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--calib-dataset", default="exllamav2-c4")
     p.add_argument("--paper-settings", action="store_true", help="128 x 2048 calibration, 8 smoothing sequences")
     p.add_argument("--smooth-samples", type=int, help="override the number of smoothing sequences")
@@ -59,7 +61,13 @@ def parse_args():
                    help="keep each document's score in <out>_samples.csv.gz (paired comparisons in the table)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    for name in args.methods:  # every row's method checked before the first row replaces the table
+        try:
+            get_method(name)
+        except ValueError as error:
+            p.error(str(error))
+    return args
 
 
 def main():

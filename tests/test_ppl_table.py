@@ -1,0 +1,53 @@
+"""experiments/ppl_table.py and zeroshot_table.py refuse what would spoil their tables before anything is scored."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import experiment_module
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.fixture(scope="module")
+def ppl_table():
+    return experiment_module("ppl_table")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "fp16", "w4a8_rtm"], "unknown method 'w4a8_rtm'"),  # a later row's typo, before the first row
+    (["--group-sizes", "-1", "100"], "invalid choice: 100"),
+    (["--kv-smooth", "nan"], "must be in [0, 1]"),
+])
+def test_bad_rows_are_refused_when_the_flags_are_read(ppl_table, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["ppl_table.py", *argv])
+    with pytest.raises(SystemExit):
+        ppl_table.parse_args()
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--seqlen", "256"), ("--dataset", "exllamav2-c4")])
+def test_append_refuses_another_window_length_or_text(ppl_table, monkeypatch, tmp_path, flag, value):
+    """Its cells would average perplexities measured two ways; refused before the model loads."""
+    for suffix in (".csv", ".runs.json"):
+        shutil.copy(RESULTS / f"ppl{suffix}", tmp_path / f"ppl{suffix}")
+    monkeypatch.setattr(ppl_table, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(sys, "argv", ["ppl_table.py", "--methods", "fp16", "--append", "--out", str(tmp_path / "ppl"),
+                                      flag, value])
+    with pytest.raises(ValueError, match="one table cannot mix them"):
+        ppl_table.main()
+    assert (tmp_path / "ppl.csv").read_text() == (RESULTS / "ppl.csv").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "fp16", "nosuch"], "unknown method 'nosuch'"),
+    (["--tasks", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--limit", "0"], "must be at least 1"),
+    (["--batch-size", "0"], "must be at least 1"),
+])
+def test_zeroshot_table_refuses_bad_rows_when_the_flags_are_read(monkeypatch, capsys, argv, message):
+    zeroshot_table = experiment_module("zeroshot_table")
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", *argv])
+    with pytest.raises(SystemExit):
+        zeroshot_table.parse_args()
+    assert message in capsys.readouterr().err
