@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qqq.cli import unit_fraction
+from qqq.cli import method_name, unit_fraction
 from qqq.data import evaluation_protocol, load_text, perplexity_windows, tokenize
 from qqq.evaluate import perplexity
 from qqq.fast.attention import KV_BITS, QUERY_BITS, kv_cache_fake_quantized
@@ -28,7 +28,7 @@ from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.key_smoothing import CALIBRATION_WINDOWS, smooth_attention_calibrated
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
 from qqq.numerics import SUPPORTED_GROUP_SIZES
-from qqq.pipeline import METHODS, calibration_settings, default_device, get_method
+from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.provenance import ResultsTable, provenance
 
@@ -39,7 +39,7 @@ KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_sm
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", type=method_name, default=list(METHODS))
     p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -63,13 +63,7 @@ def parse_args():
                    help="keep the rows of --out.csv that this run does not measure again")
     p.add_argument("--out", default="results/ppl")
     p.add_argument("--device", default=None)
-    args = p.parse_args()
-    for name in args.methods:  # every row's method checked before the first row replaces the table
-        try:
-            get_method(name)
-        except ValueError as error:
-            p.error(str(error))
-    return args
+    return p.parse_args()
 
 
 def main():

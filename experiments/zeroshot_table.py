@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_model
-from qqq.cli import positive_int
+from qqq.cli import method_name, positive_int
 from qqq.numerics import SUPPORTED_GROUP_SIZES
-from qqq.pipeline import METHODS, calibration_settings, default_device, get_method
+from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
@@ -39,7 +39,7 @@ TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "h
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", type=method_name, default=list(METHODS))
     p.add_argument("--group-sizes", nargs="+", type=int, default=[-1, 128], choices=SUPPORTED_GROUP_SIZES)
     p.add_argument("--tasks", nargs="+", default=list(TASKS + EXTRA_TASKS), choices=TASKS + EXTRA_TASKS)
     p.add_argument("--limit", type=positive_int, default=None, help="first N docs of each task (default: all)")
@@ -61,13 +61,7 @@ def parse_args():
                    help="keep each document's score in <out>_samples.csv.gz (paired comparisons in the table)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
-    args = p.parse_args()
-    for name in args.methods:  # every row's method checked before the first row replaces the table
-        try:
-            get_method(name)
-        except ValueError as error:
-            p.error(str(error))
-    return args
+    return p.parse_args()
 
 
 def main():

@@ -57,6 +57,15 @@ def window_count(text: str) -> int | str:
     return "all" if text == "all" else positive_int(text)
 
 
+def method_name(text: str) -> str:
+    """A quantization method of ``qqq.pipeline`` (or an alias), checked when the flags are read."""
+    try:
+        get_method(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def unit_fraction(text: str) -> float:
     """A migration strength or exponent in [0, 1]."""
     try:
