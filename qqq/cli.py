@@ -17,7 +17,7 @@ from qqq.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_FORMATS
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.kernels_triton.packing import PACK_CHUNK_K
 from qqq.key_smoothing import CALIBRATION_TEXT, DEFAULT_ALPHA, smooth_attention_calibrated
-from qqq.model_families import supported_model_types
+from qqq.model_families import family_for_type
 from qqq.fast.attention import KV_BITS
 from qqq.fast.projections import METHODS as FAST_METHODS
 from qqq.fast.projections import RENAMED_METHODS as RENAMED_FAST_METHODS
@@ -150,14 +150,6 @@ def _check_vocabulary(ids: torch.Tensor, vocab_size: int | None) -> None:
                          "entries: the tokenizer in the folder does not belong to the model")
 
 
-def _check_supported(config: dict, model_name: str) -> None:
-    """Before anything loads: the quantization pipeline and the fast path take these architectures only."""
-    model_type = config.get("model_type")
-    if model_type not in supported_model_types():
-        raise ValueError(f"{model_name}: model_type {model_type!r} is not supported by qqq; supported "
-                         f"architectures: {', '.join(supported_model_types())}")
-
-
 def _check_group_size(config: dict, group_size: int, model_name: str, packed: bool) -> None:
     """Before any weight is loaded: ``group_size`` must divide the input size of every decoder linear, and a
     packed W4A8 format needs input sizes in whole chunks of 64 columns."""
@@ -266,7 +258,7 @@ def cmd_quantize(args) -> None:
     device = _device(args)
     _calibration(args)  # its flags' consistency, before anything loads
     config = model_config(args.model)
-    _check_supported(config, args.model)
+    family_for_type(config.get("model_type"))  # an unsupported architecture fails before anything loads
     if method.weight_bits == 4:
         _check_group_size(config, args.group_size, args.model, method.packs_w4a8)
     tokenizer = load_tokenizer(args.model)
@@ -346,7 +338,7 @@ def cmd_generate(args) -> None:
         args.method = RENAMED_FAST_METHODS[args.method]
     device = _device(args)
     config = model_config(args.model)
-    _check_supported(config, args.model)
+    family_for_type(config.get("model_type"))
     tokenizer = load_tokenizer(args.model)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     if prompt.numel() == 0:

@@ -106,7 +106,11 @@ def supported_model_types() -> list[str]:
 
 def family_of(model: nn.Module) -> ModelFamily:
     """The adapter for ``model``, or a clear error naming the supported architectures."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return family_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def family_for_type(model_type: str | None) -> ModelFamily:
+    """The adapter for a config's ``model_type`` (checked before any weight loads), or the same error."""
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
