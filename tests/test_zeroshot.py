@@ -218,3 +218,16 @@ def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
     paired = table_module.paired_layout(kept, "m", list(table_module.TASKS))
     assert sorted(paired[["method", "Avg - fp16"]].values.tolist()) == [["rot_qqq", -100.0],
                                                                          ["rot_qqq gptq-clip", 0.0]]
+
+
+def test_only_lm_evals_own_asserts_become_the_max_length_error(monkeypatch):
+    """An assert raised outside lm-eval (torch's "not compiled with CUDA", say) passes on unchanged."""
+    import lm_eval
+
+    def not_lm_eval(**kwargs):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", not_lm_eval)
+    monkeypatch.setattr(zeroshot, "lm_eval_model", lambda *args: None)
+    with pytest.raises(AssertionError, match="not compiled with CUDA"):
+        zeroshot.zero_shot(None, None, ["piqa"], limit=1)
