@@ -45,7 +45,7 @@ CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm":
 CANDIDATES_INT8 = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": x}
                    for n, w, s, p, x in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (2, 4, 8), (True, False))]
 # the CUDA-core kernel (one query head per program, a softmax per key slot), against both tensor-core defaults;
-# int8_scores (int8 cache only): the query rounded to int8 per head, the scores as dp4a sums (other numerics)
+# int8_scores (int8 cache only): the query's int8 codes per head, the scores as dp4a sums
 CANDIDATES_SLOTS = [{"BLOCK_N": n, "num_warps": w, "num_stages": s, "programs_per_sm": p, "int8_ptx": True, "slots": True,
                      "int8_scores": i}
                     for n, w, s, p, i in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (2, 4, 8), (False, True))]
@@ -75,11 +75,8 @@ def check_candidates(configs) -> None:
         q = torch.randn(batch, heads, 1, HEAD_DIM, device="cuda", generator=generator, dtype=torch.float16)
         k, v, k_scale, v_scale = random_cache(batch, kv_heads, capacity, kv_bits, generator)
         positions = torch.tensor([capacity - 1, 0, 400], device="cuda")
-        expected = decode_attention_reference(q, k, v, positions, k_scale, v_scale).float()
-        rounded_q = decode_attention_reference(numerics.fake_quantize_per_token(q.float()), k, v, positions, k_scale,
-                                               v_scale).float()
+        want = decode_attention_reference(q, k, v, positions, k_scale, v_scale).float()
         for config in (c for c in configs if applies(c, kv_bits)):
-            want = rounded_q if config.get("int8_scores") else expected
             try:
                 got = decode_attention.decode_attention(q, k, v, positions, k_scale, v_scale, config=config).float()
             except triton.runtime.errors.OutOfResources:
@@ -92,6 +89,19 @@ def check_candidates(configs) -> None:
             print("MISMATCH", failure)
         sys.exit("CORRECTNESS FAILED: no timing of wrong kernels")
     print(f"correctness: {len(configs)} configs x 4 cases PASS", flush=True)
+
+
+def default_launch(layout: str, kv_bits: int, batch: int, context: int) -> dict:
+    """The launch ``decode_attention`` takes without a config, for a cache of ``context`` keys (its capacity)."""
+    heads, kv_heads = LAYOUTS[layout]
+    return decode_attention.default_config(kv_bits == 8, heads // kv_heads, batch * context)
+
+
+def same_launch(row, config: dict) -> bool:
+    """Whether a table row was timed with ``config`` (a missing kernel switch means off)."""
+    switches = ("slots", "int8_scores")
+    return all(row.get(key) == value for key, value in config.items() if key not in switches) \
+        and all((row.get(key) is True) == bool(config.get(key)) for key in switches)
 
 
 def cache_bytes(batch: int, kv_heads: int, context: int, kv_bits: int) -> int:
@@ -189,21 +199,24 @@ def main():
     meta = provenance()
     print(meta, flush=True)
     start = time.time()
-    defaults = {bits: decode_attention.default_config(bits == 8) for bits in (16, 8)}
+    problems = list(itertools.product(args.layouts, args.kv_bits, args.batches, args.contexts))
+    defaults = {problem: default_launch(*problem) for problem in problems}
+    distinct_defaults = [dict(c) for c in {tuple(sorted(c.items())) for c in defaults.values()}]
     sweep = (CANDIDATES_INT8 if args.sweep_int8 else CANDIDATES if args.sweep else
-             CANDIDATES_SLOTS + list(defaults.values()) if args.sweep_slots else None)
-    check_candidates(sweep or list(defaults.values()))
+             CANDIDATES_SLOTS + distinct_defaults if args.sweep_slots else None)
+    check_candidates(sweep or distinct_defaults)
     copy_gbs = copy_ceiling_gbs()
     print(f"copy: {copy_gbs / 1e3:.2f} TB/s", flush=True)
     rows = []
-    for layout, kv_bits, batch, context in itertools.product(args.layouts, args.kv_bits, args.batches, args.contexts):
-        problem = time_problem(layout, kv_bits, batch, context, sweep or [defaults[kv_bits]], copy_gbs, meta)
+    for layout, kv_bits, batch, context in problems:
+        default = defaults[layout, kv_bits, batch, context]
+        problem = time_problem(layout, kv_bits, batch, context, sweep or [default], copy_gbs, meta)
+        for row in problem:
+            row["is_default"] = same_launch(row, default)
         rows += problem
         print(f"{layout} kv{kv_bits} batch {batch} context {context}: best {min(r['us'] for r in problem):.1f} us "
               f"({time.time() - start:.0f} s)", flush=True)
     table = pd.DataFrame(rows)
-    table["is_default"] = [all(row.get(key) == value for key, value in defaults[row["kv_bits"]].items())
-                           and row.get("slots") is not True for _, row in table.iterrows()]
     with open(out_dir / "attention_speed.csv", "w") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         table.to_csv(f, index=False)

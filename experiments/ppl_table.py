@@ -6,8 +6,9 @@ Smoothing is searched once per (rule, group size) and shared by the methods that
 are cached on disk (qqq.cache; experiments/zeroshot_table.py reuses them). ``--append`` adds this run's rows
 to results/ppl.csv instead of replacing the table; the markdown names the run (command) behind each row.
 ``--kv-bits 16 8`` also scores each model with its keys and values rounded as the fast path's 8-bit KV cache
-stores them (``qqq.fast.attention.kv_cache_fake_quantized``), as rows of their own; ``--query-bits 16 8`` adds,
-for each 8-bit row, one with the queries rounded to int8 per token and head too (int8 attention scores).
+stores them and its queries rounded to int8 per token and head as that cache's attention takes them
+(``qqq.fast.attention.kv_cache_fake_quantized``), as rows of their own; ``--query-bits 16 8`` adds, for each
+8-bit row, one with the queries as computed (the cost of the cache alone).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def parse_args():
     p.add_argument("--kv-smooth", type=unit_fraction, default=0.0, metavar="ALPHA",
                    help="with --kv-bits 8: SmoothAttention's per-channel key scales (max ** ALPHA, QServe uses 0.5) "
                         "folded into q_proj / k_proj first, calibrated on --calib-dataset (0: none)")
-    p.add_argument("--query-bits", nargs="+", type=int, default=[16], choices=QUERY_BITS,
-                   help="with --kv-bits 8: 8 also rounds each query to int8 per token and head, the numerics of "
-                        "attention scores taken as int8 dot products (16: the queries as computed)")
+    p.add_argument("--query-bits", nargs="+", type=int, default=[8], choices=QUERY_BITS,
+                   help="with --kv-bits 8: 8 also rounds each query to int8 per token and head, as the fast path's "
+                        "8-bit cache attention does (its scores are int8 dot products); 16: the queries as computed, "
+                        "the cost of the cache alone")
     add_clip_arguments(p, "GPTQ methods, rows of their own")
     p.add_argument("--windows", type=int, default=8, help="first N evaluation windows (0 = all)")
     p.add_argument("--calib-dataset", default="exllamav2-c4")

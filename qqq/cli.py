@@ -387,7 +387,8 @@ def cmd_generate(args) -> None:
                                            pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:]
             ours = result.tokens[0].tolist()
             same = next((i for i, (a, b) in enumerate(zip(ours, reference.tolist())) if a != b), args.max_new_tokens)
-            rounded = ", keys and values rounded as the 8-bit cache holds them" if args.kv_bits == 8 else ""
+            rounded = (", keys, values and queries rounded as the 8-bit cache's attention takes them"
+                       if args.kv_bits == 8 else "")
             print(f"check: the first {same} of {args.max_new_tokens} greedy tokens equal the Hugging Face model's "
                   f"(PyTorch reference ops{rounded})", flush=True)
             if same < args.max_new_tokens:  # how close was the reference's own choice at the first difference?

@@ -46,3 +46,16 @@ def test_markdown_only_rewrites_the_table_of_a_results_file(attention_speed, tmp
     assert "| llama-3-8b | 16 | 16 | 2048 | 10.0 |" in text
     assert "BLOCK_N=128" in text  # three launches per problem: a sweep, so the best is shown
     assert "- command: `python experiments/attention_speed.py --sweep`" in text and "- device: NVIDIA H200" in text
+
+
+def test_the_default_launch_is_the_one_decode_attention_takes_for_the_problem(attention_speed):
+    big_mha, small_mha, gqa = (attention_speed.default_launch("llama-2-7b", 8, 16, 1024),
+                               attention_speed.default_launch("llama-2-7b", 8, 1, 1024),
+                               attention_speed.default_launch("llama-3-8b", 8, 64, 4096))
+    assert big_mha["slots"] and big_mha["int8_scores"] and not small_mha.get("slots") and not gqa.get("slots")
+    tensor_core_row = {**small_mha, "us": 1.0}
+    slots_row = {**small_mha, "slots": True, "int8_scores": False, "us": 1.0}
+    assert attention_speed.same_launch(tensor_core_row, small_mha)
+    assert not attention_speed.same_launch(slots_row, small_mha)
+    assert attention_speed.same_launch({**big_mha, "us": 1.0}, big_mha)
+    assert not attention_speed.same_launch({**big_mha, "int8_scores": False}, big_mha)

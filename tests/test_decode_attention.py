@@ -7,7 +7,9 @@ from conftest import interpreted_kernels
 
 from qqq import numerics
 from qqq.fast.attention import decode_attention_reference
-from qqq.kernels_triton.decode_attention import BLOCK_KEYS, decode_attention
+from qqq.kernels_triton import branches
+from qqq.kernels_triton.decode_attention import (BLOCK_KEYS, SLOTS_FROM_KEYS, decode_attention,
+                                                 default_config)
 
 pytestmark = interpreted_kernels
 
@@ -87,25 +89,67 @@ def test_decode_attention_on_cuda_cores_matches_the_reference(batch, heads, kv_h
     assert torch.isfinite(decode_attention(q, *cache, config=config)).all()
 
 
+def masked_sdpa(q, k_codes, v_codes, positions, k_scale, v_scale):
+    """Plain masked SDPA of ``q`` as given over the dequantized cache (no rounding of the query)."""
+    k, v = (codes.float() * scale[..., None] for codes, scale in ((k_codes, k_scale), (v_codes, v_scale)))
+    group = q.shape[1] // k.shape[1]
+    visible = torch.arange(k.shape[2])[None, :] <= positions[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=visible[:, None, None, :])
+
+
 @pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(2, 4, 4, 200), (2, 4, 2, 131)])
-def test_int8_scores_are_those_of_the_query_rounded_per_head(batch, heads, kv_heads, capacity):
-    """``int8_scores``: the reference over the same cache with the query on its per-head int8 grid, exactly up to
-    fp32 rounding, and measurably not the unrounded query's attention."""
+@pytest.mark.parametrize("kernel", ["tensor_cores", "slots", "slots_int8_scores"])
+def test_every_kernel_over_an_int8_cache_attends_with_the_query_on_its_int8_grid(batch, heads, kv_heads, capacity,
+                                                                                kernel):
+    """Each kernel over an 8-bit cache gives SDPA of the query rounded per head (exactly up to fp32 rounding), and
+    measurably not the unrounded query's attention; the reference does the same."""
     gen = torch.Generator().manual_seed(13)
     q = torch.randn(batch, heads, 1, 32, generator=gen)
     cache = [*int8_cache(batch, kv_heads, capacity, 32, gen)]
     cache.insert(2, torch.tensor([capacity - 1, 5]))
+    config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": kernel != "tensor_cores",
+              "int8_scores": kernel == "slots_int8_scores"}
+    got = decode_attention(q, *cache, config=config)
+    expected = masked_sdpa(numerics.fake_quantize_per_token(q), *cache)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decode_attention_reference(q, *cache), expected, rtol=1e-5, atol=1e-6)
+    assert (got - masked_sdpa(q, *cache)).abs().max() > 1e-4
+
+
+def test_int8_scores_need_the_slots_kernel_and_a_cache_in_words():
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 4, 1, 32, generator=gen)
+    cache = [*int8_cache(2, 4, 40, 32, gen)]
+    cache.insert(2, torch.tensor([39, 5]))
     config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": True,
               "int8_scores": True}
-    got = decode_attention(q, *cache, config=config)
-    torch.testing.assert_close(got, decode_attention_reference(numerics.fake_quantize_per_token(q), *cache),
-                               rtol=1e-5, atol=1e-6)
-    assert (got - decode_attention_reference(q, *cache)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
         decode_attention(q, *cache, config={**config, "slots": False})
     shifted = torch.zeros(cache[0].numel() + 1, dtype=torch.int8)[1:].view(cache[0].shape)  # 1 byte off a word
     with pytest.raises(ValueError, match="int8_scores runs in the slots kernel"):
         decode_attention(q, shifted, shifted.clone(), *cache[2:], config=config)
+
+
+def test_the_default_launch_takes_the_cuda_core_kernel_for_a_large_8_bit_mha_cache():
+    """MHA over an 8-bit cache of batch x capacity >= SLOTS_FROM_KEYS: the CUDA-core kernel with int8 scores;
+    GQA, a small cache, a 16-bit cache or one not in whole words: the tensor cores' launch."""
+    chosen = default_config(True, 1, SLOTS_FROM_KEYS)
+    assert chosen["slots"] and chosen["int8_scores"]
+    for quantized, group, keys, aligned in [(True, 1, SLOTS_FROM_KEYS - 1, True), (True, 4, 10 ** 6, True),
+                                            (False, 1, 10 ** 6, True), (True, 1, 10 ** 6, False)]:
+        assert not default_config(quantized, group, keys, aligned).get("slots")
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 1, 32, generator=gen)
+    cache = [*int8_cache(2, 2, SLOTS_FROM_KEYS // 2, 32, gen)]
+    cache.insert(2, torch.tensor([SLOTS_FROM_KEYS // 2 - 1, 77]))
+    with branches.recording() as taken:
+        got = decode_attention(q, *cache)
+    assert taken == {("decode_attention", "slots_int8_scores")}
+    torch.testing.assert_close(got, decode_attention_reference(q, *cache), rtol=1e-5, atol=1e-6)
+    with branches.recording() as taken:
+        decode_attention(q[:1], *(part[:1] for part in cache))  # 1 x 2048 keys
+    assert taken == {("decode_attention", "split_kv_int8")}
 
 
 def test_decode_attention_rejects_bad_caches():

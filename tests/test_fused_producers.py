@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import interpreted_kernels
 
+from qqq import numerics
 from qqq.fast.producers import rmsnorm_reference, rope_into_cache_reference, silu_mul_reference
 from qqq.kernels_triton.fused_producers import rmsnorm_quantize, rope_into_cache, silu_mul_quantize
 
@@ -116,9 +117,14 @@ def test_rope_into_int8_cache_matches_composition(dtype, t, start, heads, kv_hea
     # the codes use the whole int8 range of each (token, head) and dequantize to the rotated k they hold
     assert caches[0][:, :, start:start + t].abs().amax(dim=-1).eq(127).all()
     k16 = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype)
-    rope_into_cache_reference(qkv, cos, sin, positions, k16, k16.clone(), heads)
+    q16 = rope_into_cache_reference(qkv, cos, sin, positions, k16, k16.clone(), heads)
     dequantized = caches[0].float() * scales[0][..., None]
     assert (dequantized - k16.float()).abs().max() <= 0.51 * scales[0].max()
+    # q comes back on its own int8 grid per token and head (the 16-bit cache's q, rounded), not as rotated
+    torch.testing.assert_close(q, numerics.fake_quantize_per_token(q16), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(q, q16, rtol=1e-3, atol=1e-5)
+    codes = q.float() / (q.float().abs().amax(dim=-1, keepdim=True) / 127)
+    assert (codes - codes.round()).abs().max() < 0.05
 
 
 def test_producers_reject_bad_input():

@@ -571,6 +571,29 @@ def test_decode_attention_over_an_int8_cache_matches_the_reference_on_cuda(batch
 
 
 @compiled_kernels
+@pytest.mark.parametrize("batch,heads,kv_heads,capacity,branch", [
+    (16, 32, 32, 1030, "slots_int8_scores"), (1, 32, 32, 4096, "slots_int8_scores"), (1, 32, 32, 1024, "split_kv_int8"),
+    (16, 32, 8, 1030, "split_kv_int8")])
+def test_the_default_decode_launch_over_an_int8_cache_on_cuda(batch, heads, kv_heads, capacity, branch):
+    """No config: the launch chosen for the cache's size and GQA group, against the reference (which, as every
+    kernel over an 8-bit cache, rounds the query per head)."""
+    from qqq.fast.attention import decode_attention_reference
+    from qqq.kernels_triton.decode_attention import decode_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(capacity)
+    q = torch.randn(batch, heads, 1, 128, device="cuda", generator=generator).half()
+    k, v = (torch.randn(batch, kv_heads, capacity, 128, device="cuda", generator=generator) for _ in range(2))
+    (k_codes, k_scale), (v_codes, v_scale) = numerics.quantize_per_token(k), numerics.quantize_per_token(v)
+    positions = torch.randint(0, capacity, (batch,), device="cuda", generator=generator)
+    positions[0] = capacity - 1
+    cache = (k_codes, v_codes, positions, k_scale[..., 0], v_scale[..., 0])
+    with branches.recording() as taken:
+        got = decode_attention(q, *cache)
+    _assert_branch(taken, "decode_attention", branch)
+    torch.testing.assert_close(got.float(), decode_attention_reference(q, *cache).float(), rtol=2e-3, atol=2e-3)
+
+
+@compiled_kernels
 @pytest.mark.parametrize("kv_bits", [16, 8])
 @pytest.mark.parametrize("block_n,num_warps,num_stages", [(16, 4, 2), (32, 4, 3), (64, 8, 4)])
 @pytest.mark.parametrize("batch,heads,kv_heads,capacity", [(1, 32, 32, 4096), (64, 32, 32, 1030), (3, 28, 4, 777)])

@@ -3,8 +3,10 @@
 The cache holds k (after RoPE) and v per layer, in the model's dtype or, with ``bits=8``, as int8 codes with a
 per-token, per-head fp32 scale: ``numerics.quantize_per_token`` over each head's ``head_dim`` values (symmetric,
 ``scale = amax / 127``). The RoPE producer writes it (``qqq.fast.producers.rope_into_cache``) and the split-KV
-decode kernel reads it (``qqq.kernels_triton.decode_attention``); :func:`kv_cache_fake_quantized` applies the same
-rounding inside a Hugging Face model, so the accuracy cost can be measured on the reference path.
+decode kernel reads it (``qqq.kernels_triton.decode_attention``). With ``bits=8`` the producer rounds each query
+(after RoPE) onto its own int8 grid per token and head too, so that every score can be an int8 dot product times
+two scales. :func:`kv_cache_fake_quantized` applies the same rounding inside a Hugging Face model, so the accuracy
+cost can be measured on the reference path.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
 
 def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None):
     """What ``kernels_triton.decode_attention.decode_attention`` computes: SDPA of ``q`` [B, H, 1, D] over the
-    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``."""
+    (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``. Over an 8-bit cache, with ``q``
+    rounded onto its int8 grid per head (a no-op for the queries ``rope_into_cache`` returns with that cache)."""
+    if k_scale is not None:
+        q = numerics.fake_quantize_per_token(q)
     k, v = dequantized(k_cache, k_scale, torch.float32), dequantized(v_cache, v_scale, torch.float32)
     visible = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, None]
     out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=visible[:, None, None, :], **_gqa(q, k))
@@ -105,11 +110,12 @@ def _kv8_sdpa(module, query, key, value, attention_mask, round_query=False, **kw
 
 
 @contextmanager
-def kv_cache_fake_quantized(model, query_bits: int = 16):
+def kv_cache_fake_quantized(model, query_bits: int = 8):
     """Within the block, the Hugging Face ``model`` attends (SDPA) to keys and values rounded as the 8-bit KV
-    cache stores them: the accuracy cost of ``bits=8`` on the reference path. ``query_bits=8`` rounds each
-    query onto its own int8 grid per token and head too: the numerics of a decode attention whose scores are
-    int8 dot products (q codes . k codes times both scales)."""
+    cache stores them and (``query_bits=8``) each query rounded onto its own int8 grid per token and head: the
+    numerics of the fast path's ``bits=8``, whose scores are int8 dot products (q codes . k codes times both
+    scales), on the reference path. ``query_bits=16`` keeps the queries as computed (the cost of the cache
+    alone)."""
     from transformers import AttentionInterface
 
     if query_bits not in QUERY_BITS:

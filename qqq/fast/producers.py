@@ -5,7 +5,8 @@ the kernels compute and are tested against.
 - :func:`rmsnorm`: [residual add +] Hugging Face's Llama RMSNorm, as per-token int8 (``Int8Rows``) or fp16 rows;
 - :func:`silu_mul`: ``SiLU(gate) * up`` of a fused gate/up output, as int8 or fp16 rows;
 - :func:`rope_into_cache`: RoPE on q and k of a fused q/k/v output, k and v written into the KV cache (16-bit, or
-  int8 codes with per-token, per-head scales: ``numerics.quantize_per_token`` over each head's ``head_dim``);
+  int8 codes with per-token, per-head scales: ``numerics.quantize_per_token`` over each head's ``head_dim``, and
+  then q rounded onto its int8 grid per head too);
 - :func:`quantize_rows`: per-token int8 of plain rows (the o_proj input).
 """
 
@@ -75,7 +76,7 @@ def silu_mul_reference(gate_up, quantize=True):
 
 def rope_into_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_heads, k_scale=None, v_scale=None):
     """Plain composition of ``fused_producers.rope_into_cache`` (RoPE in fp32, one rounding to ``qkv``'s dtype;
-    for an int8 cache, then ``numerics.quantize_per_token`` over each head)."""
+    for an int8 cache, then ``numerics.quantize_per_token`` over each head, and q fake-quantized so)."""
     batch, t, _ = qkv.shape
     n_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     heads = qkv.reshape(batch, t, n_heads + 2 * n_kv_heads, head_dim).transpose(1, 2).float()
@@ -89,7 +90,8 @@ def rope_into_cache_reference(qkv, cos, sin, positions, k_cache, v_cache, n_head
             values, value_scale = numerics.quantize_per_token(values)
             scale[:batch].scatter_(2, index, value_scale[..., 0])
         cache[:batch].scatter_(2, index[..., None].expand(batch, n_kv_heads, t, head_dim), values)
-    return rotated[:, :n_heads].contiguous()
+    q = rotated[:, :n_heads]
+    return (numerics.fake_quantize_per_token(q) if k_scale is not None else q).contiguous()
 
 
 def _per_token(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,9 @@ mask tensor is built).
 Precision: the scores' products are exact (16-bit values into an fp32 accumulator); the softmax weights enter
 the value dot in the queries' 16-bit type, as in FlashAttention. An 8-bit cache (int8 codes, an fp32 scale per
 token and head) is read as codes, converted exactly to 16 bits: a key's score is ``(codes . q) * k_scale`` and
-a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled in fp32).
+a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled in fp32). Over
+an 8-bit cache every kernel first rounds each query head onto its own int8 grid (as ``rope_into_cache`` already
+wrote it there), so a score is an int8 dot product times both scales whichever kernel takes the step.
 (The first kernel, one query head per program with CUDA-core fp32 products and no pipelining, was up to 1.5x
 slower: see NOTES.md.)
 """
@@ -81,6 +83,14 @@ def key_block(k_ptr, v_ptr, kv_offset, first, end, stride_ks, dims, BLOCK_N: tl.
 
 
 @triton.jit
+def query_on_int8_grid(q, AXIS: tl.constexpr):
+    """fp32 queries rounded onto their int8 grid per head (``numerics.fake_quantize_per_token`` along ``AXIS``,
+    the head dim): what every kernel over an 8-bit cache attends with."""
+    codes, scale = int8_codes_and_scale(q, tl.max(tl.abs(q), axis=AXIS, keep_dims=True))
+    return codes.to(tl.float32) * scale
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, positions_ptr, partial_ptr, stats_ptr,
                          n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
@@ -101,6 +111,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=member[:, None],
                 other=0)
     if QUANTIZED:
+        q = query_on_int8_grid(q.to(tl.float32), 1).to(q.dtype)
         compute = q.dtype  # the codes are converted to the queries' type (exactly: |code| <= 127)
     else:
         compute = k_ptr.dtype.element_ty
@@ -159,8 +170,9 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
     """One query head per program, on the CUDA cores (fp32 products), each of the BLOCK_N key slots keeping its own
     online softmax over the keys ``slot, slot + BLOCK_N, ...`` of the split: no reduction across keys inside the
     loop, one merge of the slots at the end. For MHA, where the tensor-core kernel's dots carry one real row of 16.
-    ``INT8_SCORES`` (int8 cache): the query rounded to int8 per head (``numerics.quantize_per_token``), so a key's
-    score is an exact int32 sum of ``dp4a`` over its code words, times both scales: a change of numerics."""
+    ``INT8_SCORES`` (int8 cache): the query's int8 codes per head (``numerics.quantize_per_token``), so a key's
+    score is an exact int32 sum of ``dp4a`` over its code words, times both scales (the numerics of the other
+    kernels over an 8-bit cache, whose queries are rounded onto the same grid, up to fp32 rounding)."""
     wait_for_previous_then_let_next_start(PDL)
     row = tl.program_id(0)  # batch * n_heads + query head
     split = tl.program_id(1)
@@ -179,6 +191,8 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
         words = tl.arange(0, HEAD_DIM // 4)
         k_words_ptr = k_ptr.to(tl.pointer_type(tl.int32)) + kv_offset // 4  # the launcher checks the alignment
     else:
+        if QUANTIZED:
+            q = query_on_int8_grid(q, 0)
         q = q * sm_scale
     slot_max = tl.zeros([BLOCK_N], dtype=tl.float32) - float("inf")
     slot_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -243,17 +257,33 @@ def split_count(rows: int, capacity: int, programs_per_sm: int = PROGRAMS_PER_SM
     return min(triton.next_power_of_2(wanted), MAX_SPLITS, triton.next_power_of_2(triton.cdiv(capacity, block_keys)))
 
 
-def default_config(quantized: bool) -> dict:
+SLOTS_FROM_KEYS = 4096  # batch x capacity from which the CUDA-core kernel wins over an 8-bit MHA cache
+
+
+def default_config(quantized: bool, group: int = 0, keys: int = 0, words_aligned: bool = True) -> dict:
     """The launch of a decode step (``config`` of :func:`decode_attention`): keys per block, warps, pipeline
     stages, programs per SM the splits aim at, (int8) the codes' conversion in PTX, ``slots``: the CUDA-core
     kernel of one query head per program (``_decode_split_slots_kernel``) instead of the tensor cores', and with it
-    ``int8_scores``: the query rounded to int8 and the scores as int32 sums (other numerics). The best
-    single choice per cache format over batch 1-64, contexts 1k-4k, MHA and GQA on the H200
-    (``experiments/attention_speed.py --sweep``, results/attention_speed_sweep_h200.csv)."""
+    ``int8_scores``: the query's int8 codes and the scores as int32 sums.
+
+    The tensor-core launches are the best single choice per cache format over batch 1-64, contexts 1k-4k, MHA and
+    GQA on the H200 (``experiments/attention_speed.py --sweep``, results/attention_speed_sweep_h200.csv). An 8-bit
+    cache of ``group`` 1 (MHA) holding ``keys`` = batch x capacity >= SLOTS_FROM_KEYS takes the CUDA-core kernel
+    with int8 scores instead (``words_aligned``: its cache's rows and strides are whole 32-bit words): 25% less
+    time at batch 16 and 64, 1k and 4k, and at batch 1, 4k; at batch 1, 1k the tensor cores' launch is faster (9.3
+    against 7.7 us; ``--sweep-slots``, results/attention_speed_sweep_slots_h200.csv). GQA was not measured with it."""
+    if quantized and group == 1 and keys >= SLOTS_FROM_KEYS and words_aligned:
+        return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 4, "programs_per_sm": 2, "int8_ptx": True,
+                "slots": True, "int8_scores": True}
     if quantized:
         return {"BLOCK_N": 2 * BLOCK_KEYS, "num_warps": 4, "num_stages": 3, "programs_per_sm": PROGRAMS_PER_SM,
                 "int8_ptx": True}
     return {"BLOCK_N": BLOCK_KEYS, "num_warps": 4, "num_stages": 2, "programs_per_sm": PROGRAMS_PER_SM}
+
+
+def in_words(cache: torch.Tensor) -> bool:
+    """Whether an int8 cache's start, rows and strides are whole 32-bit words (``int8_scores`` loads them so)."""
+    return cache.shape[-1] % 4 == 0 and cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in cache.stride()[:3])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
@@ -263,7 +293,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype.
 
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
-    entry is its codes times its scale). ``config``: the kernel and launch (:func:`default_config`'s keys)."""
+    entry is its codes times its scale; the query is rounded onto its int8 grid per head first). ``config``: the
+    kernel and launch (:func:`default_config`'s keys; by default chosen for the cache's format, GQA group and
+    size)."""
     batch, n_heads, t, head_dim = q.shape
     n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     quantized = k_scale is not None or v_scale is not None
@@ -281,13 +313,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("an int8 KV cache needs its k_scale and v_scale")
     if positions.shape != (batch,):
         raise ValueError(f"positions must be [{batch}], got {tuple(positions.shape)}")
-    config = config or default_config(quantized)
     group = n_heads // n_kv_heads
+    config = config or default_config(quantized, group, batch * capacity, quantized and in_words(k_cache))
     block_n = config["BLOCK_N"]
     slots = config.get("slots", False)  # the CUDA-core kernel: one query head per program
     int8_scores = config.get("int8_scores", False)
-    if int8_scores and not (slots and quantized and head_dim % 4 == 0 and k_cache.data_ptr() % 4 == 0
-                            and all(stride % 4 == 0 for stride in k_cache.stride()[:3])):
+    if int8_scores and not (slots and quantized and in_words(k_cache)):
         raise ValueError("int8_scores runs in the slots kernel over an int8 cache whose start, rows and strides are "
                          f"whole 32-bit words; got slots={slots}, quantized={quantized}, strides {k_cache.stride()}")
     program_rows = batch * (n_heads if slots else n_kv_heads)

@@ -122,6 +122,24 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
 
 
 @triton.jit
+def _head_codes(first, second):
+    """A head's two halves (in the activation dtype) -> their int8 codes and the head's scale (one grid)."""
+    first, second = first.to(tl.float32), second.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(first), axis=0), tl.max(tl.abs(second), axis=0))
+    first_codes, scale = int8_codes_and_scale(first, amax)
+    second_codes, _ = int8_codes_and_scale(second, amax)
+    return first_codes, second_codes, scale
+
+
+@triton.jit
+def _on_int8_grid(first, second):
+    """A head's two halves rounded onto its int8 grid, in their dtype (``numerics.fake_quantize_per_token``)."""
+    first_codes, second_codes, scale = _head_codes(first, second)
+    return ((first_codes.to(tl.float32) * scale).to(first.dtype),
+            (second_codes.to(tl.float32) * scale).to(second.dtype))
+
+
+@triton.jit
 def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                             k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
                             stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
@@ -143,6 +161,8 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
     first, second = first.to(dtype), second.to(dtype)
     if head < n_heads:
         q_target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
+        if QUANTIZED:  # q onto its int8 grid per token and head: attention over the 8-bit cache takes it so
+            first, second = _on_int8_grid(first, second)
         tl.store(q_target, first)
         tl.store(q_target + HALF, second)
     else:
@@ -155,10 +175,7 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
             scale_ptr = v_scale_ptr
         target = cache_ptr + batch * stride_cb + kv_head * stride_ch + pos * stride_cs + offs
         if QUANTIZED:  # one int8 grid per token and head (the values as rounded to the activation dtype)
-            rounded_first, rounded_second = first.to(tl.float32), second.to(tl.float32)
-            amax = tl.maximum(tl.max(tl.abs(rounded_first), axis=0), tl.max(tl.abs(rounded_second), axis=0))
-            first_codes, scale = int8_codes_and_scale(rounded_first, amax)
-            second_codes, _ = int8_codes_and_scale(rounded_second, amax)
+            first_codes, second_codes, scale = _head_codes(first, second)
             tl.store(target, first_codes)
             tl.store(target + HALF, second_codes)
             tl.store(scale_ptr + batch * stride_sb + kv_head * stride_sh + pos, scale)
@@ -259,7 +276,8 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
     [B, Hkv, S, D] at those positions and return q as [B, H, T, D] (contiguous).
 
     The caches are in ``qkv``'s dtype, or int8 when ``k_scale`` and ``v_scale`` fp32 [B, Hkv, S] are given: each
-    (token, head) is then written as its per-token int8 codes (``numerics.quantize_per_token`` over D) and scale."""
+    (token, head) is then written as its per-token int8 codes (``numerics.quantize_per_token`` over D) and scale,
+    and q is returned rounded onto its int8 grid per token and head (``numerics.fake_quantize_per_token``)."""
     batch, t, width = qkv.shape
     _, n_kv_heads, capacity, head_dim = k_cache.shape
     quantized = k_scale is not None or v_scale is not None
