@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qqq import numerics  # noqa: E402
 from qqq.fast.attention import decode_attention_reference  # noqa: E402
 from qqq.kernels_triton import autotune, decode_attention  # noqa: E402
-from qqq.provenance import markdown_provenance, provenance, read_provenance_header  # noqa: E402
+from qqq.provenance import atomic_write, markdown_provenance, provenance, read_provenance_header  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_speed import copy_ceiling_gbs  # noqa: E402
@@ -159,7 +159,8 @@ def write_markdown(table: pd.DataFrame, meta: dict, path: Path, with_best: bool)
              "| " + " | ".join(best.columns) + " |", "|" + "---|" * len(best.columns)]
     lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in best.itertuples(index=False)]
     lines += ["", "## How it was made", "", markdown_provenance(meta), ""]
-    path.write_text("\n".join(lines))
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
     return best
 
 
@@ -204,7 +205,7 @@ def main():
     table = pd.DataFrame(rows)
     table["is_default"] = [all(row.get(key) == value for key, value in defaults[row["kv_bits"]].items())
                            and row.get("slots") is not True for _, row in table.iterrows()]
-    with open(out_dir / "attention_speed.csv", "w") as f:
+    with atomic_write(out_dir / "attention_speed.csv") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         table.to_csv(f, index=False)
     best = write_markdown(table, meta, out_dir / "attention_speed.md", with_best=sweep is not None)

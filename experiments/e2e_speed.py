@@ -47,7 +47,8 @@ from qqq.fast.producers import quantize_rows, silu_mul_reference  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
 from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
-from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance, read_provenance_header  # noqa: E402
+from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance,  # noqa: E402
+                            read_provenance_header)
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -343,7 +344,8 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         "## How it was made", ""] + (
         [f"Runs merged into this table by `{merged_by}`. {SCRATCH_FOLDERS_NOTE}", ""] if merged_by else []) + [
         results.markdown(table, lambda rows: ", ".join(dict.fromkeys(rows["model"]))), ""]
-    (out / "e2e_speed.md").write_text("\n".join(lines))
+    with atomic_write(out / "e2e_speed.md") as f:
+        f.write("\n".join(lines))
     from qqq.plots import plot_e2e_speedup
 
     plot_e2e_speedup(table, out / "e2e_speed.png")
@@ -362,9 +364,8 @@ def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, append: bool)
         previous = [line for line in path.read_text().splitlines(True) if line.startswith("# ")]
         header = "".join(previous) + "# appended:\n" + header
         profiles = pd.concat([kept, profiles], ignore_index=True)
-    partial = path.with_suffix(".csv.partial")
-    partial.write_text(header + profiles.to_csv(index=False, float_format="%.4g"))
-    partial.replace(path)
+    with atomic_write(path) as f:
+        f.write(header + profiles.to_csv(index=False, float_format="%.4g"))
 
 
 def results_part(path: Path, folder: Path) -> Path:

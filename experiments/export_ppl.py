@@ -30,7 +30,7 @@ from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear
 from qqq.model_families import family_of
 from qqq.models import load_tokenizer
-from qqq.provenance import ResultsTable, provenance
+from qqq.provenance import ResultsTable, atomic_write, provenance
 
 KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
@@ -95,14 +95,15 @@ def main():
                                  windows=windows.shape[0], ppl=round(value, 4), seconds=round(time.time() - start)))
                 print(rows[-1], flush=True)
                 table = results.write(rows)
-                out.with_suffix(".md").write_text("\n".join([
-                    "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
-                    table.drop(columns="run").to_markdown(index=False), "",
-                    f"- evaluation: {evaluation_protocol(args.dataset, args.seqlen)}; the first windows only (CPU)",
-                    "- qqq: the checkpoint (QQQLinear); export, int8 /127: the decompressed export with QQQ's per-token "
-                    "int8 activations (vLLM's int8 kernels' scale); export via transformers: compressed-tensors' "
-                    "fake quantization (activation scale amax / 127.5)", "",
-                    "## How it was made", "", results.markdown(table, configurations), ""]))
+                with atomic_write(out.with_suffix(".md")) as f:
+                    f.write("\n".join([
+                        "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
+                        table.drop(columns="run").to_markdown(index=False), "",
+                        f"- evaluation: {evaluation_protocol(args.dataset, args.seqlen)}; the first windows only (CPU)",
+                        "- qqq: the checkpoint (QQQLinear); export, int8 /127: the decompressed export with QQQ's "
+                        "per-token int8 activations (vLLM's int8 kernels' scale); export via transformers: "
+                        "compressed-tensors' fake quantization (activation scale amax / 127.5)", "",
+                        "## How it was made", "", results.markdown(table, configurations), ""]))
 
 
 def configurations(rows: pd.DataFrame) -> str:

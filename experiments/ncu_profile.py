@@ -24,7 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import atomic_write, markdown_provenance, provenance  # noqa: E402
 
 STALL_REASONS = ("long_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait", "math_pipe_throttle",
                  "not_selected", "short_scoreboard", "no_instruction", "dispatch_stall", "membar",
@@ -186,15 +186,15 @@ def main() -> None:
     if args.note:
         meta["note"] = args.note
     stem = args.out / "ncu_profile"
-    with open(f"{stem}.csv", "w") as f:
+    with atomic_write(stem.with_suffix(".csv")) as f:
         f.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         table.to_csv(f, index=False)
     cases = "\n".join(f"- `{name}`: {CASES[name][0]}" for name in args.cases)
-    stem.with_suffix(".md").write_text(
-        "# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
-        + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
-        "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) left "
-        "out\n\n" + markdown_provenance(meta) + "\n")
+    with atomic_write(stem.with_suffix(".md")) as f:
+        f.write("# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
+                + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
+                "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) "
+                "left out\n\n" + markdown_provenance(meta) + "\n")
     print(table.to_string(index=False))
 
 

@@ -30,7 +30,7 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
-from qqq.provenance import ResultsTable, provenance
+from qqq.provenance import ResultsTable, atomic_write, provenance
 
 KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "query_bits", "dataset",
                "seqlen"]
@@ -157,7 +157,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
                      "is not a multiple of 128")
     notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",
               "## How it was made", "", results.markdown(table, configurations), ""]
-    path.write_text("\n".join(notes))
+    with atomic_write(path) as f:
+        f.write("\n".join(notes))
 
 
 def configurations(rows: pd.DataFrame) -> str:

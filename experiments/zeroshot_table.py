@@ -25,7 +25,7 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.cli import method_name, positive_int
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
-from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
+from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
@@ -249,7 +249,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
                   "joined into this table by "
                   f"`{command}`. {SCRATCH_FOLDERS_NOTE}", ""]
     notes += [results.markdown(table, configurations), ""]
-    path.write_text("\n".join(notes))
+    with atomic_write(path) as f:
+        f.write("\n".join(notes))
 
 
 def configurations(rows: pd.DataFrame) -> str:

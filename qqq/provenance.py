@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -109,6 +110,20 @@ def provenance() -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """A text file for ``path``'s new content that replaces ``path`` only once it is complete (written beside it,
+    then ``os.replace``): a write that is interrupted leaves the old file, not half a new one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w", newline="") as f:
+            yield f
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands were scratch folders of the machine "
                         "that ran them, not kept: every row they held is in this table.")
 
@@ -174,9 +189,11 @@ class ResultsTable:
     def write(self, rows: list[dict]) -> pd.DataFrame:
         """Write the table with ``rows`` (this run's rows so far) and return it."""
         table = self._replaced(self.old, pd.DataFrame(rows).assign(run=self.run))
-        table.to_csv(self.out.with_suffix(".csv"), index=False)
+        with atomic_write(self.out.with_suffix(".csv")) as f:
+            table.to_csv(f, index=False)
         used = [r for r in self.runs if r["run"] in set(table["run"])]
-        self.out.with_suffix(".runs.json").write_text(json.dumps(used, indent=1) + "\n")
+        with atomic_write(self.out.with_suffix(".runs.json")) as f:
+            f.write(json.dumps(used, indent=1) + "\n")
         return table
 
     def markdown(self, table: pd.DataFrame, describe) -> str:

@@ -1,11 +1,12 @@
 """qqq.provenance.ResultsTable: --append keeps the rows a run does not measure again and names each row's run."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from qqq.provenance import ResultsTable, read_provenance_header
+from qqq.provenance import ResultsTable, atomic_write, read_provenance_header
 
 KEYS = ["method", "group_size"]
 
@@ -64,6 +65,39 @@ def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
          {"method": "fp16", "group_size": -1, "kv_bits": 16, "ppl": 10.5}])
     assert sorted(map(tuple, table[["method", "kv_bits", "ppl", "run"]].values.tolist())) == [
         ("fp16", 16, 10.5, 1), ("qqq", 8, 12.5, 1), ("qqq", 16, 12.0, 0)]
+
+
+def test_an_interrupted_write_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    original = pd.DataFrame.to_csv
+
+    def stopped_halfway(self, target=None, **kwargs):  # half the table written, then the run is stopped
+        text = original(self, None, **kwargs)
+        if hasattr(target, "write"):
+            target.write(text[:len(text) // 2])
+        else:
+            Path(target).write_text(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ResultsTable(out, KEYS, {"command": "second"}).write([{"method": "qqq", "group_size": 64, "ppl": 12.0},
+                                                               {"method": "rtn", "group_size": 64, "ppl": 13.0}])
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
+
+
+def test_atomic_write_replaces_the_file_only_once_complete(tmp_path):
+    path = tmp_path / "speed.md"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("stopped")
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.md"] and path.read_text() == "old"
+    with atomic_write(path) as f:
+        f.write("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.md"] and path.read_text() == "new"
 
 
 def test_provenance_names_the_code_quietly(capfd):
