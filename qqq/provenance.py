@@ -156,8 +156,10 @@ class ResultsTable:
         csv, runs = self.out.with_suffix(".csv"), self.out.with_suffix(".runs.json")
         self.old = self._completed(pd.read_csv(csv)) if append and csv.exists() else pd.DataFrame()
         self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
-        if len(self.old) and ("run" not in self.old or self.old["run"].isna().any()):
-            raise ValueError(f"{csv} has rows without a run in {runs}: cannot say how they were made; rerun them")
+        if len(self.old) and ("run" not in self.old or not set(self.old["run"]) <= {r["run"] for r in self.runs}):
+            missing = "" if runs.exists() else " (missing)"
+            raise ValueError(f"{csv} has rows without a run in {runs}{missing}: cannot say how they were made; "
+                             "rerun them")
         self.run = max((r["run"] for r in self.runs), default=-1) + 1
         self.runs.append({"run": self.run, **meta})
 

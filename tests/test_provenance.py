@@ -42,6 +42,21 @@ def test_rows_of_unknown_origin_are_refused(tmp_path):
         ResultsTable(out, KEYS, {"command": "x"}, append=True)
 
 
+@pytest.mark.parametrize("damage", ["runs.json deleted", "runs.json of another table"])
+def test_rows_whose_runs_json_does_not_name_their_run_are_refused(tmp_path, damage):
+    """The old rows' run numbers would otherwise be taken for this run's, and the table would say this run's
+    command made them."""
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    runs = out.with_suffix(".runs.json")
+    if damage == "runs.json deleted":
+        runs.unlink()
+    else:
+        runs.write_text(json.dumps([{"run": 5, "command": "another"}]))
+    with pytest.raises(ValueError, match=f"{out}.csv has rows without a run in {runs}"):
+        ResultsTable(out, KEYS, {"command": "new"}, append=True)
+
+
 def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
     main, part = tmp_path / "zeroshot", tmp_path / "part"
     ResultsTable(main, KEYS, {"command": "main"}).write([{"method": "fp16", "group_size": -1, "acc": 0.5},
