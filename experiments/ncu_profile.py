@@ -134,13 +134,23 @@ def _kernel_blocks(text: str) -> list[tuple[str, dict[str, tuple[str, float]]]]:
 
 
 def _case_names(kernels: list[str], cases: list[str]) -> list[str]:
-    """The case each profiled kernel belongs to: a case starts at its first kernel's name."""
-    names, index = [], -1
-    for kernel in kernels:
-        if index + 1 < len(cases) and kernel in FIRST_KERNELS[CASES[cases[index + 1]][1]]:
-            index += 1
-        names.append(cases[index])
-    return names
+    """The case each profiled kernel belongs to: the cases ran in order, each starting at one of its first kernels'
+    names. The reports name no case, so kernels that do not fall into exactly ``cases`` so (another --cases, a run
+    stopped early) are refused: they would be labelled with cases they do not belong to."""
+    starts = [i for i, kernel in enumerate(kernels) if any(kernel in names for names in FIRST_KERNELS.values())]
+
+    def fits(names: list[str]) -> bool:
+        return (starts[:1] == [0] and len(names) == len(starts)
+                and all(kernels[i] in FIRST_KERNELS[CASES[name][1]] for i, name in zip(starts, names)))
+
+    if not fits(cases):
+        early = cases[:len(starts)]
+        hint = f"; a run stopped early? its first {len(early)}: --cases {' '.join(early)}" if fits(early) else ""
+        raise SystemExit(f"the reports hold {len(starts)} cases starting with {[kernels[i] for i in starts]}, not the "
+                         f"{len(cases)} of --cases {' '.join(cases)} in order: parse with the --cases they were "
+                         f"profiled with{hint}")
+    ends = starts[1:] + [len(kernels)]
+    return [name for name, start, end in zip(cases, starts, ends) for _ in range(start, end)]
 
 
 def summary(folder: Path, cases: list[str]) -> pd.DataFrame:

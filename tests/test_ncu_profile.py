@@ -52,6 +52,26 @@ def test_kernels_are_assigned_to_their_cases_with_units_and_stalls_read(ncu_prof
     assert table.top_stalls[2].startswith("long_scoreboard 10.00, wait 1.00")
 
 
+@pytest.mark.parametrize("cases", [
+    None,  # the script's default: all its cases, the reports hold two (attention, then a GEMV)
+    ["attn_b64_int8"],  # fewer: the GEMV kernel would be labelled as attention
+    ["gemv_paper_pc", "attn_b1_fp16"],  # the kinds in another order
+])
+def test_reports_of_other_cases_are_refused_not_mislabelled(ncu_profile, tmp_path, cases):
+    _write(tmp_path)
+    with pytest.raises(SystemExit, match="the reports hold 2 cases starting with .'_decode_split_kernel', "
+                                         "'_w4a8_gemv_kernel'., not the"):
+        ncu_profile.summary(tmp_path, cases or list(ncu_profile.CASES))
+
+
+def test_a_run_stopped_early_is_told_which_cases_to_parse_it_with(ncu_profile, tmp_path):
+    _write(tmp_path)
+    with pytest.raises(SystemExit, match="a run stopped early[?] its first 2: --cases attn_b64_int8 gemv_7b_qkv_pc$"):
+        ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc", "gemv_paper_pc"])
+    table = ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc"])
+    assert list(table.case) == ["attn_b64_int8", "attn_b64_int8", "gemv_7b_qkv_pc"]
+
+
 def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_path):
     _write(tmp_path, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_decode_split_kernel"))
     with pytest.raises(SystemExit, match="different kernels"):
