@@ -418,6 +418,8 @@ def main():
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="CSV",
                         help="no measurement: add the runs of e2e_speed.csv files written elsewhere (another --out)")
     args = parser.parse_args()
+    if not args.merge and not torch.cuda.is_available():
+        sys.exit("e2e_speed.py measures GPU speed: no GPU here")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = provenance()
@@ -429,8 +431,6 @@ def main():
                 results.absorb(results_part(path, Path(folder)))
         write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
-    if not torch.cuda.is_available():
-        sys.exit("e2e_speed measures GPU speed: no CUDA device found")
     print(meta, flush=True)
     measured, profiles = run(args, meta)
     table = results.write(measured.to_dict("records"))

@@ -310,6 +310,8 @@ def main():
         tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes
     except ValueError as err:
         parser.error(str(err))
+    if not args.plot_only and not torch.cuda.is_available():
+        sys.exit("gemm_speed.py times CUDA kernels: no GPU here")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,8 +60,6 @@ SECTION_METRICS = {  # summary column: the metric's name in the section report
 
 
 def workload(cases: list[str]) -> None:
-    import torch
-
     from qqq.kernels_triton import gpu
     from qqq.kernels_triton.decode_attention import decode_attention
     from qqq.kernels_triton.packing import pack_int4
@@ -188,6 +187,8 @@ def main() -> None:
     if args.workload:
         workload(args.workload)
         return
+    if args.parse is None and not torch.cuda.is_available():
+        sys.exit("ncu_profile.py profiles CUDA kernels: no GPU here")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.parse is None:
         run_ncu(args.cases, args.out)

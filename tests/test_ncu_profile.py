@@ -1,4 +1,6 @@
 """The summary of experiments/ncu_profile.py, read from Nsight Compute text reports (CPU: no profiling here)."""
+import sys
+
 import pytest
 from conftest import experiment_module
 
@@ -70,6 +72,19 @@ def test_a_run_stopped_early_is_told_which_cases_to_parse_it_with(ncu_profile, t
         ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc", "gemv_paper_pc"])
     table = ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc"])
     assert list(table.case) == ["attn_b64_int8", "attn_b64_int8", "gemv_7b_qkv_pc"]
+
+
+def test_without_a_gpu_profiling_stops_in_one_line_and_parsing_works(ncu_profile, monkeypatch, tmp_path):
+    monkeypatch.setattr(ncu_profile.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^ncu_profile.py profiles CUDA kernels: no GPU here$"):
+        ncu_profile.main()
+    assert not (tmp_path / "out").exists()
+    _write(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--cases", "attn_b1_fp16", "gemv_paper_pc"])
+    ncu_profile.main()
+    assert "_w4a8_gemv_kernel" in (tmp_path / "out" / "ncu_profile.md").read_text()
 
 
 def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_path):
