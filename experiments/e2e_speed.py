@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import statistics
 import sys
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qqq.cli import positive_int  # noqa: E402
 from qqq.fast.attention import KV_BITS, decode_attention_reference  # noqa: E402
 from qqq.fast.generation import Generator  # noqa: E402
 from qqq.fast.model import FastLlama  # noqa: E402
@@ -260,7 +262,9 @@ def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int)
     print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager)", flush=True)
 
 
-def run(args, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(args, meta, save) -> None:
+    """Measure every model, method, KV cache and batch of ``args``; ``save(rows, profiles)`` after each measurement,
+    so a run stopped on the way keeps what it measured."""
     rows, profiles = [], []
     if 8 in args.kv_bits:
         error = check_int8_kv_attention()
@@ -287,13 +291,14 @@ def run(args, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
                     if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
                         continue
                     rows.append(measured_row(fast, model_name, method, kv_bits, batch, weight_gb, args, meta))
+                    save(rows, profiles)
                 for batch in args.profile_batches:
                     free_memory()
                     profile = profile_rows(fast, model_name, method, batch, args.input_len)
                     print_profile(profile, fast, batch, args.input_len)
                     profiles += profile
+                    save(rows, profiles)
             del fast
-    return with_ratios(pd.DataFrame(rows)), pd.DataFrame(profiles)
 
 
 def with_ratios(table: pd.DataFrame) -> pd.DataFrame:
@@ -351,17 +356,18 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
     plot_e2e_speedup(table, out / "e2e_speed.png")
 
 
-def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, append: bool) -> None:
-    """The per-step profiles under a "# key: value" provenance header; with ``append`` the profiles of other
-    (model, method, KV, batch) already in the file stay, each under the header of the run that measured it."""
+def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, earlier: str | None) -> None:
+    """The per-step profiles under a "# key: value" provenance header; ``earlier``: the file's text before this run
+    (with --append), whose profiles of other (model, method, KV, batch) stay, each under the header of the run that
+    measured it."""
     key = ["model", "method", "kv_bits", "batch"]
     header = "".join(f"# {name}: {value}\n" for name, value in meta.items())
     profiles = profiles.assign(measured=meta["date"])
-    if append and path.exists():
-        kept = pd.read_csv(path, comment="#")
+    if earlier is not None:
+        kept = pd.read_csv(io.StringIO(earlier), comment="#")
         measured = set(map(tuple, profiles[key].astype(str).values))
         kept = kept[[tuple(r) not in measured for r in kept[key].astype(str).values]]
-        previous = [line for line in path.read_text().splitlines(True) if line.startswith("# ")]
+        previous = [line for line in earlier.splitlines(True) if line.startswith("# ")]
         header = "".join(previous) + "# appended:\n" + header
         profiles = pd.concat([kept, profiles], ignore_index=True)
     with atomic_write(path) as f:
@@ -383,6 +389,15 @@ def results_part(path: Path, folder: Path) -> Path:
     return part
 
 
+def output_length(text: str) -> int:
+    """--output-len: the first token and at least one decode step, the time the decode speed is taken from."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the first token, then the decode steps timed), "
+                                         f"got {value}")
+    return value
+
+
 def _method_order(column: pd.Series) -> pd.Series:
     if column.name == "kv_bits":
         return -column  # 16 before 8
@@ -402,9 +417,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input-len", type=positive_int, default=1024)
+    parser.add_argument("--output-len", type=output_length, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile-batches", nargs="*", type=int, default=[],
                         help="profile one decode step of every method at these batches: printed, and written to "
@@ -432,11 +447,16 @@ def main():
         write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
     print(meta, flush=True)
-    measured, profiles = run(args, meta)
-    table = results.write(measured.to_dict("records"))
-    write_reports(table, results, out)
-    if len(profiles):
-        write_profiles(profiles, out / "e2e_speed_profile.csv", meta, args.append)
+    profile_path = out / "e2e_speed_profile.csv"
+    earlier_profiles = profile_path.read_text() if args.append and profile_path.exists() else None
+
+    def save(rows: list[dict], profiles: list[dict]) -> None:
+        if rows:
+            write_reports(results.write(with_ratios(pd.DataFrame(rows)).to_dict("records")), results, out)
+        if profiles:
+            write_profiles(pd.DataFrame(profiles), profile_path, meta, earlier_profiles)
+
+    run(args, meta, save)
     print((out / "e2e_speed.md").read_text().split("## Methods")[0])
 
 
