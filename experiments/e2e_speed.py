@@ -50,7 +50,7 @@ from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projec
                                   reference_linear)
 from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
 from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance,  # noqa: E402
-                            read_provenance_header)
+                            read_provenance_header, results_file, results_stem)
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -378,14 +378,15 @@ def results_part(path: Path, folder: Path) -> Path:
     """``path`` (an e2e_speed.csv of another ``--out``) as a part that ``ResultsTable.absorb`` takes in: as it is
     when its runs.json lies beside it, else read from its "# key: value" provenance header lines (the format
     this script wrote before it kept runs.json)."""
-    if path.with_suffix(".runs.json").exists():
-        return path.with_suffix("")
+    stem = results_stem(path)
+    if results_file(stem, ".runs.json").exists():
+        return stem
     meta = read_provenance_header(path)
     if "command" not in meta or "device" not in meta:
         raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
-    part = folder / f"{path.parent.name}_{path.stem}"
-    pd.read_csv(path, comment="#").assign(run=0).to_csv(part.with_suffix(".csv"), index=False)
-    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
+    part = folder / f"{path.parent.name}_{stem.name}"
+    pd.read_csv(path, comment="#").assign(run=0).to_csv(results_file(part, ".csv"), index=False)
+    results_file(part, ".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
     return part
 
 

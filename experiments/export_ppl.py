@@ -30,7 +30,7 @@ from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear
 from qqq.model_families import family_of
 from qqq.models import load_tokenizer
-from qqq.provenance import ResultsTable, atomic_write, provenance
+from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem
 
 KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
@@ -71,7 +71,7 @@ def main():
     import compressed_tensors
 
     args = parse_args()
-    out = Path(args.out)
+    out = results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = ResultsTable(out, KEY_COLUMNS, provenance() | {"compressed-tensors": compressed_tensors.__version__},
                            args.append)
@@ -95,7 +95,7 @@ def main():
                                  windows=windows.shape[0], ppl=round(value, 4), seconds=round(time.time() - start)))
                 print(rows[-1], flush=True)
                 table = results.write(rows)
-                with atomic_write(out.with_suffix(".md")) as f:
+                with atomic_write(results_file(out, ".md")) as f:
                     f.write("\n".join([
                         "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
                         table.drop(columns="run").to_markdown(index=False), "",

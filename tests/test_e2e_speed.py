@@ -1,4 +1,5 @@
 """experiments/e2e_speed.py's command line and what it saves (CPU: no measurement here)."""
+import json
 import sys
 from types import SimpleNamespace
 
@@ -62,3 +63,24 @@ def test_a_run_stopped_on_the_way_keeps_the_rows_it_measured(e2e_speed, monkeypa
         ("fp16", 1, 1.0), ("fp16", 4, 1.0), ("w4a8_rtn", 1, 2.5), ("w4a8_rtn", 4, 2.5)]
     assert set(table["model"]) == {"llama-2-7b"}
     assert "## llama-2-7b" in (tmp_path / "e2e_speed.md").read_text()
+
+
+def test_merge_reads_the_csv_it_names_dots_and_all_into_the_out_folder(e2e_speed, monkeypatch, tmp_path):
+    """``--out`` is a folder (``merged.v2``: merged.v2/e2e_speed.csv); a ``--merge`` csv named e2e_speed.v1.csv is that
+    file with its e2e_speed.v1.runs.json, not the e2e_speed.csv beside it."""
+    def table(name, decode_tok_s):
+        row = dict(model="llama-2-7b", batch=1, method="fp16", kv_bits=16, input_len=8, output_len=4, weight_gb=13.0,
+                   ttft_ms=10.0, decode_tok_s=decode_tok_s, decode_ms_per_step=1.0, status="ok", peak_mem_gb=14.0,
+                   device="test", speedup_vs_fp16=1.0, ttft_vs_fp16=1.0, weight_vs_fp16=1.0)
+        pd.DataFrame([row]).assign(run=0).to_csv(tmp_path / "parts" / f"{name}.csv", index=False)
+        (tmp_path / "parts" / f"{name}.runs.json").write_text(json.dumps([{"run": 0, "command": name}]))
+
+    (tmp_path / "parts").mkdir()
+    table("e2e_speed", 50.0)
+    table("e2e_speed.v1", 75.0)
+    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--merge", str(tmp_path / "parts" / "e2e_speed.v1.csv"),
+                                      "--out", str(tmp_path / "merged.v2")])
+    e2e_speed.main()
+    merged = pd.read_csv(tmp_path / "merged.v2" / "e2e_speed.csv")
+    assert list(merged["decode_tok_s"]) == [75.0]
+    assert "e2e_speed.v1" in (tmp_path / "merged.v2" / "e2e_speed.md").read_text()

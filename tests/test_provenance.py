@@ -57,6 +57,15 @@ def test_rows_whose_runs_json_does_not_name_their_run_are_refused(tmp_path, dama
         ResultsTable(out, KEYS, {"command": "new"}, append=True)
 
 
+@pytest.mark.parametrize("out,stem", [("ppl.v2", "ppl.v2"), ("ppl.v2.csv", "ppl.v2"), ("ppl.csv", "ppl"),
+                                      ("ppl", "ppl")])
+def test_out_names_the_stem_of_the_files_dots_and_all_or_the_csv_itself(tmp_path, out, stem):
+    ResultsTable(tmp_path / out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{stem}.csv", f"{stem}.runs.json"]
+    for name in (stem, f"{stem}.csv"):  # either name appends to the same table
+        assert len(ResultsTable(tmp_path / name, KEYS, {"command": "again"}, append=True).old) == 1
+
+
 def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
     main, part = tmp_path / "zeroshot", tmp_path / "part"
     ResultsTable(main, KEYS, {"command": "main"}).write([{"method": "fp16", "group_size": -1, "acc": 0.5},
