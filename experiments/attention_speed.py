@@ -178,6 +178,8 @@ def main():
     parser.add_argument("--markdown-only", type=Path, metavar="CSV",
                         help="time nothing: write the markdown of an attention_speed.csv next to it")
     args = parser.parse_args()
+    if args.markdown_only and not args.markdown_only.is_file():
+        parser.error(f"--markdown-only: {args.markdown_only} not found")
     if args.markdown_only:
         table, meta = pd.read_csv(args.markdown_only, comment="#"), read_provenance_header(args.markdown_only)
         per_problem = table.groupby(["layout", "kv_bits", "batch", "context"]).size().max()

@@ -434,6 +434,9 @@ def main():
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="CSV",
                         help="no measurement: add the runs of e2e_speed.csv files written elsewhere (another --out)")
     args = parser.parse_args()
+    for path in args.merge:
+        if not path.is_file():
+            parser.error(f"--merge: {path} not found")
     if not args.merge and not torch.cuda.is_available():
         sys.exit("e2e_speed.py measures GPU speed: no GPU here")
     out = Path(args.out)

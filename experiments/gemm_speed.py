@@ -313,11 +313,13 @@ def main():
     if not args.plot_only and not torch.cuda.is_available():
         sys.exit("gemm_speed.py times CUDA kernels: no GPU here")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
+        if not (out_dir / "gemm_speed.csv").is_file():
+            parser.error(f"--plot-only: {out_dir / 'gemm_speed.csv'} not found")
         plot_gemm_speedup(read_results_csv(out_dir / "gemm_speed.csv"), out_dir / "gemm_speed.png",
                           kernels=REPORT_KERNELS)
         return
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance()
     print(meta, flush=True)
     t0 = time.time()

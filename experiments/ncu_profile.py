@@ -189,6 +189,9 @@ def main() -> None:
         return
     if args.parse is None and not torch.cuda.is_available():
         sys.exit("ncu_profile.py profiles CUDA kernels: no GPU here")
+    for report in ("ncu_sections.txt", "ncu_stalls.txt"):
+        if args.parse and not (args.parse / report).is_file():
+            parser.error(f"--parse: {args.parse / report} not found")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.parse is None:
         run_ncu(args.cases, args.out)

@@ -62,7 +62,12 @@ def parse_args():
                    help="keep each document's score in <out>_samples.csv.gz (paired comparisons in the table)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    for part in args.merge or []:
+        for path in (results_file(results_stem(part), ".csv"), results_file(results_stem(part), ".runs.json")):
+            if not path.is_file():
+                p.error(f"--merge: {path} not found")
+    return args
 
 
 def main():

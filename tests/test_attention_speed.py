@@ -46,3 +46,11 @@ def test_markdown_only_rewrites_the_table_of_a_results_file(attention_speed, tmp
     assert "| llama-3-8b | 16 | 16 | 2048 | 10.0 |" in text
     assert "BLOCK_N=128" in text  # three launches per problem: a sweep, so the best is shown
     assert "- command: `python experiments/attention_speed.py --sweep`" in text and "- device: NVIDIA H200" in text
+
+
+def test_markdown_only_of_a_missing_csv_stops_in_one_line(attention_speed, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["attention_speed.py", "--markdown-only", str(tmp_path / "attention_speed.csv")])
+    with pytest.raises(SystemExit) as stop:
+        attention_speed.main()
+    assert stop.value.code == 2
+    assert f"--markdown-only: {tmp_path / 'attention_speed.csv'} not found" in capsys.readouterr().err

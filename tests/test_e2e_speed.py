@@ -84,3 +84,12 @@ def test_merge_reads_the_csv_it_names_dots_and_all_into_the_out_folder(e2e_speed
     merged = pd.read_csv(tmp_path / "merged.v2" / "e2e_speed.csv")
     assert list(merged["decode_tok_s"]) == [75.0]
     assert "e2e_speed.v1" in (tmp_path / "merged.v2" / "e2e_speed.md").read_text()
+
+
+def test_merge_of_a_missing_csv_stops_in_one_line(e2e_speed, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--merge", str(tmp_path / "e2e_speed.csv"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        e2e_speed.main()
+    assert stop.value.code == 2 and f"--merge: {tmp_path / 'e2e_speed.csv'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

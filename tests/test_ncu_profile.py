@@ -91,3 +91,12 @@ def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_pat
     _write(tmp_path, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_decode_split_kernel"))
     with pytest.raises(SystemExit, match="different kernels"):
         ncu_profile.summary(tmp_path, ["attn_b1_fp16", "gemv_paper_pc"])
+
+
+def test_parse_of_a_folder_without_the_reports_stops_in_one_line(ncu_profile, monkeypatch, capsys, tmp_path):
+    (tmp_path / "ncu_sections.txt").write_text(_header("_w4a8_gemv_kernel", 512) + _sections(("us", "30.46"), 125))
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        ncu_profile.main()
+    assert stop.value.code == 2 and f"--parse: {tmp_path / 'ncu_stalls.txt'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

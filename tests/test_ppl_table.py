@@ -57,6 +57,18 @@ def test_zeroshot_table_out_with_a_dot_names_its_files_stem(monkeypatch, tmp_pat
     assert list(pd.read_csv(tmp_path / "zeroshot.v2.csv")["value"]) == [0.6]
 
 
+@pytest.mark.parametrize("files", [(), (".csv",)])
+def test_zeroshot_table_merge_of_a_missing_part_stops_in_one_line(monkeypatch, capsys, tmp_path, files):
+    zeroshot_table = experiment_module("zeroshot_table")
+    for suffix in files:
+        (tmp_path / f"part{suffix}").write_text("")
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(tmp_path / "part")])
+    with pytest.raises(SystemExit) as stop:
+        zeroshot_table.parse_args()
+    missing = tmp_path / ("part.runs.json" if files else "part.csv")
+    assert stop.value.code == 2 and f"--merge: {missing} not found" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "fp16", "nosuch"], "unknown method 'nosuch'"),
     (["--tasks", "nosuch"], "invalid choice: 'nosuch'"),
