@@ -35,9 +35,22 @@ from qqq.provenance import ResultsTable, atomic_write, provenance, results_file,
 KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
 
+def qqq_checkpoint(text: str) -> str:
+    """A folder ``qqq quantize --out`` wrote: its config.json's quantization_config is QQQ's."""
+    config = Path(text) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not quant or quant.get("quant_method") != "qqq":
+        found = ("no config.json" if not config.is_file() else "no quantization_config in its config.json" if not quant
+                 else f"quant_method {quant.get('quant_method')!r}")
+        raise argparse.ArgumentTypeError(f"{text} is not a QQQ checkpoint (a folder `qqq quantize ... --out DIR` "
+                                         "wrote: config.json with quantization_config.quant_method 'qqq'); "
+                                         f"found {found}")
+    return text
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("checkpoints", nargs="+", help="QQQ checkpoint folders")
+    p.add_argument("checkpoints", nargs="+", type=qqq_checkpoint, help="QQQ checkpoint folders")
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=2, help="first N evaluation windows (0 = all)")

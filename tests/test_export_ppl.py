@@ -33,3 +33,22 @@ def test_out_with_a_dot_names_its_files_stem(export_ppl, monkeypatch, tmp_path):
     export_ppl.main()
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("export_ppl")) == [
         "export_ppl.v2.csv", "export_ppl.v2.md", "export_ppl.v2.runs.json"]
+
+
+@pytest.mark.parametrize("config,found", [
+    (None, "found no config.json"),
+    ({"model_type": "llama"}, "found no quantization_config in its config.json"),  # a plain model
+    ({"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"}},
+     "found quant_method 'compressed-tensors'"),  # an export, not the checkpoint it came from
+])
+def test_a_folder_that_is_not_a_qqq_checkpoint_is_refused_when_the_flags_are_read(export_ppl, monkeypatch, capsys,
+                                                                                   tmp_path, config, found):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", ["export_ppl.py", str(folder)])
+    with pytest.raises(SystemExit) as stop:
+        export_ppl.parse_args()
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{folder} is not a QQQ checkpoint" in error and found in error
