@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qqq import numerics  # noqa: E402
 from qqq.fast.attention import decode_attention_reference  # noqa: E402
 from qqq.kernels_triton import autotune, decode_attention  # noqa: E402
-from qqq.provenance import markdown_provenance, provenance, read_provenance_header  # noqa: E402
+from qqq.provenance import atomic_write, markdown_provenance, provenance, read_provenance_header  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm_speed import copy_ceiling_gbs  # noqa: E402
@@ -169,7 +169,8 @@ def write_markdown(table: pd.DataFrame, meta: dict, path: Path, with_best: bool)
              "| " + " | ".join(best.columns) + " |", "|" + "---|" * len(best.columns)]
     lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in best.itertuples(index=False)]
     lines += ["", "## How it was made", "", markdown_provenance(meta), ""]
-    path.write_text("\n".join(lines))
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
     return best
 
 
@@ -187,6 +188,8 @@ def main():
     parser.add_argument("--markdown-only", type=Path, metavar="CSV",
                         help="time nothing: write the markdown of an attention_speed.csv next to it")
     args = parser.parse_args()
+    if args.markdown_only and not args.markdown_only.is_file():
+        parser.error(f"--markdown-only: {args.markdown_only} not found")
     if args.markdown_only:
         table, meta = pd.read_csv(args.markdown_only, comment="#"), read_provenance_header(args.markdown_only)
         per_problem = table.groupby(["layout", "kv_bits", "batch", "context"]).size().max()
@@ -217,7 +220,7 @@ def main():
         print(f"{layout} kv{kv_bits} batch {batch} context {context}: best {min(r['us'] for r in problem):.1f} us "
               f"({time.time() - start:.0f} s)", flush=True)
     table = pd.DataFrame(rows)
-    with open(out_dir / "attention_speed.csv", "w") as f:
+    with atomic_write(out_dir / "attention_speed.csv") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         table.to_csv(f, index=False)
     best = write_markdown(table, meta, out_dir / "attention_speed.md", with_best=sweep is not None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import statistics
 import sys
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qqq.cli import positive_int  # noqa: E402
 from qqq.fast.attention import KV_BITS, decode_attention_reference  # noqa: E402
 from qqq.fast.generation import Generator  # noqa: E402
 from qqq.fast.model import FastLlama  # noqa: E402
@@ -47,7 +49,8 @@ from qqq.fast.producers import quantize_rows, silu_mul_reference  # noqa: E402
 from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projection_from_weight,  # noqa: E402
                                   reference_linear)
 from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
-from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance, read_provenance_header  # noqa: E402
+from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance,  # noqa: E402
+                            read_provenance_header, results_file, results_stem)
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -259,7 +262,9 @@ def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int)
     print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager)", flush=True)
 
 
-def run(args, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(args, meta, save) -> None:
+    """Measure every model, method, KV cache and batch of ``args``; ``save(rows, profiles)`` after each measurement,
+    so a run stopped on the way keeps what it measured."""
     rows, profiles = [], []
     if 8 in args.kv_bits:
         error = check_int8_kv_attention()
@@ -286,13 +291,14 @@ def run(args, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
                     if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
                         continue
                     rows.append(measured_row(fast, model_name, method, kv_bits, batch, weight_gb, args, meta))
+                    save(rows, profiles)
                 for batch in args.profile_batches:
                     free_memory()
                     profile = profile_rows(fast, model_name, method, batch, args.input_len)
                     print_profile(profile, fast, batch, args.input_len)
                     profiles += profile
+                    save(rows, profiles)
             del fast
-    return with_ratios(pd.DataFrame(rows)), pd.DataFrame(profiles)
 
 
 def with_ratios(table: pd.DataFrame) -> pd.DataFrame:
@@ -343,43 +349,54 @@ def write_reports(table: pd.DataFrame, results: ResultsTable, out: Path, merged_
         "## How it was made", ""] + (
         [f"Runs merged into this table by `{merged_by}`. {SCRATCH_FOLDERS_NOTE}", ""] if merged_by else []) + [
         results.markdown(table, lambda rows: ", ".join(dict.fromkeys(rows["model"]))), ""]
-    (out / "e2e_speed.md").write_text("\n".join(lines))
+    with atomic_write(out / "e2e_speed.md") as f:
+        f.write("\n".join(lines))
     from qqq.plots import plot_e2e_speedup
 
     plot_e2e_speedup(table, out / "e2e_speed.png")
 
 
-def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, append: bool) -> None:
-    """The per-step profiles under a "# key: value" provenance header; with ``append`` the profiles of other
-    (model, method, KV, batch) already in the file stay, each under the header of the run that measured it."""
+def write_profiles(profiles: pd.DataFrame, path: Path, meta: dict, earlier: str | None) -> None:
+    """The per-step profiles under a "# key: value" provenance header; ``earlier``: the file's text before this run
+    (with --append), whose profiles of other (model, method, KV, batch) stay, each under the header of the run that
+    measured it."""
     key = ["model", "method", "kv_bits", "batch"]
     header = "".join(f"# {name}: {value}\n" for name, value in meta.items())
     profiles = profiles.assign(measured=meta["date"])
-    if append and path.exists():
-        kept = pd.read_csv(path, comment="#")
+    if earlier is not None:
+        kept = pd.read_csv(io.StringIO(earlier), comment="#")
         measured = set(map(tuple, profiles[key].astype(str).values))
         kept = kept[[tuple(r) not in measured for r in kept[key].astype(str).values]]
-        previous = [line for line in path.read_text().splitlines(True) if line.startswith("# ")]
+        previous = [line for line in earlier.splitlines(True) if line.startswith("# ")]
         header = "".join(previous) + "# appended:\n" + header
         profiles = pd.concat([kept, profiles], ignore_index=True)
-    partial = path.with_suffix(".csv.partial")
-    partial.write_text(header + profiles.to_csv(index=False, float_format="%.4g"))
-    partial.replace(path)
+    with atomic_write(path) as f:
+        f.write(header + profiles.to_csv(index=False, float_format="%.4g"))
 
 
 def results_part(path: Path, folder: Path) -> Path:
     """``path`` (an e2e_speed.csv of another ``--out``) as a part that ``ResultsTable.absorb`` takes in: as it is
     when its runs.json lies beside it, else read from its "# key: value" provenance header lines (the format
     this script wrote before it kept runs.json)."""
-    if path.with_suffix(".runs.json").exists():
-        return path.with_suffix("")
+    stem = results_stem(path)
+    if results_file(stem, ".runs.json").exists():
+        return stem
     meta = read_provenance_header(path)
     if "command" not in meta or "device" not in meta:
         raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
-    part = folder / f"{path.parent.name}_{path.stem}"
-    pd.read_csv(path, comment="#").assign(run=0).to_csv(part.with_suffix(".csv"), index=False)
-    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
+    part = folder / f"{path.parent.name}_{stem.name}"
+    pd.read_csv(path, comment="#").assign(run=0).to_csv(results_file(part, ".csv"), index=False)
+    results_file(part, ".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
     return part
+
+
+def output_length(text: str) -> int:
+    """--output-len: the first token and at least one decode step, the time the decode speed is taken from."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the first token, then the decode steps timed), "
+                                         f"got {value}")
+    return value
 
 
 def _method_order(column: pd.Series) -> pd.Series:
@@ -401,9 +418,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16, 64])
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--input-len", type=positive_int, default=1024)
+    parser.add_argument("--output-len", type=output_length, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile-batches", nargs="*", type=int, default=[],
                         help="profile one decode step of every method at these batches: printed, and written to "
@@ -417,6 +434,11 @@ def main():
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="CSV",
                         help="no measurement: add the runs of e2e_speed.csv files written elsewhere (another --out)")
     args = parser.parse_args()
+    for path in args.merge:
+        if not path.is_file():
+            parser.error(f"--merge: {path} not found")
+    if not args.merge and not torch.cuda.is_available():
+        sys.exit("e2e_speed.py measures GPU speed: no GPU here")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = provenance()
@@ -428,14 +450,17 @@ def main():
                 results.absorb(results_part(path, Path(folder)))
         write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
-    if not torch.cuda.is_available():
-        sys.exit("e2e_speed measures GPU speed: no CUDA device found")
     print(meta, flush=True)
-    measured, profiles = run(args, meta)
-    table = results.write(measured.to_dict("records"))
-    write_reports(table, results, out)
-    if len(profiles):
-        write_profiles(profiles, out / "e2e_speed_profile.csv", meta, args.append)
+    profile_path = out / "e2e_speed_profile.csv"
+    earlier_profiles = profile_path.read_text() if args.append and profile_path.exists() else None
+
+    def save(rows: list[dict], profiles: list[dict]) -> None:
+        if rows:
+            write_reports(results.write(with_ratios(pd.DataFrame(rows)).to_dict("records")), results, out)
+        if profiles:
+            write_profiles(pd.DataFrame(profiles), profile_path, meta, earlier_profiles)
+
+    run(args, meta, save)
     print((out / "e2e_speed.md").read_text().split("## Methods")[0])
 
 

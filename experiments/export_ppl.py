@@ -30,14 +30,27 @@ from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear
 from qqq.model_families import family_of
 from qqq.models import load_tokenizer
-from qqq.provenance import ResultsTable, provenance
+from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem
 
 KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
 
+def qqq_checkpoint(text: str) -> str:
+    """A folder ``qqq quantize --out`` wrote: its config.json's quantization_config is QQQ's."""
+    config = Path(text) / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not quant or quant.get("quant_method") != "qqq":
+        found = ("no config.json" if not config.is_file() else "no quantization_config in its config.json" if not quant
+                 else f"quant_method {quant.get('quant_method')!r}")
+        raise argparse.ArgumentTypeError(f"{text} is not a QQQ checkpoint (a folder `qqq quantize ... --out DIR` "
+                                         "wrote: config.json with quantization_config.quant_method 'qqq'); "
+                                         f"found {found}")
+    return text
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("checkpoints", nargs="+", help="QQQ checkpoint folders")
+    p.add_argument("checkpoints", nargs="+", type=qqq_checkpoint, help="QQQ checkpoint folders")
     p.add_argument("--dataset", default="exllamav2-wiki")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=2, help="first N evaluation windows (0 = all)")
@@ -71,7 +84,7 @@ def main():
     import compressed_tensors
 
     args = parse_args()
-    out = Path(args.out)
+    out = results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = ResultsTable(out, KEY_COLUMNS, provenance() | {"compressed-tensors": compressed_tensors.__version__},
                            args.append)
@@ -95,14 +108,15 @@ def main():
                                  windows=windows.shape[0], ppl=round(value, 4), seconds=round(time.time() - start)))
                 print(rows[-1], flush=True)
                 table = results.write(rows)
-                out.with_suffix(".md").write_text("\n".join([
-                    "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
-                    table.drop(columns="run").to_markdown(index=False), "",
-                    f"- evaluation: {evaluation_protocol(args.dataset, args.seqlen)}; the first windows only (CPU)",
-                    "- qqq: the checkpoint (QQQLinear); export, int8 /127: the decompressed export with QQQ's per-token "
-                    "int8 activations (vLLM's int8 kernels' scale); export via transformers: compressed-tensors' "
-                    "fake quantization (activation scale amax / 127.5)", "",
-                    "## How it was made", "", results.markdown(table, configurations), ""]))
+                with atomic_write(results_file(out, ".md")) as f:
+                    f.write("\n".join([
+                        "# Perplexity through a QQQ checkpoint and its compressed-tensors export", "",
+                        table.drop(columns="run").to_markdown(index=False), "",
+                        f"- evaluation: {evaluation_protocol(args.dataset, args.seqlen)}; the first windows only (CPU)",
+                        "- qqq: the checkpoint (QQQLinear); export, int8 /127: the decompressed export with QQQ's "
+                        "per-token int8 activations (vLLM's int8 kernels' scale); export via transformers: "
+                        "compressed-tensors' fake quantization (activation scale amax / 127.5)", "",
+                        "## How it was made", "", results.markdown(table, configurations), ""]))
 
 
 def configurations(rows: pd.DataFrame) -> str:

@@ -25,7 +25,7 @@ os.environ["QQQ_BACKEND"] = "reference"
 from qqq.fast.model import FastLlama  # noqa: E402
 from qqq.models import EMBEDDED_MODEL, EMBEDDED_NOTE, load_model  # noqa: E402
 from qqq.pipeline import QuantizeSettings, quantize_model  # noqa: E402
-from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import atomic_write, markdown_provenance, provenance  # noqa: E402
 
 TEXT = ("The capital of France is Paris, where you can find the Eiffel Tower. The city is known for its museums, "
         "its food and its long history as a centre of art and science in Europe.")
@@ -71,7 +71,8 @@ def main():
     lines += ["", "## How it was made", "", markdown_provenance(meta), ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fast_path_agreement.md").write_text("\n".join(lines))
+    with atomic_write(out / "fast_path_agreement.md") as f:
+        f.write("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -33,7 +33,7 @@ from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
 from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
 from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
-from qqq.provenance import provenance  # noqa: E402
+from qqq.provenance import atomic_write, provenance  # noqa: E402
 
 SHAPES = config_table.LLAMA_GEMM_SHAPES
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -129,7 +129,7 @@ def activation_quant_speed(meta, out_dir: Path) -> list[dict]:
         rows.append(dict(M=m, K=k, time_us=round(us, 2), GB_per_s=round(gbs, 1),
                          fraction_of_copy=round(gbs / copy_gbs, 3), copy_GB_per_s=round(copy_gbs, 1)))
         print(f"act quant M={m} K={k}: {us:.1f} us, {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of copy", flush=True)
-    with open(out_dir / "gemm_speed_act_quant.csv", "w", newline="") as f:
+    with atomic_write(out_dir / "gemm_speed_act_quant.csv") as f:
         f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -235,7 +235,7 @@ REPORT_KERNELS = ["w4a8", "w4a8_g128", "w8a8", "w4a16"]
 
 def write_reports(rows, meta, out_dir: Path, m_values):
     header = "".join(f"# {key}: {value}\n" for key, value in meta.items())
-    with open(out_dir / "gemm_speed.csv", "w", newline="") as f:
+    with atomic_write(out_dir / "gemm_speed.csv") as f:
         f.write(header)
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -282,7 +282,8 @@ def write_reports(rows, meta, out_dir: Path, m_values):
                                                     else f"{r['speedup_vs_fp16']:.2f}"))
             lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
         lines.append("")
-    (out_dir / "gemm_speed.md").write_text("\n".join(lines))
+    with atomic_write(out_dir / "gemm_speed.md") as f:
+        f.write("\n".join(lines))
     table = pd.DataFrame(rows)
     table.attrs["provenance"] = meta
     plot_gemm_speedup(table, out_dir / "gemm_speed.png", kernels=REPORT_KERNELS)
@@ -309,12 +310,16 @@ def main():
         tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes
     except ValueError as err:
         parser.error(str(err))
+    if not args.plot_only and not torch.cuda.is_available():
+        sys.exit("gemm_speed.py times CUDA kernels: no GPU here")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
+        if not (out_dir / "gemm_speed.csv").is_file():
+            parser.error(f"--plot-only: {out_dir / 'gemm_speed.csv'} not found")
         plot_gemm_speedup(read_results_csv(out_dir / "gemm_speed.csv"), out_dir / "gemm_speed.png",
                           kernels=REPORT_KERNELS)
         return
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = provenance()
     print(meta, flush=True)
     t0 = time.time()
@@ -335,7 +340,7 @@ def main():
             base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
             autotune.tune([(n, k, -1) for _, n, k in tune_shapes], base_ms, kernels=("w8a8", "w4a16"),
                           path=args.config_json, timings=timings)
-        with open(out_dir / "gemm_speed_tune_timings.csv", "w", newline="") as f:
+        with atomic_write(out_dir / "gemm_speed_tune_timings.csv") as f:
             f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
             writer = csv.writer(f)
             keys = config_table.CONFIG_KEYS

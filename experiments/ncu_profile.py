@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qqq.provenance import markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import atomic_write, markdown_provenance, provenance  # noqa: E402
 
 STALL_REASONS = ("long_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait", "math_pipe_throttle",
                  "not_selected", "short_scoreboard", "no_instruction", "dispatch_stall", "membar",
@@ -59,8 +60,6 @@ SECTION_METRICS = {  # summary column: the metric's name in the section report
 
 
 def workload(cases: list[str]) -> None:
-    import torch
-
     from qqq.kernels_triton import gpu
     from qqq.kernels_triton.decode_attention import decode_attention
     from qqq.kernels_triton.packing import pack_int4
@@ -134,13 +133,23 @@ def _kernel_blocks(text: str) -> list[tuple[str, dict[str, tuple[str, float]]]]:
 
 
 def _case_names(kernels: list[str], cases: list[str]) -> list[str]:
-    """The case each profiled kernel belongs to: a case starts at its first kernel's name."""
-    names, index = [], -1
-    for kernel in kernels:
-        if index + 1 < len(cases) and kernel in FIRST_KERNELS[CASES[cases[index + 1]][1]]:
-            index += 1
-        names.append(cases[index])
-    return names
+    """The case each profiled kernel belongs to: the cases ran in order, each starting at one of its first kernels'
+    names. The reports name no case, so kernels that do not fall into exactly ``cases`` so (another --cases, a run
+    stopped early) are refused: they would be labelled with cases they do not belong to."""
+    starts = [i for i, kernel in enumerate(kernels) if any(kernel in names for names in FIRST_KERNELS.values())]
+
+    def fits(names: list[str]) -> bool:
+        return (starts[:1] == [0] and len(names) == len(starts)
+                and all(kernels[i] in FIRST_KERNELS[CASES[name][1]] for i, name in zip(starts, names)))
+
+    if not fits(cases):
+        early = cases[:len(starts)]
+        hint = f"; a run stopped early? its first {len(early)}: --cases {' '.join(early)}" if fits(early) else ""
+        raise SystemExit(f"the reports hold {len(starts)} cases starting with {[kernels[i] for i in starts]}, not the "
+                         f"{len(cases)} of --cases {' '.join(cases)} in order: parse with the --cases they were "
+                         f"profiled with{hint}")
+    ends = starts[1:] + [len(kernels)]
+    return [name for name, start, end in zip(cases, starts, ends) for _ in range(start, end)]
 
 
 def summary(folder: Path, cases: list[str]) -> pd.DataFrame:
@@ -178,6 +187,11 @@ def main() -> None:
     if args.workload:
         workload(args.workload)
         return
+    if args.parse is None and not torch.cuda.is_available():
+        sys.exit("ncu_profile.py profiles CUDA kernels: no GPU here")
+    for report in ("ncu_sections.txt", "ncu_stalls.txt"):
+        if args.parse and not (args.parse / report).is_file():
+            parser.error(f"--parse: {args.parse / report} not found")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.parse is None:
         run_ncu(args.cases, args.out)
@@ -186,15 +200,15 @@ def main() -> None:
     if args.note:
         meta["note"] = args.note
     stem = args.out / "ncu_profile"
-    with open(f"{stem}.csv", "w") as f:
+    with atomic_write(stem.with_suffix(".csv")) as f:
         f.writelines(f"# {key}: {value}\n" for key, value in meta.items())
         table.to_csv(f, index=False)
     cases = "\n".join(f"- `{name}`: {CASES[name][0]}" for name in args.cases)
-    stem.with_suffix(".md").write_text(
-        "# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
-        + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
-        "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) left "
-        "out\n\n" + markdown_provenance(meta) + "\n")
+    with atomic_write(stem.with_suffix(".md")) as f:
+        f.write("# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
+                + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
+                "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) "
+                "left out\n\n" + markdown_provenance(meta) + "\n")
     print(table.to_string(index=False))
 
 

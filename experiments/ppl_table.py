@@ -31,7 +31,7 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
-from qqq.provenance import ResultsTable, provenance
+from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem
 
 KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "query_bits", "dataset",
                "seqlen"]
@@ -72,7 +72,7 @@ def main():
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
     calibration = calibration_settings(args.paper_settings, smooth_samples=args.smooth_samples)
-    rows, out = [], Path(args.out)
+    rows, out = [], results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
@@ -111,7 +111,7 @@ def main():
                                  windows=windows.shape[0], ppl=round(value, 4),
                                  seconds=round(seconds + time.time() - start), from_cache=cached is not None))
                 print(rows[-1], flush=True)
-                write_markdown(results.write(rows), results, args, calibration, out.with_suffix(".md"))  # after each
+                write_markdown(results.write(rows), results, args, calibration, results_file(out, ".md"))  # after each
             del model
 
 
@@ -159,7 +159,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, calibration
                      "is not a multiple of 128")
     notes += ["- seconds (csv): quantizing (or loading from the cache, from_cache) plus scoring", "",
               "## How it was made", "", results.markdown(table, configurations), ""]
-    path.write_text("\n".join(notes))
+    with atomic_write(path) as f:
+        f.write("\n".join(notes))
 
 
 def configurations(rows: pd.DataFrame) -> str:

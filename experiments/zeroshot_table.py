@@ -25,7 +25,8 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.cli import method_name, positive_int
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
-from qqq.provenance import SCRATCH_FOLDERS_NOTE, ResultsTable, provenance
+from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance, results_file,
+                            results_stem)
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
@@ -61,7 +62,12 @@ def parse_args():
                    help="keep each document's score in <out>_samples.csv.gz (paired comparisons in the table)")
     p.add_argument("--out", default="results/zeroshot")
     p.add_argument("--device", default=None)
-    return p.parse_args()
+    args = p.parse_args()
+    for part in args.merge or []:
+        for path in (results_file(results_stem(part), ".csv"), results_file(results_stem(part), ".runs.json")):
+            if not path.is_file():
+                p.error(f"--merge: {path} not found")
+    return args
 
 
 def main():
@@ -70,7 +76,7 @@ def main():
     calibration = calibration_settings(args.paper_settings, smooth_samples=args.smooth_samples)
     meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
                                         "limit": str(args.limit)}
-    rows, out = [], Path(args.out)
+    rows, out = [], results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
                            defaults=dict.fromkeys(CLIP_COLUMNS, False))
@@ -80,11 +86,11 @@ def main():
         raise ValueError(f"--append/--merge: runs with another --limit than {args.limit}; one table cannot mix them")
     kept_samples = read_samples(out) if args.append or args.merge else None
     for part in args.merge or []:
-        kept_samples = merged_samples(kept_samples, read_samples(Path(part)))
+        kept_samples = merged_samples(kept_samples, read_samples(results_stem(part)))
     if args.merge:
         table = results.write([])
         write_samples(out, kept_samples, table)
-        write_markdown(table, results, args, out.with_suffix(".md"))
+        write_markdown(table, results, args, results_file(out, ".md"))
         return
     gptq = GPTQConfig(**clip_searches(args))
     for model_name in args.models:
@@ -110,7 +116,7 @@ def main():
                 print({k: rows[-1][k] for k in ("method", "group_size", "task", "metric", "value", "docs")}, flush=True)
             table = results.write(rows)
             write_samples(out, kept_samples, table)
-            write_markdown(table, results, args, out.with_suffix(".md"))  # after each
+            write_markdown(table, results, args, results_file(out, ".md"))  # after each
             del model
 
 
@@ -249,7 +255,8 @@ def write_markdown(table: pd.DataFrame, results: ResultsTable, args, path: Path)
                   "joined into this table by "
                   f"`{command}`. {SCRATCH_FOLDERS_NOTE}", ""]
     notes += [results.markdown(table, configurations), ""]
-    path.write_text("\n".join(notes))
+    with atomic_write(path) as f:
+        f.write("\n".join(notes))
 
 
 def configurations(rows: pd.DataFrame) -> str:

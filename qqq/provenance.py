@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -109,6 +110,20 @@ def provenance() -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """A text file for ``path``'s new content that replaces ``path`` only once it is complete (written beside it,
+    then ``os.replace``): a write that is interrupted leaves the old file, not half a new one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w", newline="") as f:
+            yield f
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands were scratch folders of the machine "
                         "that ran them, not kept: every row they held is in this table.")
 
@@ -124,6 +139,19 @@ def read_provenance_header(path: Path) -> dict[str, str]:
     return meta
 
 
+def results_stem(out: str | Path) -> Path:
+    """What a results table's ``--out`` names: the stem of its files (stem.csv, stem.md, stem.runs.json), dots and
+    all (``x.v2``: x.v2.csv, where ``Path.with_suffix`` gives x.csv), or the csv itself (``x.csv``: x.csv, not
+    x.csv.csv)."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix == ".csv" else out
+
+
+def results_file(stem: Path, extension: str) -> Path:
+    """One of a results table's files: ``results_file(Path("x.v2"), ".md")`` is x.v2.md."""
+    return stem.with_name(stem.name + extension)
+
+
 def markdown_provenance(meta: dict[str, str]) -> str:
     return "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in meta.items())
 
@@ -137,22 +165,24 @@ class ResultsTable:
 
     def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False,
                  defaults: dict | None = None):
-        self.out, self.key_columns, self.defaults = Path(out), key_columns, defaults or {}
-        csv, runs = self.out.with_suffix(".csv"), self.out.with_suffix(".runs.json")
+        self.out, self.key_columns, self.defaults = results_stem(out), key_columns, defaults or {}
+        csv, runs = results_file(self.out, ".csv"), results_file(self.out, ".runs.json")
         self.old = self._completed(pd.read_csv(csv)) if append and csv.exists() else pd.DataFrame()
         self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
-        if len(self.old) and ("run" not in self.old or self.old["run"].isna().any()):
-            raise ValueError(f"{csv} has rows without a run in {runs}: cannot say how they were made; rerun them")
+        if len(self.old) and ("run" not in self.old or not set(self.old["run"]) <= {r["run"] for r in self.runs}):
+            missing = "" if runs.exists() else " (missing)"
+            raise ValueError(f"{csv} has rows without a run in {runs}{missing}: cannot say how they were made; "
+                             "rerun them")
         self.run = max((r["run"] for r in self.runs), default=-1) + 1
         self.runs.append({"run": self.run, **meta})
 
     def absorb(self, part: Path) -> None:
         """Take in the rows and runs of another results file (``part``.csv and ``part``.runs.json, from runs made
         in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered."""
-        part = Path(part)
-        rows = self._completed(pd.read_csv(part.with_suffix(".csv")))
+        part = results_stem(part)
+        rows = self._completed(pd.read_csv(results_file(part, ".csv")))
         renumbered = {}
-        for run in json.loads(part.with_suffix(".runs.json").read_text()):
+        for run in json.loads(results_file(part, ".runs.json").read_text()):
             renumbered[run["run"]] = max(r["run"] for r in self.runs) + 1
             self.runs.append({**run, "run": renumbered[run["run"]]})
         self.old = self._replaced(self.old, rows.assign(run=rows["run"].map(renumbered)))
@@ -174,9 +204,11 @@ class ResultsTable:
     def write(self, rows: list[dict]) -> pd.DataFrame:
         """Write the table with ``rows`` (this run's rows so far) and return it."""
         table = self._replaced(self.old, pd.DataFrame(rows).assign(run=self.run))
-        table.to_csv(self.out.with_suffix(".csv"), index=False)
+        with atomic_write(results_file(self.out, ".csv")) as f:
+            table.to_csv(f, index=False)
         used = [r for r in self.runs if r["run"] in set(table["run"])]
-        self.out.with_suffix(".runs.json").write_text(json.dumps(used, indent=1) + "\n")
+        with atomic_write(results_file(self.out, ".runs.json")) as f:
+            f.write(json.dumps(used, indent=1) + "\n")
         return table
 
     def markdown(self, table: pd.DataFrame, describe) -> str:

@@ -59,3 +59,11 @@ def test_the_default_launch_is_the_one_decode_attention_takes_for_the_problem(at
     assert not attention_speed.same_launch(slots_row, small_mha)
     assert attention_speed.same_launch({**big_mha, "us": 1.0}, big_mha)
     assert not attention_speed.same_launch({**big_mha, "int8_scores": False}, big_mha)
+
+
+def test_markdown_only_of_a_missing_csv_stops_in_one_line(attention_speed, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["attention_speed.py", "--markdown-only", str(tmp_path / "attention_speed.csv")])
+    with pytest.raises(SystemExit) as stop:
+        attention_speed.main()
+    assert stop.value.code == 2
+    assert f"--markdown-only: {tmp_path / 'attention_speed.csv'} not found" in capsys.readouterr().err

@@ -46,14 +46,17 @@ def _profile(method, batch, us):
 def test_appended_profiles_replace_only_their_own_method_and_batch(e2e_speed, tmp_path):
     path = tmp_path / "e2e_speed_profile.csv"
     first = {"command": "first", "date": "d1"}
-    e2e_speed.write_profiles(pd.concat([_profile("fp16", 1, 10.0), _profile("w8a8", 1, 20.0)]), path, first, False)
-    e2e_speed.write_profiles(_profile("w8a8", 1, 30.0), path, {"command": "second", "date": "d2"}, True)
+    e2e_speed.write_profiles(pd.concat([_profile("fp16", 1, 10.0), _profile("w8a8", 1, 20.0)]), path, first, None)
+    earlier = path.read_text()
+    second = {"command": "second", "date": "d2"}
+    e2e_speed.write_profiles(_profile("w8a8", 1, 30.0), path, second, earlier)
+    e2e_speed.write_profiles(_profile("w8a8", 1, 30.0), path, second, earlier)  # saved again later in the run
     table = pd.read_csv(path, comment="#")
     assert sorted(zip(table["method"], table["us_per_step"], table["measured"])) == [
         ("fp16", 10.0, "d1"), ("w8a8", 30.0, "d2")]
     header = [line for line in path.read_text().splitlines() if line.startswith("# ")]
     assert header == ["# command: first", "# date: d1", "# appended:", "# command: second", "# date: d2"]
-    e2e_speed.write_profiles(_profile("fp16", 16, 5.0), path, first, False)  # without --append: only this run
+    e2e_speed.write_profiles(_profile("fp16", 16, 5.0), path, first, None)  # without --append: only this run
     assert len(pd.read_csv(path, comment="#")) == 1
 
 

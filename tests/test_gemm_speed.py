@@ -23,6 +23,14 @@ def test_shapes_named_refuses_an_unknown_or_empty_list(gemm_speed, names):
         gemm_speed.shapes_named(names)
 
 
+def test_without_a_gpu_it_stops_in_one_line_before_writing_anything(gemm_speed, monkeypatch, tmp_path):
+    monkeypatch.setattr(gemm_speed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gemm_speed.py", "--act-quant", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^gemm_speed.py times CUDA kernels: no GPU here$"):
+        gemm_speed.main()
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_script_stops_on_a_misspelled_shape_before_writing_anything(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, str(EXPERIMENTS / "gemm_speed.py"), "--tune-shapes", "llama2-7b-qkv",
@@ -30,3 +38,12 @@ def test_the_script_stops_on_a_misspelled_shape_before_writing_anything(tmp_path
     assert run.returncode == 2
     assert "unknown shape name(s) ['llama2-7b-qkv']" in run.stderr
     assert not out.exists()
+
+
+def test_plot_only_without_the_csv_stops_in_one_line(gemm_speed, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["gemm_speed.py", "--plot-only", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        gemm_speed.main()
+    assert stop.value.code == 2
+    assert f"--plot-only: {tmp_path / 'out' / 'gemm_speed.csv'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

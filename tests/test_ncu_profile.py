@@ -1,4 +1,6 @@
 """The summary of experiments/ncu_profile.py, read from Nsight Compute text reports (CPU: no profiling here)."""
+import sys
+
 import pytest
 from conftest import experiment_module
 
@@ -52,7 +54,49 @@ def test_kernels_are_assigned_to_their_cases_with_units_and_stalls_read(ncu_prof
     assert table.top_stalls[2].startswith("long_scoreboard 10.00, wait 1.00")
 
 
+@pytest.mark.parametrize("cases", [
+    None,  # the script's default: all its cases, the reports hold two (attention, then a GEMV)
+    ["attn_b64_int8"],  # fewer: the GEMV kernel would be labelled as attention
+    ["gemv_paper_pc", "attn_b1_fp16"],  # the kinds in another order
+])
+def test_reports_of_other_cases_are_refused_not_mislabelled(ncu_profile, tmp_path, cases):
+    _write(tmp_path)
+    with pytest.raises(SystemExit, match="the reports hold 2 cases starting with .'_decode_split_kernel', "
+                                         "'_w4a8_gemv_kernel'., not the"):
+        ncu_profile.summary(tmp_path, cases or list(ncu_profile.CASES))
+
+
+def test_a_run_stopped_early_is_told_which_cases_to_parse_it_with(ncu_profile, tmp_path):
+    _write(tmp_path)
+    with pytest.raises(SystemExit, match="a run stopped early[?] its first 2: --cases attn_b64_int8 gemv_7b_qkv_pc$"):
+        ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc", "gemv_paper_pc"])
+    table = ncu_profile.summary(tmp_path, ["attn_b64_int8", "gemv_7b_qkv_pc"])
+    assert list(table.case) == ["attn_b64_int8", "attn_b64_int8", "gemv_7b_qkv_pc"]
+
+
+def test_without_a_gpu_profiling_stops_in_one_line_and_parsing_works(ncu_profile, monkeypatch, tmp_path):
+    monkeypatch.setattr(ncu_profile.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^ncu_profile.py profiles CUDA kernels: no GPU here$"):
+        ncu_profile.main()
+    assert not (tmp_path / "out").exists()
+    _write(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--cases", "attn_b1_fp16", "gemv_paper_pc"])
+    ncu_profile.main()
+    assert "_w4a8_gemv_kernel" in (tmp_path / "out" / "ncu_profile.md").read_text()
+
+
 def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_path):
     _write(tmp_path, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_decode_split_kernel"))
     with pytest.raises(SystemExit, match="different kernels"):
         ncu_profile.summary(tmp_path, ["attn_b1_fp16", "gemv_paper_pc"])
+
+
+def test_parse_of_a_folder_without_the_reports_stops_in_one_line(ncu_profile, monkeypatch, capsys, tmp_path):
+    (tmp_path / "ncu_sections.txt").write_text(_header("_w4a8_gemv_kernel", 512) + _sections(("us", "30.46"), 125))
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        ncu_profile.main()
+    assert stop.value.code == 2 and f"--parse: {tmp_path / 'ncu_stalls.txt'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

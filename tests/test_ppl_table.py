@@ -3,8 +3,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import experiment_module
+
+from qqq.provenance import ResultsTable
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -37,6 +40,33 @@ def test_append_refuses_another_window_length_or_text(ppl_table, monkeypatch, tm
     with pytest.raises(ValueError, match="one table cannot mix them"):
         ppl_table.main()
     assert (tmp_path / "ppl.csv").read_text() == (RESULTS / "ppl.csv").read_text()
+
+
+def test_zeroshot_table_out_with_a_dot_names_its_files_stem(monkeypatch, tmp_path):
+    """``--out zeroshot.v2`` writes zeroshot.v2.csv, .md and .runs.json (``Path.with_suffix`` made them zeroshot.*),
+    and ``--merge`` reads the part it names, dots and all."""
+    zeroshot_table = experiment_module("zeroshot_table")
+    ResultsTable(tmp_path / "part.v1", zeroshot_table.KEY_COLUMNS, {"command": "part", "limit": "None"}).write(
+        [dict(model="m", method="fp16", group_size=-1, task="piqa", metric="acc", value=0.6, stderr=0.01, docs=10,
+              split="validation")])
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(tmp_path / "part.v1"), "--tasks", "piqa",
+                                      "--out", str(tmp_path / "zeroshot.v2")])
+    zeroshot_table.main()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("zeroshot")) == [
+        "zeroshot.v2.csv", "zeroshot.v2.md", "zeroshot.v2.runs.json"]
+    assert list(pd.read_csv(tmp_path / "zeroshot.v2.csv")["value"]) == [0.6]
+
+
+@pytest.mark.parametrize("files", [(), (".csv",)])
+def test_zeroshot_table_merge_of_a_missing_part_stops_in_one_line(monkeypatch, capsys, tmp_path, files):
+    zeroshot_table = experiment_module("zeroshot_table")
+    for suffix in files:
+        (tmp_path / f"part{suffix}").write_text("")
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(tmp_path / "part")])
+    with pytest.raises(SystemExit) as stop:
+        zeroshot_table.parse_args()
+    missing = tmp_path / ("part.runs.json" if files else "part.csv")
+    assert stop.value.code == 2 and f"--merge: {missing} not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

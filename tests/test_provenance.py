@@ -1,11 +1,12 @@
 """qqq.provenance.ResultsTable: --append keeps the rows a run does not measure again and names each row's run."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from qqq.provenance import ResultsTable, read_provenance_header
+from qqq.provenance import ResultsTable, atomic_write, read_provenance_header
 
 KEYS = ["method", "group_size"]
 
@@ -41,6 +42,30 @@ def test_rows_of_unknown_origin_are_refused(tmp_path):
         ResultsTable(out, KEYS, {"command": "x"}, append=True)
 
 
+@pytest.mark.parametrize("damage", ["runs.json deleted", "runs.json of another table"])
+def test_rows_whose_runs_json_does_not_name_their_run_are_refused(tmp_path, damage):
+    """The old rows' run numbers would otherwise be taken for this run's, and the table would say this run's
+    command made them."""
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    runs = out.with_suffix(".runs.json")
+    if damage == "runs.json deleted":
+        runs.unlink()
+    else:
+        runs.write_text(json.dumps([{"run": 5, "command": "another"}]))
+    with pytest.raises(ValueError, match=f"{out}.csv has rows without a run in {runs}"):
+        ResultsTable(out, KEYS, {"command": "new"}, append=True)
+
+
+@pytest.mark.parametrize("out,stem", [("ppl.v2", "ppl.v2"), ("ppl.v2.csv", "ppl.v2"), ("ppl.csv", "ppl"),
+                                      ("ppl", "ppl")])
+def test_out_names_the_stem_of_the_files_dots_and_all_or_the_csv_itself(tmp_path, out, stem):
+    ResultsTable(tmp_path / out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"{stem}.csv", f"{stem}.runs.json"]
+    for name in (stem, f"{stem}.csv"):  # either name appends to the same table
+        assert len(ResultsTable(tmp_path / name, KEYS, {"command": "again"}, append=True).old) == 1
+
+
 def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
     main, part = tmp_path / "zeroshot", tmp_path / "part"
     ResultsTable(main, KEYS, {"command": "main"}).write([{"method": "fp16", "group_size": -1, "acc": 0.5},
@@ -64,6 +89,39 @@ def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
          {"method": "fp16", "group_size": -1, "kv_bits": 16, "ppl": 10.5}])
     assert sorted(map(tuple, table[["method", "kv_bits", "ppl", "run"]].values.tolist())) == [
         ("fp16", 16, 10.5, 1), ("qqq", 8, 12.5, 1), ("qqq", 16, 12.0, 0)]
+
+
+def test_an_interrupted_write_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    original = pd.DataFrame.to_csv
+
+    def stopped_halfway(self, target=None, **kwargs):  # half the table written, then the run is stopped
+        text = original(self, None, **kwargs)
+        if hasattr(target, "write"):
+            target.write(text[:len(text) // 2])
+        else:
+            Path(target).write_text(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ResultsTable(out, KEYS, {"command": "second"}).write([{"method": "qqq", "group_size": 64, "ppl": 12.0},
+                                                               {"method": "rtn", "group_size": 64, "ppl": 13.0}])
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
+
+
+def test_atomic_write_replaces_the_file_only_once_complete(tmp_path):
+    path = tmp_path / "speed.md"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("stopped")
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.md"] and path.read_text() == "old"
+    with atomic_write(path) as f:
+        f.write("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.md"] and path.read_text() == "new"
 
 
 def test_provenance_names_the_code_quietly(capfd):
