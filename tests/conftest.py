@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def experiment_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_stops_without_a_gpu(script, argv: list[str], message: str, out: Path, monkeypatch) -> None:
+    """``script``'s main, run with ``argv`` on a machine without CUDA, exits with ``message`` alone and creates
+    nothing at ``out``."""
+    monkeypatch.setattr(script.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        script.main()
+    assert not out.exists()
 
 
 def tiny_config(model_type: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2,

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import experiment_module
+from conftest import assert_stops_without_a_gpu, experiment_module
 
 
 @pytest.fixture(scope="module")
@@ -14,11 +14,8 @@ def e2e_speed():
 
 
 def test_without_a_gpu_it_stops_in_one_line_before_writing_anything(e2e_speed, monkeypatch, tmp_path):
-    monkeypatch.setattr(e2e_speed.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="^e2e_speed.py measures GPU speed: no GPU here$"):
-        e2e_speed.main()
-    assert not (tmp_path / "out").exists()
+    assert_stops_without_a_gpu(e2e_speed, ["e2e_speed.py", "--out", str(tmp_path / "out")],
+                               "e2e_speed.py measures GPU speed: no GPU here", tmp_path / "out", monkeypatch)
 
 
 @pytest.mark.parametrize("argv,message", [

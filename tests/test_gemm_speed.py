@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXPERIMENTS, experiment_module
+from conftest import EXPERIMENTS, assert_stops_without_a_gpu, experiment_module
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,8 @@ def test_shapes_named_refuses_an_unknown_or_empty_list(gemm_speed, names):
 
 
 def test_without_a_gpu_it_stops_in_one_line_before_writing_anything(gemm_speed, monkeypatch, tmp_path):
-    monkeypatch.setattr(gemm_speed.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["gemm_speed.py", "--act-quant", "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="^gemm_speed.py times CUDA kernels: no GPU here$"):
-        gemm_speed.main()
-    assert not (tmp_path / "out").exists()
+    assert_stops_without_a_gpu(gemm_speed, ["gemm_speed.py", "--act-quant", "--out", str(tmp_path / "out")],
+                               "gemm_speed.py times CUDA kernels: no GPU here", tmp_path / "out", monkeypatch)
 
 
 def test_the_script_stops_on_a_misspelled_shape_before_writing_anything(tmp_path):

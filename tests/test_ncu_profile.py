@@ -2,7 +2,7 @@
 import sys
 
 import pytest
-from conftest import experiment_module
+from conftest import assert_stops_without_a_gpu, experiment_module
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +75,8 @@ def test_a_run_stopped_early_is_told_which_cases_to_parse_it_with(ncu_profile, t
 
 
 def test_without_a_gpu_profiling_stops_in_one_line_and_parsing_works(ncu_profile, monkeypatch, tmp_path):
-    monkeypatch.setattr(ncu_profile.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="^ncu_profile.py profiles CUDA kernels: no GPU here$"):
-        ncu_profile.main()
-    assert not (tmp_path / "out").exists()
+    assert_stops_without_a_gpu(ncu_profile, ["ncu_profile.py", "--out", str(tmp_path / "out")],
+                               "ncu_profile.py profiles CUDA kernels: no GPU here", tmp_path / "out", monkeypatch)
     _write(tmp_path)
     monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(tmp_path / "out"),
                                       "--cases", "attn_b1_fp16", "gemv_paper_pc"])
