@@ -159,7 +159,7 @@ def profile_decode(fast: FastLlama, batch: int, context: int, steps: int = 3) ->
 
 # the decode step's parts whose bytes are known: every linear (and the lm_head) reads its weights once, the decode
 # attention reads the KV cache up to each sequence's position
-ATTENTION_KERNELS = ("_decode_split_kernel", "_decode_merge_kernel")
+ATTENTION_KERNELS = ("_decode_split_kernel", "_decode_split_slots_kernel", "_decode_merge_kernel")
 LINEAR_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "tinygemm", "_int_mm")
 
 
