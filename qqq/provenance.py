@@ -161,28 +161,50 @@ class ResultsTable:
     configurations it measured. With ``append``, a run adds its rows to the table already there, replacing
     the old rows of the same ``key_columns`` (e.g. model, method, group size), and the table's markdown then
     names the run behind every row. ``defaults``: columns added after older rows were written, with the value
-    those rows had without saying so (e.g. ``{"kv_bits": 16}``: every row before the 8-bit KV cache)."""
+    those rows had without saying so (e.g. ``{"kv_bits": 16}``: every row before the 8-bit KV cache).
+    ``value_columns``: the columns besides the keys that the tables read here (appended to, absorbed) must have,
+    e.g. the ones the script's reports read."""
 
     def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, value_columns: list[str] | None = None):
         self.out, self.key_columns, self.defaults = results_stem(out), key_columns, defaults or {}
+        self.columns = [*key_columns, *(value_columns or [])]
         csv, runs = results_file(self.out, ".csv"), results_file(self.out, ".runs.json")
-        self.old = self._completed(pd.read_csv(csv)) if append and csv.exists() else pd.DataFrame()
-        self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
-        if len(self.old) and ("run" not in self.old or not set(self.old["run"]) <= {r["run"] for r in self.runs}):
-            missing = "" if runs.exists() else " (missing)"
-            raise ValueError(f"{csv} has rows without a run in {runs}{missing}: cannot say how they were made; "
-                             "rerun them")
+        self.old, self.runs = self._read(csv, runs) if append and csv.exists() else (pd.DataFrame(), [])
         self.run = max((r["run"] for r in self.runs), default=-1) + 1
         self.runs.append({"run": self.run, **meta})
 
+    def _read(self, csv: Path, runs_file: Path) -> tuple[pd.DataFrame, list[dict]]:
+        """The rows of ``csv`` and the runs of ``runs_file``; a ValueError that names the file where they are
+        not a table of this kind (its columns) whose every row's run is in ``runs_file``."""
+        try:
+            rows = self._completed(pd.read_csv(csv))
+        except ValueError as error:  # pandas' ParserError and EmptyDataError, a file that is not text
+            raise ValueError(f"{csv} is not a results table: {error}") from None
+        missing = [column for column in self.columns if column not in rows]
+        if missing:
+            raise ValueError(f"{csv} is not a results table of this kind: it lacks the columns {', '.join(missing)} "
+                             f"(a table of this kind has {', '.join(self.columns)})")
+        try:
+            runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
+        except ValueError as error:
+            raise ValueError(f"{runs_file} is not JSON: {error}") from None
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and "run" in run for run in runs):
+            raise ValueError(f"{runs_file} is not a list of runs, each with its \"run\" number")
+        if "run" not in rows or not set(rows["run"]) <= {r["run"] for r in runs}:
+            missing = "" if runs_file.exists() else " (missing)"
+            raise ValueError(f"{csv} has rows without a run in {runs_file}{missing}: cannot say how they were made; "
+                             "rerun them")
+        return rows, runs
+
     def absorb(self, part: Path) -> None:
         """Take in the rows and runs of another results file (``part``.csv and ``part``.runs.json, from runs made
-        in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered."""
+        in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered. A
+        part that is not a table of this kind is refused (ValueError naming its file) before anything is taken."""
         part = results_stem(part)
-        rows = self._completed(pd.read_csv(results_file(part, ".csv")))
+        rows, runs = self._read(results_file(part, ".csv"), results_file(part, ".runs.json"))
         renumbered = {}
-        for run in json.loads(results_file(part, ".runs.json").read_text()):
+        for run in runs:
             renumbered[run["run"]] = max(r["run"] for r in self.runs) + 1
             self.runs.append({**run, "run": renumbered[run["run"]]})
         self.old = self._replaced(self.old, rows.assign(run=rows["run"].map(renumbered)))

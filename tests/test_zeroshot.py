@@ -220,6 +220,24 @@ def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
                                                                          ["rot_qqq gptq-clip", 0.0]]
 
 
+def test_merge_of_a_part_that_is_not_a_results_table_stops_in_one_line(monkeypatch, tmp_path):
+    import sys
+
+    import pandas as pd
+
+    table_module = experiment_module("zeroshot_table")
+    part = tmp_path / "part"
+    pd.DataFrame([{"model": "m", "method": "fp16", "group_size": -1, "task": "piqa", "run": 0}]).to_csv(
+        part.with_suffix(".csv"), index=False)  # no metric, no scores
+    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, "command": "part", "limit": "None"}]))
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(part), "--out", str(tmp_path / "out" / "z"),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit, match=f"^zeroshot_table.py: error: --merge: {part}.csv is not a results table of "
+                                         "this kind: it lacks the columns metric, value, stderr, docs "):
+        table_module.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.csv", "part.runs.json"]
+
+
 def test_only_lm_evals_own_asserts_become_the_max_length_error(monkeypatch):
     """An assert raised outside lm-eval (torch's "not compiled with CUDA", say) passes on unchanged."""
     import lm_eval
