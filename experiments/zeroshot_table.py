@@ -152,7 +152,9 @@ def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) 
         samples = samples.dropna(subset=["doc_id"])
         kept = samples[samples.set_index(RUN_COLUMNS).index.isin(table.set_index(RUN_COLUMNS).index)]
         if len(kept):
-            kept.astype({"doc_id": int}).to_csv(path, index=False)
+            compression = {"method": "gzip", "filename": path.name}  # gzip's header names it, not its temporary
+            with atomic_write(path, binary=True) as f:
+                kept.astype({"doc_id": int}).to_csv(f, index=False, compression=compression)
             return
     path.unlink(missing_ok=True)
 

@@ -111,17 +111,28 @@ def provenance() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path):
-    """A text file for ``path``'s new content that replaces ``path`` only once it is complete (written beside it,
-    then ``os.replace``): a write that is interrupted leaves the old file, not half a new one."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+def atomic_writes(*paths: Path, binary: bool = False):
+    """Files (text, or bytes with ``binary``) for the new content of ``paths``, each written beside its path and
+    moved into place (``os.replace``, one after the other) only once all of them are complete: a write that is
+    interrupted leaves the old files, neither half a new one nor a new one beside an old one it does not match."""
+    paths = [Path(path) for path in paths]
+    partials = [path.with_name(path.name + ".partial") for path in paths]
     try:
-        with open(partial, "w", newline="") as f:
-            yield f
-        os.replace(partial, path)
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(open(partial, "wb") if binary else open(partial, "w", newline=""))
+                   for partial in partials]
+        for partial, path in zip(partials, paths):
+            os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, binary: bool = False):
+    """One file of :func:`atomic_writes`: it replaces ``path`` only once it is complete."""
+    with atomic_writes(path, binary=binary) as (f,):
+        yield f
 
 
 SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands were scratch folders of the machine "
@@ -226,11 +237,11 @@ class ResultsTable:
     def write(self, rows: list[dict]) -> pd.DataFrame:
         """Write the table with ``rows`` (this run's rows so far) and return it."""
         table = self._replaced(self.old, pd.DataFrame(rows).assign(run=self.run))
-        with atomic_write(results_file(self.out, ".csv")) as f:
-            table.to_csv(f, index=False)
         used = [r for r in self.runs if r["run"] in set(table["run"])]
-        with atomic_write(results_file(self.out, ".runs.json")) as f:
-            f.write(json.dumps(used, indent=1) + "\n")
+        # one unit: the csv's rows name runs that only this runs.json holds
+        with atomic_writes(results_file(self.out, ".csv"), results_file(self.out, ".runs.json")) as (csv, runs):
+            table.to_csv(csv, index=False)
+            runs.write(json.dumps(used, indent=1) + "\n")
         return table
 
     def markdown(self, table: pd.DataFrame, describe) -> str:

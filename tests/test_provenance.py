@@ -128,6 +128,21 @@ def test_an_interrupted_write_leaves_the_table_as_it_was(tmp_path, monkeypatch):
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
 
 
+def test_a_table_whose_runs_json_fails_to_write_keeps_its_old_csv_too(tmp_path, monkeypatch):
+    """The csv and its runs.json are one unit: a new csv beside the old runs.json would name runs it lacks."""
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", disk_full)  # the csv is written, the runs.json is not
+    with pytest.raises(OSError, match="disk full"):
+        ResultsTable(out, KEYS, {"command": "second"}).write([{"method": "qqq", "group_size": 64, "ppl": 12.0}])
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
+
+
 def test_atomic_write_replaces_the_file_only_once_complete(tmp_path):
     path = tmp_path / "speed.md"
     path.write_text("old")

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +198,34 @@ def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path
     assert set(table_module.read_samples(out)["method"]) == {"fp16"}
     table_module.write_samples(out, None, table)
     assert table_module.read_samples(out) is None
+
+
+def test_samples_whose_write_is_interrupted_leave_the_old_file(tmp_path, monkeypatch):
+    import pandas as pd
+
+    table_module = experiment_module("zeroshot_table")
+    plain = dict.fromkeys(table_module.CLIP_COLUMNS, False)
+    samples = pd.DataFrame([dict(model="m", method="fp16", group_size=-1, **plain, task="piqa", doc_id=i,
+                                 metric="acc", correct=1.0) for i in range(3)])
+    table = pd.DataFrame([dict(model="m", method="fp16", group_size=-1, **plain)])
+    out = tmp_path / "zeroshot"
+    table_module.write_samples(out, samples, table)
+    before = table_module.samples_path(out).read_bytes()
+    original = pd.DataFrame.to_csv
+
+    def stopped_halfway(self, target=None, **kwargs):  # half the file written, then the run is stopped
+        original(self, target, **kwargs)
+        if hasattr(target, "truncate"):
+            target.truncate(target.tell() // 2)
+        else:
+            Path(target).write_bytes(Path(target).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        table_module.write_samples(out, samples.assign(correct=0.0), table)
+    assert [p.name for p in tmp_path.iterdir()] == ["zeroshot_samples.csv.gz"]
+    assert table_module.samples_path(out).read_bytes() == before
 
 
 def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
