@@ -54,6 +54,8 @@ from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, pr
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
+REPORTED_COLUMNS = ["input_len", "output_len", "status", "weight_gb", "peak_mem_gb", "ttft_ms", "ttft_vs_fp16",
+                    "decode_tok_s", "decode_ms_per_step", "speedup_vs_fp16"]  # what the reports read of a row
 
 LLAMA2 = dict(num_key_value_heads=None, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
               rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)
@@ -385,7 +387,11 @@ def results_part(path: Path, folder: Path) -> Path:
     if "command" not in meta or "device" not in meta:
         raise ValueError(f"{path} does not start with its provenance (# command: ..., # device: ...)")
     part = folder / f"{path.parent.name}_{stem.name}"
-    pd.read_csv(path, comment="#").assign(run=0).to_csv(results_file(part, ".csv"), index=False)
+    try:
+        rows = pd.read_csv(path, comment="#")
+    except ValueError as error:  # pandas' ParserError and EmptyDataError
+        raise ValueError(f"{path} is not a results table: {error}") from None
+    rows.assign(run=0).to_csv(results_file(part, ".csv"), index=False)
     results_file(part, ".runs.json").write_text(json.dumps([{"run": 0, **meta}]))
     return part
 
@@ -440,16 +446,20 @@ def main():
     if not args.merge and not torch.cuda.is_available():
         sys.exit("e2e_speed.py measures GPU speed: no GPU here")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = provenance()
     results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge),
-                           defaults={"kv_bits": KV_BITS_BEFORE_THE_COLUMN})
+                           defaults={"kv_bits": KV_BITS_BEFORE_THE_COLUMN}, value_columns=REPORTED_COLUMNS)
     if args.merge:
         with tempfile.TemporaryDirectory() as folder:
             for path in args.merge:
-                results.absorb(results_part(path, Path(folder)))
+                try:
+                    results.absorb(results_part(path, Path(folder)))
+                except ValueError as error:
+                    parser.error(f"--merge: {error}")
+        out.mkdir(parents=True, exist_ok=True)
         write_reports(results.write([]), results, out, merged_by=meta["command"])
         return
+    out.mkdir(parents=True, exist_ok=True)
     print(meta, flush=True)
     profile_path = out / "e2e_speed_profile.csv"
     earlier_profiles = profile_path.read_text() if args.append and profile_path.exists() else None

@@ -30,6 +30,7 @@ from qqq.provenance import atomic_write, markdown_provenance, provenance  # noqa
 STALL_REASONS = ("long_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait", "math_pipe_throttle",
                  "not_selected", "short_scoreboard", "no_instruction", "dispatch_stall", "membar",
                  "branch_resolving", "drain", "imc_miss", "tex_throttle", "sleeping")
+NSIGHT_COMPUTE_FOLDER = Path("/opt/nvidia/nsight-compute")  # where ncu is when it is not on the PATH
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats", "SchedulerStats")
 CASES = {  # name: (description, problem kind, its arguments)
     "gemv_paper_pc": ("streaming W4A8, paper shape 8192x21760, per-channel, M = 1", "gemv", (8192, 21760, -1)),
@@ -104,10 +105,14 @@ def workload(cases: list[str]) -> None:
             torch.cuda.empty_cache()
 
 
-def run_ncu(cases: list[str], out: Path) -> None:
-    ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia/nsight-compute").glob("*/ncu"))), None)
+def find_ncu() -> Path:
+    ncu = shutil.which("ncu") or next(iter(sorted(NSIGHT_COMPUTE_FOLDER.glob("*/ncu"))), None)
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) not found: this script needs it and a GPU")
+    return Path(ncu)
+
+
+def run_ncu(ncu: Path, cases: list[str], out: Path) -> None:
     common = [str(ncu), "--clock-control", "none", "--nvtx", "--nvtx-include", "prof/"]
     target = [sys.executable, __file__, "--workload", *cases]
     sections = [arg for name in SECTIONS for arg in ("--section", name)]
@@ -192,9 +197,10 @@ def main() -> None:
     for report in ("ncu_sections.txt", "ncu_stalls.txt"):
         if args.parse and not (args.parse / report).is_file():
             parser.error(f"--parse: {args.parse / report} not found")
+    ncu = None if args.parse else find_ncu()  # before the folder is made: a run that cannot profile makes nothing
     args.out.mkdir(parents=True, exist_ok=True)
     if args.parse is None:
-        run_ncu(args.cases, args.out)
+        run_ncu(ncu, args.cases, args.out)
     table = summary(args.parse or args.out, args.cases)
     meta = provenance()
     if args.note:

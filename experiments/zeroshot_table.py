@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_diffe
 
 RUN_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS]  # what one evaluation's documents are keyed by
 KEY_COLUMNS = [*RUN_COLUMNS, "task", "metric"]
+REPORTED_COLUMNS = ["value", "stderr", "docs"]  # what the markdown reads of a row
 TASK_TITLES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "lambada_openai": "LAMBADA"}
 
@@ -77,11 +79,14 @@ def main():
     meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
                                         "limit": str(args.limit)}
     rows, out = [], results_stem(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
-                           defaults=dict.fromkeys(CLIP_COLUMNS, False))
+                           defaults=dict.fromkeys(CLIP_COLUMNS, False), value_columns=REPORTED_COLUMNS)
     for part in args.merge or []:
-        results.absorb(Path(part))
+        try:
+            results.absorb(Path(part))
+        except ValueError as error:
+            sys.exit(f"zeroshot_table.py: error: --merge: {error}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if {run.get("limit") for run in results.runs} != {str(args.limit)}:
         raise ValueError(f"--append/--merge: runs with another --limit than {args.limit}; one table cannot mix them")
     kept_samples = read_samples(out) if args.append or args.merge else None
@@ -147,7 +152,9 @@ def write_samples(out: Path, samples: pd.DataFrame | None, table: pd.DataFrame) 
         samples = samples.dropna(subset=["doc_id"])
         kept = samples[samples.set_index(RUN_COLUMNS).index.isin(table.set_index(RUN_COLUMNS).index)]
         if len(kept):
-            kept.astype({"doc_id": int}).to_csv(path, index=False)
+            compression = {"method": "gzip", "filename": path.name}  # gzip's header names it, not its temporary
+            with atomic_write(path, binary=True) as f:
+                kept.astype({"doc_id": int}).to_csv(f, index=False, compression=compression)
             return
     path.unlink(missing_ok=True)
 

@@ -55,7 +55,7 @@ def check_output_folder(out: str | Path, overwrite: bool = False, source: str | 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; a checkpoint is a folder: name a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already holds files; name a new folder, or replace it (--force, overwrite=True)")
+        raise FileExistsError(f"{out} already holds files: name a new folder, or pass --force to replace it")
     check_writable_beside(out)
     return out
 

@@ -140,14 +140,8 @@ def _token_ids(tokenizer, source: str, split: str, vocab_size: int | None, flag:
         raise ValueError(f"{flag} {source}: {error}") from error
     if ids.numel() == 0:
         raise ValueError(f"{flag} {source}: the text gives no tokens")
-    _check_vocabulary(ids, vocab_size)
+    _check_tokenizer_fits(vocab_size, ids=ids)
     return ids
-
-
-def _check_vocabulary(ids: torch.Tensor, vocab_size: int | None) -> None:
-    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
-        raise ValueError(f"the tokenizer gives token id {int(ids.max())} but the model's vocabulary has {vocab_size} "
-                         "entries: the tokenizer in the folder does not belong to the model")
 
 
 def _check_group_size(config: dict, group_size: int, model_name: str, packed: bool) -> None:
@@ -163,11 +157,19 @@ def _check_group_size(config: dict, group_size: int, model_name: str, packed: bo
                          f"layers; choose one of {fits}")
 
 
-def _check_tokenizer(tokenizer, vocab_size: int | None) -> None:
-    """A tokenizer with more entries than the model's vocabulary does not belong to it."""
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary has {vocab_size}: "
-                         "the tokenizer in the folder does not belong to the model")
+def _check_tokenizer_fits(vocab_size: int | None, tokenizer=None, ids: torch.Tensor | None = None) -> None:
+    """The tokenizer does not belong to the model where it has more entries than the model's vocabulary
+    (``tokenizer``), or gave a token id past it (``ids``, what it made of a text)."""
+    if vocab_size is None:
+        return
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        found = f"has {len(tokenizer)} entries"
+    elif ids is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        found = f"gives token id {int(ids.max())}"
+    else:
+        return
+    raise ValueError(f"the tokenizer {found} but the model's vocabulary has {vocab_size} entries: the tokenizer in "
+                     "the folder does not belong to the model")
 
 
 def _calibration_ids(tokenizer, args, vocab_size: int | None) -> torch.Tensor:
@@ -263,7 +265,7 @@ def cmd_quantize(args) -> None:
         _check_group_size(config, args.group_size, args.model, method.packs_w4a8)
     tokenizer = load_tokenizer(args.model)
     vocab_size = config.get("vocab_size")
-    _check_tokenizer(tokenizer, vocab_size)
+    _check_tokenizer_fits(vocab_size, tokenizer)
     calibration_ids = _calibration_ids(tokenizer, args, vocab_size) if method.calibrates else None
     windows = _evaluation_windows(tokenizer, args, device, vocab_size, args.model) if args.eval else None
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
@@ -305,7 +307,7 @@ def cmd_zeroshot(args) -> None:
 
     device = _device(args)
     # a missing folder or tokenizer, or one that does not belong to the model, fails here, before the weights load
-    _check_tokenizer(load_tokenizer(args.model), model_config(args.model).get("vocab_size"))
+    _check_tokenizer_fits(model_config(args.model).get("vocab_size"), load_tokenizer(args.model))
     model, tokenizer = load_model(args.model, DTYPES.get(args.dtype), compute_device=device)
     _note_if_embedded(args.model)
     rows = zero_shot(model, tokenizer, args.tasks, limit=args.limit, offline=not args.online,
@@ -343,7 +345,7 @@ def cmd_generate(args) -> None:
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     if prompt.numel() == 0:
         sys.exit("qqq: error: --prompt gives no tokens; give some text")
-    _check_vocabulary(prompt, config.get("vocab_size"))
+    _check_tokenizer_fits(config.get("vocab_size"), ids=prompt)
     positions = config.get("max_position_embeddings")
     if positions and prompt.shape[1] + args.max_new_tokens > positions:
         raise ValueError(f"the prompt's {prompt.shape[1]} tokens and --max-new-tokens {args.max_new_tokens} exceed "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qqq.checkpoint import check_replaceable, check_writable_beside, load_quantized, move_into_place
+from qqq.checkpoint import check_output_folder, load_quantized, move_into_place
 from qqq.linear import QQQLinear
 from qqq.model_families import family_of
 from qqq.models import source_dtype
@@ -87,7 +87,6 @@ def compressed_linear(layer: QQQLinear, scheme, dtype: torch.dtype) -> nn.Linear
 
 
 def _check_paths(checkpoint: Path, out: Path, force: bool) -> None:
-
     if not (checkpoint / "config.json").exists():
         raise FileNotFoundError(f"{checkpoint} has no config.json: give the folder of a QQQ checkpoint")
     quant = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
@@ -96,12 +95,7 @@ def _check_paths(checkpoint: Path, out: Path, force: bool) -> None:
         found = f"its quant_method is {method!r}" if method else "its config.json has no quantization_config"
         raise ValueError(f"{checkpoint} is not a QQQ checkpoint ({found}); write one with "
                          "`qqq quantize MODEL --method qqq --out DIR` first")
-    check_replaceable(out, checkpoint)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
-    check_writable_beside(out)
+    check_output_folder(out, force, checkpoint)
 
 
 def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, force: bool = False,

@@ -24,6 +24,7 @@ import torch
 
 from qqq import numerics
 from qqq.fast.projections import METHODS, RENAMED_METHODS
+from qqq.provenance import atomic_write
 
 # ------------------------------------------------------------------------------------------ results files
 
@@ -47,7 +48,8 @@ def read_results_csv(path: str | Path) -> pd.DataFrame:
 def _finish(fig, path: str | Path | None):
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        with atomic_write(path, binary=True) as f:  # an interrupted save keeps the old figure
+            fig.savefig(f, dpi=110, format=Path(path).suffix[1:] or None)
     return fig
 
 

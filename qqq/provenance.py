@@ -111,17 +111,28 @@ def provenance() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path):
-    """A text file for ``path``'s new content that replaces ``path`` only once it is complete (written beside it,
-    then ``os.replace``): a write that is interrupted leaves the old file, not half a new one."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+def atomic_writes(*paths: Path, binary: bool = False):
+    """Files (text, or bytes with ``binary``) for the new content of ``paths``, each written beside its path and
+    moved into place (``os.replace``, one after the other) only once all of them are complete: a write that is
+    interrupted leaves the old files, neither half a new one nor a new one beside an old one it does not match."""
+    paths = [Path(path) for path in paths]
+    partials = [path.with_name(path.name + ".partial") for path in paths]
     try:
-        with open(partial, "w", newline="") as f:
-            yield f
-        os.replace(partial, path)
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(open(partial, "wb") if binary else open(partial, "w", newline=""))
+                   for partial in partials]
+        for partial, path in zip(partials, paths):
+            os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, binary: bool = False):
+    """One file of :func:`atomic_writes`: it replaces ``path`` only once it is complete."""
+    with atomic_writes(path, binary=binary) as (f,):
+        yield f
 
 
 SCRATCH_FOLDERS_NOTE = ("The `--out` and `--merge` folders named in the commands were scratch folders of the machine "
@@ -161,28 +172,50 @@ class ResultsTable:
     configurations it measured. With ``append``, a run adds its rows to the table already there, replacing
     the old rows of the same ``key_columns`` (e.g. model, method, group size), and the table's markdown then
     names the run behind every row. ``defaults``: columns added after older rows were written, with the value
-    those rows had without saying so (e.g. ``{"kv_bits": 16}``: every row before the 8-bit KV cache)."""
+    those rows had without saying so (e.g. ``{"kv_bits": 16}``: every row before the 8-bit KV cache).
+    ``value_columns``: the columns besides the keys that the tables read here (appended to, absorbed) must have,
+    e.g. the ones the script's reports read."""
 
     def __init__(self, out: Path, key_columns: list[str], meta: dict[str, str], append: bool = False,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, value_columns: list[str] | None = None):
         self.out, self.key_columns, self.defaults = results_stem(out), key_columns, defaults or {}
+        self.columns = [*key_columns, *(value_columns or [])]
         csv, runs = results_file(self.out, ".csv"), results_file(self.out, ".runs.json")
-        self.old = self._completed(pd.read_csv(csv)) if append and csv.exists() else pd.DataFrame()
-        self.runs = json.loads(runs.read_text()) if append and runs.exists() else []
-        if len(self.old) and ("run" not in self.old or not set(self.old["run"]) <= {r["run"] for r in self.runs}):
-            missing = "" if runs.exists() else " (missing)"
-            raise ValueError(f"{csv} has rows without a run in {runs}{missing}: cannot say how they were made; "
-                             "rerun them")
+        self.old, self.runs = self._read(csv, runs) if append and csv.exists() else (pd.DataFrame(), [])
         self.run = max((r["run"] for r in self.runs), default=-1) + 1
         self.runs.append({"run": self.run, **meta})
 
+    def _read(self, csv: Path, runs_file: Path) -> tuple[pd.DataFrame, list[dict]]:
+        """The rows of ``csv`` and the runs of ``runs_file``; a ValueError that names the file where they are
+        not a table of this kind (its columns) whose every row's run is in ``runs_file``."""
+        try:
+            rows = self._completed(pd.read_csv(csv))
+        except ValueError as error:  # pandas' ParserError and EmptyDataError, a file that is not text
+            raise ValueError(f"{csv} is not a results table: {error}") from None
+        missing = [column for column in self.columns if column not in rows]
+        if missing:
+            raise ValueError(f"{csv} is not a results table of this kind: it lacks the columns {', '.join(missing)} "
+                             f"(a table of this kind has {', '.join(self.columns)})")
+        try:
+            runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
+        except ValueError as error:
+            raise ValueError(f"{runs_file} is not JSON: {error}") from None
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and "run" in run for run in runs):
+            raise ValueError(f"{runs_file} is not a list of runs, each with its \"run\" number")
+        if "run" not in rows or not set(rows["run"]) <= {r["run"] for r in runs}:
+            missing = "" if runs_file.exists() else " (missing)"
+            raise ValueError(f"{csv} has rows without a run in {runs_file}{missing}: cannot say how they were made; "
+                             "rerun them")
+        return rows, runs
+
     def absorb(self, part: Path) -> None:
         """Take in the rows and runs of another results file (``part``.csv and ``part``.runs.json, from runs made
-        in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered."""
+        in parallel with another ``--out``), as if those runs had appended here; their runs are renumbered. A
+        part that is not a table of this kind is refused (ValueError naming its file) before anything is taken."""
         part = results_stem(part)
-        rows = self._completed(pd.read_csv(results_file(part, ".csv")))
+        rows, runs = self._read(results_file(part, ".csv"), results_file(part, ".runs.json"))
         renumbered = {}
-        for run in json.loads(results_file(part, ".runs.json").read_text()):
+        for run in runs:
             renumbered[run["run"]] = max(r["run"] for r in self.runs) + 1
             self.runs.append({**run, "run": renumbered[run["run"]]})
         self.old = self._replaced(self.old, rows.assign(run=rows["run"].map(renumbered)))
@@ -204,11 +237,11 @@ class ResultsTable:
     def write(self, rows: list[dict]) -> pd.DataFrame:
         """Write the table with ``rows`` (this run's rows so far) and return it."""
         table = self._replaced(self.old, pd.DataFrame(rows).assign(run=self.run))
-        with atomic_write(results_file(self.out, ".csv")) as f:
-            table.to_csv(f, index=False)
         used = [r for r in self.runs if r["run"] in set(table["run"])]
-        with atomic_write(results_file(self.out, ".runs.json")) as f:
-            f.write(json.dumps(used, indent=1) + "\n")
+        # one unit: the csv's rows name runs that only this runs.json holds
+        with atomic_writes(results_file(self.out, ".csv"), results_file(self.out, ".runs.json")) as (csv, runs):
+            table.to_csv(csv, index=False)
+            runs.write(json.dumps(used, indent=1) + "\n")
         return table
 
     def markdown(self, table: pd.DataFrame, describe) -> str:

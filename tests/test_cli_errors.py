@@ -266,12 +266,19 @@ def test_generating_past_the_models_positions_is_refused(tiny_model_dir, capsys,
     assert f"exceed the {positions} positions" in error_of(argv, capsys)
 
 
-def test_a_zero_shot_tokenizer_that_does_not_belong_to_the_model_is_refused(tmp_path, capsys, no_model_load):
+@pytest.mark.parametrize("command, found", [
+    (["eval", "zeroshot", "MODEL", "--limit", "1"], "the tokenizer has 49152 entries"),  # the whole tokenizer
+    (["generate", "MODEL", "--prompt", "Hello world"], "the tokenizer gives token id "),  # the prompt's ids
+])
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused_in_one_wording(command, found, tmp_path, capsys,
+                                                                                  no_model_load):
     folder = tmp_path / "mismatched"
     tiny_model("llama", hidden=64, intermediate=128, vocab=320).save_pretrained(folder)
     load_tokenizer(EMBEDDED_MODEL).save_pretrained(folder)
-    message = error_of(["eval", "zeroshot", str(folder), "--device", "cpu", "--limit", "1"], capsys)
-    assert "does not belong to the model" in message
+    message = error_of([str(folder) if arg == "MODEL" else arg for arg in command] + ["--device", "cpu"], capsys)
+    assert found in message
+    assert message.endswith("but the model's vocabulary has 320 entries: the tokenizer in the folder does not belong "
+                            "to the model")
 
 
 def test_a_shard_size_needs_its_unit(capsys):

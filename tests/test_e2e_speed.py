@@ -90,3 +90,25 @@ def test_merge_of_a_missing_csv_stops_in_one_line(e2e_speed, monkeypatch, capsys
         e2e_speed.main()
     assert stop.value.code == 2 and f"--merge: {tmp_path / 'e2e_speed.csv'} not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, runs, message", [
+    # another results csv of this script, with its runs.json: the profile, not the table
+    ("model,method,kv_bits,batch,kernel,us_per_step,run\nllama-2-7b,fp16,16,1,gemv,3.0,0\n", True,
+     "is not a results table of this kind: it lacks the columns input_len, output_len, status"),
+    ("model,batch\nllama-2-7b,1\n", False, "does not start with its provenance (# command: ..., # device: ...)"),
+    ("# command: python e2e_speed.py\n# device: test\n", False, "is not a results table: No columns to parse"),
+])
+def test_merge_of_a_csv_that_is_not_a_results_table_stops_in_one_line(e2e_speed, monkeypatch, capsys, tmp_path,
+                                                                      content, runs, message):
+    (tmp_path / "e2e_speed.csv").write_text(content)
+    if runs:
+        (tmp_path / "e2e_speed.runs.json").write_text(json.dumps([{"run": 0, "command": "profile"}]))
+    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--merge", str(tmp_path / "e2e_speed.csv"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        e2e_speed.main()
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and error.startswith(f"e2e_speed.py: error: --merge: {tmp_path / 'e2e_speed.csv'} ")
+    assert message in error
+    assert not (tmp_path / "out").exists()

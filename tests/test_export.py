@@ -1,10 +1,11 @@
 import json
+import re
 
 import pytest
 import torch
 from conftest import tiny_model, token_batch
 
-from qqq.checkpoint import load_quantized, save_quantized
+from qqq.checkpoint import check_output_folder, load_quantized, save_quantized
 from qqq.cli import main
 from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear, QQQLinear
@@ -152,12 +153,28 @@ def test_an_existing_output_folder_is_kept_unless_forced(tmp_path):
     out = tmp_path / "ct"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="qqq: error: .* not empty; pass --force"):
+    with pytest.raises(SystemExit, match="qqq: error: .* already holds files: .* pass --force"):
         main(["export", str(checkpoint), "--out", str(out)])
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     main(["export", str(checkpoint), "--out", str(out), "--force"])
     assert (out / "config.json").exists() and not (out / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "qqq"]
+
+
+def test_export_refuses_an_output_folder_as_quantize_does(tmp_path):
+    """One set of checks for both commands' --out: the same refusal, word for word, and nothing touched."""
+    checkpoint = qqq_checkpoint(tmp_path / "qqq", -1)
+    (tmp_path / "taken.txt").write_text("keep me")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for out in (tmp_path / "taken.txt", tmp_path / "full"):
+        with pytest.raises(FileExistsError) as quantize_refusal:
+            check_output_folder(out, source=checkpoint)
+        with pytest.raises(FileExistsError, match=f"^{re.escape(str(quantize_refusal.value))}$"):
+            export_compressed_tensors(checkpoint, out)
+    assert (tmp_path / "taken.txt").read_text() == "keep me"
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "qqq", "taken.txt"]
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -84,6 +84,16 @@ def test_without_a_gpu_profiling_stops_in_one_line_and_parsing_works(ncu_profile
     assert "_w4a8_gemv_kernel" in (tmp_path / "out" / "ncu_profile.md").read_text()
 
 
+def test_without_ncu_profiling_stops_in_one_line_before_writing_anything(ncu_profile, monkeypatch, tmp_path):
+    monkeypatch.setattr(ncu_profile.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ncu_profile.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ncu_profile, "NSIGHT_COMPUTE_FOLDER", tmp_path / "no-nsight-compute")
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^ncu [(]Nsight Compute[)] not found: this script needs it and a GPU$"):
+        ncu_profile.main()
+    assert not (tmp_path / "out").exists()
+
+
 def test_passes_that_profiled_different_kernels_are_refused(ncu_profile, tmp_path):
     _write(tmp_path, stall_kernels=("_decode_split_kernel", "_decode_merge_kernel", "_decode_split_kernel"))
     with pytest.raises(SystemExit, match="different kernels"):

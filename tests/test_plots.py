@@ -1,3 +1,4 @@
+import io
 from pathlib import Path
 
 import matplotlib
@@ -41,6 +42,27 @@ def test_e2e_bars_are_the_speedups_per_model_method_and_batch(tmp_path):
         for container in ax.containers:
             expected = df[(df["model"] == model) & (df["method"] == container.get_label())].sort_values("batch")
             assert [bar.get_height() for bar in container] == pytest.approx(list(expected["speedup_vs_fp16"]))
+
+
+def test_a_figure_whose_save_is_interrupted_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "e2e_speed.png"
+    path.write_bytes(b"the old figure")
+    original = matplotlib.figure.Figure.savefig
+
+    def stopped_halfway(self, target, **kwargs):  # half the png written, then the run is stopped
+        data = io.BytesIO()
+        original(self, data, **{**kwargs, "format": "png"})
+        half = data.getvalue()[:len(data.getvalue()) // 2]
+        if hasattr(target, "write"):
+            target.write(half)
+        else:
+            Path(target).write_bytes(half)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_e2e_speedup(e2e_table(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["e2e_speed.png"] and path.read_bytes() == b"the old figure"
 
 
 def test_e2e_bars_of_renamed_methods_and_the_8_bit_kv_cache():

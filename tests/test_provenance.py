@@ -80,6 +80,22 @@ def test_absorb_takes_a_parallel_runs_rows_and_renumbers_its_runs(tmp_path):
     assert [(r["run"], r["command"]) for r in runs] == [(0, "main"), (2, "part")]  # the merge itself made no row
 
 
+def test_absorb_refuses_a_part_that_is_not_a_table_of_its_kind_before_taking_anything(tmp_path):
+    main, part = tmp_path / "speed", tmp_path / "profile"
+    ResultsTable(main, KEYS, {"command": "main"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    pd.DataFrame([{"method": "fp16", "kernel": "gemv", "us": 3.0, "run": 0}]).to_csv(part.with_suffix(".csv"),
+                                                                                    index=False)
+    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, "command": "profile"}]))
+    merged = ResultsTable(main, KEYS, {"command": "merge"}, append=True, value_columns=["ppl"])
+    with pytest.raises(ValueError, match=f"^{part}.csv is not a results table of this kind: it lacks the columns "
+                                         "group_size, ppl [(]a table of this kind has method, group_size, ppl[)]$"):
+        merged.absorb(part)
+    part.with_suffix(".csv").write_text('method,group_size,ppl,run\n"fp16,-1\n')
+    with pytest.raises(ValueError, match=f"^{part}.csv is not a results table: "):
+        merged.absorb(part)
+    assert len(merged.old) == 1 and [r["command"] for r in merged.runs] == ["main", "merge"]
+
+
 def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
     out = tmp_path / "ppl"
     ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0},
@@ -109,6 +125,21 @@ def test_an_interrupted_write_leaves_the_table_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ResultsTable(out, KEYS, {"command": "second"}).write([{"method": "qqq", "group_size": 64, "ppl": 12.0},
                                                                {"method": "rtn", "group_size": 64, "ppl": 13.0}])
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
+
+
+def test_a_table_whose_runs_json_fails_to_write_keeps_its_old_csv_too(tmp_path, monkeypatch):
+    """The csv and its runs.json are one unit: a new csv beside the old runs.json would name runs it lacks."""
+    out = tmp_path / "ppl"
+    ResultsTable(out, KEYS, {"command": "first"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", disk_full)  # the csv is written, the runs.json is not
+    with pytest.raises(OSError, match="disk full"):
+        ResultsTable(out, KEYS, {"command": "second"}).write([{"method": "qqq", "group_size": 64, "ppl": 12.0}])
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before  # and no partial file left
 
 

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,34 @@ def test_table_samples_are_replaced_per_evaluation_and_follow_the_table(tmp_path
     assert table_module.read_samples(out) is None
 
 
+def test_samples_whose_write_is_interrupted_leave_the_old_file(tmp_path, monkeypatch):
+    import pandas as pd
+
+    table_module = experiment_module("zeroshot_table")
+    plain = dict.fromkeys(table_module.CLIP_COLUMNS, False)
+    samples = pd.DataFrame([dict(model="m", method="fp16", group_size=-1, **plain, task="piqa", doc_id=i,
+                                 metric="acc", correct=1.0) for i in range(3)])
+    table = pd.DataFrame([dict(model="m", method="fp16", group_size=-1, **plain)])
+    out = tmp_path / "zeroshot"
+    table_module.write_samples(out, samples, table)
+    before = table_module.samples_path(out).read_bytes()
+    original = pd.DataFrame.to_csv
+
+    def stopped_halfway(self, target=None, **kwargs):  # half the file written, then the run is stopped
+        original(self, target, **kwargs)
+        if hasattr(target, "truncate"):
+            target.truncate(target.tell() // 2)
+        else:
+            Path(target).write_bytes(Path(target).read_bytes()[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        table_module.write_samples(out, samples.assign(correct=0.0), table)
+    assert [p.name for p in tmp_path.iterdir()] == ["zeroshot_samples.csv.gz"]
+    assert table_module.samples_path(out).read_bytes() == before
+
+
 def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
     """Samples from before the clip columns count as no clipping; a method's run with a GPTQ scale search neither
     replaces nor mixes with its plain run, in the samples or the paired table."""
@@ -218,6 +247,24 @@ def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
     paired = table_module.paired_layout(kept, "m", list(table_module.TASKS))
     assert sorted(paired[["method", "Avg - fp16"]].values.tolist()) == [["rot_qqq", -100.0],
                                                                          ["rot_qqq gptq-clip", 0.0]]
+
+
+def test_merge_of_a_part_that_is_not_a_results_table_stops_in_one_line(monkeypatch, tmp_path):
+    import sys
+
+    import pandas as pd
+
+    table_module = experiment_module("zeroshot_table")
+    part = tmp_path / "part"
+    pd.DataFrame([{"model": "m", "method": "fp16", "group_size": -1, "task": "piqa", "run": 0}]).to_csv(
+        part.with_suffix(".csv"), index=False)  # no metric, no scores
+    part.with_suffix(".runs.json").write_text(json.dumps([{"run": 0, "command": "part", "limit": "None"}]))
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(part), "--out", str(tmp_path / "out" / "z"),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit, match=f"^zeroshot_table.py: error: --merge: {part}.csv is not a results table of "
+                                         "this kind: it lacks the columns metric, value, stderr, docs "):
+        table_module.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.csv", "part.runs.json"]
 
 
 def test_only_lm_evals_own_asserts_become_the_max_length_error(monkeypatch):
