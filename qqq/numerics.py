@@ -22,6 +22,7 @@ The product of an int8 activation row and an int8 weight row is accumulated exac
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
@@ -212,7 +213,7 @@ INT32_EXACT_K = 2 ** 31 // (128 * 128)  # int32 holds any sum of this many int8 
 
 
 @functools.cache
-def _cpu_int_mm() -> bool:
+def _cpu_int8_gemm() -> bool:
     """Whether this torch build has an int8 GEMM with int32 accumulation on the CPU (``torch._int_mm``)."""
     try:
         ones = torch.ones(2, 2, dtype=torch.int8)
@@ -221,18 +222,46 @@ def _cpu_int_mm() -> bool:
         return False
 
 
+@functools.cache
+def cpu_int8_gemm_pays() -> bool:
+    """Whether this machine's CPU int8 GEMM with int32 accumulation (``torch._int_mm``) exists and beats the fp32
+    matmuls of :func:`int8_matmul_exact` (timed once, on a small block). Where the CPU has int8 dot-product
+    instructions (VNNI, AMX) it ran 3-4x faster than fp32; on an AVX2-only CPU it ran 27x slower (512 x 576 x
+    1536: 146 ms against 5.3), which made the demo's smoothing search take 30 minutes instead of 2. Both give
+    the same exact sums, so the choice changes only the time."""
+    if not _cpu_int8_gemm():
+        return False
+    a, b = torch.ones(128, 512, dtype=torch.int8), torch.ones(256, 512, dtype=torch.int8)
+    return _best_seconds(lambda: torch._int_mm(a, b.T)) < _best_seconds(lambda: _int8_matmul_in_fp32(a, b))
+
+
+def _best_seconds(call, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``a [M, K] @ b [N, K]^T`` for int8 matrices, exact, as float64 [M, N] (or ``dtype``: float32 gives each
-    exact sum rounded once, the same numbers as the float64 result cast to float32). On the CPU one int8 GEMM
-    with int32 accumulation where torch has one; otherwise fp32 matmuls over K-chunks short enough that every
-    partial sum is an integer below 2**24, added in float64 (fast on any device)."""
-    if a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and _cpu_int_mm():
+    exact sum rounded once, the same numbers as the float64 result cast to float32). On a CPU whose int8 GEMM
+    pays (:func:`cpu_int8_gemm_pays`) that GEMM with int32 accumulation; otherwise fp32 matmuls over K-chunks
+    short enough that every partial sum is an integer below 2**24, added in float64 (fast on any device)."""
+    if a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and cpu_int8_gemm_pays():
         return torch._int_mm(a.contiguous(), b.T).to(dtype)
+    return _int8_matmul_in_fp32(a, b).to(dtype)
+
+
+def _int8_matmul_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape[1] <= EXACT_FP32_CHUNK:  # one chunk: every partial sum, so the result, is an exact fp32 integer
+        return a.float() @ b.float().T
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], EXACT_FP32_CHUNK):
         chunk = slice(start, start + EXACT_FP32_CHUNK)
         acc += (a[:, chunk].float() @ b[:, chunk].float().T).double()
-    return acc.to(dtype)
+    return acc
 
 
 def w4a8_linear_reference(

@@ -64,7 +64,7 @@ def test_fast_cpu_path_equals_the_fp32_chunk_reference_bit_for_bit(group_size, r
     projection = W4A8Projection(linears, torch.float32)
     x = torch.randn(7, 1536) * 3
     fast_layer, fast_projection = linears[0](x), projection(quantize_rows(x))
-    monkeypatch.setattr(numerics, "_cpu_int_mm", lambda: False)
+    monkeypatch.setattr(numerics, "cpu_int8_gemm_pays", lambda: False)
     expected = [numerics.w4a8_linear_reference(x, layer.codes(), layer.channel_scale,
                                                layer.group_ratio if group_size != -1 else None, layer.bias)
                 for layer in linears]

@@ -91,11 +91,28 @@ def test_weight_bits_other_than_4_or_8_are_rejected():
         numerics.fake_quantize_weight(torch.randn(4, 64), -1, bits=3)
 
 
+@pytest.mark.parametrize("int_mm_faster", [True, False])
+def test_the_cpu_int8_gemm_is_taken_only_where_it_is_faster_than_fp32(int_mm_faster, monkeypatch):
+    """The CPU int8 GEMM ran 27x slower than fp32 on an AVX2-only CPU: it is chosen by a timing, not by its
+    existence."""
+    if not numerics._cpu_int8_gemm():
+        pytest.skip("this torch build has no CPU int8 GEMM")
+    timed, seconds = [], (1.0, 2.0) if int_mm_faster else (2.0, 1.0)  # the int8 GEMM's, then fp32's
+
+    def best_seconds(call, repeats=3):
+        timed.append(call)
+        return seconds[len(timed) - 1]
+
+    monkeypatch.setattr(numerics, "_best_seconds", best_seconds)
+    assert numerics.cpu_int8_gemm_pays.__wrapped__() == int_mm_faster
+    assert torch.equal(timed[0](), timed[1]().to(torch.int32))  # the two timed calls compute the same sums
+
+
 @pytest.mark.parametrize("int_mm", [True, False], ids=["int8 GEMM", "fp32 chunks"])
 def test_int8_matmul_is_exact_beyond_fp32_integers(int_mm, monkeypatch):
-    if int_mm and not numerics._cpu_int_mm():
+    if int_mm and not numerics._cpu_int8_gemm():
         pytest.skip("this torch build has no CPU int8 GEMM")
-    monkeypatch.setattr(numerics, "_cpu_int_mm", lambda: int_mm)
+    monkeypatch.setattr(numerics, "cpu_int8_gemm_pays", lambda: int_mm)
     k = 3 * numerics.EXACT_FP32_CHUNK + 17
     a = torch.full((3, k), 127, dtype=torch.int8)
     a[1] = -127
