@@ -99,10 +99,14 @@ def drive_every_branch() -> None:
     decode_attention.use_inline_asm = lambda t: True
     decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())
+    decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
+                                      query_on_grid=True)
     slots = {**decode_attention.default_config(True), "BLOCK_N": 32, "slots": True}
     decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]), config=slots)
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
                                       config=slots)
+    decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
+                                      config=slots, query_on_grid=True)
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone(),
                                       config={**slots, "int8_scores": True})
     codes, scale, _ = numerics.random_quantized_weight(128, 1024, -1)

@@ -117,6 +117,28 @@ def test_every_kernel_over_an_int8_cache_attends_with_the_query_on_its_int8_grid
     assert (got - masked_sdpa(q, *cache)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["tensor_cores", "slots", "slots_int8_scores"])
+def test_a_query_said_to_be_on_its_grid_is_not_rounded_again(kernel):
+    """``query_on_grid=True`` (the fast path's queries, which ``rope_into_cache`` wrote onto their int8 grid): a
+    query on its grid gives what the default gives; one off its grid shows the rounding was skipped (but by the
+    int8-score kernel, which needs the codes); the reference follows the same flag."""
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(2, 4, 1, 32, generator=gen)
+    cache = [*int8_cache(2, 2, 131, 32, gen)]
+    cache.insert(2, torch.tensor([130, 5]))
+    config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "slots": kernel != "tensor_cores",
+              "int8_scores": kernel == "slots_int8_scores"}
+    on_grid = numerics.fake_quantize_per_token(q)
+    torch.testing.assert_close(decode_attention(on_grid, *cache, config=config, query_on_grid=True),
+                               decode_attention(on_grid, *cache, config=config), rtol=1e-5, atol=1e-6)
+    got = decode_attention(q, *cache, config=config, query_on_grid=True)
+    attended = on_grid if kernel == "slots_int8_scores" else q
+    torch.testing.assert_close(got, masked_sdpa(attended, *cache), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decode_attention_reference(q, *cache, query_on_grid=True), masked_sdpa(q, *cache),
+                               rtol=1e-5, atol=1e-6)
+    assert (masked_sdpa(q, *cache) - masked_sdpa(on_grid, *cache)).abs().max() > 1e-4
+
+
 def test_int8_scores_need_the_slots_kernel_and_a_cache_in_words():
     gen = torch.Generator().manual_seed(13)
     q = torch.randn(2, 4, 1, 32, generator=gen)

@@ -591,6 +591,9 @@ def test_the_default_decode_launch_over_an_int8_cache_on_cuda(batch, heads, kv_h
         got = decode_attention(q, *cache)
     _assert_branch(taken, "decode_attention", branch)
     torch.testing.assert_close(got.float(), decode_attention_reference(q, *cache).float(), rtol=2e-3, atol=2e-3)
+    on_grid = numerics.fake_quantize_per_token(q)  # the fast path's query, as rope_into_cache writes it
+    got = decode_attention(on_grid, *cache, query_on_grid=True)
+    torch.testing.assert_close(got.float(), decode_attention_reference(on_grid, *cache).float(), rtol=2e-3, atol=2e-3)
 
 
 @compiled_kernels

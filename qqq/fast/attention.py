@@ -58,7 +58,8 @@ class KVCache:
 def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
     """Causal attention of ``q`` [B, H, T, D] over the first B sequences of ``cache``: a prefill from position 0
     (T > 1, SDPA over the keys just written) or one decode step per sequence (T == 1, keys up to its position:
-    ``decode_attention`` or its reference)."""
+    ``decode_attention`` or its reference). ``q`` is what ``rope_into_cache`` returned: over an 8-bit cache, on its
+    int8 grid already."""
     batch, t = q.shape[0], q.shape[2]
     k, v, k_scale, v_scale = (None if part is None else part[:batch] for part in cache)
     if t > 1:
@@ -67,14 +68,15 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
         v = dequantized(v[:, :, keys], None if v_scale is None else v_scale[:, :, keys], q.dtype)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
     decode = triton_or_reference(q, "decode_attention.decode_attention", decode_attention_reference)
-    return decode(q, k, v, positions[:, -1], k_scale, v_scale)
+    return decode(q, k, v, positions[:, -1], k_scale, v_scale, query_on_grid=True)
 
 
-def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None):
+def decode_attention_reference(q, k_cache, v_cache, positions, k_scale=None, v_scale=None, query_on_grid=False):
     """What ``kernels_triton.decode_attention.decode_attention`` computes: SDPA of ``q`` [B, H, 1, D] over the
     (dequantized) cache [B, Hkv, S, D], keys ``0..positions[b]`` of sequence ``b``. Over an 8-bit cache, with ``q``
-    rounded onto its int8 grid per head (a no-op for the queries ``rope_into_cache`` returns with that cache)."""
-    if k_scale is not None:
+    rounded onto its int8 grid per head unless ``query_on_grid`` says it is there (as ``rope_into_cache`` returns
+    it with that cache)."""
+    if k_scale is not None and not query_on_grid:
         q = numerics.fake_quantize_per_token(q)
     k, v = dequantized(k_cache, k_scale, torch.float32), dequantized(v_cache, v_scale, torch.float32)
     visible = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, None]

@@ -12,8 +12,9 @@ Precision: the scores' products are exact (16-bit values into an fp32 accumulato
 the value dot in the queries' 16-bit type, as in FlashAttention. An 8-bit cache (int8 codes, an fp32 scale per
 token and head) is read as codes, converted exactly to 16 bits: a key's score is ``(codes . q) * k_scale`` and
 a value enters the sum with weight ``p * v_scale`` (over the block's largest ``v_scale``, rescaled in fp32). Over
-an 8-bit cache every kernel first rounds each query head onto its own int8 grid (as ``rope_into_cache`` already
-wrote it there), so a score is an int8 dot product times both scales whichever kernel takes the step.
+an 8-bit cache every kernel attends with each query head on its own int8 grid (where ``rope_into_cache`` writes
+it; a kernel rounds it there itself unless told it is), so a score is an int8 dot product times both scales
+whichever kernel takes the step.
 (The first kernel, one query head per program with CUDA-core fp32 products and no pipelining, was up to 1.5x
 slower: see NOTES.md.)
 """
@@ -95,8 +96,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
                          n_heads, n_kv_heads, group, keys_per_split, sm_scale,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                          splits, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZED: tl.constexpr, ASM_CODES: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         PDL: tl.constexpr):
+                         QUANTIZED: tl.constexpr, ROUND_QUERY: tl.constexpr, ASM_CODES: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_then_let_next_start(PDL)
     kv_row = tl.program_id(0)  # batch * n_kv_heads + kv head
     split = tl.program_id(1)
@@ -111,7 +112,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, position
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=member[:, None],
                 other=0)
     if QUANTIZED:
-        q = query_on_int8_grid(q.to(tl.float32), 1).to(q.dtype)
+        if ROUND_QUERY:
+            q = query_on_int8_grid(q.to(tl.float32), 1).to(q.dtype)
         compute = q.dtype  # the codes are converted to the queries' type (exactly: |code| <= 127)
     else:
         compute = k_ptr.dtype.element_ty
@@ -165,8 +167,8 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
                                n_heads, group, keys_per_split, sm_scale,
                                stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                                splits, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QUANTIZED: tl.constexpr,
-                               ASM_CODES: tl.constexpr, INT8_SCORES: tl.constexpr, NUM_STAGES: tl.constexpr,
-                               PDL: tl.constexpr):
+                               ROUND_QUERY: tl.constexpr, ASM_CODES: tl.constexpr, INT8_SCORES: tl.constexpr,
+                               NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
     """One query head per program, on the CUDA cores (fp32 products), each of the BLOCK_N key slots keeping its own
     online softmax over the keys ``slot, slot + BLOCK_N, ...`` of the split: no reduction across keys inside the
     loop, one merge of the slots at the end. For MHA, where the tensor-core kernel's dots carry one real row of 16.
@@ -191,7 +193,7 @@ def _decode_split_slots_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, po
         words = tl.arange(0, HEAD_DIM // 4)
         k_words_ptr = k_ptr.to(tl.pointer_type(tl.int32)) + kv_offset // 4  # the launcher checks the alignment
     else:
-        if QUANTIZED:
+        if QUANTIZED and ROUND_QUERY:
             q = query_on_int8_grid(q, 0)
         q = q * sm_scale
     slot_max = tl.zeros([BLOCK_N], dtype=tl.float32) - float("inf")
@@ -288,14 +290,16 @@ def in_words(cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, query_on_grid: bool = False) -> torch.Tensor:
     """Softmax attention of ``q`` [B, H, 1, D] over ``k_cache``/``v_cache`` [B, Hkv, S, D], keys ``0..positions[b]``
     (int [B]) of sequence ``b``, scaled by ``1 / sqrt(D)``. Returns [B, H, 1, D] in ``q``'s dtype.
 
     An 8-bit cache: int8 ``k_cache``/``v_cache`` with ``k_scale``/``v_scale`` fp32 [B, Hkv, S] (the value of an
-    entry is its codes times its scale; the query is rounded onto its int8 grid per head first). ``config``: the
-    kernel and launch (:func:`default_config`'s keys; by default chosen for the cache's format, GQA group and
-    size)."""
+    entry is its codes times its scale; the query is rounded onto its int8 grid per head first, unless
+    ``query_on_grid`` says it is there already, as ``rope_into_cache`` writes it: rounding it again gives back its
+    codes but cost the tensor-core kernel 1.5-8 us per call on the H200; ``int8_scores`` computes the codes
+    either way). ``config``: the kernel and launch
+    (:func:`default_config`'s keys; by default chosen for the cache's format, GQA group and size)."""
     batch, n_heads, t, head_dim = q.shape
     n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     quantized = k_scale is not None or v_scale is not None
@@ -334,7 +338,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not quantized:
         k_scale = v_scale = partial  # unused
     pdl = programmatic_launch(q)
-    common = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, QUANTIZED=quantized,
+    common = dict(HEAD_DIM=head_dim, BLOCK_N=block_n, QUANTIZED=quantized, ROUND_QUERY=not query_on_grid,
                   ASM_CODES=use_inline_asm(q) and config.get("int8_ptx", True), NUM_STAGES=config["num_stages"],
                   PDL=pdl, num_warps=config["num_warps"], launch_pdl=pdl)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0),
