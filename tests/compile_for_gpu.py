@@ -113,6 +113,10 @@ def drive_every_branch() -> None:
     x = torch.randn(3, 1024).half()
     baselines.w8a8_linear(x, codes.to(torch.int8), scale)
     baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16, silu_mul=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        baselines.w8a8_linear(x.to(dtype), codes.to(torch.int8), scale, config=cases.TMA_INT8_CONFIG)
+    baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16,
+                        config=cases.TMA_INT8_CONFIG, silu_mul=True)
     baselines.w4a16_linear(x, pack_int4(codes), scale)
     for vocab in (77, 32000, 128256):
         greedy.greedy_step(torch.randn(2, vocab).half(), *(torch.zeros(2, n, dtype=torch.long) for n in (1, 1, 8)),

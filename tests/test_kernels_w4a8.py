@@ -122,6 +122,9 @@ CASES = [  # (M, N, K, group_size, config)
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),
     (3, 64, 512, 256, config(block_k=256, dequant=1)),
+    # ... with the persistent TMA-fed int8 GEMM
+    (64, 48, 256, -1, dict(config(block_m=32, block_k=128, dequant=1), TMA=1)),
+    (17, 40, 256, 32, dict(config(block_k=128, dequant=1), TMA=1)),
 ]
 
 
@@ -151,6 +154,7 @@ SILU_MUL_CASES = [  # one per launch path and kernel
     (1, 20, 512, 128, dict(config(block_n=16, block_k=256, split_k=2), GEMV=1)),  # the lookup
     (64, 48, 256, -1, config(block_m=32, block_k=128, dequant=1)),
     (17, 40, 256, 32, config(block_k=128, dequant=1)),
+    (17, 40, 256, 32, dict(config(block_k=128, dequant=1), TMA=1)),
 ]
 
 
@@ -295,6 +299,43 @@ def test_baselines_match_reference():
     out = w4a16_linear(x, pack_int4(codes), scale, None, config=config(block_k=128))
     ref = x @ numerics.dequantize_per_channel(codes, scale).T
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tma_gemm_walks_every_tile_with_fewer_programs_and_falls_back_for_unaligned_rows(monkeypatch):
+    """Three programs for 9 output tiles: each computes every third tile, exactly. Activation rows that the TMA unit
+    cannot copy (not 16-byte aligned) run the same config on the pointer-fed kernel."""
+    from qqq.kernels_triton import gpu, int8_gemm
+
+    monkeypatch.setattr(int8_gemm, "current_gpu", lambda: gpu.GpuInfo("three SMs", "9.0", 3, 227 * 1024, 2**20))
+    codes, channel_scale, ratio = make_layer(80, 256, 64, seed=3)
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)) * 2
+    x_codes, x_scale = numerics.quantize_per_token(x)
+    expected = numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio))
+    cfg = dict(config(block_k=128, dequant=1), TMA=1)
+    shifted = torch.zeros(37, 258, dtype=torch.int8)[:, 1:257]
+    shifted.copy_(x_codes)
+    for a_codes, branch in ((x_codes, "dequant_tma/g64"), (shifted, "dequant/g64")):
+        with branches.recording() as taken:
+            _, acc = w4a8_gemm(a_codes, x_scale[:, 0], pack_int4(codes), channel_scale, ratio, None, 64,
+                               torch.float32, config=cfg, return_acc=True)
+        assert torch.equal(acc.double(), expected)
+        assert ("w4a8_gemm", branch + "/unclamped") not in taken and ("w4a8_gemm", branch) in taken
+
+
+def test_tma_configs_are_int8_gemms_of_copyable_tiles():
+    w8a8_tma = dict(config(block_n=128, block_m=128, block_k=128), TMA=1)
+    config_table.check_config("w8a8", w8a8_tma, 1024, 4096, 4096, -1)
+    config_table.check_config("w4a8", dict(w8a8_tma, DEQUANT=1), 1024, 4096, 4096, -1)
+    for kernel, bad, reason in [("w4a8", w8a8_tma, "without DEQUANT"), ("w4a16", w8a8_tma, "not an int8 GEMM"),
+                                ("w8a8", dict(w8a8_tma, BLOCK_K=256), "256 columns"),
+                                ("w8a8", dict(w8a8_tma, BLOCK_N=512), "512 rows")]:
+        with pytest.raises(ValueError, match="TMA=1"):
+            config_table.check_config(kernel, bad, 1024, 4096, 4096, -1)
+    for kernel in ("w8a8", "w4a8", "w4a8_group"):
+        tma = [c for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128) if c["TMA"]]
+        assert tma and all(c["BLOCK_K"] <= 128 and (kernel == "w8a8" or c["DEQUANT"]) for c in tma)
+        assert not any(c["TMA"] for c in config_table.candidate_configs(kernel, 128, 4096, 4096, 128))
+    assert not any(c["TMA"] for c in config_table.candidate_configs("w4a16", 1024, 4096, 4096, -1))
 
 
 def test_tuning_candidates_are_valid():

@@ -1,8 +1,8 @@
 """Baselines measured in the same harness as the W4A8 kernels.
 
 - W8A8 (SmoothQuant-style): per-token int8 activations x per-channel int8 weights [N, K] -> int32 -> scaled
-  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``int8_gemm.int8_gemm_kernel``, the same kernel the
-  W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
+  fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``int8_gemm.py``, pointer-fed or, ``TMA=1``, persistent
+  and TMA-fed: the same kernels the W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
   scale epilogue in PyTorch. Both quantize the activations with ``activation_quant``.
 - W4A16: fp16/bf16 activations x per-channel int4 weights in the W4A8 packing -> fp32 accumulation. The
   nibbles are unpacked to ``16 * code`` exactly as in the W4A8 kernel, converted to the activation dtype
@@ -18,11 +18,12 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launch_int8_gemm
+from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launch_int8_gemm, uses_tma
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.unpack import unpack_signed_x16
 
-LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm", "int8_gemm+silu_mul"), "w4a16_linear": ("w4a16",)}
+LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm", "int8_gemm+silu_mul", "int8_gemm_tma", "int8_gemm_tma+silu_mul"),
+                   "w4a16_linear": ("w4a16",)}
 
 
 @triton.jit
@@ -103,7 +104,8 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     _check_common(n, k, channel_scale, bias)
     width = epilogue_width(n, silu_mul)
     config = _launch_config("w8a8", config, m, n, k)
-    branches.record("w8a8_gemm", "int8_gemm+silu_mul" if silu_mul else "int8_gemm")
+    branches.record("w8a8_gemm", ("int8_gemm_tma" if uses_tma(config, a_codes, weight) else "int8_gemm")
+                    + ("+silu_mul" if silu_mul else ""))
     out = torch.empty((m, width), dtype=out_dtype, device=a_codes.device)
     launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
     return out

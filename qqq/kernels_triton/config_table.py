@@ -1,12 +1,13 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, the per-GPU JSON cache.
 
 A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` plus the optional
-``DEQUANT``, ``PREFETCH`` and ``GEMV`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens;
-``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with
-these tiles; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the streaming decode kernel
-of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per step). Configs are keyed on the kernel name, N, K, group size and
-a bucketed M (``M_BUCKETS``: 1, 2, then M rounded up to a power of two from 16 to 4096), so one tuning serves a
-range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file, each file naming the
+``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the
+tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM
+with these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed
+kernel of ``int8_gemm.py``; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the
+streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per
+step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1, 2, then M
+rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file, each file naming the
 GPU's compute capability and SM count. A GPU reads its own file first, then the files of tuned GPUs of the same
 compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
 tuned bucket of the same shape, else a heuristic. Falling back to another GPU's file or to the heuristic is said
@@ -35,8 +36,10 @@ SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
-               "PREFETCH", "GEMV")
-OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0}
+               "PREFETCH", "GEMV", "TMA")
+OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0, "TMA": 0}
+TMA_MAX_BLOCK = (256, 128)  # a TMA copy's box: at most 256 rows, and (int8) 128 columns, the 128-byte swizzle's width
+TMA_MIN_BUCKET = 256  # the M buckets whose candidates include the TMA kernel
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
 # gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
 LLAMA_GEMM_SHAPES = (
@@ -98,6 +101,12 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
             raise ValueError("DEQUANT=1 is a W4A8 prefill config without split-K")
     elif limit is not None and block_k > limit:
         raise ValueError(f"BLOCK_K={block_k} exceeds {limit} for group size {group_size}")
+    if config.get("TMA", 0):
+        if not (kernel == "w8a8" or config.get("DEQUANT", 0)) or config["SPLIT_K"] != 1:
+            raise ValueError("TMA=1 runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) without split-K")
+        if max(config["BLOCK_N"], config["BLOCK_M"]) > TMA_MAX_BLOCK[0] or block_k > TMA_MAX_BLOCK[1]:
+            raise ValueError(f"TMA=1 copies tiles of at most {TMA_MAX_BLOCK[0]} rows and {TMA_MAX_BLOCK[1]} "
+                             f"columns, got {config}")
     for key in ("BLOCK_N", "BLOCK_M"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key}={config[key]} must be a power of two >= 16")
@@ -165,6 +174,8 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                 raw.append(dict(base, PREFETCH=prefetch))
             if kernel in ("w4a8", "w4a8_group") and bucket >= 256:
                 raw.append(dict(base, DEQUANT=1))
+            if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
+                raw.append(dict(base, DEQUANT=int(kernel != "w8a8"), TMA=1))
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):
@@ -185,6 +196,15 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             seen.add(key)
             out.append(cfg)
     return out
+
+
+def tma_available() -> bool:
+    """Whether this GPU (Hopper or later) and this Triton (host tensor descriptors) run ``TMA=1`` configs."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return int(current_gpu().compute_capability.split(".")[0]) >= 9
 
 
 def heuristic_config(kernel: str, m: int, n: int, k: int, group_size: int) -> dict:

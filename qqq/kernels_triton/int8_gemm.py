@@ -2,6 +2,12 @@
 the prefill path of W4A8 (after ``w4a8_gemm.dequantize_int8``) and the W8A8 baseline. ``grouped_tile_ids`` (the
 L2-friendly program order) and ``epilogue`` (scales, bias, store) are shared with the fused W4A8 kernel.
 
+Two kernels compute it: ``int8_gemm_kernel``, a program per output tile loading its operands through pointers
+(Triton pipelines the loads with ``cp.async``), and ``int8_gemm_tma_kernel`` (config ``TMA=1``), persistent: one
+program per SM walks the tiles in the same order, its operand tiles copied into shared memory by the TMA unit
+(a host tensor descriptor per operand; rows past M or N read as zeros) and its K loop flattened with the tile loop,
+so the next tile's copies are in flight during a tile's epilogue.
+
 ``SILU_MUL`` epilogues (a fused gate/up projection whose weight rows alternate gate, up: channel ``2j`` is gate
 ``j``, ``2j + 1`` is up ``j``) store ``SiLU(gate) * up`` [M, N / 2] instead of the N outputs: each output is
 rounded to the output dtype first, then combined as Llama's ``SiLU(gate) * up`` rounds (``silu_times_up``), so
@@ -10,15 +16,28 @@ the result is that of the separate SiLU*up producer on the projection's output, 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from qqq.kernels_triton.gpu import current_gpu
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a Triton without host tensor descriptors runs the pointer kernel
+    TensorDescriptor = None
 
 
 @triton.jit
 def grouped_tile_ids(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
     """(pid_n, pid_m) of this program: GROUP_N consecutive weight tiles are swept over all activation tiles
     before moving on (L2 reuse)."""
-    pid = tl.program_id(0)
+    return tile_coordinates(tl.program_id(0), N, M, BLOCK_N, BLOCK_M, GROUP_N)
+
+
+@triton.jit
+def tile_coordinates(pid, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
+    """(pid_n, pid_m) of output tile ``pid`` in the grouped order of :func:`grouped_tile_ids`."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     pids_per_group = GROUP_N * num_pid_m
@@ -151,6 +170,42 @@ def int8_gemm_kernel(
              acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
 
 
+@triton.jit(do_not_specialize=["M", "PROGRAMS"])
+def int8_gemm_tma_kernel(
+    a_desc, w_desc, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, K, stride_om, PROGRAMS,
+    X16: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr, SILU_MUL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """:func:`int8_gemm_kernel`'s GEMM, persistent and TMA-fed (the module note): program ``p`` of ``PROGRAMS``
+    computes the tiles ``p, p + PROGRAMS, ...`` of the grouped order."""
+    tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(M, BLOCK_M)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        pid_n, pid_m = tile_coordinates(tile, N, M, BLOCK_N, BLOCK_M, GROUP_N)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        for kt in range(k_tiles):
+            w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            acc = tl.dot(w, a.T, acc=acc, out_dtype=tl.int32)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        epilogue(acc, offs_n, offs_m, offs_n < N, offs_m < M, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                 acc_out_ptr, N, stride_om, X16, HAS_BIAS, WRITE_ACC, SILU_MUL)
+
+
+def tma_ready(*operands: torch.Tensor) -> bool:
+    """Whether this Triton has host tensor descriptors and the int8 operands [rows, K] suit the TMA unit: a
+    16-byte aligned start and row stride, contiguous rows."""
+    return TensorDescriptor is not None and all(
+        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in operands)
+
+
+def uses_tma(config: dict, a_codes: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`launch_int8_gemm` runs ``config`` on the TMA kernel: it asks for it (``TMA=1``) and the
+    operands suit it; otherwise the pointer kernel runs the same tiles."""
+    return bool(config.get("TMA", 0)) and tma_ready(a_codes, weight)
+
+
 def epilogue_width(n: int, silu_mul: bool) -> int:
     """The channels the epilogue writes for ``n`` GEMM channels: ``n``, or ``n / 2`` with ``silu_mul`` (the rows
     alternate gate, up; each pair becomes one ``SiLU(gate) * up``)."""
@@ -163,8 +218,19 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
                      silu_mul=False):
     m, k = a_codes.shape
     n = weight.shape[0]
-    grid = (triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"]),)
-    int8_gemm_kernel[grid](
+    tiles = triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"])
+    if uses_tma(config, a_codes, weight):
+        programs = min(tiles, current_gpu().sm_count)
+        int8_gemm_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(a_codes, [config["BLOCK_M"], config["BLOCK_K"]]),
+            TensorDescriptor.from_tensor(weight, [config["BLOCK_N"], config["BLOCK_K"]]),
+            a_scale, channel_scale, bias if bias is not None else channel_scale, out, acc_out, m, n, k, out.stride(0),
+            programs, X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, SILU_MUL=silu_mul,
+            BLOCK_N=config["BLOCK_N"], BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+        return
+    int8_gemm_kernel[(tiles,)](
         a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
         m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
         X16=x16, HAS_BIAS=bias is not None, WRITE_ACC=write_acc, SILU_MUL=silu_mul, BLOCK_N=config["BLOCK_N"],

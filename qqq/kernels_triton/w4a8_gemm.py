@@ -22,7 +22,8 @@ workspace and the last one to arrive (a per-tile ticket counter) reads the total
 and runs the epilogue, so the result stays exactly the int32 sum of the spec.
 
 Large M (prefill) may instead take ``DEQUANT=1`` configs: dequantize the packed weight to int8 once
-(``_dequantize_int8_kernel``) and run the plain int8 GEMM (``int8_gemm.int8_gemm_kernel``, also the W8A8 baseline).
+(``_dequantize_int8_kernel``) and run the plain int8 GEMM (``int8_gemm.py``, also the W8A8 baseline; with ``TMA=1``
+its persistent TMA-fed kernel).
 The tuner picks per (shape, M bucket); on the H100 it picks this at M >= 1024 for per-group.
 
 The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
@@ -39,7 +40,7 @@ from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                         split_k_epilogue)
+                                         split_k_epilogue, tma_ready)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -52,7 +53,7 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
-    return ("fused", "split_k", "dequant", "streaming", "streaming_split_k") + per_group + wide
+    return ("fused", "split_k", "dequant", "dequant_tma", "streaming", "streaming_split_k") + per_group + wide
 
 
 def _branch(path: str, group_size: int, clamp: bool) -> str:
@@ -271,7 +272,7 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
 
 def _launch_path(config: dict, group_size: int) -> str:
     if config.get("DEQUANT", 0):
-        return "dequant"
+        return "dequant_tma" if config.get("TMA", 0) else "dequant"
     if config.get("GEMV", 0):
         return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
@@ -317,6 +318,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     use_asm = use_inline_asm(a_codes)
     clamp = group_size != -1 and not ratios_fit_int8
     path = _launch_path(config, group_size)
+    if path == "dequant_tma" and not tma_ready(a_codes):
+        path = "dequant"  # the pointer-fed int8 GEMM runs the same tiles
     branches.record("w4a8_gemm", _branch(path, group_size, clamp))
     if silu_mul:
         branches.record("w4a8_gemm", f"silu_mul/{path}")
