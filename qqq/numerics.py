@@ -249,9 +249,15 @@ def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = tor
     exact sum rounded once, the same numbers as the float64 result cast to float32). On a CPU whose int8 GEMM
     pays (:func:`cpu_int8_gemm_pays`) that GEMM with int32 accumulation; otherwise fp32 matmuls over K-chunks
     short enough that every partial sum is an integer below 2**24, added in float64 (fast on any device)."""
-    if a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and cpu_int8_gemm_pays():
+    if takes_cpu_int8_gemm(a):
         return torch._int_mm(a.contiguous(), b.T).to(dtype)
     return _int8_matmul_in_fp32(a, b).to(dtype)
+
+
+def takes_cpu_int8_gemm(a: torch.Tensor) -> bool:
+    """Whether ``a`` [M, K] @ int8 [N, K]^T is exact and fastest as ``torch._int_mm``: on a CPU whose int8 GEMM
+    pays, with K short enough for int32 sums."""
+    return a.device.type == "cpu" and a.shape[1] <= INT32_EXACT_K and cpu_int8_gemm_pays()
 
 
 def _int8_matmul_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,7 @@ def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a [M, K] @ b [N, K]^T`` of int8 matrices, exact: int32 from the CPU's int8 GEMM where it pays (3-4x
     fp32's speed with VNNI; ``numerics.cpu_int8_gemm_pays``), fp32 holding the exact sums elsewhere. Either
     becomes the same fp32 numbers in a product with fp32."""
-    if a.device.type == "cpu" and a.shape[1] <= numerics.INT32_EXACT_K and numerics.cpu_int8_gemm_pays():
+    if numerics.takes_cpu_int8_gemm(a):
         return torch._int_mm(a, b.T)
     return numerics.int8_matmul_exact(a, b, torch.float32)
 

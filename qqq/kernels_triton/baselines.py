@@ -2,8 +2,9 @@
 
 - W8A8 (SmoothQuant-style): per-token int8 activations x per-channel int8 weights [N, K] -> int32 -> scaled
   fp16/bf16. ``w8a8_linear`` runs our Triton int8 GEMM (``int8_gemm.py``, pointer-fed or, ``TMA=1``, persistent
-  and TMA-fed: the same kernels the W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs cuBLAS through ``torch._int_mm`` (needs M > 16) plus the
-  scale epilogue in PyTorch. Both quantize the activations with ``activation_quant``.
+  and TMA-fed: the same kernels the W4A8 prefill path uses after dequantizing); ``w8a8_linear_cublas`` runs
+  cuBLAS through ``torch._int_mm`` (needs M > 16) plus the scale epilogue in PyTorch. Both quantize the
+  activations with ``activation_quant``.
 - W4A16: fp16/bf16 activations x per-channel int4 weights in the W4A8 packing -> fp32 accumulation. The
   nibbles are unpacked to ``16 * code`` exactly as in the W4A8 kernel, converted to the activation dtype
   (exact) and multiplied on the fp16 tensor cores; ``scale / 16`` is applied in the epilogue.

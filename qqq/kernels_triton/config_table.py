@@ -7,8 +7,9 @@ with these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUA
 kernel of ``int8_gemm.py``; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the
 streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per
 step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1, 2, then M
-rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in ``configs/<gpu name>.json`` beside this file, each file naming the
-GPU's compute capability and SM count. A GPU reads its own file first, then the files of tuned GPUs of the same
+rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in
+``configs/<gpu name>.json`` beside this file, each file naming the GPU's compute capability and SM count. A GPU
+reads its own file first, then the files of tuned GPUs of the same
 compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
 tuned bucket of the same shape, else a heuristic. Falling back to another GPU's file or to the heuristic is said
 once, with the command that tunes this GPU.
