@@ -19,7 +19,7 @@ import triton.language as tl
 
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launch_int8_gemm, uses_tma
+from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launch_int8_gemm
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.unpack import unpack_signed_x16
 
@@ -105,10 +105,9 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     _check_common(n, k, channel_scale, bias)
     width = epilogue_width(n, silu_mul)
     config = _launch_config("w8a8", config, m, n, k)
-    branches.record("w8a8_gemm", ("int8_gemm_tma" if uses_tma(config, a_codes, weight) else "int8_gemm")
-                    + ("+silu_mul" if silu_mul else ""))
     out = torch.empty((m, width), dtype=out_dtype, device=a_codes.device)
-    launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
+    ran_tma = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
+    branches.record("w8a8_gemm", ("int8_gemm_tma" if ran_tma else "int8_gemm") + ("+silu_mul" if silu_mul else ""))
     return out
 
 

@@ -200,12 +200,6 @@ def tma_ready(*operands: torch.Tensor) -> bool:
         t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in operands)
 
 
-def uses_tma(config: dict, a_codes: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`launch_int8_gemm` runs ``config`` on the TMA kernel: it asks for it (``TMA=1``) and the
-    operands suit it; otherwise the pointer kernel runs the same tiles."""
-    return bool(config.get("TMA", 0)) and tma_ready(a_codes, weight)
-
-
 def epilogue_width(n: int, silu_mul: bool) -> int:
     """The channels the epilogue writes for ``n`` GEMM channels: ``n``, or ``n / 2`` with ``silu_mul`` (the rows
     alternate gate, up; each pair becomes one ``SiLU(gate) * up``)."""
@@ -215,11 +209,13 @@ def epilogue_width(n: int, silu_mul: bool) -> int:
 
 
 def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc,
-                     silu_mul=False):
+                     silu_mul=False) -> bool:
+    """Run ``config``'s tiles on the TMA kernel where it asks for it (``TMA=1``) and the operands suit the TMA unit
+    (:func:`tma_ready`), otherwise on the pointer kernel. Returns whether the TMA kernel ran, for the branch record."""
     m, k = a_codes.shape
     n = weight.shape[0]
     tiles = triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"])
-    if uses_tma(config, a_codes, weight):
+    if config.get("TMA", 0) and tma_ready(a_codes, weight):
         programs = min(tiles, current_gpu().sm_count)
         int8_gemm_tma_kernel[(programs,)](
             TensorDescriptor.from_tensor(a_codes, [config["BLOCK_M"], config["BLOCK_K"]]),
@@ -229,7 +225,7 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
             BLOCK_N=config["BLOCK_N"], BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-        return
+        return True
     int8_gemm_kernel[(tiles,)](
         a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
         m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
@@ -237,3 +233,4 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
         BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
+    return False

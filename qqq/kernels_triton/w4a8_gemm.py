@@ -40,7 +40,7 @@ from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                         split_k_epilogue, tma_ready)
+                                         split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -54,6 +54,12 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
     return ("fused", "split_k", "dequant", "dequant_tma", "streaming", "streaming_split_k") + per_group + wide
+
+
+def _record(group_size: int, clamp: bool, silu_mul: bool, path: str) -> None:
+    branches.record("w4a8_gemm", _branch(path, group_size, clamp))
+    if silu_mul:
+        branches.record("w4a8_gemm", f"silu_mul/{path}")
 
 
 def _branch(path: str, group_size: int, clamp: bool) -> str:
@@ -271,6 +277,7 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
 
 
 def _launch_path(config: dict, group_size: int) -> str:
+    """The path ``config`` asks for (``dequant_tma`` runs as ``dequant`` where the operands do not suit TMA)."""
     if config.get("DEQUANT", 0):
         return "dequant_tma" if config.get("TMA", 0) else "dequant"
     if config.get("GEMV", 0):
@@ -317,17 +324,13 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         config_table.check_config(kernel_name, config, m, n, k, group_size)
     use_asm = use_inline_asm(a_codes)
     clamp = group_size != -1 and not ratios_fit_int8
-    path = _launch_path(config, group_size)
-    if path == "dequant_tma" and not tma_ready(a_codes):
-        path = "dequant"  # the pointer-fed int8 GEMM runs the same tiles
-    branches.record("w4a8_gemm", _branch(path, group_size, clamp))
-    if silu_mul:
-        branches.record("w4a8_gemm", f"silu_mul/{path}")
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
         weight = dequantize_int8(qweight, group_ratio, group_size, use_asm, clamp)
-        launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
-                         group_size == -1, return_acc, silu_mul)
+        ran_tma = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
+                                   group_size == -1, return_acc, silu_mul)
+        _record(group_size, clamp, silu_mul, "dequant_tma" if ran_tma else "dequant")
         return (out, acc_out) if return_acc else out
+    _record(group_size, clamp, silu_mul, _launch_path(config, group_size))
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
         block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
         workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \
