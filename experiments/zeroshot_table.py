@@ -27,7 +27,7 @@ from qqq.cli import method_name, positive_int
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance, results_file,
-                            results_stem)
+                            results_stem, script_results_table)
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
@@ -79,8 +79,8 @@ def main():
     meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
                                         "limit": str(args.limit)}
     rows, out = [], results_stem(args.out)
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
-                           defaults=dict.fromkeys(CLIP_COLUMNS, False), value_columns=REPORTED_COLUMNS)
+    results = script_results_table(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
+                                   defaults=dict.fromkeys(CLIP_COLUMNS, False), value_columns=REPORTED_COLUMNS)
     for part in args.merge or []:
         try:
             results.absorb(Path(part))
