@@ -50,7 +50,7 @@ from qqq.fast.projections import (METHOD_NOTES, METHODS, RENAMED_METHODS, projec
                                   reference_linear)
 from qqq.kernels_triton.gpu import sequential_launches  # noqa: E402
 from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance,  # noqa: E402
-                            read_provenance_header, results_file, results_stem)
+                            read_provenance_header, results_file, results_stem, script_results_table)
 
 KEY_COLUMNS = ["model", "method", "kv_bits", "batch"]
 KV_BITS_BEFORE_THE_COLUMN = 16  # rows measured before kv_bits existed had the 16-bit cache
@@ -447,8 +447,8 @@ def main():
         sys.exit("e2e_speed.py measures GPU speed: no GPU here")
     out = Path(args.out)
     meta = provenance()
-    results = ResultsTable(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge),
-                           defaults={"kv_bits": KV_BITS_BEFORE_THE_COLUMN}, value_columns=REPORTED_COLUMNS)
+    results = script_results_table(out / "e2e_speed", KEY_COLUMNS, meta, append=args.append or bool(args.merge),
+                                   defaults={"kv_bits": KV_BITS_BEFORE_THE_COLUMN}, value_columns=REPORTED_COLUMNS)
     if args.merge:
         with tempfile.TemporaryDirectory() as folder:
             for path in args.merge:

@@ -30,7 +30,7 @@ from qqq.export import export_compressed_tensors
 from qqq.linear import FakeQuantLinear
 from qqq.model_families import family_of
 from qqq.models import load_tokenizer
-from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem
+from qqq.provenance import atomic_write, provenance, results_file, results_stem, script_results_table
 
 KEY_COLUMNS = ["checkpoint", "path", "dataset", "seqlen", "windows"]
 
@@ -86,8 +86,8 @@ def main():
     args = parse_args()
     out = results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = ResultsTable(out, KEY_COLUMNS, provenance() | {"compressed-tensors": compressed_tensors.__version__},
-                           args.append)
+    meta = provenance() | {"compressed-tensors": compressed_tensors.__version__}
+    results = script_results_table(out, KEY_COLUMNS, meta, args.append)
     rows = []
     for checkpoint in args.checkpoints:
         quant = json.loads((Path(checkpoint) / "config.json").read_text())["quantization_config"]

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qqq.provenance import atomic_write, markdown_provenance, provenance  # noqa: E402
+from qqq.provenance import atomic_writes, markdown_provenance, provenance  # noqa: E402
 
 STALL_REASONS = ("long_scoreboard", "barrier", "mio_throttle", "lg_throttle", "wait", "math_pipe_throttle",
                  "not_selected", "short_scoreboard", "no_instruction", "dispatch_stall", "membar",
@@ -206,15 +206,15 @@ def main() -> None:
     if args.note:
         meta["note"] = args.note
     stem = args.out / "ncu_profile"
-    with atomic_write(stem.with_suffix(".csv")) as f:
-        f.writelines(f"# {key}: {value}\n" for key, value in meta.items())
-        table.to_csv(f, index=False)
     cases = "\n".join(f"- `{name}`: {CASES[name][0]}" for name in args.cases)
-    with atomic_write(stem.with_suffix(".md")) as f:
-        f.write("# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
-                + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
-                "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) "
-                "left out\n\n" + markdown_provenance(meta) + "\n")
+    # one unit: a summary that fails to write leaves the old csv and md, not a new csv beside an old md
+    with atomic_writes(stem.with_suffix(".csv"), stem.with_suffix(".md")) as (csv, md):
+        csv.writelines(f"# {key}: {value}\n" for key, value in meta.items())
+        table.to_csv(csv, index=False)
+        md.write("# Nsight Compute profiles of the decode kernels\n\n" + cases + "\n\n" + table.to_markdown(index=False)
+                 + "\n\n" + "stall columns: average warps stalled per issued instruction, by reason (ncu "
+                 "`smsp__average_warps_issue_stalled_<reason>_per_issue_active.ratio`); `selected` (1 by definition) "
+                 "left out\n\n" + markdown_provenance(meta) + "\n")
     print(table.to_string(index=False))
 
 

@@ -31,7 +31,7 @@ from qqq.models import EMBEDDED_MODEL, EMBEDDED_MODELS, embedded_note, load_mode
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
-from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem
+from qqq.provenance import ResultsTable, atomic_write, provenance, results_file, results_stem, script_results_table
 
 KEY_COLUMNS = ["model", "method", "group_size", *CLIP_COLUMNS, "kv_bits", "kv_smooth", "query_bits", "dataset",
                "seqlen"]
@@ -75,9 +75,9 @@ def main():
     rows, out = [], results_stem(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = provenance() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}"}
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append,
-                           defaults={"kv_bits": 16, "kv_smooth": 0.0, "query_bits": 16}
-                           | dict.fromkeys(CLIP_COLUMNS, False))
+    results = script_results_table(out, KEY_COLUMNS, meta, args.append,
+                                   defaults={"kv_bits": 16, "kv_smooth": 0.0, "query_bits": 16}
+                                   | dict.fromkeys(CLIP_COLUMNS, False))
     for column, value in (("dataset", args.dataset), ("seqlen", args.seqlen)):  # its cells would average them
         if len(results.old) and set(results.old[column]) != {value}:
             raise ValueError(f"--append: {out}.csv has {column} {sorted(set(results.old[column]))}, this run "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from qqq.cli import method_name, positive_int
 from qqq.numerics import SUPPORTED_GROUP_SIZES
 from qqq.pipeline import METHODS, calibration_settings, default_device
 from qqq.provenance import (SCRATCH_FOLDERS_NOTE, ResultsTable, atomic_write, provenance, results_file,
-                            results_stem)
+                            results_stem, script_results_table)
 from qqq.gptq import GPTQConfig, add_clip_arguments, clip_searches
 from qqq.sweep import CLIP_COLUMNS, calibrated_sweep, clip_columns, clip_label
 from qqq.zeroshot import EXTRA_TASKS, TASKS, data_source, headline, paired_difference, versions, zero_shot
@@ -79,19 +80,13 @@ def main():
     meta = provenance() | versions() | {"calibration": f"{args.calib_dataset}, {calibration}, seed {args.seed}",
                                         "limit": str(args.limit)}
     rows, out = [], results_stem(args.out)
-    results = ResultsTable(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
-                           defaults=dict.fromkeys(CLIP_COLUMNS, False), value_columns=REPORTED_COLUMNS)
-    for part in args.merge or []:
-        try:
-            results.absorb(Path(part))
-        except ValueError as error:
-            sys.exit(f"zeroshot_table.py: error: --merge: {error}")
+    results = script_results_table(out, KEY_COLUMNS, meta, args.append or bool(args.merge),
+                                   defaults=dict.fromkeys(CLIP_COLUMNS, False), value_columns=REPORTED_COLUMNS)
+    try:
+        kept_samples = taken_in(results, out, args)
+    except ValueError as error:
+        sys.exit(f"zeroshot_table.py: error: {error}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if {run.get("limit") for run in results.runs} != {str(args.limit)}:
-        raise ValueError(f"--append/--merge: runs with another --limit than {args.limit}; one table cannot mix them")
-    kept_samples = read_samples(out) if args.append or args.merge else None
-    for part in args.merge or []:
-        kept_samples = merged_samples(kept_samples, read_samples(results_stem(part)))
     if args.merge:
         table = results.write([])
         write_samples(out, kept_samples, table)
@@ -125,15 +120,57 @@ def main():
             del model
 
 
+def taken_in(results: ResultsTable, out: Path, args) -> pd.DataFrame | None:
+    """Takes the ``--merge`` parts into ``results`` (which holds ``out``'s table where ``--append`` or ``--merge``
+    read it) and returns the scored documents of them all; a ValueError naming the flag and the file that cannot
+    join: not a table of this kind, scored with another ``--limit``, or its samples file unreadable or missing where
+    its runs kept one (``--log-samples``)."""
+    refuse_another_limit(results.runs[:-1], args.limit, f"--append/--merge: {results_file(out, '.csv')}")
+    samples = read_samples(out) if args.append or args.merge else None
+    for part in map(results_stem, args.merge or []):
+        taken = len(results.runs)
+        try:
+            results.absorb(part)
+            part_samples = read_samples(part)
+        except ValueError as error:
+            raise ValueError(f"--merge: {error}") from None
+        runs = results.runs[taken:]
+        refuse_another_limit(runs, args.limit, f"--merge: {results_file(part, '.csv')}")
+        if part_samples is None and any("--log-samples" in shlex.split(run.get("command", "")) for run in runs):
+            raise ValueError(f"--merge: {samples_path(part)} not found: the runs of {results_file(part, '.csv')} "
+                             "kept each document's score (--log-samples); copy it beside the csv")
+        # its evaluations replace their old documents, with its own or (run without --log-samples) with none
+        evaluations = results.old.loc[results.old["run"].isin([run["run"] for run in runs]), RUN_COLUMNS]
+        samples = merged_samples(samples, pd.concat([evaluations.drop_duplicates(), part_samples]))
+    return samples
+
+
+def refuse_another_limit(runs: list[dict], limit: int | None, source: str) -> None:
+    """A ValueError naming ``source`` where its ``runs`` scored another ``--limit`` of docs than this run's."""
+    def described(value: str) -> str:
+        return "no --limit (all docs)" if value == "None" else f"--limit {value}"
+
+    others = sorted({run.get("limit", "unrecorded") for run in runs} - {str(limit)})
+    if others:
+        raise ValueError(f"{source} was scored with {' and '.join(map(described, others))}, this run with "
+                         f"{described(str(limit))}: one table cannot mix them")
+
+
 def samples_path(out: Path) -> Path:
     return out.with_name(out.name + "_samples.csv.gz")
 
 
 def read_samples(out: Path) -> pd.DataFrame | None:
+    """The scored documents kept beside the table ``out``, None where there are none; a ValueError naming a file
+    that cannot be read (cut short, not gzip)."""
     path = samples_path(out)
     if not path.exists():
         return None
-    samples = pd.read_csv(path)  # a file from before the clip columns: its runs used none
+    try:
+        samples = pd.read_csv(path)
+    except (ValueError, OSError, EOFError) as error:  # pandas' errors, gzip's BadGzipFile, a gzip stream cut short
+        raise ValueError(f"{path} is not a samples file: {error}") from None
+    # a file from before the clip columns: its runs used none
     return samples.assign(**{column: False for column in CLIP_COLUMNS if column not in samples})
 
 

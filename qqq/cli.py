@@ -342,10 +342,11 @@ def cmd_generate(args) -> None:
     config = model_config(args.model)
     family_for_type(config.get("model_type"))
     tokenizer = load_tokenizer(args.model)
+    # every id it can give is a row of the model's embedding, not only the ids of this prompt
+    _check_tokenizer_fits(config.get("vocab_size"), tokenizer)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids
     if prompt.numel() == 0:
         sys.exit("qqq: error: --prompt gives no tokens; give some text")
-    _check_tokenizer_fits(config.get("vocab_size"), ids=prompt)
     positions = config.get("max_position_embeddings")
     if positions and prompt.shape[1] + args.max_new_tokens > positions:
         raise ValueError(f"the prompt's {prompt.shape[1]} tokens and --max-new-tokens {args.max_new_tokens} exceed "

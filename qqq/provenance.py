@@ -187,10 +187,14 @@ class ResultsTable:
 
     def _read(self, csv: Path, runs_file: Path) -> tuple[pd.DataFrame, list[dict]]:
         """The rows of ``csv`` and the runs of ``runs_file``; a ValueError that names the file where they are
-        not a table of this kind (its columns) whose every row's run is in ``runs_file``."""
+        not a table of this kind (its columns) whose every row's run is in ``runs_file``, or cut short."""
         try:
+            # every row written here ends its line; pandas would read a row cut short as one with empty cells
+            text = csv.read_bytes()
+            if text and not text.endswith(b"\n"):
+                raise ValueError("its last line ends mid-row (a copy cut short?)")
             rows = self._completed(pd.read_csv(csv))
-        except ValueError as error:  # pandas' ParserError and EmptyDataError, a file that is not text
+        except (ValueError, OSError) as error:  # pandas' ParserError and EmptyDataError, a file that is not text
             raise ValueError(f"{csv} is not a results table: {error}") from None
         missing = [column for column in self.columns if column not in rows]
         if missing:
@@ -253,3 +257,13 @@ class ResultsTable:
                 blocks += [f"### Run {run['run']}: {describe(rows)}", "",
                            markdown_provenance({k: v for k, v in run.items() if k != "run"}), ""]
         return "\n".join(blocks)
+
+
+def script_results_table(out: Path, *args, **kwargs) -> ResultsTable:
+    """``ResultsTable(out, ...)`` for an experiment script's ``--out``: a table already there that it cannot take in
+    (not one of its kind, unparsable, cut short) stops the script in one line naming the file, as argparse's errors
+    read (``ppl_table.py: error: --out: ...``), before anything is written; not a traceback."""
+    try:
+        return ResultsTable(out, *args, **kwargs)
+    except ValueError as error:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: --out: {error}") from None

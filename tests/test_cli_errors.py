@@ -268,7 +268,8 @@ def test_generating_past_the_models_positions_is_refused(tiny_model_dir, capsys,
 
 @pytest.mark.parametrize("command, found", [
     (["eval", "zeroshot", "MODEL", "--limit", "1"], "the tokenizer has 49152 entries"),  # the whole tokenizer
-    (["generate", "MODEL", "--prompt", "Hello world"], "the tokenizer gives token id "),  # the prompt's ids
+    (["generate", "MODEL", "--prompt", "Hello world"], "the tokenizer has 49152 entries"),
+    (["generate", "MODEL", "--prompt", "a b c"], "the tokenizer has 49152 entries"),  # ids 81, 278, 265: they fit
 ])
 def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused_in_one_wording(command, found, tmp_path, capsys,
                                                                                   no_model_load):

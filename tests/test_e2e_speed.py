@@ -112,3 +112,17 @@ def test_merge_of_a_csv_that_is_not_a_results_table_stops_in_one_line(e2e_speed,
     assert stop.value.code == 2 and error.startswith(f"e2e_speed.py: error: --merge: {tmp_path / 'e2e_speed.csv'} ")
     assert message in error
     assert not (tmp_path / "out").exists()
+
+
+def test_append_to_a_malformed_table_stops_in_one_line_writing_nothing(e2e_speed, monkeypatch, tmp_path):
+    (tmp_path / "e2e_speed.csv").write_text("model,batch,method,run\nllama-2-7b,1,\"fp16,0\n")  # a quote left open
+    (tmp_path / "e2e_speed.runs.json").write_text(json.dumps([{"run": 0, "command": "old"}]))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(e2e_speed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(e2e_speed, "provenance", lambda: {"command": "test", "device": "test", "date": "today"})
+    monkeypatch.setattr(e2e_speed, "run", lambda *args: pytest.fail("measured before the table was read"))
+    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--append", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"^e2e_speed.py: error: --out: {tmp_path / 'e2e_speed.csv'} is not a results "
+                                         "table: Error tokenizing data"):
+        e2e_speed.main()
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

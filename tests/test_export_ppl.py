@@ -52,3 +52,17 @@ def test_a_folder_that_is_not_a_qqq_checkpoint_is_refused_when_the_flags_are_rea
         export_ppl.parse_args()
     error = capsys.readouterr().err
     assert stop.value.code == 2 and f"{folder} is not a QQQ checkpoint" in error and found in error
+
+
+def test_append_to_a_malformed_table_stops_in_one_line_writing_nothing(export_ppl, monkeypatch, tmp_path):
+    checkpoint = qqq_checkpoint_config(tmp_path / "checkpoint")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "export_ppl.csv").write_text("checkpoint,method,group_size,path,dataset,seqlen,run\n/ckpt,w4a8_rtn,64,q")
+    (out / "export_ppl.runs.json").write_text(json.dumps([{"run": 0, "command": "old"}]))
+    monkeypatch.setattr(export_ppl, "load_tokenizer", lambda *args: pytest.fail("scored before the table was read"))
+    monkeypatch.setattr(sys, "argv", ["export_ppl.py", str(checkpoint), "--append", "--out", str(out / "export_ppl")])
+    with pytest.raises(SystemExit, match=f"^export_ppl.py: error: --out: {out / 'export_ppl.csv'} is not a results "
+                                         "table: its last line ends mid-row"):
+        export_ppl.main()
+    assert sorted(path.name for path in out.iterdir()) == ["export_ppl.csv", "export_ppl.runs.json"]

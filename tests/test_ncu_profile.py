@@ -107,3 +107,24 @@ def test_parse_of_a_folder_without_the_reports_stops_in_one_line(ncu_profile, mo
         ncu_profile.main()
     assert stop.value.code == 2 and f"--parse: {tmp_path / 'ncu_stalls.txt'} not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_summary_that_fails_to_write_leaves_the_old_csv_and_md(ncu_profile, monkeypatch, tmp_path):
+    """The csv and the md are one unit: the md failing (here its provenance block) replaces neither, and leaves no
+    partial file."""
+    _write(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for suffix in (".csv", ".md"):
+        (out / f"ncu_profile{suffix}").write_text(f"old {suffix}\n")
+
+    def fails(meta):
+        raise RuntimeError("stopped while writing the md")
+
+    monkeypatch.setattr(ncu_profile, "markdown_provenance", fails)
+    monkeypatch.setattr(sys, "argv", ["ncu_profile.py", "--parse", str(tmp_path), "--out", str(out),
+                                      "--cases", "attn_b1_fp16", "gemv_paper_pc"])
+    with pytest.raises(RuntimeError, match="stopped while writing the md"):
+        ncu_profile.main()
+    assert sorted(path.name for path in out.iterdir()) == ["ncu_profile.csv", "ncu_profile.md"]
+    assert [(out / f"ncu_profile{suffix}").read_text() for suffix in (".csv", ".md")] == ["old .csv\n", "old .md\n"]

@@ -42,6 +42,31 @@ def test_append_refuses_another_window_length_or_text(ppl_table, monkeypatch, tm
     assert (tmp_path / "ppl.csv").read_text() == (RESULTS / "ppl.csv").read_text()
 
 
+MALFORMED_TABLES = {  # an --out table that --append cannot take in: the end of its error line
+    "cut short": (lambda text: text[:-3], "its last line ends mid-row (a copy cut short?)"),
+    "unparsable": (lambda text: text.split("\n")[0] + '\n"fp16,-1\n', "is not a results table: Error tokenizing"),
+}
+
+
+@pytest.mark.parametrize("script,table", [("ppl_table", "ppl"), ("zeroshot_table", "zeroshot")])
+@pytest.mark.parametrize("damage", list(MALFORMED_TABLES))
+def test_append_to_a_malformed_table_stops_in_one_line_writing_nothing(monkeypatch, tmp_path, script, table, damage):
+    module = experiment_module(script)
+    cut, message = MALFORMED_TABLES[damage]
+    (tmp_path / f"{table}.csv").write_text(cut((RESULTS / f"{table}.csv").read_text()))
+    shutil.copy(RESULTS / f"{table}.runs.json", tmp_path / f"{table}.runs.json")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--methods", "fp16", "--append", "--out", str(tmp_path / table),
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    error = str(stop.value.code)
+    assert error.startswith(f"{script}.py: error: --out: {tmp_path / table}.csv is not a results table")
+    assert message in error and "\n" not in error
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_zeroshot_table_out_with_a_dot_names_its_files_stem(monkeypatch, tmp_path):
     """``--out zeroshot.v2`` writes zeroshot.v2.csv, .md and .runs.json (``Path.with_suffix`` made them zeroshot.*),
     and ``--merge`` reads the part it names, dots and all."""

@@ -96,6 +96,20 @@ def test_absorb_refuses_a_part_that_is_not_a_table_of_its_kind_before_taking_any
     assert len(merged.old) == 1 and [r["command"] for r in merged.runs] == ["main", "merge"]
 
 
+def test_a_table_cut_short_mid_row_is_refused_not_read_with_empty_cells(tmp_path):
+    """pandas reads a last row cut short (a copy stopped on the way) as one whose missing cells are empty, which the
+    defaults would fill in: here its kv_bits 8, a column added after the run column, would become 16."""
+    out = tmp_path / "ppl"
+    old = ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0}])
+    ResultsTable(out, KEYS, {"command": "new"}, append=True, defaults={"kv_bits": 16}).write(
+        [{"method": "fp16", "group_size": -1, "ppl": 9.0, "kv_bits": 8}])
+    csv = out.with_suffix(".csv")
+    assert list(pd.read_csv(csv).columns) == [*old.columns, "kv_bits"] and csv.read_text().endswith(",1,8\n")
+    csv.write_bytes(csv.read_bytes()[:-len(b"8\n")])
+    with pytest.raises(ValueError, match=f"^{csv} is not a results table: its last line ends mid-row"):
+        ResultsTable(out, KEYS, {"command": "again"}, append=True, defaults={"kv_bits": 16})
+
+
 def test_defaults_complete_the_rows_written_before_a_column_existed(tmp_path):
     out = tmp_path / "ppl"
     ResultsTable(out, KEYS, {"command": "old"}).write([{"method": "fp16", "group_size": -1, "ppl": 10.0},

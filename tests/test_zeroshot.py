@@ -267,6 +267,92 @@ def test_merge_of_a_part_that_is_not_a_results_table_stops_in_one_line(monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.csv", "part.runs.json"]
 
 
+def _scored_part(table_module, stem, methods, limit="None", command="python zeroshot_table.py", samples=False):
+    """A zeroshot table at ``stem`` (csv and runs.json) scoring ``methods`` on piqa, as a run with ``command`` and
+    ``--limit`` ``limit`` left it; with ``samples``, its documents' scores beside it."""
+    from qqq.provenance import ResultsTable
+
+    plain = dict.fromkeys(table_module.CLIP_COLUMNS, False)
+    table = ResultsTable(stem, table_module.KEY_COLUMNS, {"command": command, "limit": limit}).write(
+        [dict(model="m", method=m, group_size=-1, **plain, task="piqa", metric="acc", value=0.5, stderr=0.1, docs=2)
+         for m in methods])
+    if samples:
+        import pandas as pd
+
+        docs = pd.DataFrame([dict(model="m", method=m, group_size=-1, **plain, task="piqa", doc_id=i, metric="acc",
+                                  correct=1.0) for m in methods for i in range(2)])
+        table_module.write_samples(stem, docs, table)
+
+
+def _files(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("where", ["part", "out"])
+def test_merge_of_runs_scored_with_another_limit_stops_in_one_line_naming_both(monkeypatch, tmp_path, where):
+    import sys
+
+    table_module = experiment_module("zeroshot_table")
+    part, out = tmp_path / "part", tmp_path / "out" / "z"
+    _scored_part(table_module, part, ["fp16"], limit="50")
+    argv = ["zeroshot_table.py", "--merge", str(part), "--out", str(out)]
+    if where == "out":  # the table merged into was scored on 500 docs a task, the part and this run on 50
+        out.parent.mkdir()
+        _scored_part(table_module, out, ["qqq"], limit="500")
+        argv += ["--limit", "50"]
+    before = _files(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        table_module.main()
+    assert stop.value.code == {
+        "part": f"zeroshot_table.py: error: --merge: {part}.csv was scored with --limit 50, this run with no --limit "
+                "(all docs): one table cannot mix them",
+        "out": f"zeroshot_table.py: error: --append/--merge: {out}.csv was scored with --limit 500, this run with "
+               "--limit 50: one table cannot mix them"}[where]
+    assert _files(tmp_path) == before and (where == "out" or not out.parent.exists())
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_merge_of_a_part_whose_samples_cannot_be_read_stops_in_one_line(monkeypatch, tmp_path, damage):
+    """A part scored with --log-samples whose samples file did not come with it (or came cut short) would leave
+    its evaluations out of the paired comparison without a word."""
+    import sys
+
+    table_module = experiment_module("zeroshot_table")
+    part = tmp_path / "part"
+    _scored_part(table_module, part, ["fp16"], command="python zeroshot_table.py --log-samples --out part",
+                 samples=True)
+    samples = table_module.samples_path(part)
+    if damage == "missing":
+        samples.unlink()
+    else:
+        samples.write_bytes(samples.read_bytes()[:-8])
+    before = _files(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(part), "--out", str(tmp_path / "out" / "z")])
+    with pytest.raises(SystemExit) as stop:
+        table_module.main()
+    assert stop.value.code == {
+        "missing": f"zeroshot_table.py: error: --merge: {samples} not found: the runs of {part}.csv kept each "
+                   "document's score (--log-samples); copy it beside the csv",
+        "cut short": f"zeroshot_table.py: error: --merge: {samples} is not a samples file: Compressed file ended before the "
+                     "end-of-stream marker was reached"}[damage]
+    assert _files(tmp_path) == before
+
+
+def test_a_merged_part_without_samples_takes_away_the_old_documents_of_what_it_scored_again(monkeypatch, tmp_path):
+    """As a run without --log-samples does: the table's rows come from the part, the old documents from the
+    evaluation it replaced, so they would be compared as if they were its."""
+    import sys
+
+    table_module = experiment_module("zeroshot_table")
+    out, part = tmp_path / "z", tmp_path / "part"
+    _scored_part(table_module, out, ["fp16", "qqq"], command="python zeroshot_table.py --log-samples", samples=True)
+    _scored_part(table_module, part, ["qqq"])
+    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(part), "--out", str(out)])
+    table_module.main()
+    assert set(table_module.read_samples(out)["method"]) == {"fp16"}
+
+
 def test_only_lm_evals_own_asserts_become_the_max_length_error(monkeypatch):
     """An assert raised outside lm-eval (torch's "not compiled with CUDA", say) passes on unchanged."""
     import lm_eval
