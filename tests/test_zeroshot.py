@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,8 +251,6 @@ def test_table_keeps_a_clipping_variant_apart_from_its_method(tmp_path):
 
 
 def test_merge_of_a_part_that_is_not_a_results_table_stops_in_one_line(monkeypatch, tmp_path):
-    import sys
-
     import pandas as pd
 
     table_module = experiment_module("zeroshot_table")
@@ -284,14 +283,20 @@ def _scored_part(table_module, stem, methods, limit="None", command="python zero
         table_module.write_samples(stem, docs, table)
 
 
+def _stop_message(table_module, monkeypatch, argv):
+    """What ``zeroshot_table.py`` run with ``argv`` stops with (it must stop)."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        table_module.main()
+    return stop.value.code
+
+
 def _files(folder):
     return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 @pytest.mark.parametrize("where", ["part", "out"])
 def test_merge_of_runs_scored_with_another_limit_stops_in_one_line_naming_both(monkeypatch, tmp_path, where):
-    import sys
-
     table_module = experiment_module("zeroshot_table")
     part, out = tmp_path / "part", tmp_path / "out" / "z"
     _scored_part(table_module, part, ["fp16"], limit="50")
@@ -301,10 +306,7 @@ def test_merge_of_runs_scored_with_another_limit_stops_in_one_line_naming_both(m
         _scored_part(table_module, out, ["qqq"], limit="500")
         argv += ["--limit", "50"]
     before = _files(tmp_path)
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as stop:
-        table_module.main()
-    assert stop.value.code == {
+    assert _stop_message(table_module, monkeypatch, argv) == {
         "part": f"zeroshot_table.py: error: --merge: {part}.csv was scored with --limit 50, this run with no --limit "
                 "(all docs): one table cannot mix them",
         "out": f"zeroshot_table.py: error: --append/--merge: {out}.csv was scored with --limit 500, this run with "
@@ -316,8 +318,6 @@ def test_merge_of_runs_scored_with_another_limit_stops_in_one_line_naming_both(m
 def test_merge_of_a_part_whose_samples_cannot_be_read_stops_in_one_line(monkeypatch, tmp_path, damage):
     """A part scored with --log-samples whose samples file did not come with it (or came cut short) would leave
     its evaluations out of the paired comparison without a word."""
-    import sys
-
     table_module = experiment_module("zeroshot_table")
     part = tmp_path / "part"
     _scored_part(table_module, part, ["fp16"], command="python zeroshot_table.py --log-samples --out part",
@@ -328,10 +328,8 @@ def test_merge_of_a_part_whose_samples_cannot_be_read_stops_in_one_line(monkeypa
     else:
         samples.write_bytes(samples.read_bytes()[:-8])
     before = _files(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["zeroshot_table.py", "--merge", str(part), "--out", str(tmp_path / "out" / "z")])
-    with pytest.raises(SystemExit) as stop:
-        table_module.main()
-    assert stop.value.code == {
+    argv = ["zeroshot_table.py", "--merge", str(part), "--out", str(tmp_path / "out" / "z")]
+    assert _stop_message(table_module, monkeypatch, argv) == {
         "missing": f"zeroshot_table.py: error: --merge: {samples} not found: the runs of {part}.csv kept each "
                    "document's score (--log-samples); copy it beside the csv",
         "cut short": f"zeroshot_table.py: error: --merge: {samples} is not a samples file: Compressed file ended before the "
@@ -342,8 +340,6 @@ def test_merge_of_a_part_whose_samples_cannot_be_read_stops_in_one_line(monkeypa
 def test_a_merged_part_without_samples_takes_away_the_old_documents_of_what_it_scored_again(monkeypatch, tmp_path):
     """As a run without --log-samples does: the table's rows come from the part, the old documents from the
     evaluation it replaced, so they would be compared as if they were its."""
-    import sys
-
     table_module = experiment_module("zeroshot_table")
     out, part = tmp_path / "z", tmp_path / "part"
     _scored_part(table_module, out, ["fp16", "qqq"], command="python zeroshot_table.py --log-samples", samples=True)
