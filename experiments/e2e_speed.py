@@ -212,8 +212,8 @@ def kernel_totals(prof) -> dict[str, tuple[int, float]]:
     return totals
 
 
-def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float, float]:
-    """GPU kernel time and wall time of one eager prefill."""
+def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float, float, dict[str, tuple[int, float]]]:
+    """GPU kernel time and wall time (ms) of one eager prefill, and its ``kernel_totals``."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = Generator(fast, batch, input_len + 1, use_graph=False)
@@ -227,7 +227,8 @@ def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float,
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.prefill(prompts)
         torch.cuda.synchronize()
-    return sum(us for _, us in kernel_totals(prof).values()) / 1e3, wall * 1e3
+    kernels = kernel_totals(prof)
+    return sum(us for _, us in kernels.values()) / 1e3, wall * 1e3, kernels
 
 
 def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, batch: int, weight_gb: float, args,
@@ -260,8 +261,10 @@ def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int)
             print(f"    {r['kernel']:12s} {r['us_per_step']:8.1f} us, {r['calls_per_step']:.0f} launches{rate}")
     for r in [r for r in rows if not r["kernel"].startswith("[")][:8]:
         print(f"    {r['us_per_step']:8.1f} us  {r['calls_per_step']:4.0f} x  {r['kernel'][:90]}")
-    gpu_ms, wall_ms = profile_prefill(fast, batch, input_len)
+    gpu_ms, wall_ms, kernels = profile_prefill(fast, batch, input_len)
     print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager)", flush=True)
+    for name, (calls, us) in sorted(kernels.items(), key=lambda item: -item[1][1])[:8]:
+        print(f"    {us / 1e3:8.2f} ms  {calls:4d} x  {name[:90]}")
 
 
 def run(args, meta, save) -> None:
