@@ -17,8 +17,9 @@ Measured per (model, method, batch), after a warm-up generation (compilation, gr
 Writes ``<out>/e2e_speed.csv`` (+ ``e2e_speed.runs.json``: each run's command, device, versions, date),
 ``e2e_speed.md`` and ``e2e_speed.png``, and with ``--profile-batches`` the kernels of one decode step per method,
 KV cache and batch in ``e2e_speed_profile.csv`` (the bytes of the linears and of the attention, so each
-step's time can be traced to what it reads); ``--append`` adds a run (e.g. another model) to the table, ``--merge``
-the runs of tables written elsewhere.
+step's time can be traced to what it reads) and the kernels of one eager prefill of ``--input-len`` tokens at that
+batch in ``e2e_speed_prefill_profile.csv`` (what the time to first token is made of); ``--append`` adds a run
+(e.g. another model) to the table, ``--merge`` the runs of tables written elsewhere.
 
     python experiments/e2e_speed.py --models llama-2-7b --kv-bits 16 8 --profile-batches 1 16 64 --out results
     python experiments/e2e_speed.py --models llama-2-13b --append --out results
@@ -212,8 +213,8 @@ def kernel_totals(prof) -> dict[str, tuple[int, float]]:
     return totals
 
 
-def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float, float, dict[str, tuple[int, float]]]:
-    """GPU kernel time and wall time (ms) of one eager prefill, and its ``kernel_totals``."""
+def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[dict[str, tuple[int, float]], float]:
+    """The ``kernel_totals`` of one eager prefill of ``input_len`` tokens per sequence, and its wall time in ms."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = Generator(fast, batch, input_len + 1, use_graph=False)
@@ -227,8 +228,16 @@ def profile_prefill(fast: FastLlama, batch: int, input_len: int) -> tuple[float,
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.prefill(prompts)
         torch.cuda.synchronize()
-    kernels = kernel_totals(prof)
-    return sum(us for _, us in kernels.values()) / 1e3, wall * 1e3, kernels
+    return kernel_totals(prof), wall * 1e3
+
+
+def prefill_rows(key: dict, kernels: dict[str, tuple[int, float]], wall_ms: float) -> list[dict]:
+    """One row per kernel of a profiled prefill (``kernel_totals``; launches and ms, the slowest first), then the
+    ``[prefill]`` row: all launches, their summed GPU time and the prefill's wall time."""
+    rows = [dict(key, kernel=name, calls=calls, ms=us / 1e3)
+            for name, (calls, us) in sorted(kernels.items(), key=lambda item: -item[1][1])]
+    return rows + [dict(key, kernel="[prefill]", calls=sum(r["calls"] for r in rows), ms=sum(r["ms"] for r in rows),
+                        wall_ms=wall_ms)]
 
 
 def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, batch: int, weight_gb: float, args,
@@ -251,7 +260,7 @@ def measured_row(fast: FastLlama, model_name: str, method: str, kv_bits: int, ba
     return row
 
 
-def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int) -> None:
+def print_profile(rows: list[dict], fast: FastLlama, batch: int) -> None:
     step = next(r for r in rows if r["kernel"] == "[step]")
     print(f"  decode step kernels at batch {batch}, {fast.kv_bits}-bit KV ({step['us_per_step']:.0f} us of GPU time per "
           "step):")
@@ -261,16 +270,20 @@ def print_profile(rows: list[dict], fast: FastLlama, batch: int, input_len: int)
             print(f"    {r['kernel']:12s} {r['us_per_step']:8.1f} us, {r['calls_per_step']:.0f} launches{rate}")
     for r in [r for r in rows if not r["kernel"].startswith("[")][:8]:
         print(f"    {r['us_per_step']:8.1f} us  {r['calls_per_step']:4.0f} x  {r['kernel'][:90]}")
-    gpu_ms, wall_ms, kernels = profile_prefill(fast, batch, input_len)
-    print(f"  prefill at batch {batch}: {gpu_ms:.1f} ms of GPU kernel time, {wall_ms:.1f} ms wall (eager)", flush=True)
-    for name, (calls, us) in sorted(kernels.items(), key=lambda item: -item[1][1])[:8]:
-        print(f"    {us / 1e3:8.2f} ms  {calls:4d} x  {name[:90]}")
+
+
+def print_prefill(rows: list[dict]) -> None:
+    total = rows[-1]
+    print(f"  prefill at batch {total['batch']}: {total['ms']:.1f} ms of GPU kernel time, {total['wall_ms']:.1f} ms "
+          "wall (eager)", flush=True)
+    for r in rows[:-1][:8]:
+        print(f"    {r['ms']:8.2f} ms  {r['calls']:4d} x  {r['kernel'][:90]}")
 
 
 def run(args, meta, save) -> None:
-    """Measure every model, method, KV cache and batch of ``args``; ``save(rows, profiles)`` after each measurement,
-    so a run stopped on the way keeps what it measured."""
-    rows, profiles = [], []
+    """Measure every model, method, KV cache and batch of ``args``; ``save(rows, profiles, prefills)`` after each
+    measurement, so a run stopped on the way keeps what it measured."""
+    rows, profiles, prefills = [], [], []
     if 8 in args.kv_bits:
         error = check_int8_kv_attention()
         if error > 0.01:
@@ -296,13 +309,18 @@ def run(args, meta, save) -> None:
                     if method == "w4a16_tinygemm" and batch > TINYGEMM_MAX_BATCH:
                         continue
                     rows.append(measured_row(fast, model_name, method, kv_bits, batch, weight_gb, args, meta))
-                    save(rows, profiles)
+                    save(rows, profiles, prefills)
                 for batch in args.profile_batches:
                     free_memory()
                     profile = profile_rows(fast, model_name, method, batch, args.input_len)
-                    print_profile(profile, fast, batch, args.input_len)
+                    print_profile(profile, fast, batch)
+                    key = {"model": model_name, "method": method, "kv_bits": kv_bits, "batch": batch,
+                           "input_len": args.input_len}
+                    prefill = prefill_rows(key, *profile_prefill(fast, batch, args.input_len))
+                    print_prefill(prefill)
                     profiles += profile
-                    save(rows, profiles)
+                    prefills += prefill
+                    save(rows, profiles, prefills)
             del fast
 
 
@@ -432,9 +450,9 @@ def main():
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile-batches", nargs="*", type=int, default=[],
-                        help="profile one decode step of every method at these batches: printed, and written to "
-                             "<out>/e2e_speed_profile.csv (kernel, calls, us; bytes and TB/s of the linears and the "
-                             "attention)")
+                        help="profile one decode step and one prefill of every method at these batches: printed, "
+                             "and written to <out>/e2e_speed_profile.csv (kernel, calls, us; bytes and TB/s of the "
+                             "linears and the attention) and <out>/e2e_speed_prefill_profile.csv (kernel, calls, ms)")
     parser.add_argument("--kv-bits", nargs="+", type=int, default=[16], choices=KV_BITS,
                         help="measure each method with these KV caches: 16 (the model's dtype) and/or 8 (int8)")
     parser.add_argument("--append", action="store_true",
@@ -464,14 +482,15 @@ def main():
         return
     out.mkdir(parents=True, exist_ok=True)
     print(meta, flush=True)
-    profile_path = out / "e2e_speed_profile.csv"
-    earlier_profiles = profile_path.read_text() if args.append and profile_path.exists() else None
+    profile_paths = [out / "e2e_speed_profile.csv", out / "e2e_speed_prefill_profile.csv"]
+    earlier = [path.read_text() if args.append and path.exists() else None for path in profile_paths]
 
-    def save(rows: list[dict], profiles: list[dict]) -> None:
+    def save(rows: list[dict], *profile_parts: list[dict]) -> None:
         if rows:
             write_reports(results.write(with_ratios(pd.DataFrame(rows)).to_dict("records")), results, out)
-        if profiles:
-            write_profiles(pd.DataFrame(profiles), profile_path, meta, earlier_profiles)
+        for part, path, before in zip(profile_parts, profile_paths, earlier):
+            if part:
+                write_profiles(pd.DataFrame(part), path, meta, before)
 
     run(args, meta, save)
     print((out / "e2e_speed.md").read_text().split("## Methods")[0])

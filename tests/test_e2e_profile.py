@@ -73,3 +73,12 @@ def test_kernel_totals_add_launches_and_time_per_name_and_skip_host_events(e2e_s
               SimpleNamespace(key="other", count=3, self_device_time_total=6.0)]
     prof = SimpleNamespace(key_averages=lambda: events)
     assert e2e_speed.kernel_totals(prof) == {"k": (3, 4.5), "other": (3, 6.0)}
+
+
+def test_prefill_rows_list_kernels_slowest_first_then_their_total(e2e_speed):
+    key = {"model": "m", "method": "w4a8_rtn", "kv_bits": 8, "batch": 1, "input_len": 1024}
+    rows = e2e_speed.prefill_rows(key, {"rope": (32, 3800.0), "gemm": (96, 9500.0), "sdpa": (32, 1000.0)}, 15.2)
+    assert [r["kernel"] for r in rows] == ["gemm", "rope", "sdpa", "[prefill]"]
+    assert all(r["method"] == "w4a8_rtn" and r["input_len"] == 1024 for r in rows)
+    assert rows[0]["ms"] == 9.5 and rows[0]["calls"] == 96
+    assert rows[-1]["calls"] == 160 and rows[-1]["ms"] == pytest.approx(14.3) and rows[-1]["wall_ms"] == 15.2

@@ -126,3 +126,47 @@ def test_append_to_a_malformed_table_stops_in_one_line_writing_nothing(e2e_speed
                                          "table: Error tokenizing data"):
         e2e_speed.main()
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_profiled_batches_write_the_decode_step_and_the_prefill_and_append_keeps_other_runs(e2e_speed, monkeypatch,
+                                                                                             tmp_path, capsys):
+    """``--profile-batches``: one decode step's kernels into e2e_speed_profile.csv and one prefill's into
+    e2e_speed_prefill_profile.csv, per method, KV cache and batch; ``--append`` replaces only what it measures."""
+    def measured_row(fast, model, method, kv_bits, batch, weight_gb, args, meta):
+        return dict(model=model, batch=batch, method=method, kv_bits=kv_bits, input_len=args.input_len,
+                    output_len=args.output_len, weight_gb=weight_gb, ttft_ms=10.0, decode_tok_s=100.0,
+                    decode_ms_per_step=10.0, status="ok", peak_mem_gb=3.0, device="test")
+
+    prefill_ms = {"fp16": 20.0, "w4a8_rtn": 5.0}
+    monkeypatch.setattr(e2e_speed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(e2e_speed, "provenance", lambda: {"command": "test", "device": "test", "date": "today"})
+    monkeypatch.setattr(e2e_speed, "check_method", lambda method: 0.0)
+    monkeypatch.setattr(e2e_speed, "check_int8_kv_attention", lambda: 0.0)
+    monkeypatch.setattr(e2e_speed, "FastLlama", SimpleNamespace(random=lambda config, method, **kwargs: SimpleNamespace(
+        weight_bytes=lambda: 2e9, method=method)))
+    monkeypatch.setattr(e2e_speed, "measured_row", measured_row)
+    monkeypatch.setattr(e2e_speed, "profile_decode", lambda fast, batch, context: [("gemv", 4.0, 30.0),
+                                                                                   ("_decode_split_kernel", 2.0, 9.0)])
+    monkeypatch.setattr(e2e_speed, "step_part_bytes", lambda fast, batch, context: {"linear": 3e7, "attention": 9e6})
+    monkeypatch.setattr(e2e_speed, "profile_prefill", lambda fast, batch, input_len: (
+        {"rope": (32, 1e3 * prefill_ms[fast.method]), "gemm": (96, 2000.0)}, 1.5 * prefill_ms[fast.method]))
+
+    def main(*argv):
+        monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--models", "llama-2-7b", "--batches", "1",
+                                          "--profile-batches", "1", "--out", str(tmp_path), *argv])
+        e2e_speed.main()
+
+    main("--methods", "fp16", "w4a8_rtn", "--kv-bits", "16", "8")
+    prefills = pd.read_csv(tmp_path / "e2e_speed_prefill_profile.csv", comment="#")
+    assert len(prefills) == 2 * 2 * 3  # methods x caches x (2 kernels + the total)
+    totals = prefills[prefills["kernel"] == "[prefill]"].set_index(["method", "kv_bits"])
+    assert totals.loc[("fp16", 8), "ms"] == 22.0 and totals.loc[("w4a8_rtn", 16), "wall_ms"] == 7.5
+    decode = pd.read_csv(tmp_path / "e2e_speed_profile.csv", comment="#")
+    assert set(decode["kernel"]) == {"gemv", "_decode_split_kernel", "[linear]", "[attention]", "[other]", "[step]"}
+    assert "prefill at batch 1: 22.0 ms of GPU kernel time, 30.0 ms wall" in capsys.readouterr().out
+
+    prefill_ms["fp16"] = 40.0
+    main("--methods", "fp16", "--kv-bits", "16", "--append")
+    totals = pd.read_csv(tmp_path / "e2e_speed_prefill_profile.csv", comment="#").query("kernel == '[prefill]'")
+    assert sorted(zip(totals["method"], totals["kv_bits"], totals["ms"])) == [
+        ("fp16", 8, 22.0), ("fp16", 16, 42.0), ("w4a8_rtn", 8, 7.0), ("w4a8_rtn", 16, 7.0)]
