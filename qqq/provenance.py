@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import platform
@@ -193,7 +194,7 @@ class ResultsTable:
             text = csv.read_bytes()
             if text and not text.endswith(b"\n"):
                 raise ValueError("its last line ends mid-row (a copy cut short?)")
-            rows = self._completed(pd.read_csv(csv))
+            rows = self._completed(pd.read_csv(io.BytesIO(text)))
         except (ValueError, OSError) as error:  # pandas' ParserError and EmptyDataError, a file that is not text
             raise ValueError(f"{csv} is not a results table: {error}") from None
         missing = [column for column in self.columns if column not in rows]
