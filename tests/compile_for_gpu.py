@@ -96,6 +96,11 @@ def drive_every_branch() -> None:
     codes, scales = torch.zeros(2, kv_heads, 64, head_dim, dtype=torch.int8), torch.zeros(2, kv_heads, 64)
     fused_producers.rope_into_cache(qkv, angles.cos(), angles.sin(), torch.zeros(2, 3, dtype=torch.long), codes,
                                     codes.clone(), heads, scales, scales.clone())
+    for step_cache, step_scales in ((cache, (None, None)), (codes, (scales, scales.clone()))):  # a decode step's launch
+        fused_producers.rope_into_cache(qkv[:, :1], angles.cos(), angles.sin(), torch.zeros(2, 1, dtype=torch.long),
+                                        step_cache, step_cache.clone(), heads, *step_scales)
+    for dtype in (torch.float16, torch.bfloat16):
+        fused_producers.dequantize_cache(codes[:, :, :3], scales[:, :, :3], dtype)
     decode_attention.use_inline_asm = lambda t: True
     decode_attention.decode_attention(q, cache, cache.clone(), torch.tensor([5, 63]))
     decode_attention.decode_attention(q, codes, codes.clone(), torch.tensor([5, 63]), scales, scales.clone())

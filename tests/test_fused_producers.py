@@ -5,8 +5,10 @@ import torch
 from conftest import interpreted_kernels
 
 from qqq import numerics
+from qqq.fast.attention import dequantized
 from qqq.fast.producers import rmsnorm_reference, rope_into_cache_reference, silu_mul_reference
-from qqq.kernels_triton.fused_producers import rmsnorm_quantize, rope_into_cache, silu_mul_quantize
+from qqq.kernels_triton.fused_producers import (dequantize_cache, rmsnorm_quantize, rope_into_cache,
+                                                silu_mul_quantize)
 
 pytestmark = interpreted_kernels
 
@@ -77,9 +79,9 @@ def test_zero_row_gives_zero_scale_not_nan():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("t,start", [(5, 0), (1, 9)])
+@pytest.mark.parametrize("t,start", [(5, 0), (1, 9), (19, 2)])  # a prefill's programs span sequences and blocks
 def test_rope_into_cache_matches_composition(dtype, t, start):
-    batch, heads, kv_heads, head_dim, capacity = 2, 4, 2, 32, 16
+    batch, heads, kv_heads, head_dim, capacity = 2, 4, 2, 32, 24
     qkv = rows(batch * t, (heads + 2 * kv_heads) * head_dim, dtype, seed=4).reshape(batch, t, -1)
     angles = torch.arange(capacity)[:, None] * 0.37 ** torch.arange(head_dim // 2)[None, :].float()
     cos, sin = angles.cos(), angles.sin()
@@ -96,7 +98,7 @@ def test_rope_into_cache_matches_composition(dtype, t, start):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("t,start,heads,kv_heads", [(5, 0, 4, 2), (1, 9, 6, 1), (3, 4, 2, 2)])
+@pytest.mark.parametrize("t,start,heads,kv_heads", [(5, 0, 4, 2), (1, 9, 6, 1), (3, 4, 2, 2), (13, 1, 2, 1)])
 def test_rope_into_int8_cache_matches_composition(dtype, t, start, heads, kv_heads):
     batch, head_dim, capacity = 2, 32, 16
     qkv = rows(batch * t, (heads + 2 * kv_heads) * head_dim, dtype, seed=6).reshape(batch, t, -1)
@@ -124,8 +126,34 @@ def test_rope_into_int8_cache_matches_composition(dtype, t, start, heads, kv_hea
     torch.testing.assert_close(q, numerics.fake_quantize_per_token(q16), rtol=1e-3, atol=1e-5)
     assert not torch.allclose(q, q16, rtol=1e-3, atol=1e-5)
     codes = q.float() / (q.float().abs().amax(dim=-1, keepdim=True) / 127)
-    assert (codes - codes.round()).abs().max() < 0.05
+    # off an integer only by the rounding of q and of its largest value to ``dtype``: each 1/2 ulp, relative
+    assert ((codes - codes.round()).abs() <= codes.abs() * torch.finfo(dtype).eps + 1e-3).all()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # bf16: on the GPU (the interpreter truncates)
+@pytest.mark.parametrize("t", [25, 1])
+def test_dequantize_cache_is_the_reference_exactly(dtype, t):
+    """The first ``t`` positions of an int8 cache (a strided slice; rows not a multiple of a program's) as
+    ``dequantized`` computes them, bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    codes = torch.randint(-127, 128, (2, 3, 40, 16), dtype=torch.int8, generator=gen)
+    scale = torch.rand(2, 3, 40, generator=gen) / 100
+    got = dequantize_cache(codes[:, :, :t], scale[:, :, :t], dtype)
+    assert got.dtype == dtype and got.shape == (2, 3, t, 16) and got.is_contiguous()
+    assert torch.equal(got, dequantized(codes[:, :, :t], scale[:, :, :t], dtype))
+
+
+def test_dequantize_cache_rejects_bad_input():
+    codes, scale = torch.zeros(1, 2, 4, 16, dtype=torch.int8), torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="int8 codes"):
+        dequantize_cache(codes.float(), scale, torch.float16)
+    with pytest.raises(ValueError, match="fp32 scales"):
+        dequantize_cache(codes, scale[:, :, :3], torch.float16)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        dequantize_cache(codes, scale, torch.float64)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        dequantize_cache(torch.zeros(1, 2, 4, 24, dtype=torch.int8), scale, torch.float16)
 
 def test_producers_reject_bad_input():
     with pytest.raises(ValueError, match="weight must be"):

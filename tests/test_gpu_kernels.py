@@ -105,7 +105,8 @@ def covered_branches() -> set[tuple[str, str]]:
     covered |= {("w4a8_gemm", f"silu_mul/{path}") for path, _ in SILU_MUL_CASES}
     covered |= {(launcher, f"{rows}{'+residual' if residual else ''}+{out}") for launcher, rows, residual, out
                 in PRODUCER_CASES}
-    covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("decode_attention", "split_kv"),
+    covered |= {("rope_into_cache", "rope"), ("rope_into_cache", "rope_int8"), ("dequantize_cache", "int8"),
+                ("decode_attention", "split_kv"),
                 ("decode_attention", "split_kv_int8"), ("decode_attention", "slots"), ("decode_attention", "slots_int8"),
                 ("decode_attention", "slots_int8_scores"),
                 ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"), ("w8a8_gemm", "int8_gemm_tma"),
@@ -576,6 +577,23 @@ def test_rope_into_int8_cache_matches_the_reference_on_cuda(dtype, t, start):
     assert (caches[0].int() - caches[2].int()).abs().max() <= 2
     assert (caches[0] == caches[2]).float().mean() > 0.98
 
+
+
+@compiled_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_cache_is_the_reference_exactly_on_cuda(dtype):
+    """A prefill's read of an 8-bit cache at Llama-2 sizes (the first 1000 of 1030 positions, 3 x 32 heads of
+    128): bit for bit what ``dequantized`` (torch's fp32 product, rounded once) gives."""
+    from qqq.fast.attention import dequantized
+    from qqq.kernels_triton.fused_producers import dequantize_cache
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    codes = torch.randint(-127, 128, (3, 32, 1030, 128), dtype=torch.int8, device="cuda", generator=generator)
+    scale = torch.rand(3, 32, 1030, device="cuda", generator=generator) / 50
+    with branches.recording() as taken:
+        got = dequantize_cache(codes[:, :, :1000], scale[:, :, :1000], dtype)
+    _assert_branch(taken, "dequantize_cache", "int8")
+    assert torch.equal(got, dequantized(codes[:, :, :1000], scale[:, :, :1000], dtype))
 
 @compiled_kernels
 @pytest.mark.parametrize("int8_ptx", [True, False])

@@ -64,8 +64,10 @@ def attention(q: torch.Tensor, cache: LayerCache, positions: torch.Tensor) -> to
     k, v, k_scale, v_scale = (None if part is None else part[:batch] for part in cache)
     if t > 1:
         keys = slice(None, t)
-        k = dequantized(k[:, :, keys], None if k_scale is None else k_scale[:, :, keys], q.dtype)
-        v = dequantized(v[:, :, keys], None if v_scale is None else v_scale[:, :, keys], q.dtype)
+        k, v = k[:, :, keys], v[:, :, keys]
+        if k_scale is not None:
+            as_dtype = triton_or_reference(q, "fused_producers.dequantize_cache", dequantized)
+            k, v = as_dtype(k, k_scale[:, :, keys], q.dtype), as_dtype(v, v_scale[:, :, keys], q.dtype)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **_gqa(q, k))
     decode = triton_or_reference(q, "decode_attention.decode_attention", decode_attention_reference)
     return decode(q, k, v, positions[:, -1], k_scale, v_scale, query_on_grid=True)

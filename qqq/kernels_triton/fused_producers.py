@@ -23,16 +23,22 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton import branches
-from qqq.kernels_triton.activation_quant import FEW_ROWS, ROW_CHUNKS, int8_codes_and_scale
+from qqq.kernels_triton.activation_quant import (FEW_ROWS, ROW_CHUNKS, int8_codes, int8_codes_and_scale,
+                                                  int8_scale)
 from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
 from qqq.kernels_triton.int8_gemm import silu_times_up
 
 MAX_ROW = 32768
+CACHE_ROWS_PER_PROGRAM = 32  # (sequence, kv head, position) rows of an 8-bit cache that one dequantizing program takes
+# a prefill's RoPE program takes this many tokens of one head: one token per program (as a decode step has) made
+# 98k one-warp programs at 1024 tokens of Llama-2-7B, 119 us a layer on an H100, each waiting on its position's load
+PREFILL_TOKENS_PER_PROGRAM = 16
 LAUNCH_BRANCHES = {
     "rmsnorm_quantize": tuple(f"{rows}{residual}{out}" for rows in ("row", "chunked") for residual in ("", "+residual")
                               for out in ("+int8", "+fp16")),
     "silu_mul_quantize": tuple(f"{rows}{out}" for rows in ("row", "chunked") for out in ("+int8", "+fp16")),
     "rope_into_cache": ("rope", "rope_int8"),
+    "dequantize_cache": ("int8",),
 }
 
 
@@ -123,48 +129,52 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, codes_ptr, scale_ptr, width, stride_i
 
 @triton.jit
 def _head_codes(first, second):
-    """A head's two halves (in the activation dtype) -> their int8 codes and the head's scale (one grid)."""
+    """Each token's two head halves [tokens, HALF] (in the activation dtype) -> their int8 codes and the token's
+    scale [tokens] (one grid per token and head)."""
     first, second = first.to(tl.float32), second.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(first), axis=0), tl.max(tl.abs(second), axis=0))
-    first_codes, scale = int8_codes_and_scale(first, amax)
-    second_codes, _ = int8_codes_and_scale(second, amax)
-    return first_codes, second_codes, scale
+    scale = int8_scale(tl.maximum(tl.max(tl.abs(first), axis=1), tl.max(tl.abs(second), axis=1)))
+    return int8_codes(first, scale[:, None]), int8_codes(second, scale[:, None]), scale
 
 
 @triton.jit
 def _on_int8_grid(first, second):
-    """A head's two halves rounded onto its int8 grid, in their dtype (``numerics.fake_quantize_per_token``)."""
+    """Each token's two head halves rounded onto its int8 grid, in their dtype
+    (``numerics.fake_quantize_per_token``)."""
     first_codes, second_codes, scale = _head_codes(first, second)
-    return ((first_codes.to(tl.float32) * scale).to(first.dtype),
-            (second_codes.to(tl.float32) * scale).to(second.dtype))
+    return ((first_codes.to(tl.float32) * scale[:, None]).to(first.dtype),
+            (second_codes.to(tl.float32) * scale[:, None]).to(second.dtype))
 
 
 @triton.jit
 def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                            k_scale_ptr, v_scale_ptr, T, n_heads, n_kv_heads, stride_qkv,
+                            k_scale_ptr, v_scale_ptr, tokens, T, n_heads, n_kv_heads, stride_qkv,
                             stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
-                            HALF: tl.constexpr, QUANTIZED: tl.constexpr, PDL: tl.constexpr):
+                            HALF: tl.constexpr, BLOCK_T: tl.constexpr, QUANTIZED: tl.constexpr, PDL: tl.constexpr):
+    """One head (``program_id(1)``) of BLOCK_T consecutive tokens of the flattened [B * T] rows."""
     wait_for_previous_then_let_next_start(PDL)
-    token = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_rows = token < tokens
+    mask = in_rows[:, None]
     head = tl.program_id(1)
     batch = token // T
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    offs = tl.arange(0, HALF)
-    source = qkv_ptr + token * stride_qkv + head * (2 * HALF) + offs
-    first = tl.load(source).to(tl.float32)
-    second = tl.load(source + HALF).to(tl.float32)
+    pos = tl.load(positions_ptr + token, mask=in_rows, other=0).to(tl.int64)
+    offs = tl.arange(0, HALF)[None, :]
+    source = qkv_ptr + token[:, None] * stride_qkv + head * (2 * HALF) + offs
+    first = tl.load(source, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(source + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = qkv_ptr.dtype.element_ty
     if head < n_heads + n_kv_heads:  # q and k heads rotate, v heads are copied
-        cos = tl.load(cos_ptr + pos * HALF + offs)
-        sin = tl.load(sin_ptr + pos * HALF + offs)
+        cos = tl.load(cos_ptr + pos[:, None] * HALF + offs)
+        sin = tl.load(sin_ptr + pos[:, None] * HALF + offs)
         first, second = first * cos - second * sin, second * cos + first * sin
     first, second = first.to(dtype), second.to(dtype)
     if head < n_heads:
-        q_target = q_ptr + batch * stride_qb + head * stride_qh + (token - batch * T) * stride_qt + offs
+        q_target = (q_ptr + batch[:, None] * stride_qb + head * stride_qh + (token - batch * T)[:, None] * stride_qt
+                    + offs)
         if QUANTIZED:  # q onto its int8 grid per token and head: attention over the 8-bit cache takes it so
             first, second = _on_int8_grid(first, second)
-        tl.store(q_target, first)
-        tl.store(q_target + HALF, second)
+        tl.store(q_target, first, mask=mask)
+        tl.store(q_target + HALF, second, mask=mask)
     else:
         kv_head = head - n_heads
         cache_ptr = k_cache_ptr
@@ -173,15 +183,33 @@ def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_ptr, k_c
             kv_head -= n_kv_heads
             cache_ptr = v_cache_ptr
             scale_ptr = v_scale_ptr
-        target = cache_ptr + batch * stride_cb + kv_head * stride_ch + pos * stride_cs + offs
+        target = cache_ptr + (batch * stride_cb + kv_head * stride_ch + pos * stride_cs)[:, None] + offs
         if QUANTIZED:  # one int8 grid per token and head (the values as rounded to the activation dtype)
             first_codes, second_codes, scale = _head_codes(first, second)
-            tl.store(target, first_codes)
-            tl.store(target + HALF, second_codes)
-            tl.store(scale_ptr + batch * stride_sb + kv_head * stride_sh + pos, scale)
+            tl.store(target, first_codes, mask=mask)
+            tl.store(target + HALF, second_codes, mask=mask)
+            tl.store(scale_ptr + batch * stride_sb + kv_head * stride_sh + pos, scale, mask=in_rows)
         else:
-            tl.store(target, first)
-            tl.store(target + HALF, second)
+            tl.store(target, first, mask=mask)
+            tl.store(target + HALF, second, mask=mask)
+
+
+@triton.jit
+def _dequantize_cache_kernel(codes_ptr, scale_ptr, out_ptr, rows, T, n_kv_heads, stride_cb, stride_ch, stride_cs,
+                             stride_sb, stride_sh, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    """BLOCK_R rows (sequence, kv head, position) of an int8 cache slice [B, Hkv, T, D] -> ``out`` [B, Hkv, T, D]."""
+    wait_for_previous_then_let_next_start(PDL)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = row < rows
+    position = row % T
+    batch = row // T // n_kv_heads
+    kv_head = row // T % n_kv_heads
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    codes = tl.load(codes_ptr + (batch * stride_cb + kv_head * stride_ch + position * stride_cs)[:, None] + dims,
+                    mask=in_rows[:, None], other=0)
+    scale = tl.load(scale_ptr + batch * stride_sb + kv_head * stride_sh + position, mask=in_rows, other=0.0)
+    values = codes.to(tl.float32) * scale[:, None]  # exact products of the codes, rounded once to fp32
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + dims, values.to(out_ptr.dtype.element_ty), mask=in_rows[:, None])
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -307,13 +335,45 @@ def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
     if not quantized:
         k_scale = v_scale = k_cache  # unused
     pdl = programmatic_launch(rows)
+    block_t = 1 if t == 1 else PREFILL_TOKENS_PER_PROGRAM
     if batch * t:
-        _rope_into_cache_kernel[(batch * t, n_heads + 2 * n_kv_heads)](
-            rows, cos, sin, positions, q, k_cache, v_cache, k_scale, v_scale, t, n_heads, n_kv_heads, rows.stride(0),
-            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            k_scale.stride(0), k_scale.stride(1), HALF=head_dim // 2, QUANTIZED=quantized, PDL=pdl,
-            num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
+        _rope_into_cache_kernel[(triton.cdiv(batch * t, block_t), n_heads + 2 * n_kv_heads)](
+            rows, cos, sin, positions, q, k_cache, v_cache, k_scale, v_scale, batch * t, t, n_heads, n_kv_heads,
+            rows.stride(0), q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), k_scale.stride(0), k_scale.stride(1), HALF=head_dim // 2, BLOCK_T=block_t,
+            QUANTIZED=quantized, PDL=pdl, num_warps=(1 if block_t == 1 else 4) * (1 if head_dim <= 128 else 2),
+            launch_pdl=pdl)
     return q
+
+
+def dequantize_cache(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The entries of an 8-bit KV cache slice, int8 ``codes`` [B, Hkv, T, D] (the head dim contiguous, any other
+    strides: a prefill reads the first T positions of its cache) with their fp32 ``scale`` [B, Hkv, T], as a new
+    contiguous [B, Hkv, T, D] tensor in ``dtype``: each code times its scale in fp32, rounded once to ``dtype``
+    (``qqq.fast.attention.dequantized``), in one launch."""
+    if codes.dtype != torch.int8 or codes.dim() != 4 or codes.stride(-1) != 1:
+        raise ValueError(f"dequantize_cache takes int8 codes [B, Hkv, T, D] with the head dim contiguous, got "
+                         f"{codes.dtype} {tuple(codes.shape)} with strides {codes.stride()}")
+    if scale.dtype != torch.float32 or scale.shape != codes.shape[:3] or scale.device != codes.device \
+            or scale.stride(-1) != 1:
+        raise ValueError(f"dequantize_cache needs fp32 scales {tuple(codes.shape[:3])} with contiguous positions "
+                         f"beside the codes, got {scale.dtype} {tuple(scale.shape)} with strides {scale.stride()} on "
+                         f"{scale.device}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dequantize_cache writes fp16, bf16 or fp32, not {dtype}")
+    batch, n_kv_heads, t, head_dim = codes.shape
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"dequantize_cache needs a power-of-two head dim, got {head_dim}")
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    rows = batch * n_kv_heads * t
+    branches.record("dequantize_cache", "int8")
+    pdl = programmatic_launch(codes)
+    if rows:
+        _dequantize_cache_kernel[(triton.cdiv(rows, CACHE_ROWS_PER_PROGRAM),)](
+            codes, scale, out, rows, t, n_kv_heads, codes.stride(0), codes.stride(1), codes.stride(2),
+            scale.stride(0), scale.stride(1), HEAD_DIM=head_dim, BLOCK_R=CACHE_ROWS_PER_PROGRAM, PDL=pdl,
+            num_warps=4, launch_pdl=pdl)
+    return out
 
 
 def check_cache_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
