@@ -433,11 +433,14 @@ def cmd_tune(args) -> None:
     if not torch.cuda.is_available():
         sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")
     shapes = list(args.shape)
+    gate_up = None
     if args.model:
-        shapes += linear_shapes(model_config(args.model))
+        config = model_config(args.model)
+        shapes += linear_shapes(config)
+        gate_up = (2 * config["intermediate_size"], config["hidden_size"])  # timed with its SiLU*up epilogue
     if not shapes:
         sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
-    tune([(n, k, g) for n, k in shapes for g in args.group_size])
+    tune([(n, k, g, (n, k) == gate_up) for n, k in shapes for g in args.group_size])
 
 
 def cmd_export(args) -> None:

@@ -6,7 +6,7 @@ from conftest import interpreted_kernels
 
 from qqq import numerics
 from qqq.fast.projections import halves_of_alternating_channels
-from qqq.kernels_triton import branches, config_table
+from qqq.kernels_triton import autotune, branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
@@ -173,6 +173,28 @@ def test_w4a8_silu_mul_epilogue_is_the_producer_on_the_outputs(m, n, k, group_si
     expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
     assert gated.shape == (m, n // 2) and torch.equal(gated, expected)
     assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
+
+
+@pytest.mark.parametrize("kernel,group_size,cfg", [
+    ("w4a8", -1, config(block_k=64)), ("w4a8", -1, config(block_m=32, block_k=128, dequant=1)),
+    ("w4a8_group", 64, config(block_k=128)), ("w8a8", -1, config(block_k=128)), ("w4a16", -1, config(block_k=128))])
+def test_the_tuner_times_a_gate_up_shape_with_its_silu_mul_epilogue(kernel, group_size, cfg):
+    """``autotune``'s problem for a fused gate/up shape runs the GEMM the W4A8 / W8A8 MLPs run: the SiLU*up epilogue
+    on the same inputs' plain outputs ([M, N / 2]); W4A16 (FP16-activation MLPs keep the producer) ignores it."""
+    problems = {}
+    for silu_mul in (False, True):
+        torch.manual_seed(5)
+        problems[silu_mul] = autotune._problem(kernel, 33, 48, 256, group_size, 1, silu_mul=silu_mul, device="cpu")
+    plain = problems[False](cfg, 0)
+    with branches.recording() as taken:
+        gated = problems[True](cfg, 0)
+    if kernel == "w4a16":
+        assert torch.equal(gated, plain)
+        return
+    assert gated.shape == (33, 24)
+    assert torch.equal(gated, silu_mul_quantize(halves_of_alternating_channels(plain), quantize=False))
+    if kernel != "w8a8":
+        assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
 
 
 def test_w4a8_silu_mul_needs_channel_pairs():

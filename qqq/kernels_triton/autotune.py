@@ -6,6 +6,9 @@ The int8-activation kernels are timed as the linear a model runs them: the activ
 then the GEMM. Under programmatic launch a streaming GEMM reads its first weights before it waits for the kernel
 in front of it; timed back to back, that read overlapped the previous GEMM instead of a short producer, and
 the tuner's times and the linears' times of ``experiments/gemm_speed.py`` disagreed by up to 45% (NOTES.md).
+A fused gate/up shape (``tune``'s ``silu_mul``) is timed with the ``SiLU(gate) * up`` epilogue that
+``qqq.fast``'s W4A8 and W8A8 MLPs run it with; a config key has no such flag, so the shape's winner is the one for
+that epilogue.
 
 It imports the kernels it times; the kernels read their configs from ``config_table`` and never import this
 module (only the CLI, the experiments and the tests do).
@@ -26,6 +29,7 @@ import torch
 import triton
 
 from qqq.kernels_triton import baselines, config_table, w4a8_gemm
+from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.config_table import (CONFIG_KEYS, M_BUCKETS, cache_path, candidate_configs, config_key,
                                              device_name, heuristic_config, m_bucket)
 from qqq.kernels_triton.gpu import current_gpu
@@ -69,41 +73,44 @@ def rotation_count(bytes_per_buffer: int, l2_bytes: int | None = None) -> int:
     return max(2, min(32, math.ceil(3 * l2_bytes / max(bytes_per_buffer, 1))))
 
 
-def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int):
-    """Random inputs and a ``run(config, buffer_index)`` for one problem of a kernel (CUDA)."""
-    dev = "cuda"
-    scale = torch.rand(n, device=dev) * 1e-2
-    x16 = torch.randn(m, k, device=dev, dtype=torch.float16)
+def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int, silu_mul: bool = False,
+             device: str = "cuda"):
+    """Random inputs and a ``run(config, buffer_index)`` for one problem of a kernel: the activation's
+    quantization, then the GEMM (``silu_mul``: with the SiLU*up epilogue, [M, N / 2] out; W4A16 has none)."""
+    scale = torch.rand(n, device=device) * 1e-2
+    x16 = torch.randn(m, k, device=device, dtype=torch.float16)
     weights = []
     for _ in range(buffers):
         if kernel == "w8a8":
-            weights.append(torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev))
+            weights.append(torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device))
         elif kernel == "w4a8_group":
-            weights.append(pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev)))
+            weights.append(pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)))
         else:
-            weights.append(pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device=dev)))
+            weights.append(pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, device=device)))
     # ratios in [1, 127 / 8]: every |(q - 8) * ratio| fits int8, as for the weights of ``numerics.two_level_scales``,
     # so the per-group kernels run (and are timed) without the clamp, as a ``QQQLinear`` runs them
-    ratio = (torch.rand(n, k // group_size, device=dev) * (127 / 8 - 1) + 1).half() if kernel == "w4a8_group" \
+    ratio = (torch.rand(n, k // group_size, device=device) * (127 / 8 - 1) + 1).half() if kernel == "w4a8_group" \
         else None
 
     def run(cfg, i):
-        if kernel in ("w4a8", "w4a8_group"):
-            return w4a8_gemm.w4a8_linear(x16, weights[i], scale, ratio, None, group_size, config=cfg,
-                                         ratios_fit_int8=kernel == "w4a8_group")
+        if kernel == "w4a16":
+            return baselines.w4a16_linear(x16, weights[i], scale, None, config=cfg)
+        a_codes, a_scale = quantize_per_token(x16)
         if kernel == "w8a8":
-            return baselines.w8a8_linear(x16, weights[i], scale, None, config=cfg)
-        return baselines.w4a16_linear(x16, weights[i], scale, None, config=cfg)
+            return baselines.w8a8_gemm(a_codes, a_scale, weights[i], scale, None, x16.dtype, config=cfg,
+                                       silu_mul=silu_mul)
+        return w4a8_gemm.w4a8_gemm(a_codes, a_scale, weights[i], scale, ratio, None, group_size, x16.dtype,
+                                   config=cfg, ratios_fit_int8=kernel == "w4a8_group", silu_mul=silu_mul)
 
     return run
 
 
 def _compile_worker(jobs) -> int:
     run, problem, failed = None, None, 0
-    for kernel, n, k, group_size, m, cfg in jobs:
-        if (kernel, n, k, group_size, m) != problem:  # jobs come sorted, so each problem is built once
-            problem = (kernel, n, k, group_size, m)
-            run = _problem(kernel, m, n, k, group_size, 1)
+    for kernel, n, k, group_size, m, cfg, *silu_mul in jobs:
+        if (kernel, n, k, group_size, m, silu_mul) != problem:  # jobs come sorted, so each problem is built once
+            problem = (kernel, n, k, group_size, m, silu_mul)
+            run = _problem(kernel, m, n, k, group_size, 1, silu_mul=bool(silu_mul and silu_mul[0]))
         try:
             run(cfg, 0)
             torch.cuda.synchronize()
@@ -113,10 +120,10 @@ def _compile_worker(jobs) -> int:
 
 
 def precompile(jobs, workers: int | None = None) -> int:
-    """Compile ``jobs`` (``(kernel, N, K, group_size, M, config)`` each) in parallel processes into Triton's
-    on-disk cache, so a timing loop or a test only loads them (the kernels do not specialize on M, so one M
-    serves all; fp16 outputs). Returns how many failed to compile or run."""
-    jobs = sorted(jobs, key=lambda job: job[:5] + (json.dumps(job[5], sort_keys=True),))
+    """Compile ``jobs`` (``(kernel, N, K, group_size, M, config)`` each, optionally ``silu_mul`` last) in parallel
+    processes into Triton's on-disk cache, so a timing loop or a test only loads them (the kernels do not
+    specialize on M, so one M serves all; fp16 outputs). Returns how many failed to compile or run."""
+    jobs = sorted(jobs, key=lambda job: job[:5] + (json.dumps(job[5], sort_keys=True),) + tuple(job[6:]))
     if not jobs:
         return 0
     workers = max(1, min(workers or min(14, (os.cpu_count() or 2) - 2), len(jobs)))
@@ -127,7 +134,7 @@ def precompile(jobs, workers: int | None = None) -> int:
 
 
 def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: int = 10,
-                 timings: list | None = None) -> tuple[dict, float]:
+                 timings: list | None = None, silu_mul: bool = False) -> tuple[dict, float]:
     """Time every candidate config of one problem; return the best and its time (us). Every timing is
     appended to ``timings`` as ``(config, us)`` when given."""
     bucket = m_bucket(m)
@@ -135,7 +142,7 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
     if not candidates:
         return heuristic_config(kernel, m, n, k, group_size), float("nan")
     buffers = rotation_count(int(n * k * config_table._weight_bytes_per_element(kernel)))
-    run = _problem(kernel, m, n, k, group_size, buffers)
+    run = _problem(kernel, m, n, k, group_size, buffers, silu_mul=silu_mul)
     best, best_us = None, float("inf")
     for cfg in candidates:
         try:
@@ -152,8 +159,9 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
 
 def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
          timings: list | None = None) -> dict:
-    """Autotune W4A8 kernels for ``shapes`` (a list of ``(N, K, group_size)``; group_size -1 = per-channel)
-    over the M buckets of ``m_values`` and merge the winners into the JSON cache of the current GPU.
+    """Autotune W4A8 kernels for ``shapes`` (a list of ``(N, K, group_size)``; group_size -1 = per-channel;
+    ``(N, K, group_size, True)`` for a fused gate/up shape, timed with its SiLU*up epilogue) over the M buckets of
+    ``m_values`` and merge the winners into the JSON cache of the current GPU.
 
     ``kernels`` defaults to the W4A8 kernel that matches each group size; pass e.g. ``("w8a8", "w4a16")`` to
     tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
@@ -165,7 +173,8 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     existing = config_table._read_config_file(path).get("configs", {}) if path.exists() else {}
     tuned = {}
     compiled = set()
-    for n, k, group_size in shapes:
+    for n, k, group_size, *gate_up in shapes:
+        silu_mul = bool(gate_up and gate_up[0])
         names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))
         for kernel in names:
             if (kernel == "w4a8_group") != (group_size != -1):
@@ -173,25 +182,27 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
             jobs = {}
             for bucket in sorted({m_bucket(m) for m in m_values}):
                 for cfg in candidate_configs(kernel, bucket, n, k, group_size):
-                    sig = (kernel, group_size) + tuple(cfg.get(c, 0) for c in CONFIG_KEYS)
+                    sig = (kernel, group_size, silu_mul and kernel != "w4a16") + tuple(
+                        cfg.get(c, 0) for c in CONFIG_KEYS)
                     if sig not in compiled:
                         compiled.add(sig)
                         jobs[sig] = (bucket, cfg)
             if jobs:
                 t0 = time.time()
-                precompile([(kernel, n, k, group_size, bucket, cfg) for bucket, cfg in jobs.values()])
+                precompile([(kernel, n, k, group_size, bucket, cfg, silu_mul) for bucket, cfg in jobs.values()])
                 if verbose:
                     print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
             for bucket in sorted({m_bucket(m) for m in m_values}):
                 t0 = time.time()
                 measured = []
-                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured)
+                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured, silu_mul=silu_mul)
                 if timings is not None:
                     timings.extend((kernel, n, k, group_size, bucket, c, t) for c, t in measured)
                 key = config_key(kernel, n, k, group_size, bucket)
                 tuned[key] = dict(cfg, time_us=round(us, 2))
                 if verbose:
-                    print(f"tuned {key}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
+                    epilogue = " (SiLU*up epilogue)" if silu_mul and kernel != "w4a16" else ""
+                    print(f"tuned {key}{epilogue}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
             _save(path, existing, tuned)  # after every shape, so an interrupted run keeps what it tuned
     _save(path, existing, tuned)
     return tuned
