@@ -10,6 +10,9 @@ interpreter or compiler when a kernel is defined.
 
 ``--gemv-loop N K GROUP`` instead prints the SASS opcode counts of the streaming kernel's K loop at M = 1 with a
 shipped config (instructions per weight word, without a GPU: ``kernels_triton/NOTES.md``).
+``--registers N K M`` prints the registers per thread and local (spill) bytes (``cuobjdump -res-usage``) of the W4A8
+kernels a shipped per-channel config runs at (N, K, M), plain and with the SiLU*up epilogue (occupancy without a
+GPU).
 """
 
 from __future__ import annotations
@@ -164,16 +167,55 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
             "per_word": round(len(body) / words, 2), "opcodes": dict(collections.Counter(body).most_common())}
 
 
+def _registers(kernel) -> dict:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
+            "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1))}  # > 0: spills
+
+
+def registers(n: int, k: int, m: int, device: str) -> dict:
+    """Registers per thread and local bytes of each kernel that ``device``'s shipped per-channel W4A8 config for (N, K, M) runs,
+    without and with the SiLU*up epilogue (the fused gate/up linear's)."""
+    from qqq import numerics
+    from qqq.kernels_triton import config_table, w4a8_gemm
+    from qqq.kernels_triton.activation_quant import quantize_per_token
+    from qqq.kernels_triton.packing import pack_int4
+
+    config = config_table.load_cache(device).get(config_table.config_key("w4a8", n, k, -1, m))
+    if config is None:
+        raise SystemExit(f"{device} has no per-channel W4A8 config for N={n} K={k} M={m}")
+    w4a8_gemm.use_inline_asm = lambda t: True
+    codes, scale, _ = numerics.random_quantized_weight(256, k, -1)  # the kernels do not specialize on N or M
+    a_codes, a_scale = quantize_per_token(torch.randn(min(m, 64), k).half())
+    report = {"config": config}
+    for silu_mul in (False, True):
+        last_compiled.clear()
+        w4a8_gemm.w4a8_gemm(a_codes, a_scale, pack_int4(codes), scale, None, None, -1, torch.float16, config=config,
+                            silu_mul=silu_mul)
+        report["silu_mul" if silu_mul else "plain"] = {name: _registers(kernel) for name, kernel in last_compiled.items()}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gemv-loop", nargs=3, type=int, metavar=("N", "K", "GROUP"),
                         help="print the SASS opcode counts of the streaming kernel's K loop instead")
-    parser.add_argument("--configs", default="NVIDIA_H200", help="the shipped config file (GPU name) for --gemv-loop")
+    parser.add_argument("--registers", nargs=3, type=int, metavar=("N", "K", "M"),
+                        help="print the registers per thread of the W4A8 kernels of that per-channel config instead")
+    parser.add_argument("--configs", default="NVIDIA_H200",
+                        help="the shipped config file (GPU name) for --gemv-loop and --registers")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     JITFunction.run = _compile_instead_of_launching
     if args.gemv_loop:
         print(json.dumps(gemv_loop(*args.gemv_loop, args.configs)))
+        return
+    if args.registers:
+        print(json.dumps(registers(*args.registers, args.configs)))
         return
     from qqq.kernels_triton import branches
 

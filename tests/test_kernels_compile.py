@@ -44,3 +44,18 @@ def test_streaming_kernel_loop_streams_on_hopper(group_size):
         assert opcodes["IDP.4A.S8.S8"] == 4 * words
         assert opcodes["PRMT"] >= 6 * words  # four lookups, two activation words in the tables' lane order
         assert "HADD2" not in opcodes
+
+
+def test_registers_of_a_shipped_config_without_and_with_the_silu_mul_epilogue():
+    """``--registers``: the H200's Llama-2-7B gate/up config at M = 1024 (the fused kernel), compiled for sm_90 both
+    ways: what the tuner timed and what the model's gate/up runs, with the resources the occupancy depends on."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    done = subprocess.run([sys.executable, str(script), "--registers", "22016", "4096", "1024"],
+                          capture_output=True, text=True, timeout=600, cwd=script.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["config"].get("DEQUANT") and not report["config"].get("GEMV")
+    for variant in ("plain", "silu_mul"):
+        usage = report[variant]["_w4a8_gemm_kernel"]
+        assert 0 < usage["registers"] <= 255 and usage["local_bytes"] >= 0
