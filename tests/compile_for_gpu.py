@@ -131,13 +131,18 @@ def drive_every_branch() -> None:
                           torch.zeros(1, dtype=torch.long))
 
 
-def _disassemble(kernel) -> list[tuple[int, str]]:
-    """(offset, instruction) of a compiled kernel's SASS, through the cuobjdump bundled with Triton."""
+def _cuobjdump(kernel, flag: str) -> str:
+    """What the cuobjdump bundled with Triton prints for a compiled kernel's cubin with ``flag``."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
-        text = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def _disassemble(kernel) -> list[tuple[int, str]]:
+    """(offset, instruction) of a compiled kernel's SASS."""
+    text = _cuobjdump(kernel, "-sass")
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
 
 
@@ -168,18 +173,14 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
 
 
 def _registers(kernel) -> dict:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    text = _cuobjdump(kernel, "-res-usage")
     return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
             "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1))}  # > 0: spills
 
 
 def registers(n: int, k: int, m: int, device: str) -> dict:
-    """Registers per thread and local bytes of each kernel that ``device``'s shipped per-channel W4A8 config for (N, K, M) runs,
-    without and with the SiLU*up epilogue (the fused gate/up linear's)."""
+    """Registers per thread and local bytes of each kernel that ``device``'s shipped per-channel W4A8 config for
+    (N, K, M) runs, without and with the SiLU*up epilogue (the fused gate/up linear's)."""
     from qqq import numerics
     from qqq.kernels_triton import config_table, w4a8_gemm
     from qqq.kernels_triton.activation_quant import quantize_per_token

@@ -130,7 +130,6 @@ def test_rope_into_int8_cache_matches_composition(dtype, t, start, heads, kv_hea
     assert ((codes - codes.round()).abs() <= codes.abs() * torch.finfo(dtype).eps + 1e-3).all()
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # bf16: on the GPU (the interpreter truncates)
 @pytest.mark.parametrize("t", [25, 1])
 def test_dequantize_cache_is_the_reference_exactly(dtype, t):
@@ -154,6 +153,7 @@ def test_dequantize_cache_rejects_bad_input():
         dequantize_cache(codes, scale, torch.float64)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         dequantize_cache(torch.zeros(1, 2, 4, 24, dtype=torch.int8), scale, torch.float16)
+
 
 def test_producers_reject_bad_input():
     with pytest.raises(ValueError, match="weight must be"):

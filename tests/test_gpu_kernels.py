@@ -578,7 +578,6 @@ def test_rope_into_int8_cache_matches_the_reference_on_cuda(dtype, t, start):
     assert (caches[0] == caches[2]).float().mean() > 0.98
 
 
-
 @compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dequantize_cache_is_the_reference_exactly_on_cuda(dtype):
@@ -594,6 +593,7 @@ def test_dequantize_cache_is_the_reference_exactly_on_cuda(dtype):
         got = dequantize_cache(codes[:, :, :1000], scale[:, :, :1000], dtype)
     _assert_branch(taken, "dequantize_cache", "int8")
     assert torch.equal(got, dequantized(codes[:, :, :1000], scale[:, :, :1000], dtype))
+
 
 @compiled_kernels
 @pytest.mark.parametrize("int8_ptx", [True, False])

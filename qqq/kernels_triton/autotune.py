@@ -179,30 +179,30 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
         for kernel in names:
             if (kernel == "w4a8_group") != (group_size != -1):
                 continue
+            epilogue = silu_mul and kernel != "w4a16"  # the FP16-activation MLPs keep the SiLU*up producer
             jobs = {}
             for bucket in sorted({m_bucket(m) for m in m_values}):
                 for cfg in candidate_configs(kernel, bucket, n, k, group_size):
-                    sig = (kernel, group_size, silu_mul and kernel != "w4a16") + tuple(
-                        cfg.get(c, 0) for c in CONFIG_KEYS)
+                    sig = (kernel, group_size, epilogue) + tuple(cfg.get(c, 0) for c in CONFIG_KEYS)
                     if sig not in compiled:
                         compiled.add(sig)
                         jobs[sig] = (bucket, cfg)
             if jobs:
                 t0 = time.time()
-                precompile([(kernel, n, k, group_size, bucket, cfg, silu_mul) for bucket, cfg in jobs.values()])
+                precompile([(kernel, n, k, group_size, bucket, cfg, epilogue) for bucket, cfg in jobs.values()])
                 if verbose:
                     print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
             for bucket in sorted({m_bucket(m) for m in m_values}):
                 t0 = time.time()
                 measured = []
-                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured, silu_mul=silu_mul)
+                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured, silu_mul=epilogue)
                 if timings is not None:
                     timings.extend((kernel, n, k, group_size, bucket, c, t) for c, t in measured)
                 key = config_key(kernel, n, k, group_size, bucket)
                 tuned[key] = dict(cfg, time_us=round(us, 2))
                 if verbose:
-                    epilogue = " (SiLU*up epilogue)" if silu_mul and kernel != "w4a16" else ""
-                    print(f"tuned {key}{epilogue}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
+                    timed = " (SiLU*up epilogue)" if epilogue else ""
+                    print(f"tuned {key}{timed}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
             _save(path, existing, tuned)  # after every shape, so an interrupted run keeps what it tuned
     _save(path, existing, tuned)
     return tuned
