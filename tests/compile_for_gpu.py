@@ -175,7 +175,8 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
 def _registers(kernel) -> dict:
     text = _cuobjdump(kernel, "-res-usage")
     return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
-            "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1))}  # > 0: spills
+            "local_bytes": int(re.search(r"LOCAL:(\d+)", text).group(1)),  # > 0: spills
+            "maxnreg": getattr(kernel.metadata, "maxnreg", None)}  # the launch's register cap, if any
 
 
 def registers(n: int, k: int, m: int, device: str) -> dict:

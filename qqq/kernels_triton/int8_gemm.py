@@ -54,6 +54,14 @@ def silu_times_up(gate, up):
     return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
+def silu_mul_register_cap(num_warps: int, silu_mul: bool) -> int | None:
+    """The registers a thread may use (``maxnreg``) in a tensor-core GEMM with the SiLU*up epilogue: with 8 warps or
+    more, the budget of two programs per SM. Unbounded, ptxas overlaps the epilogue's exp and division across the
+    tile and takes the fused W4A8 kernel's 256 x 64 x 128 8-warp tiles from 124 registers to 149 (Triton 3.6, sm_90),
+    one program per SM instead of two; capped, they compile to the plain kernel's 124 without spills (NOTES.md)."""
+    return 65536 // (2 * 32 * num_warps) if silu_mul and num_warps >= 8 else None
+
+
 @triton.jit
 def epilogue(acc, offs_n, offs_m, n_mask, m_mask, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
              acc_out_ptr, N, stride_om,

@@ -40,7 +40,7 @@ from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                         split_k_epilogue)
+                                          silu_mul_register_cap, split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -353,8 +353,8 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=return_acc, SILU_MUL=silu_mul,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=config["BLOCK_K"], SPLIT_K=split_k,
         GROUP_N=config["GROUP_N"], USE_ASM=use_asm, PREFETCH=int(group_size != -1 and config.get("PREFETCH", 0)),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        maxnreg=silu_mul_register_cap(config["num_warps"], silu_mul),
     )
     return (out, acc_out) if return_acc else out
 
