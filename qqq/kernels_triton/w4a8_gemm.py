@@ -40,7 +40,7 @@ from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                          silu_mul_register_cap, split_k_epilogue)
+                                         silu_mul_register_cap, split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
