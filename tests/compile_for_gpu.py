@@ -48,7 +48,10 @@ def _compile_instead_of_launching(self, *args, grid, warmup, **kwargs):
     binder = create_function_from_signature(self.signature, self.params, BACKEND)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = self._pack_args(BACKEND, kwargs, bound_args, specialization, options)
-    last_compiled[self.fn.__name__] = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET,
+    source = ASTSource
+    if getattr(self, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    last_compiled[self.fn.__name__] = triton.compile(source(self, signature, constexprs, attrs), target=TARGET,
                                                      options=options.__dict__)
     compiled.append(self.fn.__name__)
 
