@@ -33,61 +33,78 @@ def accumulator_layout(block_n, block_m, num_warps):
 
 
 @gluon.jit
-def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, off_n, off_m, k_tiles,
-                    SLOTS: gl.constexpr):
-    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-    for kt in range(k_tiles):
-        slot = kt % SLOTS
-        # the first pass over the ring finds every slot free (parity 1 of a fresh barrier counts as completed)
-        mbarrier.wait(empty.index(slot), ((kt // SLOTS) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [off_n, kt * BLOCK_K], ready.index(slot), w_slots.index(slot))
-        tma.async_copy_global_to_shared(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_slots.index(slot))
+def _tile_offsets(tile, M, N, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_N: gl.constexpr):
+    """The first weight row and token of output tile ``tile`` in the grouped order of
+    ``int8_gemm.tile_coordinates``."""
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    pids_per_group = GROUP_N * num_pid_m
+    first_pid_n = (tile // pids_per_group) * GROUP_N
+    group_n = min(num_pid_n - first_pid_n, GROUP_N)
+    return ((first_pid_n + (tile % pids_per_group) % group_n) * BLOCK_N,
+            ((tile % pids_per_group) // group_n) * BLOCK_M)
 
 
 @gluon.jit
-def _mma_partition(w_slots, a_slots, ready, empty, k_tiles, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om,
-                   off_n, off_m, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, SLOTS: gl.constexpr,
-                   ACC_LAYOUT: gl.constexpr):
-    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=ACC_LAYOUT)
-    for kt in range(k_tiles):
-        slot = kt % SLOTS
-        mbarrier.wait(ready.index(slot), (kt // SLOTS) & 1)
-        acc = warpgroup_mma(w_slots.index(slot), a_slots.index(slot).permute((1, 0)), acc, is_async=True)
-        # at most this wgmma in flight: the previous one has read its slot, which goes back to the producer
-        acc = warpgroup_mma_wait(1, deps=(acc, ))
-        mbarrier.arrive(empty.index((kt + SLOTS - 1) % SLOTS), pred=kt > 0)
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
+def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N: gl.constexpr,
+                    SLOTS: gl.constexpr):
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    step = 0  # over every K step of every tile of this program: the ring runs on across tiles
+    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+        off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
+        for kt in range(k_tiles):
+            slot = step % SLOTS
+            # the first pass over the ring finds every slot free (parity 1 of a fresh barrier counts as completed)
+            mbarrier.wait(empty.index(slot), ((step // SLOTS) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [off_n, kt * BLOCK_K], ready.index(slot), w_slots.index(slot))
+            tma.async_copy_global_to_shared(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_slots.index(slot))
+            step += 1
 
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    token_scale = gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-    channel_scale = gl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
-    y = (acc.to(gl.float32) * token_scale[None, :]) * channel_scale[:, None]
-    gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None] & m_mask[None, :])
+
+@gluon.jit
+def _mma_partition(w_slots, a_slots, ready, empty, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om, tiles,
+                   k_tiles, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_N: gl.constexpr,
+                   SLOTS: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+    step = 0
+    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+        off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=ACC_LAYOUT)
+        for kt in range(k_tiles):
+            slot = step % SLOTS
+            mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
+            acc = warpgroup_mma(w_slots.index(slot), a_slots.index(slot).permute((1, 0)), acc, is_async=True)
+            # at most this wgmma in flight: the previous one has read its slot, which goes back to the producer
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS), pred=kt > 0)
+            step += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS))  # the tile's last slot: the producer runs ahead
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        n_mask = offs_n < N
+        m_mask = offs_m < M
+        token_scale = gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+        channel_scale = gl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        y = (acc.to(gl.float32) * token_scale[None, :]) * channel_scale[:, None]
+        gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & m_mask[None, :])
 
 
 @gluon.jit
 def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om,
                         GROUP_N: gl.constexpr, SLOTS: gl.constexpr, num_warps: gl.constexpr):
+    """Program ``p`` of the grid computes the output tiles ``p, p + grid, ...`` (one each when the grid is the tile
+    count; persistent when it is the SM count)."""
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     ACC_LAYOUT: gl.constexpr = accumulator_layout(BLOCK_N, BLOCK_M, num_warps)
-    K = w_desc.shape[1]
-
-    # the grouped tile order of int8_gemm.tile_coordinates
-    pid = gl.program_id(0)
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    pids_per_group = GROUP_N * num_pid_m
-    first_pid_n = (pid // pids_per_group) * GROUP_N
-    group_n = min(num_pid_n - first_pid_n, GROUP_N)
-    off_n = (first_pid_n + (pid % pids_per_group) % group_n) * BLOCK_N
-    off_m = ((pid % pids_per_group) // group_n) * BLOCK_M
+    tiles = ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M)
+    k_tiles = (w_desc.shape[1] + BLOCK_K - 1) // BLOCK_K
 
     w_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_N, BLOCK_K], w_desc.layout)
     a_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
@@ -96,20 +113,19 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, out_ptr,
     for i in gl.static_range(SLOTS):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
 
     gl.warp_specialize([
-        (_mma_partition, (w_slots, a_slots, ready, empty, k_tiles, a_scale_ptr, channel_scale_ptr, out_ptr, M, N,
-                          stride_om, off_n, off_m, BLOCK_N, BLOCK_M, SLOTS, ACC_LAYOUT)),
-        (_load_partition, (w_desc, a_desc, w_slots, a_slots, ready, empty, off_n, off_m, k_tiles, SLOTS)),
+        (_mma_partition, (w_slots, a_slots, ready, empty, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om,
+                          tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS, ACC_LAYOUT)),
+        (_load_partition, (w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N, SLOTS)),
     ], [1], [24])
 
 
 def int8_gemm_ws(a_codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, channel_scale: torch.Tensor,
                  out: torch.Tensor, config: dict) -> torch.Tensor:
     """``out`` [M, N] = the epilogue of ``a_codes`` int8 [M, K] x ``weight`` int8 [N, K]^T (both 16-byte aligned
-    rows), on the tiles of ``config`` (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, and num_stages as the ring's
-    slots)."""
+    rows), on the tiles of ``config`` (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages as the ring's slots,
+    and PERSISTENT: one program per SM instead of one per tile)."""
     m, k = a_codes.shape
     n = weight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
@@ -117,7 +133,9 @@ def int8_gemm_ws(a_codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     a_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8)
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k], w_layout)
     a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k], a_layout)
-    grid = (triton.cdiv(n, block_n) * triton.cdiv(m, block_m),)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    grid = (min(tiles, torch.cuda.get_device_properties(out.device).multi_processor_count) if config.get("PERSISTENT")
+            else tiles,)
     int8_gemm_ws_kernel[grid](w_desc, a_desc, a_scale, channel_scale, out, m, n, out.stride(0),
                               GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"], num_warps=config["num_warps"])
     return out
