@@ -19,6 +19,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# the TMA copy into shared memory: renamed after Triton 3.6 (the GPU machine's), same arguments
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 
 @gluon.constexpr_function
 def accumulator_layout(block_n, block_m, num_warps):
@@ -59,8 +62,8 @@ def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles,
             # the first pass over the ring finds every slot free (parity 1 of a fresh barrier counts as completed)
             mbarrier.wait(empty.index(slot), ((step // SLOTS) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(w_desc, [off_n, kt * BLOCK_K], ready.index(slot), w_slots.index(slot))
-            tma.async_copy_global_to_shared(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_slots.index(slot))
+            tma_load(w_desc, [off_n, kt * BLOCK_K], ready.index(slot), w_slots.index(slot))
+            tma_load(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_slots.index(slot))
             step += 1
 
 
