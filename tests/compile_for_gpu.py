@@ -61,14 +61,15 @@ def drive_every_branch() -> None:
     import test_gpu_kernels as cases
 
     from qqq import numerics
-    from qqq.kernels_triton import (activation_quant, baselines, decode_attention, fused_producers, greedy, w4a8_gemm,
-                                    w4a8_gemv)
+    from qqq.kernels_triton import (activation_quant, baselines, decode_attention, fused_producers, greedy, int8_gemm,
+                                    w4a8_gemm, w4a8_gemv)
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.packing import pack_int4
 
     w4a8_gemm.use_inline_asm = lambda t: True  # the PTX paths are what a GPU runs
     for module in (activation_quant, decode_attention, fused_producers, w4a8_gemv):
         module.programmatic_launch = lambda t: True  # as on Hopper
+    int8_gemm.compiled_for_hopper = lambda t: True  # the warp-specialized Gluon kernel runs there
     for _, m, k in cases.QUANT_CASES:
         quantize_per_token(torch.randn(m, k).half())
     for path, g, clamp in cases.GEMM_CASES:
@@ -126,8 +127,12 @@ def drive_every_branch() -> None:
     baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16, silu_mul=True)
     for dtype in (torch.float16, torch.bfloat16):
         baselines.w8a8_linear(x.to(dtype), codes.to(torch.int8), scale, config=cases.TMA_INT8_CONFIG)
-    baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16,
-                        config=cases.TMA_INT8_CONFIG, silu_mul=True)
+    for config in (cases.TMA_INT8_CONFIG,) + cases.WS_INT8_CONFIGS:
+        baselines.w8a8_gemm(*quantize_per_token(x), codes.to(torch.int8), scale, None, torch.float16, config=config,
+                            silu_mul=True)
+    for config in cases.WS_INT8_CONFIGS:
+        for dtype in (torch.float16, torch.bfloat16):
+            baselines.w8a8_linear(x.to(dtype), codes.to(torch.int8), scale, torch.randn(128).to(dtype), config=config)
     baselines.w4a16_linear(x, pack_int4(codes), scale)
     for vocab in (77, 32000, 128256):
         greedy.greedy_step(torch.randn(2, vocab).half(), *(torch.zeros(2, n, dtype=torch.long) for n in (1, 1, 8)),

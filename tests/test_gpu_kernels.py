@@ -59,12 +59,19 @@ GEMM_PATH_CONFIGS = {
     "wide_groups": lambda g: _w4a8_config(2 * g),
     "dequant": lambda g: _w4a8_config(128, dequant=1),
     "dequant_tma": lambda g: dict(_w4a8_config(128, dequant=1), TMA=1),
+    "dequant_ws": lambda g: dict(_w4a8_config(128, dequant=1), WS=2),
 }
 # the persistent TMA-fed int8 GEMM (W8A8 and W4A8's dequant_tma), and the token counts that make it loop: at 2100
 # tokens a 1000-row weight is 8 x 33 tiles of 128 x 64, twice the 132 programs of an H200
 TMA_INT8_CONFIG = dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, SPLIT_K=1, GROUP_N=8, num_warps=4, num_stages=3,
                        TMA=1)
 TMA_MS = (1, 33, 300, 2100)
+# the warp-specialized Gluon int8 GEMM (W8A8 and W4A8's dequant_ws): a program per tile, and per SM (at 2100 tokens,
+# two tiles per program, as for TMA_INT8_CONFIG)
+WS_INT8_CONFIGS = (dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=128, SPLIT_K=1, GROUP_N=8, num_warps=8, num_stages=3, WS=1),
+                   dict(TMA_INT8_CONFIG, TMA=0, WS=2))
+W8A8_KERNEL_CONFIGS = {"int8_gemm": None, "int8_gemm_tma": TMA_INT8_CONFIG, "int8_gemm_ws": WS_INT8_CONFIGS[0],
+                       "int8_gemm_ws/persistent": WS_INT8_CONFIGS[1]}
 GEMM_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
@@ -89,7 +96,7 @@ GEMM_CASES = _gemm_cases()
 
 def _gemm_path_ms(path):
     """Token counts a path is checked at: decode to prefill, the streaming kernel up to its 16 tokens."""
-    return (1, 2, 16) if path.startswith("streaming") else TMA_MS if path.endswith("_tma") else (1, 33, 300)
+    return (1, 2, 16) if path.startswith("streaming") else TMA_MS if path.endswith(("_tma", "_ws")) else (1, 33, 300)
 
 # the SiLU*up epilogue: each path's kernel, per-channel and g128 (unclamped, as a layer runs it)
 SILU_MUL_CASES = sorted({(path, g) for path, g, clamp in GEMM_CASES if g in (-1, 128) and (g == -1 or not clamp)})
@@ -110,7 +117,8 @@ def covered_branches() -> set[tuple[str, str]]:
                 ("decode_attention", "split_kv_int8"), ("decode_attention", "slots"), ("decode_attention", "slots_int8"),
                 ("decode_attention", "slots_int8_scores"),
                 ("w8a8_gemm", "int8_gemm"), ("w8a8_gemm", "int8_gemm+silu_mul"), ("w8a8_gemm", "int8_gemm_tma"),
-                ("w8a8_gemm", "int8_gemm_tma+silu_mul"),
+                ("w8a8_gemm", "int8_gemm_tma+silu_mul"), ("w8a8_gemm", "int8_gemm_ws"),
+                ("w8a8_gemm", "int8_gemm_ws+silu_mul"),
                 ("w4a16_linear", "w4a16"), ("greedy_step", "greedy_step")}
     return covered
 
@@ -419,10 +427,10 @@ def test_baseline_branches(dtype):
 
 
 @compiled_kernels
-@pytest.mark.parametrize("tma", [False, True])
-def test_w8a8_silu_mul_epilogue_branch(tma):
+@pytest.mark.parametrize("kernel", list(W8A8_KERNEL_CONFIGS))
+def test_w8a8_silu_mul_epilogue_branch(kernel):
     """As for W4A8: the epilogue's SiLU(gate) * up is the SiLU*up producer on the GEMM's plain outputs (pointer-fed
-    with the default config, and the persistent TMA kernel)."""
+    with the default config, the persistent TMA kernel, the warp-specialized one per tile and per SM)."""
     from qqq.fast.projections import halves_of_alternating_channels
     from qqq.kernels_triton.activation_quant import quantize_per_token
     from qqq.kernels_triton.baselines import w8a8_gemm
@@ -430,23 +438,24 @@ def test_w8a8_silu_mul_epilogue_branch(tma):
 
     generator = torch.Generator(device="cuda").manual_seed(6)
     _, weight8, scale, _, bias = _weights(1000, 4096, -1)
-    config = TMA_INT8_CONFIG if tma else None
-    for m in TMA_MS if tma else (1, 33, 300):
+    config = W8A8_KERNEL_CONFIGS[kernel]
+    for m in TMA_MS if config else (1, 33, 300):
         a_codes, a_scale = quantize_per_token(_random_rows(m, 4096, torch.float16, generator))
         outputs = w8a8_gemm(a_codes, a_scale, weight8, scale, bias.half(), torch.float16, config=config)
         with branches.recording() as taken:
             gated = w8a8_gemm(a_codes, a_scale, weight8, scale, bias.half(), torch.float16, config=config,
                               silu_mul=True)
-        _assert_branch(taken, "w8a8_gemm", "int8_gemm_tma+silu_mul" if tma else "int8_gemm+silu_mul")
+        _assert_branch(taken, "w8a8_gemm", kernel.split("/")[0] + "+silu_mul")
         expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
         assert gated.shape == (m, 500) and torch.equal(gated, expected)
 
 
 @compiled_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w8a8_tma_branch(dtype):
-    """The persistent TMA-fed int8 GEMM against the reference, from one tile to two per program, rows past M and N
-    read as zeros by the copies."""
+@pytest.mark.parametrize("kernel", ["int8_gemm_tma", "int8_gemm_ws", "int8_gemm_ws/persistent"])
+def test_w8a8_tma_branch(kernel, dtype):
+    """The TMA-fed int8 GEMMs (persistent; warp-specialized, per tile and per SM) against the reference, from one
+    tile to two per program, rows past M and N read as zeros by the copies."""
     from qqq.kernels_triton.baselines import w8a8_gemm
 
     generator = torch.Generator(device="cuda").manual_seed(7)
@@ -454,8 +463,9 @@ def test_w8a8_tma_branch(dtype):
     for m in TMA_MS:
         x_codes, token_scale = numerics.quantize_per_token(_random_rows(m, 4096, dtype, generator))
         with branches.recording() as taken:
-            got = w8a8_gemm(x_codes, token_scale[:, 0], weight8, scale, bias.to(dtype), dtype, config=TMA_INT8_CONFIG)
-        _assert_branch(taken, "w8a8_gemm", "int8_gemm_tma")
+            got = w8a8_gemm(x_codes, token_scale[:, 0], weight8, scale, bias.to(dtype), dtype,
+                            config=W8A8_KERNEL_CONFIGS[kernel])
+        _assert_branch(taken, "w8a8_gemm", kernel.split("/")[0])
         expected = numerics.int8_linear_reference(x_codes, token_scale[:, 0], weight8, scale, bias.to(dtype), dtype)
         ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
         torch.testing.assert_close(got.float(), expected.float(), rtol=ulp, atol=1e-6)

@@ -125,6 +125,8 @@ CASES = [  # (M, N, K, group_size, config)
     # ... with the persistent TMA-fed int8 GEMM
     (64, 48, 256, -1, dict(config(block_m=32, block_k=128, dequant=1), TMA=1)),
     (17, 40, 256, 32, dict(config(block_k=128, dequant=1), TMA=1)),
+    # ... asking for the warp-specialized Gluon kernel, which the interpreter cannot run: the TMA kernel's tiles
+    (33, 80, 256, 64, dict(config(block_n=64, block_k=128, dequant=1), WS=2)),
 ]
 
 
@@ -344,6 +346,25 @@ def test_the_tma_gemm_walks_every_tile_with_fewer_programs_and_falls_back_for_un
         assert ("w4a8_gemm", branch + "/unclamped") not in taken and ("w4a8_gemm", branch) in taken
 
 
+def test_a_warp_specialized_config_runs_the_tma_kernel_under_the_interpreter():
+    """The Gluon kernel is compiled only (the GPU suite runs it): here a WS config takes the TMA kernel, same tiles,
+    same sums, and the branch record says which kernel ran."""
+    codes, channel_scale, ratio = make_layer(80, 256, 64, seed=4)
+    x_codes, x_scale = numerics.quantize_per_token(torch.randn(37, 256, generator=torch.Generator().manual_seed(4)))
+    weight8 = numerics.int8_weight(codes, ratio)
+    ws = dict(config(block_n=64, block_k=128), WS=1)
+    for call, branch in ((lambda: w8a8_gemm(x_codes, x_scale[:, 0], weight8, channel_scale, None, torch.float32,
+                                            config=ws), ("w8a8_gemm", "int8_gemm_tma")),
+                         (lambda: w4a8_gemm(x_codes, x_scale[:, 0], pack_int4(codes), channel_scale, ratio, None, 64,
+                                            torch.float32, config=dict(ws, DEQUANT=1)),
+                          ("w4a8_gemm", "dequant_tma/g64"))):
+        with branches.recording() as taken:
+            out = call()
+        assert branch in taken and not any("_ws" in name for _, name in taken)
+        expected = numerics.int8_linear_reference(x_codes, x_scale[:, 0], weight8, channel_scale, None, torch.float32)
+        assert torch.equal(out, expected)
+
+
 def test_tma_configs_are_int8_gemms_of_copyable_tiles():
     w8a8_tma = dict(config(block_n=128, block_m=128, block_k=128), TMA=1)
     config_table.check_config("w8a8", w8a8_tma, 1024, 4096, 4096, -1)
@@ -353,11 +374,21 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
                                 ("w8a8", dict(w8a8_tma, BLOCK_N=512), "512 rows")]:
         with pytest.raises(ValueError, match="TMA=1"):
             config_table.check_config(kernel, bad, 1024, 4096, 4096, -1)
+    ws = dict(w8a8_tma, TMA=0, WS=2)
+    config_table.check_config("w8a8", ws, 1024, 4096, 4096, -1)
+    config_table.check_config("w4a8_group", dict(ws, DEQUANT=1, WS=1), 1024, 4096, 4096, 128)
+    for kernel, bad, reason in [("w4a8", ws, "without DEQUANT"), ("w8a8", dict(ws, WS=3), "no such kernel"),
+                                ("w8a8", dict(ws, BLOCK_N=64, num_warps=8), "16 rows a warp"),
+                                ("w8a8", dict(ws, BLOCK_K=256), "256 columns")]:
+        with pytest.raises(ValueError, match="WS"):
+            config_table.check_config(kernel, bad, 1024, 4096, 4096, -1)
     for kernel in ("w8a8", "w4a8", "w4a8_group"):
-        tma = [c for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128) if c["TMA"]]
-        assert tma and all(c["BLOCK_K"] <= 128 and (kernel == "w8a8" or c["DEQUANT"]) for c in tma)
-        assert not any(c["TMA"] for c in config_table.candidate_configs(kernel, 128, 4096, 4096, 128))
-    assert not any(c["TMA"] for c in config_table.candidate_configs("w4a16", 1024, 4096, 4096, -1))
+        for option in ("TMA", "WS"):
+            tma = [c for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128) if c[option]]
+            assert tma and all(c["BLOCK_K"] <= 128 and (kernel == "w8a8" or c["DEQUANT"]) for c in tma)
+            assert not any(c[option] for c in config_table.candidate_configs(kernel, 128, 4096, 4096, 128))
+        assert {c["WS"] for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128)} == {0, 1, 2}
+    assert not any(c["TMA"] or c["WS"] for c in config_table.candidate_configs("w4a16", 1024, 4096, 4096, -1))
 
 
 def test_tuning_candidates_are_valid():

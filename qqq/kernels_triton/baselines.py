@@ -23,7 +23,8 @@ from qqq.kernels_triton.int8_gemm import epilogue_width, grouped_tile_ids, launc
 from qqq.kernels_triton.packing import check_packable
 from qqq.kernels_triton.unpack import unpack_signed_x16
 
-LAUNCH_BRANCHES = {"w8a8_gemm": ("int8_gemm", "int8_gemm+silu_mul", "int8_gemm_tma", "int8_gemm_tma+silu_mul"),
+LAUNCH_BRANCHES = {"w8a8_gemm": tuple(kernel + silu for kernel in ("int8_gemm", "int8_gemm_tma", "int8_gemm_ws")
+                                 for silu in ("", "+silu_mul")),
                    "w4a16_linear": ("w4a16",)}
 
 
@@ -106,8 +107,8 @@ def w8a8_gemm(a_codes, a_scale, weight, channel_scale, bias, out_dtype, config: 
     width = epilogue_width(n, silu_mul)
     config = _launch_config("w8a8", config, m, n, k)
     out = torch.empty((m, width), dtype=out_dtype, device=a_codes.device)
-    ran_tma = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
-    branches.record("w8a8_gemm", ("int8_gemm_tma" if ran_tma else "int8_gemm") + ("+silu_mul" if silu_mul else ""))
+    kernel = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, out, config, False, False, silu_mul)
+    branches.record("w8a8_gemm", kernel + ("+silu_mul" if silu_mul else ""))
     return out
 
 

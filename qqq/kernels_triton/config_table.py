@@ -4,7 +4,8 @@ A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num
 ``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the
 tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM
 with these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed
-kernel of ``int8_gemm.py``; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the
+kernel of ``int8_gemm.py``, ``WS=1`` / ``WS=2`` as the warp-specialized Gluon kernel of ``int8_gemm_ws.py`` with a
+program per tile / per SM; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the
 streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per
 step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1, 2, then M
 rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in
@@ -37,10 +38,14 @@ SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
-               "PREFETCH", "GEMV", "TMA")
-OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0, "TMA": 0}
+               "PREFETCH", "GEMV", "TMA", "WS")
+OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0, "TMA": 0, "WS": 0}
 TMA_MAX_BLOCK = (256, 128)  # a TMA copy's box: at most 256 rows, and (int8) 128 columns, the 128-byte swizzle's width
-TMA_MIN_BUCKET = 256  # the M buckets whose candidates include the TMA kernel
+TMA_MIN_BUCKET = 256  # the M buckets whose candidates include the TMA kernels (persistent and warp-specialized)
+# the warp-specialized kernel's candidate tiles (BLOCK_N, BLOCK_M, BLOCK_K, warps, ring slots), each with a program per
+# tile and per SM: the best of the H100 probe at M >= 1024 (NOTES.md) and smaller rings for the SiLU*up epilogue's tile
+WS_TILES = ((128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 64, 8, 6),
+            (128, 256, 64, 8, 6), (128, 128, 128, 8, 4))
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
 # gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
 LLAMA_GEMM_SHAPES = (
@@ -102,12 +107,19 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
             raise ValueError("DEQUANT=1 is a W4A8 prefill config without split-K")
     elif limit is not None and block_k > limit:
         raise ValueError(f"BLOCK_K={block_k} exceeds {limit} for group size {group_size}")
-    if config.get("TMA", 0):
+    for option in ("TMA", "WS"):
+        if not config.get(option, 0):
+            continue
         if not (kernel == "w8a8" or config.get("DEQUANT", 0)) or config["SPLIT_K"] != 1:
-            raise ValueError("TMA=1 runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) without split-K")
+            raise ValueError(f"{option}={config[option]} runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) without "
+                             "split-K")
         if max(config["BLOCK_N"], config["BLOCK_M"]) > TMA_MAX_BLOCK[0] or block_k > TMA_MAX_BLOCK[1]:
-            raise ValueError(f"TMA=1 copies tiles of at most {TMA_MAX_BLOCK[0]} rows and {TMA_MAX_BLOCK[1]} "
-                             f"columns, got {config}")
+            raise ValueError(f"{option}={config[option]} copies tiles of at most {TMA_MAX_BLOCK[0]} rows and "
+                             f"{TMA_MAX_BLOCK[1]} columns, got {config}")
+    if config.get("WS", 0) not in (0, 1, 2):
+        raise ValueError(f"WS={config['WS']}: 1 (a program per tile) or 2 (a program per SM)")
+    if config.get("WS", 0) and config["BLOCK_N"] < 16 * config["num_warps"]:
+        raise ValueError(f"WS needs BLOCK_N >= 16 rows a warp (wgmma), got {config}")
     for key in ("BLOCK_N", "BLOCK_M"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key}={config[key]} must be a power of two >= 16")
@@ -177,6 +189,11 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                 raw.append(dict(base, DEQUANT=1))
             if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
                 raw.append(dict(base, DEQUANT=int(kernel != "w8a8"), TMA=1))
+        if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
+            for (block_n, block_m, block_k, warps, stages), ws in itertools.product(WS_TILES, (1, 2)):
+                if block_m <= max(64, bucket):
+                    raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
+                                    num_warps=warps, num_stages=stages, DEQUANT=int(kernel != "w8a8"), WS=ws))
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):

@@ -48,13 +48,17 @@ def current_gpu() -> GpuInfo:
 _sequential = False
 
 
-def programmatic_launch(t) -> bool:
-    """Whether kernels on ``t``'s device are launched as programmatic dependents (Hopper and later, compiled: not
-    under the interpreter, not inside :func:`sequential_launches`): such a kernel may start while the kernel before
-    it finishes, and waits for it with :func:`wait_for_previous_then_let_next_start` before it touches anything
-    that kernel wrote."""
-    return t.is_cuda and not _sequential and os.environ.get("TRITON_INTERPRET") != "1" \
+def compiled_for_hopper(t) -> bool:
+    """Whether kernels on ``t``'s device are compiled (not run by the interpreter) for Hopper or a later GPU."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" \
         and int(current_gpu().compute_capability.split(".")[0]) >= 9
+
+
+def programmatic_launch(t) -> bool:
+    """Whether kernels on ``t``'s device are launched as programmatic dependents (:func:`compiled_for_hopper`, not
+    inside :func:`sequential_launches`): such a kernel may start while the kernel before it finishes, and waits
+    for it with :func:`wait_for_previous_then_let_next_start` before it touches anything that kernel wrote."""
+    return not _sequential and compiled_for_hopper(t)
 
 
 @contextlib.contextmanager

@@ -2,11 +2,15 @@
 the prefill path of W4A8 (after ``w4a8_gemm.dequantize_int8``) and the W8A8 baseline. ``grouped_tile_ids`` (the
 L2-friendly program order) and ``epilogue`` (scales, bias, store) are shared with the fused W4A8 kernel.
 
-Two kernels compute it: ``int8_gemm_kernel``, a program per output tile loading its operands through pointers
-(Triton pipelines the loads with ``cp.async``), and ``int8_gemm_tma_kernel`` (config ``TMA=1``), persistent: one
+Three kernels compute it: ``int8_gemm_kernel``, a program per output tile loading its operands through pointers
+(Triton pipelines the loads with ``cp.async``); ``int8_gemm_tma_kernel`` (config ``TMA=1``), persistent: one
 program per SM walks the tiles in the same order, its operand tiles copied into shared memory by the TMA unit
 (a host tensor descriptor per operand; rows past M or N read as zeros) and its K loop flattened with the tile loop,
-so the next tile's copies are in flight during a tile's epilogue.
+so the next tile's copies are in flight during a tile's epilogue; and the warp-specialized Gluon kernel of
+``int8_gemm_ws.py`` (config ``WS=1`` or ``2``) on Hopper, where a producer warp keeps the TMA copies ahead of the
+wgmma warps. A config runs on the most specialized kernel that can take it here (the Gluon kernel does not run
+under the interpreter; the TMA kernels need 16-byte aligned rows) and otherwise on the next one, with the same
+tiles and numbers.
 
 ``SILU_MUL`` epilogues (a fused gate/up projection whose weight rows alternate gate, up: channel ``2j`` is gate
 ``j``, ``2j + 1`` is up ``j``) store ``SiLU(gate) * up`` [M, N / 2] instead of the N outputs: each output is
@@ -20,7 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton.gpu import compiled_for_hopper, current_gpu
+
+try:
+    from qqq.kernels_triton.int8_gemm_ws import launch_int8_gemm_ws, shared_memory_bytes
+except ImportError:  # a Triton without Gluon runs WS configs on the TMA kernel
+    launch_int8_gemm_ws = None
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -208,6 +217,14 @@ def tma_ready(*operands: torch.Tensor) -> bool:
         t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in operands)
 
 
+def ws_ready(a_codes: torch.Tensor, weight: torch.Tensor, config: dict, out_bytes: int, silu_mul: bool) -> bool:
+    """Whether the warp-specialized Gluon kernel runs this ``WS`` config here: compiled for a Hopper-or-later GPU (not
+    the interpreter), operands the TMA unit copies, and its shared memory (the SiLU*up epilogue's read-back tile
+    included) within the GPU's."""
+    return (launch_int8_gemm_ws is not None and compiled_for_hopper(a_codes) and tma_ready(a_codes, weight)
+            and shared_memory_bytes(config, out_bytes, silu_mul) <= current_gpu().shared_memory_per_block)
+
+
 def epilogue_width(n: int, silu_mul: bool) -> int:
     """The channels the epilogue writes for ``n`` GEMM channels: ``n``, or ``n / 2`` with ``silu_mul`` (the rows
     alternate gate, up; each pair becomes one ``SiLU(gate) * up``)."""
@@ -217,13 +234,19 @@ def epilogue_width(n: int, silu_mul: bool) -> int:
 
 
 def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc,
-                     silu_mul=False) -> bool:
-    """Run ``config``'s tiles on the TMA kernel where it asks for it (``TMA=1``) and the operands suit the TMA unit
-    (:func:`tma_ready`), otherwise on the pointer kernel. Returns whether the TMA kernel ran, for the branch record."""
+                     silu_mul=False) -> str:
+    """Run ``config``'s tiles on the warp-specialized kernel where it asks for it (``WS``) and it can run
+    (:func:`ws_ready`), else on the TMA kernel where it asks for either and the operands suit the TMA unit
+    (:func:`tma_ready`), else on the pointer kernel. Returns the kernel that ran (``int8_gemm_ws``,
+    ``int8_gemm_tma`` or ``int8_gemm``), for the branch record."""
     m, k = a_codes.shape
     n = weight.shape[0]
+    if config.get("WS", 0) and ws_ready(a_codes, weight, config, out.element_size(), silu_mul):
+        launch_int8_gemm_ws(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16, write_acc,
+                            silu_mul)
+        return "int8_gemm_ws"
     tiles = triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"])
-    if config.get("TMA", 0) and tma_ready(a_codes, weight):
+    if (config.get("TMA", 0) or config.get("WS", 0)) and tma_ready(a_codes, weight):
         programs = min(tiles, current_gpu().sm_count)
         int8_gemm_tma_kernel[(programs,)](
             TensorDescriptor.from_tensor(a_codes, [config["BLOCK_M"], config["BLOCK_K"]]),
@@ -233,7 +256,7 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
             BLOCK_N=config["BLOCK_N"], BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
-        return True
+        return "int8_gemm_tma"
     int8_gemm_kernel[(tiles,)](
         a_codes, a_scale, weight, channel_scale, bias if bias is not None else channel_scale, out, acc_out,
         m, n, k, a_codes.stride(0), weight.stride(0), out.stride(0),
@@ -241,4 +264,4 @@ def launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out
         BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"], GROUP_N=config["GROUP_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    return False
+    return "int8_gemm"

@@ -1,13 +1,17 @@
-"""Prototype (branch ``gluon-ws``, not wired into any launcher): the int8 x int8 -> int32 GEMM of ``int8_gemm`` as
-a warp-specialized Gluon kernel for Hopper. One producer warp copies the weight and activation tiles into a ring of
-shared-memory slots with the TMA unit; the default partition (``num_warps`` warps, two warpgroups at 8) waits for
-a slot, issues the asynchronous wgmma on it and hands the previous slot back to the producer once its wgmma has
-retired. ``acc[BLOCK_N, BLOCK_M] += W @ A^T`` as in ``int8_gemm``; the epilogue is the plain one of
-``int8_gemm.scaled_store`` without bias or SiLU*up: ``out[m, n] = (acc * token_scale[m]) * channel_scale[n]``.
+"""The int8 x int8 -> int32 GEMM of ``int8_gemm`` as a warp-specialized Gluon kernel for Hopper (config ``WS``).
 
-Why: Triton 3.6 leaves ``tl.range(..., warp_specialize=True)`` without effect on sm_90 for both the fused W4A8 loop
-and the persistent TMA int8 GEMM (the attribute reaches the TTGIR; no ``ttg.warp_specialize`` region is made), so
-warp specialization on Hopper needs Gluon (NOTES.md).
+One producer warp copies the weight and activation tiles into a ring of shared-memory slots with the TMA unit; the
+default partition (``num_warps`` warps, two warpgroups at 8) waits for a slot, issues the asynchronous wgmma on it
+and hands the previous slot back to the producer once its wgmma has retired, then runs the epilogue of
+``int8_gemm.scaled_store`` (scales, bias, X16, the int32 output, SiLU*up). ``acc[BLOCK_N, BLOCK_M] += W @ A^T`` as
+in ``int8_gemm``. The tile loop runs in both partitions and the ring runs on across tiles, so a grid of one program
+per SM (``WS=2``) is persistent: the producer fills the next tile's slots during a tile's epilogue; ``WS=1`` has a
+program per tile.
+
+Why Gluon: Triton 3.6 leaves ``tl.range(..., warp_specialize=True)`` without effect on sm_90 for both the fused W4A8
+loop and the persistent TMA int8 GEMM (the attribute reaches the TTGIR; no ``ttg.warp_specialize`` region is made),
+so warp specialization on Hopper is written by hand (NOTES.md). Gluon kernels do not run under the interpreter:
+the CPU tests compile them for sm_90 (``tests/compile_for_gpu.py``) and the GPU suite checks them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# the TMA copy into shared memory: renamed after Triton 3.6 (the GPU machine's), same arguments
-tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from qqq.kernels_triton.gpu import current_gpu
+
+# renamed after Triton 3.6 (the GPU machine's), same arguments: the TMA copy into shared memory, the barrier of
+# the partition's warps
+tma_load = getattr(tma, "async_load", None) or getattr(tma, "async_copy_global_to_shared")
+partition_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier")
 
 
 @gluon.constexpr_function
@@ -68,9 +76,62 @@ def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles,
 
 
 @gluon.jit
-def _mma_partition(w_slots, a_slots, ready, empty, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om, tiles,
-                   k_tiles, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_N: gl.constexpr,
-                   SLOTS: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+def _silu_times_up(gate, up):
+    """``int8_gemm.silu_times_up``: Llama's ``SiLU(gate) * up`` on 16-bit values, rounded after the SiLU and the
+    product."""
+    silu = (gate.to(gl.float32) / (1.0 + gl.exp(-gate.to(gl.float32)))).to(gate.dtype)
+    return (silu.to(gl.float32) * up.to(gl.float32)).to(gate.dtype)
+
+
+@gluon.jit
+def _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, stride_om, off_n,
+              off_m, ACC_LAYOUT: gl.constexpr, X16: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr,
+              SILU_MUL: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """``int8_gemm.scaled_store`` on the accumulator's layout. ``SILU_MUL``: the rounded outputs go through the
+    shared-memory tile ``pairs`` [BLOCK_N, BLOCK_M], read back as [BLOCK_N / 2, 2 * BLOCK_M], whose row j holds
+    the gate row 2j, then the up row 2j + 1."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    mask = n_mask[:, None] & m_mask[None, :]
+    token_scale = gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    channel_scale = gl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if WRITE_ACC:
+        if X16:
+            gl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], acc >> 4, mask=mask)
+        else:
+            gl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], acc, mask=mask)
+    y = acc.to(gl.float32)
+    if X16:
+        y = y * 0.0625  # exact: the per-channel lanes held 16 * code
+    y = (y * token_scale[None, :]) * channel_scale[:, None]
+    if HAS_BIAS:
+        y = y + gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[:, None]
+    y = y.to(out_ptr.dtype.element_ty)
+    if SILU_MUL:
+        PAIR_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+        partition_barrier()  # the previous tile's reads of ``pairs`` are done
+        pairs.store(y)
+        partition_barrier()
+        rows = pairs.reshape([BLOCK_N // 2, 2 * BLOCK_M])
+        gate = rows.slice(0, BLOCK_M, dim=1).load(PAIR_LAYOUT)
+        up = rows.slice(BLOCK_M, BLOCK_M, dim=1).load(PAIR_LAYOUT)
+        offs_j = off_n // 2 + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, PAIR_LAYOUT))
+        offs_t = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, PAIR_LAYOUT))
+        gl.store(out_ptr + offs_t[None, :] * stride_om + offs_j[:, None], _silu_times_up(gate, up),
+                 mask=(offs_j < N // 2)[:, None] & (offs_t < M)[None, :])
+    else:
+        gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y, mask=mask)
+
+
+@gluon.jit
+def _mma_partition(w_slots, a_slots, ready, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                   acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   GROUP_N: gl.constexpr, SLOTS: gl.constexpr, ACC_LAYOUT: gl.constexpr, X16: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr, NUM_WARPS: gl.constexpr):
     step = 0
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
@@ -85,21 +146,15 @@ def _mma_partition(w_slots, a_slots, ready, empty, a_scale_ptr, channel_scale_pt
             step += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS))  # the tile's last slot: the producer runs ahead
-
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        n_mask = offs_n < N
-        m_mask = offs_m < M
-        token_scale = gl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
-        channel_scale = gl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
-        y = (acc.to(gl.float32) * token_scale[None, :]) * channel_scale[:, None]
-        gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=n_mask[:, None] & m_mask[None, :])
+        _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, stride_om,
+                  off_n, off_m, ACC_LAYOUT, X16, HAS_BIAS, WRITE_ACC, SILU_MUL, NUM_WARPS)
 
 
 @gluon.jit
-def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om,
-                        GROUP_N: gl.constexpr, SLOTS: gl.constexpr, num_warps: gl.constexpr):
+def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N,
+                        stride_om, X16: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr,
+                        SILU_MUL: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr,
+                        num_warps: gl.constexpr):
     """Program ``p`` of the grid computes the output tiles ``p, p + grid, ...`` (one each when the grid is the tile
     count; persistent when it is the SM count)."""
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -116,29 +171,41 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, out_ptr,
     for i in gl.static_range(SLOTS):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    PAIRS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if SILU_MUL else [2, 8]  # only SiLU*up reads its outputs back
+    pairs = gl.allocate_shared_memory(out_ptr.dtype.element_ty, PAIRS_SHAPE,
+                                      gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
 
     gl.warp_specialize([
-        (_mma_partition, (w_slots, a_slots, ready, empty, a_scale_ptr, channel_scale_ptr, out_ptr, M, N, stride_om,
-                          tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS, ACC_LAYOUT)),
+        (_mma_partition, (w_slots, a_slots, ready, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
+                          acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS, ACC_LAYOUT,
+                          X16, HAS_BIAS, WRITE_ACC, SILU_MUL, num_warps)),
         (_load_partition, (w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N, SLOTS)),
     ], [1], [24])
 
 
-def int8_gemm_ws(a_codes: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, channel_scale: torch.Tensor,
-                 out: torch.Tensor, config: dict) -> torch.Tensor:
-    """``out`` [M, N] = the epilogue of ``a_codes`` int8 [M, K] x ``weight`` int8 [N, K]^T (both 16-byte aligned
-    rows), on the tiles of ``config`` (BLOCK_N, BLOCK_M, BLOCK_K, GROUP_N, num_warps, num_stages as the ring's slots,
-    and PERSISTENT: one program per SM instead of one per tile)."""
+def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
+    """The shared memory a ``WS`` config takes: its ring of weight and activation tiles, and the tile of outputs that
+    the SiLU*up epilogue reads back."""
+    ring = config["num_stages"] * (config["BLOCK_N"] + config["BLOCK_M"]) * config["BLOCK_K"]
+    barriers = 1024  # the ring's mbarriers, with alignment to spare
+    return ring + (config["BLOCK_N"] * config["BLOCK_M"] * out_bytes if silu_mul else 0) + barriers
+
+
+def launch_int8_gemm_ws(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config, x16: bool,
+                        write_acc: bool, silu_mul: bool) -> None:
+    """``int8_gemm.launch_int8_gemm``'s GEMM on the warp-specialized kernel: ``a_codes`` int8 [M, K] and ``weight``
+    int8 [N, K] with 16-byte aligned rows (``int8_gemm.tma_ready``), ``config`` WS 1 (a program per tile) or 2
+    (persistent)."""
     m, k = a_codes.shape
     n = weight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
-    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8)
-    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8)
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k], w_layout)
-    a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k], a_layout)
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k],
+                                          gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8))
+    a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k],
+                                          gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    grid = (min(tiles, torch.cuda.get_device_properties(out.device).multi_processor_count) if config.get("PERSISTENT")
-            else tiles,)
-    int8_gemm_ws_kernel[grid](w_desc, a_desc, a_scale, channel_scale, out, m, n, out.stride(0),
-                              GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"], num_warps=config["num_warps"])
-    return out
+    grid = (min(tiles, current_gpu().sm_count) if config["WS"] == 2 else tiles,)
+    int8_gemm_ws_kernel[grid](w_desc, a_desc, a_scale, channel_scale, bias if bias is not None else channel_scale,
+                              out, acc_out, m, n, out.stride(0), X16=x16, HAS_BIAS=bias is not None,
+                              WRITE_ACC=write_acc, SILU_MUL=silu_mul, GROUP_N=config["GROUP_N"],
+                              SLOTS=config["num_stages"], num_warps=config["num_warps"])

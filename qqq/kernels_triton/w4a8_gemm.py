@@ -53,7 +53,12 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
-    return ("fused", "split_k", "dequant", "dequant_tma", "streaming", "streaming_split_k") + per_group + wide
+    return ("fused", "split_k", "dequant", "dequant_tma", "dequant_ws", "streaming", "streaming_split_k") \
+        + per_group + wide
+
+
+# the launch path of a DEQUANT config, by the int8 GEMM kernel that ran it (int8_gemm.launch_int8_gemm)
+DEQUANT_PATHS = {"int8_gemm": "dequant", "int8_gemm_tma": "dequant_tma", "int8_gemm_ws": "dequant_ws"}
 
 
 def _record(group_size: int, clamp: bool, silu_mul: bool, path: str) -> None:
@@ -277,9 +282,10 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
 
 
 def _launch_path(config: dict, group_size: int) -> str:
-    """The path ``config`` asks for (``dequant_tma`` runs as ``dequant`` where the operands do not suit TMA)."""
+    """The path ``config`` asks for (``dequant_ws`` runs as ``dequant_tma`` where the Gluon kernel cannot run, and
+    that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``)."""
     if config.get("DEQUANT", 0):
-        return "dequant_tma" if config.get("TMA", 0) else "dequant"
+        return "dequant_ws" if config.get("WS", 0) else "dequant_tma" if config.get("TMA", 0) else "dequant"
     if config.get("GEMV", 0):
         return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
@@ -326,9 +332,9 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
     clamp = group_size != -1 and not ratios_fit_int8
     if config.get("DEQUANT", 0):  # prefill: dequantize to int8 once, then the plain int8 GEMM
         weight = dequantize_int8(qweight, group_ratio, group_size, use_asm, clamp)
-        ran_tma = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
-                                   group_size == -1, return_acc, silu_mul)
-        _record(group_size, clamp, silu_mul, "dequant_tma" if ran_tma else "dequant")
+        kernel = launch_int8_gemm(a_codes, a_scale, weight, channel_scale, bias, out, acc_out, config,
+                                  group_size == -1, return_acc, silu_mul)
+        _record(group_size, clamp, silu_mul, DEQUANT_PATHS[kernel])
         return (out, acc_out) if return_acc else out
     _record(group_size, clamp, silu_mul, _launch_path(config, group_size))
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
