@@ -16,7 +16,6 @@ the CPU tests compile them for sm_90 (``tests/compile_for_gpu.py``) and the GPU 
 
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -34,7 +33,8 @@ partition_barrier = getattr(gl, "thread_barrier", None) or getattr(gl, "barrier"
 @gluon.constexpr_function
 def accumulator_layout(block_n, block_m, num_warps):
     """The wgmma accumulator layout of a [block_n, block_m] int32 tile: warps stacked along the weight rows, the
-    widest instruction N (<= 128: sm_90's int8 wgmma lowering in Triton 3.6 rejects N 256) that divides block_m, K 32 (int8)."""
+    widest instruction N that divides block_m (at most 128: Triton 3.6's sm_90 lowering rejects an int8 wgmma of N
+    256), K 32 (int8)."""
     warps_n = min(num_warps, max(4, block_n // 16))
     warps_m = num_warps // warps_n
     n = 128
@@ -101,9 +101,10 @@ def _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc
     channel_scale = gl.load(channel_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if WRITE_ACC:
         if X16:
-            gl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], acc >> 4, mask=mask)
+            true_acc = acc >> 4  # per-channel lanes hold 16 * code; the shift is exact
         else:
-            gl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], acc, mask=mask)
+            true_acc = acc
+        gl.store(acc_out_ptr + offs_m[None, :] * N + offs_n[:, None], true_acc, mask=mask)
     y = acc.to(gl.float32)
     if X16:
         y = y * 0.0625  # exact: the per-channel lanes held 16 * code
@@ -196,8 +197,7 @@ def launch_int8_gemm_ws(a_codes, a_scale, weight, channel_scale, bias, out, acc_
     """``int8_gemm.launch_int8_gemm``'s GEMM on the warp-specialized kernel: ``a_codes`` int8 [M, K] and ``weight``
     int8 [N, K] with 16-byte aligned rows (``int8_gemm.tma_ready``), ``config`` WS 1 (a program per tile) or 2
     (persistent)."""
-    m, k = a_codes.shape
-    n = weight.shape[0]
+    m, n = a_codes.shape[0], weight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k],
                                           gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8))
