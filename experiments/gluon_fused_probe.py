@@ -1,4 +1,4 @@
-"""GPU probe (branch gluon-fused): the prototype Gluon fused W4A8 kernel (``qqq.kernels_triton.w4a8_gemm_ws``) against
+"""GPU probe (branch gluon-convert): the prototype Gluon fused W4A8 kernel (``qqq.kernels_triton.w4a8_gemm_ws``) against
 the shipped W4A8 kernel with its tuned config, the shipped W8A8 kernel and cuBLAS FP16, at M 16-1024 on the paper
 and Llama-2-7B shapes, per-channel and g128; ``tests/test_gpu_gluon_fused.py`` checks its numbers first.
 
@@ -19,17 +19,24 @@ from qqq.kernels_triton.packing import pack_int4
 from qqq.kernels_triton.w4a8_gemm import w4a8_gemm
 from qqq.kernels_triton.w4a8_gemm_ws import launch_w4a8_gemm_ws
 
-CONFIGS = [dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=4, WS=1),
-           dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=4, WS=2),
+CONFIGS = [dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=4, num_stages=4, WS=2),
            dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=4, WS=2),
-           dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=8, num_stages=3, WS=2),
+           dict(BLOCK_N=128, BLOCK_M=256, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=3, WS=2),
+           dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=3, WS=2),
+           dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=3, WS=2),
            dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2),
-           dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=256, GROUP_N=8, num_warps=8, num_stages=4, WS=2)]
+           dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2)]
 SHAPES = [("paper_8192x21760", 21760, 8192), ("llama2-7b_qkv", 12288, 4096), ("llama2-7b_gate_up", 22016, 4096),
           ("llama2-7b_down", 4096, 11008)]
 
 
+def bench(fn):
+    """Median ms of CUDA-graph replays, as ``gemm_speed.py`` times (no launch or Python cost in the figure)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100)
+
+
 def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     torch.manual_seed(0)
     t0 = time.time()
@@ -44,19 +51,19 @@ def main(out_dir):
                 a_codes, a_scale = quantize_per_token(torch.randn(m, k, device="cuda").half())
                 x16 = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 w16 = torch.randn(n, k, dtype=torch.float16, device="cuda")
-                times = {"fp16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x16, w16)) * 1e3}
+                times = {"fp16": bench(lambda: torch.nn.functional.linear(x16, w16)) * 1e3}
                 shipped = config_table.get_config(kernel, m, n, k, group_size)
-                times["shipped"] = triton.testing.do_bench(lambda: w4a8_gemm(
+                times["shipped"] = bench(lambda: w4a8_gemm(
                     a_codes, a_scale, qweight, scale, ratio, None, group_size, torch.float16, config=shipped,
-                    ratios_fit_int8=group_size != -1)) * 1e3
+                    ratios_fit_int8=group_size != -1, weights_checked=True)) * 1e3
                 w8 = config_table.get_config("w8a8", m, n, k, -1)
-                times["w8a8"] = triton.testing.do_bench(lambda: baselines.w8a8_gemm(
+                times["w8a8"] = bench(lambda: baselines.w8a8_gemm(
                     a_codes, a_scale, weight8, scale, None, torch.float16, config=w8)) * 1e3
                 out = torch.empty(m, n, dtype=torch.float16, device="cuda")
                 for cfg in CONFIGS:
                     label = f"{cfg['BLOCK_N']}x{cfg['BLOCK_M']}x{cfg['BLOCK_K']}/{cfg['num_warps']}w/{cfg['num_stages']}s/WS{cfg['WS']}"
                     try:
-                        times[label] = triton.testing.do_bench(lambda: launch_w4a8_gemm_ws(
+                        times[label] = bench(lambda: launch_w4a8_gemm_ws(
                             a_codes, a_scale, qweight, scale, ratio, None, group_size, out, out, cfg, False, False,
                             False)) * 1e3
                     except Exception as error:  # a config the compiler rejects
