@@ -302,10 +302,12 @@ def fused_ws_ready(a_codes: torch.Tensor, qweight: torch.Tensor, config: dict, o
 
 def _launch_path(config: dict, group_size: int) -> str:
     """The path ``config`` asks for (``dequant_ws`` runs as ``dequant_tma`` where the Gluon kernel cannot run, and
-    that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``), of a ``WS`` config
-    without ``DEQUANT`` the one its tiles take where the fused Gluon kernel cannot run (``fused_ws_ready``)."""
+    that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``; ``fused_ws`` runs as the
+    path of the same tiles without ``WS`` where the fused Gluon kernel cannot: ``fused_ws_ready``)."""
     if config.get("DEQUANT", 0):
         return "dequant_ws" if config.get("WS", 0) else "dequant_tma" if config.get("TMA", 0) else "dequant"
+    if config.get("WS", 0):
+        return "fused_ws"
     if config.get("GEMV", 0):
         return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
@@ -356,12 +358,14 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
                                   group_size == -1, return_acc, silu_mul)
         _record(group_size, clamp, silu_mul, DEQUANT_PATHS[kernel])
         return (out, acc_out) if return_acc else out
-    if config.get("WS", 0) and fused_ws_ready(a_codes, qweight, config, out.element_size(), silu_mul):
-        launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out,
-                            config, return_acc, clamp, silu_mul)
-        _record(group_size, clamp, silu_mul, "fused_ws")
-        return (out, acc_out) if return_acc else out
-    _record(group_size, clamp, silu_mul, _launch_path(config, group_size))  # a WS config here: its fallback
+    if config.get("WS", 0):
+        if fused_ws_ready(a_codes, qweight, config, out.element_size(), silu_mul):
+            launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
+                                acc_out, config, return_acc, clamp, silu_mul)
+            _record(group_size, clamp, silu_mul, "fused_ws")
+            return (out, acc_out) if return_acc else out
+        config = dict(config, WS=0)  # the same tiles on this module's kernels
+    _record(group_size, clamp, silu_mul, _launch_path(config, group_size))
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
         block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
         workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \
