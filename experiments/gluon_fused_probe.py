@@ -25,7 +25,12 @@ CONFIGS = [dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=4, nu
            dict(BLOCK_N=256, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=3, WS=2),
            dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=3, WS=2),
            dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2),
-           dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2)]
+           dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2),
+           # twice the converter warps, at fewer registers each
+           dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=4, WS=2, CONVERT_WARPS=8,
+                CONVERT_REGS=56),
+           dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=4, num_stages=4, WS=2, CONVERT_WARPS=8,
+                CONVERT_REGS=56)]
 SHAPES = [("paper_8192x21760", 21760, 8192), ("llama2-7b_qkv", 12288, 4096), ("llama2-7b_gate_up", 22016, 4096),
           ("llama2-7b_down", 4096, 11008)]
 
@@ -61,7 +66,8 @@ def main(out_dir):
                     a_codes, a_scale, weight8, scale, None, torch.float16, config=w8)) * 1e3
                 out = torch.empty(m, n, dtype=torch.float16, device="cuda")
                 for cfg in CONFIGS:
-                    label = f"{cfg['BLOCK_N']}x{cfg['BLOCK_M']}x{cfg['BLOCK_K']}/{cfg['num_warps']}w/{cfg['num_stages']}s/WS{cfg['WS']}"
+                    label = (f"{cfg['BLOCK_N']}x{cfg['BLOCK_M']}x{cfg['BLOCK_K']}/{cfg['num_warps']}w/"
+                             f"{cfg['num_stages']}s/WS{cfg['WS']}/c{cfg.get('CONVERT_WARPS', 4)}")
                     try:
                         times[label] = bench(lambda: launch_w4a8_gemm_ws(
                             a_codes, a_scale, qweight, scale, ratio, None, group_size, out, out, cfg, False, False,
