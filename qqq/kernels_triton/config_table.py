@@ -1,20 +1,19 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, the per-GPU JSON cache.
 
 A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` plus the optional
-``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the
-tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM
-with these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed
-kernel of ``int8_gemm.py``, ``WS=1`` / ``WS=2`` as the warp-specialized Gluon kernel of ``int8_gemm_ws.py`` with a
-program per tile / per SM (without ``DEQUANT``, a W4A8 ``WS`` config runs the fused Gluon kernel of
-``w4a8_gemm_ws.py``, which converts the packed tiles in a partition of its own); ``PREFETCH=1`` loads the
-per-group ratios one K tile ahead; ``GEMV=1`` is the streaming decode kernel of ``w4a8_gemv.py``, which takes
-all tokens in one program and reads BLOCK_K columns per step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1, 2, then M
-rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in
-``configs/<gpu name>.json`` beside this file, each file naming the GPU's compute capability and SM count. A GPU
-reads its own file first, then the files of tuned GPUs of the same
-compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
-tuned bucket of the same shape, else a heuristic. Falling back to another GPU's file or to the heuristic is said
-once, with the command that tunes this GPU.
+``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens;
+``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with
+these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed kernel of
+``int8_gemm.py``, ``WS=1`` / ``WS=2`` as the warp-specialized Gluon kernel of ``int8_gemm_ws.py`` with a program per
+tile / per SM (without ``DEQUANT``, a W4A8 ``WS`` config runs the fused Gluon kernel of ``w4a8_gemm_ws.py``, which
+converts the packed tiles in a partition of its own); ``PREFETCH=1`` loads the per-group ratios one K tile ahead;
+``GEMV=1`` is the streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads
+BLOCK_K columns per step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1,
+2, then M rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs
+live in ``configs/<gpu name>.json`` beside this file, each file naming the GPU's compute capability and SM count. A
+GPU reads its own file first, then the files of tuned GPUs of the same compute capability and SM count (the H100 and
+H200 share a chip); a shape without an entry takes the nearest tuned bucket of the same shape, else a heuristic.
+Falling back to another GPU's file or to the heuristic is said once, with the command that tunes this GPU.
 
 This module only reads and checks configs; the kernels' launchers import it. The timing that fills the cache
 for the current GPU is ``autotune.tune(shapes, ...)`` (the ``qqq tune`` command).
