@@ -186,10 +186,10 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, bias_ptr
     ], [1], [24])
 
 
-def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
-    """The shared memory a ``WS`` config takes: its ring of weight and activation tiles, and the tile of outputs that
-    the SiLU*up epilogue reads back."""
-    ring = config["num_stages"] * (config["BLOCK_N"] + config["BLOCK_M"]) * config["BLOCK_K"]
+def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool, weight_bytes: float = 1.0) -> int:
+    """The shared memory a ``WS`` config takes: its ring of weight (``weight_bytes`` per element) and activation
+    tiles, and the tile of outputs that the SiLU*up epilogue reads back."""
+    ring = config["num_stages"] * int(config["BLOCK_N"] * weight_bytes + config["BLOCK_M"]) * config["BLOCK_K"]
     barriers = 1024  # the ring's mbarriers, with alignment to spare
     return ring + (config["BLOCK_N"] * config["BLOCK_M"] * out_bytes if silu_mul else 0) + barriers
 

@@ -44,9 +44,8 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.gpu import compiled_for_hopper, current_gpu
-from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                         silu_mul_register_cap, split_k_epilogue, tma_ready)
+from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, gluon_kernel_runs, grouped_tile_ids,
+                                         launch_int8_gemm, silu_mul_register_cap, split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
@@ -294,10 +293,9 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
 
 def fused_ws_ready(a_codes: torch.Tensor, qweight: torch.Tensor, config: dict, out_bytes: int,
                    silu_mul: bool) -> bool:
-    """Whether the fused Gluon kernel runs this ``WS`` config here: compiled for a Hopper-or-later GPU (not the
-    interpreter), operands the TMA unit copies, and its shared memory within the GPU's."""
-    return (launch_w4a8_gemm_ws is not None and compiled_for_hopper(a_codes) and tma_ready(a_codes, qweight)
-            and shared_memory_bytes(config, out_bytes, silu_mul) <= current_gpu().shared_memory_per_block)
+    """Whether the fused Gluon kernel runs this ``WS`` config here (``int8_gemm.gluon_kernel_runs``)."""
+    return launch_w4a8_gemm_ws is not None and gluon_kernel_runs(shared_memory_bytes(config, out_bytes, silu_mul),
+                                                                 a_codes, qweight)
 
 
 def _launch_path(config: dict, group_size: int) -> str:

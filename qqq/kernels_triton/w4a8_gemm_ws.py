@@ -26,6 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
                                              partition_barrier)
 from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
@@ -137,11 +138,8 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
 
 
 def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
-    """The shared memory a config takes: per slot the packed weight, activation and int8 weight tiles, and the tile
-    of outputs that the SiLU*up epilogue reads back."""
-    ring = config["num_stages"] * (config["BLOCK_N"] * 3 // 2 + config["BLOCK_M"]) * config["BLOCK_K"]
-    barriers = 1024
-    return ring + (config["BLOCK_N"] * config["BLOCK_M"] * out_bytes if silu_mul else 0) + barriers
+    """``int8_gemm_ws.shared_memory_bytes`` with a slot's packed and int8 weight tiles: 1.5 bytes a weight."""
+    return int8_gemm_ws.shared_memory_bytes(config, out_bytes, silu_mul, weight_bytes=1.5)
 
 
 def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out,
