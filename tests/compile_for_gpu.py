@@ -69,7 +69,7 @@ def drive_every_branch() -> None:
     w4a8_gemm.use_inline_asm = lambda t: True  # the PTX paths are what a GPU runs
     for module in (activation_quant, decode_attention, fused_producers, w4a8_gemv):
         module.programmatic_launch = lambda t: True  # as on Hopper
-    int8_gemm.compiled_for_hopper = lambda t: True  # the warp-specialized Gluon kernel runs there
+    int8_gemm.compiled_for_hopper = lambda t: True  # the Gluon kernels run there
     for _, m, k in cases.QUANT_CASES:
         quantize_per_token(torch.randn(m, k).half())
     for path, g, clamp in cases.GEMM_CASES:

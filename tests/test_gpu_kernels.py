@@ -60,6 +60,9 @@ GEMM_PATH_CONFIGS = {
     "dequant": lambda g: _w4a8_config(128, dequant=1),
     "dequant_tma": lambda g: dict(_w4a8_config(128, dequant=1), TMA=1),
     "dequant_ws": lambda g: dict(_w4a8_config(128, dequant=1), WS=2),
+    # the fused Gluon kernel: 128-column K steps (64 for groups of 32, as the fallback's tiles need), per SM
+    "fused_ws": lambda g: dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=min(128, _narrow_block_k(g)), SPLIT_K=1, GROUP_N=8,
+                               num_warps=4, num_stages=4, WS=2),
 }
 # the persistent TMA-fed int8 GEMM (W8A8 and W4A8's dequant_tma), and the token counts that make it loop: at 2100
 # tokens a 1000-row weight is 8 x 33 tiles of 128 x 64, twice the 132 programs of an H200

@@ -347,8 +347,9 @@ def test_the_tma_gemm_walks_every_tile_with_fewer_programs_and_falls_back_for_un
 
 
 def test_a_warp_specialized_config_runs_the_tma_kernel_under_the_interpreter():
-    """The Gluon kernel is compiled only (the GPU suite runs it): here a WS config takes the TMA kernel, same tiles,
-    same sums, and the branch record says which kernel ran."""
+    """The Gluon kernels are compiled only (the GPU suite runs them): here a WS config takes the TMA kernel (the fused
+    W4A8 one, without DEQUANT, this module's fused kernel), same tiles, same sums, and the branch record says which
+    kernel ran."""
     codes, channel_scale, ratio = make_layer(80, 256, 64, seed=4)
     x_codes, x_scale = numerics.quantize_per_token(torch.randn(37, 256, generator=torch.Generator().manual_seed(4)))
     weight8 = numerics.int8_weight(codes, ratio)
@@ -357,7 +358,10 @@ def test_a_warp_specialized_config_runs_the_tma_kernel_under_the_interpreter():
                                             config=ws), ("w8a8_gemm", "int8_gemm_tma")),
                          (lambda: w4a8_gemm(x_codes, x_scale[:, 0], pack_int4(codes), channel_scale, ratio, None, 64,
                                             torch.float32, config=dict(ws, DEQUANT=1)),
-                          ("w4a8_gemm", "dequant_tma/g64"))):
+                          ("w4a8_gemm", "dequant_tma/g64")),
+                         (lambda: w4a8_gemm(x_codes, x_scale[:, 0], pack_int4(codes), channel_scale, ratio, None, 64,
+                                            torch.float32, config=ws),
+                          ("w4a8_gemm", "wide_groups/g64"))):
         with branches.recording() as taken:
             out = call()
         assert branch in taken and not any("_ws" in name for _, name in taken)
@@ -377,7 +381,9 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
     ws = dict(w8a8_tma, TMA=0, WS=2)
     config_table.check_config("w8a8", ws, 1024, 4096, 4096, -1)
     config_table.check_config("w4a8_group", dict(ws, DEQUANT=1, WS=1), 1024, 4096, 4096, 128)
-    for kernel, bad, reason in [("w4a8", ws, "without DEQUANT"), ("w8a8", dict(ws, WS=3), "no such kernel"),
+    config_table.check_config("w4a8", ws, 1024, 4096, 4096, -1)  # without DEQUANT: the fused Gluon kernel
+    for kernel, bad, reason in [("w4a16", ws, "not a W4A8 or int8 GEMM"), ("w4a8", dict(ws, SPLIT_K=2), "split-K"),
+                                ("w8a8", dict(ws, WS=3), "no such kernel"),
                                 ("w8a8", dict(ws, BLOCK_N=64, num_warps=8), "16 rows a warp"),
                                 ("w8a8", dict(ws, BLOCK_K=256), "256 columns")]:
         with pytest.raises(ValueError, match="WS"):
@@ -385,8 +391,14 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
     for kernel in ("w8a8", "w4a8", "w4a8_group"):
         for option in ("TMA", "WS"):
             tma = [c for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128) if c[option]]
-            assert tma and all(c["BLOCK_K"] <= 128 and (kernel == "w8a8" or c["DEQUANT"]) for c in tma)
-            assert not any(c[option] for c in config_table.candidate_configs(kernel, 128, 4096, 4096, 128))
+            assert tma and all(c["BLOCK_K"] <= 128 and c["SPLIT_K"] == 1 for c in tma)
+            assert all(kernel == "w8a8" or c["DEQUANT"] for c in tma if option == "TMA")
+            # below M = 256 only the fused Gluon W4A8 kernel (no DEQUANT), from M = 64
+            small = [(m, c) for m in (16, 64, 128) for c in config_table.candidate_configs(kernel, m, 4096, 4096, 128)
+                     if c[option]]
+            assert all(option == "WS" and kernel != "w8a8" and not c["DEQUANT"] and m >= 64 and c["BLOCK_M"] <= m
+                       for m, c in small)
+            assert bool(small) == (option == "WS" and kernel != "w8a8")
         assert {c["WS"] for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128)} == {0, 1, 2}
     assert not any(c["TMA"] or c["WS"] for c in config_table.candidate_configs("w4a16", 1024, 4096, 4096, -1))
 

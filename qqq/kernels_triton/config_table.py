@@ -1,19 +1,19 @@
 """Configs of the W4A8 (and baseline) GEMM kernels: candidates, pruning, the per-GPU JSON cache.
 
 A config is a dict ``BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, GROUP_N, num_warps, num_stages`` plus the optional
-``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the
-tokens; ``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM
-with these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed
-kernel of ``int8_gemm.py``, ``WS=1`` / ``WS=2`` as the warp-specialized Gluon kernel of ``int8_gemm_ws.py`` with a
-program per tile / per SM; ``PREFETCH=1`` loads the per-group ratios one K tile ahead; ``GEMV=1`` is the
-streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads BLOCK_K columns per
-step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1, 2, then M
-rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs live in
-``configs/<gpu name>.json`` beside this file, each file naming the GPU's compute capability and SM count. A GPU
-reads its own file first, then the files of tuned GPUs of the same
-compute capability and SM count (the H100 and H200 share a chip); a shape without an entry takes the nearest
-tuned bucket of the same shape, else a heuristic. Falling back to another GPU's file or to the heuristic is said
-once, with the command that tunes this GPU.
+``DEQUANT``, ``PREFETCH``, ``GEMV`` and ``TMA`` (BLOCK_N tiles the weight rows = output features, BLOCK_M the tokens;
+``DEQUANT=1`` is the W4A8 prefill path: dequantize the packed weight to int8 once, then the plain int8 GEMM with
+these tiles; ``TMA=1`` runs that int8 GEMM (W8A8's, or W4A8's after ``DEQUANT``) as the persistent TMA-fed kernel of
+``int8_gemm.py``, ``WS=1`` / ``WS=2`` as the warp-specialized Gluon kernel of ``int8_gemm_ws.py`` with a program per
+tile / per SM (without ``DEQUANT``, a W4A8 ``WS`` config runs the fused Gluon kernel of ``w4a8_gemm_ws.py``, which
+converts the packed tiles in a partition of its own); ``PREFETCH=1`` loads the per-group ratios one K tile ahead;
+``GEMV=1`` is the streaming decode kernel of ``w4a8_gemv.py``, which takes all tokens in one program and reads
+BLOCK_K columns per step). Configs are keyed on the kernel name, N, K, group size and a bucketed M (``M_BUCKETS``: 1,
+2, then M rounded up to a power of two from 16 to 4096), so one tuning serves a range of batch sizes. Tuned configs
+live in ``configs/<gpu name>.json`` beside this file, each file naming the GPU's compute capability and SM count. A
+GPU reads its own file first, then the files of tuned GPUs of the same compute capability and SM count (the H100 and
+H200 share a chip); a shape without an entry takes the nearest tuned bucket of the same shape, else a heuristic.
+Falling back to another GPU's file or to the heuristic is said once, with the command that tunes this GPU.
 
 This module only reads and checks configs; the kernels' launchers import it. The timing that fills the cache
 for the current GPU is ``autotune.tune(shapes, ...)`` (the ``qqq tune`` command).
@@ -46,6 +46,11 @@ TMA_MIN_BUCKET = 256  # the M buckets whose candidates include the TMA kernels (
 # tile and per SM: the best of the H100 probe at M >= 1024 (NOTES.md) and smaller rings for the SiLU*up epilogue's tile
 WS_TILES = ((128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 64, 8, 6),
             (128, 256, 64, 8, 6), (128, 128, 128, 8, 4))
+# the fused Gluon W4A8 kernel's candidate tiles (same fields), from M = 64: per slot a packed, an int8 and an
+# activation tile; the 64-column ones for groups of 32
+FUSED_WS_MIN_BUCKET = 64
+FUSED_WS_TILES = ((128, 64, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
+                  (128, 128, 64, 8, 6), (128, 64, 64, 4, 6))
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
 # gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
 LLAMA_GEMM_SHAPES = (
@@ -110,9 +115,11 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
     for option in ("TMA", "WS"):
         if not config.get(option, 0):
             continue
-        if not (kernel == "w8a8" or config.get("DEQUANT", 0)) or config["SPLIT_K"] != 1:
-            raise ValueError(f"{option}={config[option]} runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) without "
-                             "split-K")
+        int8_gemm = kernel == "w8a8" or config.get("DEQUANT", 0)
+        fused_ws = option == "WS" and kernel in ("w4a8", "w4a8_group") and not config.get("GEMV", 0)
+        if not (int8_gemm or fused_ws) or config["SPLIT_K"] != 1:
+            raise ValueError(f"{option}={config[option]} runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) or, WS "
+                             "only, the fused W4A8 kernel, without split-K")
         if max(config["BLOCK_N"], config["BLOCK_M"]) > TMA_MAX_BLOCK[0] or block_k > TMA_MAX_BLOCK[1]:
             raise ValueError(f"{option}={config[option]} copies tiles of at most {TMA_MAX_BLOCK[0]} rows and "
                              f"{TMA_MAX_BLOCK[1]} columns, got {config}")
@@ -132,6 +139,8 @@ def _fits(kernel: str, cfg: dict) -> bool:
         ring = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_N"] // 2 + GEMV_MAX_M)
         return ring <= GEMV_SHARED_MEMORY
     weight_bytes = 1.0 if cfg.get("DEQUANT", 0) else _weight_bytes_per_element(kernel)
+    if cfg.get("WS", 0) and kernel in ("w4a8", "w4a8_group") and not cfg.get("DEQUANT", 0):
+        weight_bytes = 1.5  # the fused Gluon kernel keeps the packed tile and its int8 conversion
     tile_bytes = cfg["BLOCK_N"] * cfg["BLOCK_K"] * weight_bytes \
         + cfg["BLOCK_M"] * cfg["BLOCK_K"] * _activation_bytes(kernel)
     if cfg["num_stages"] * tile_bytes > current_gpu().shared_memory_per_block - SHARED_MEMORY_RESERVE:
@@ -194,6 +203,11 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
                 if block_m <= max(64, bucket):
                     raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
                                     num_warps=warps, num_stages=stages, DEQUANT=int(kernel != "w8a8"), WS=ws))
+    if kernel in ("w4a8", "w4a8_group") and bucket >= FUSED_WS_MIN_BUCKET and tma_available():
+        for (block_n, block_m, block_k, warps, stages), ws in itertools.product(FUSED_WS_TILES, (1, 2)):
+            if block_m <= max(64, bucket):
+                raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
+                                num_warps=warps, num_stages=stages, WS=ws))
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):

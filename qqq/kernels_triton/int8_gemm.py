@@ -217,12 +217,19 @@ def tma_ready(*operands: torch.Tensor) -> bool:
         t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) == 1 for t in operands)
 
 
+def gluon_kernel_runs(shared_bytes: int, *operands: torch.Tensor) -> bool:
+    """Whether a Gluon kernel taking ``shared_bytes`` of shared memory runs on these TMA-copied operands here:
+    compiled for a Hopper-or-later GPU (not the interpreter), operands the TMA unit copies, shared memory within the
+    GPU's."""
+    return (compiled_for_hopper(operands[0]) and tma_ready(*operands)
+            and shared_bytes <= current_gpu().shared_memory_per_block)
+
+
 def ws_ready(a_codes: torch.Tensor, weight: torch.Tensor, config: dict, out_bytes: int, silu_mul: bool) -> bool:
-    """Whether the warp-specialized Gluon kernel runs this ``WS`` config here: compiled for a Hopper-or-later GPU (not
-    the interpreter), operands the TMA unit copies, and its shared memory (the SiLU*up epilogue's read-back tile
-    included) within the GPU's."""
-    return (launch_int8_gemm_ws is not None and compiled_for_hopper(a_codes) and tma_ready(a_codes, weight)
-            and shared_memory_bytes(config, out_bytes, silu_mul) <= current_gpu().shared_memory_per_block)
+    """Whether the warp-specialized Gluon kernel runs this ``WS`` config here (:func:`gluon_kernel_runs`, the SiLU*up
+    epilogue's read-back tile counted)."""
+    return launch_int8_gemm_ws is not None and gluon_kernel_runs(shared_memory_bytes(config, out_bytes, silu_mul),
+                                                                 a_codes, weight)
 
 
 def epilogue_width(n: int, silu_mul: bool) -> int:

@@ -60,8 +60,10 @@ def _tile_offsets(tile, M, N, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROU
 def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N: gl.constexpr,
                     SLOTS: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    # each copy steps by its own block's width: a packed int4 weight block is half the activation block's
+    W_STEP: gl.constexpr = w_desc.block_type.shape[1]
+    A_STEP: gl.constexpr = a_desc.block_type.shape[1]
     step = 0  # over every K step of every tile of this program: the ring runs on across tiles
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
@@ -70,8 +72,8 @@ def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles,
             # the first pass over the ring finds every slot free (parity 1 of a fresh barrier counts as completed)
             mbarrier.wait(empty.index(slot), ((step // SLOTS) & 1) ^ 1)
             mbarrier.expect(ready.index(slot), w_desc.block_type.nbytes + a_desc.block_type.nbytes)
-            tma_load(w_desc, [off_n, kt * BLOCK_K], ready.index(slot), w_slots.index(slot))
-            tma_load(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_slots.index(slot))
+            tma_load(w_desc, [off_n, kt * W_STEP], ready.index(slot), w_slots.index(slot))
+            tma_load(a_desc, [off_m, kt * A_STEP], ready.index(slot), a_slots.index(slot))
             step += 1
 
 
@@ -184,10 +186,10 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, bias_ptr
     ], [1], [24])
 
 
-def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
-    """The shared memory a ``WS`` config takes: its ring of weight and activation tiles, and the tile of outputs that
-    the SiLU*up epilogue reads back."""
-    ring = config["num_stages"] * (config["BLOCK_N"] + config["BLOCK_M"]) * config["BLOCK_K"]
+def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool, weight_bytes: float = 1.0) -> int:
+    """The shared memory a ``WS`` config takes: its ring of weight (``weight_bytes`` per element) and activation
+    tiles, and the tile of outputs that the SiLU*up epilogue reads back."""
+    ring = config["num_stages"] * int(config["BLOCK_N"] * weight_bytes + config["BLOCK_M"]) * config["BLOCK_K"]
     barriers = 1024  # the ring's mbarriers, with alignment to spare
     return ring + (config["BLOCK_N"] * config["BLOCK_M"] * out_bytes if silu_mul else 0) + barriers
 

@@ -26,6 +26,11 @@ Large M (prefill) may instead take ``DEQUANT=1`` configs: dequantize the packed 
 its persistent TMA-fed kernel).
 The tuner picks per (shape, M bucket); on the H100 it picks this at M >= 1024 for per-group.
 
+On Hopper a ``WS`` config without ``DEQUANT`` runs the fused Gluon kernel of ``w4a8_gemm_ws.py`` instead, where the
+conversion of the packed tiles runs in warps of its own beside the wgmma; where Gluon cannot run it (the
+interpreter, a GPU before Hopper, rows the TMA unit cannot copy, too little shared memory) the same tiles run on
+this module's fused kernel.
+
 The launcher ``w4a8_linear`` checks its inputs, quantizes ``x`` per token (``activation_quant``) and picks the
 config from ``config_table`` (the tuned JSON cache for this GPU, else a heuristic).
 """
@@ -39,12 +44,17 @@ import triton.language as tl
 from qqq import numerics
 from qqq.kernels_triton import branches, config_table
 from qqq.kernels_triton.activation_quant import quantize_per_token
-from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, grouped_tile_ids, launch_int8_gemm,
-                                         silu_mul_register_cap, split_k_epilogue)
+from qqq.kernels_triton.int8_gemm import (epilogue, epilogue_width, gluon_kernel_runs, grouped_tile_ids,
+                                         launch_int8_gemm, silu_mul_register_cap, split_k_epilogue)
 from qqq.kernels_triton.packing import PACK_HALF_K, check_packable
 from qqq.kernels_triton.unpack import (int8_from_group_codes, int8_from_group_codes_asm, ratio_pair,
                                        unpack_signed_x16, use_inline_asm)
 from qqq.kernels_triton.w4a8_gemv import launch_w4a8_gemv
+
+try:
+    from qqq.kernels_triton.w4a8_gemm_ws import launch_w4a8_gemm_ws, shared_memory_bytes
+except ImportError:  # a Triton without Gluon runs WS configs on the fused Triton kernel
+    launch_w4a8_gemm_ws = None
 
 assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
 
@@ -53,8 +63,8 @@ def _gemm_paths(group_size: int) -> tuple[str, ...]:
     """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
-    return ("fused", "split_k", "dequant", "dequant_tma", "dequant_ws", "streaming", "streaming_split_k") \
-        + per_group + wide
+    return ("fused", "fused_ws", "split_k", "dequant", "dequant_tma", "dequant_ws", "streaming",
+            "streaming_split_k") + per_group + wide
 
 
 # the launch path of a DEQUANT config, by the int8 GEMM kernel that ran it (int8_gemm.launch_int8_gemm)
@@ -281,11 +291,21 @@ def check_weights(qweight, channel_scale, group_ratio, bias, group_size, in_feat
             raise ValueError(f"{name} is on {t.device}, the input on {device}")
 
 
+def fused_ws_ready(a_codes: torch.Tensor, qweight: torch.Tensor, config: dict, out_bytes: int,
+                   silu_mul: bool) -> bool:
+    """Whether the fused Gluon kernel runs this ``WS`` config here (``int8_gemm.gluon_kernel_runs``)."""
+    return launch_w4a8_gemm_ws is not None and gluon_kernel_runs(shared_memory_bytes(config, out_bytes, silu_mul),
+                                                                 a_codes, qweight)
+
+
 def _launch_path(config: dict, group_size: int) -> str:
     """The path ``config`` asks for (``dequant_ws`` runs as ``dequant_tma`` where the Gluon kernel cannot run, and
-    that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``)."""
+    that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``; ``fused_ws`` runs as the
+    path of the same tiles without ``WS`` where the fused Gluon kernel cannot: ``fused_ws_ready``)."""
     if config.get("DEQUANT", 0):
         return "dequant_ws" if config.get("WS", 0) else "dequant_tma" if config.get("TMA", 0) else "dequant"
+    if config.get("WS", 0):
+        return "fused_ws"
     if config.get("GEMV", 0):
         return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
@@ -336,6 +356,13 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
                                   group_size == -1, return_acc, silu_mul)
         _record(group_size, clamp, silu_mul, DEQUANT_PATHS[kernel])
         return (out, acc_out) if return_acc else out
+    if config.get("WS", 0):
+        if fused_ws_ready(a_codes, qweight, config, out.element_size(), silu_mul):
+            launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
+                                acc_out, config, return_acc, clamp, silu_mul)
+            _record(group_size, clamp, silu_mul, "fused_ws")
+            return (out, acc_out) if return_acc else out
+        config = dict(config, WS=0)  # the same tiles on this module's kernels
     _record(group_size, clamp, silu_mul, _launch_path(config, group_size))
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
         block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]

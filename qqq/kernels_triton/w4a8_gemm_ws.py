@@ -1,0 +1,167 @@
+"""Prototype (branch ``gluon-convert``, not wired into any launcher): the fused W4A8 GEMM (``w4a8_gemm``) as a
+warp-specialized Gluon kernel for Hopper with the int4 -> int8 conversion in a partition of its own, off the wgmma's
+path. Three partitions share a ring of shared-memory slots:
+
+- the loader (1 warp) copies the packed weight tile [BLOCK_N, BLOCK_K / 2] and the activation tile
+  [BLOCK_M, BLOCK_K] of a K step into a slot with the TMA unit (``int8_gemm_ws._load_partition``);
+- the converter (``CONVERT_WARPS`` warps) reads the packed tile, unpacks it (per-channel: ``16 * code`` lanes;
+  per-group: QQQ's FusedDequantQuant with the group ratios of each 64-column chunk's halves) and stores the int8
+  weight tile [BLOCK_N, BLOCK_K] into the slot's third buffer, in the wgmma's shared-memory layout
+  (``packing.py``: byte b of a 64-column chunk holds columns b and b + 32);
+- the default partition issues the asynchronous wgmma on the int8 weight and activation buffers and runs the
+  epilogue, exactly ``int8_gemm_ws``'s (``_mma_partition``), waiting for the converter instead of the loader.
+
+Each slot passes loader -> converter -> wgmma -> loader through three mbarriers (ready, converted, empty), so the
+packed buffer is refilled only after its int8 buffer has been read. The register-operand design of branch
+``gluon-fused`` kept the unpacking in series with the wgmma (a wait after every chunk: Triton 3.6 cannot list 8-bit
+register operands among a wait's dependencies); here the wgmma reads both operands from shared memory.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton import int8_gemm_ws
+from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
+                                             partition_barrier)
+from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
+
+
+@gluon.jit
+def _unpack_x16(packed):
+    """Packed bytes -> (low, high) int8 lanes holding 16 * code, four bytes per instruction (``unpack``'s PTX)."""
+    low = gl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", "=r,r",
+                                    [packed], dtype=gl.int8, is_pure=True, pack=4)
+    high = gl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [packed], dtype=gl.int8, is_pure=True,
+                                     pack=4)
+    return low, high
+
+
+@gluon.jit
+def _unpack_group(packed, ratio_row, group_low, group_high, CLAMP: gl.constexpr):
+    """Packed bytes [BLOCK_N, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, the ratios of the low and
+    high nibbles' groups read from ``ratio_row`` (the fp16 ratio rows of the tile's weight rows, [BLOCK_N])."""
+    r_low = gl.load(ratio_row + group_low)
+    r_high = gl.load(ratio_row + group_high)
+    pair_low = gl.convert_layout(_ratio_pair(r_low), gl.SliceLayout(1, packed.type.layout))[:, None]
+    pair_high = gl.convert_layout(_ratio_pair(r_high), gl.SliceLayout(1, packed.type.layout))[:, None]
+    ptx: gl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
+    return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r",
+                                     [packed, gl.broadcast(pair_low, packed)[0], gl.broadcast(pair_high, packed)[0]],
+                                     dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+
+@gluon.jit
+def _ratio_pair(r):
+    """fp16 ratios -> int32 words holding the ratio twice (``unpack.ratio_pair``)."""
+    bits = r.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@gluon.jit
+def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
+                       BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                       CLAMP: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr):
+    # a thread converts 16 packed bytes of a 32-byte chunk row at a time
+    CHUNK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [CONVERT_WARPS, 1], [1, 0])
+    step = 0
+    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+        off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CHUNK_LAYOUT))
+        ratio_row = ratio_ptr + gl.minimum(rows, N - 1) * n_groups  # rows past N read row N - 1's ratios
+        for kt in range(k_tiles):
+            slot = step % SLOTS
+            mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
+            packed_slot = packed_slots.index(slot)
+            w8_slot = w8_slots.index(slot)
+            for chunk in gl.static_range(BLOCK_K // 64):
+                packed = packed_slot.slice(32 * chunk, 32, dim=1).load(CHUNK_LAYOUT)
+                if GROUP_SIZE == -1:
+                    low, high = _unpack_x16(packed)
+                else:
+                    # the chunk's halves' groups; a chunk past K (zero codes against zero activations) reads the
+                    # last group's ratios, not past the row
+                    column = kt * BLOCK_K + 64 * chunk
+                    low, high = _unpack_group(packed, ratio_row, gl.minimum(column // GROUP_SIZE, n_groups - 1),
+                                              gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1), CLAMP)
+                w8_slot.slice(64 * chunk, 32, dim=1).store(low)
+                w8_slot.slice(64 * chunk + 32, 32, dim=1).store(high)
+            fence_async_shared()  # the stores, made by threads, are read by the wgmma (the async proxy)
+            partition_barrier()  # every converter warp has stored before the one arrive
+            mbarrier.arrive(converted.index(slot))
+            step += 1
+
+
+@gluon.jit
+def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr,
+                        acc_out_ptr, M, N, n_groups, stride_om, W8_LAYOUT: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                        CLAMP: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr,
+                        GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr,
+                        CONVERT_REGS: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_N: gl.constexpr = packed_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    ACC_LAYOUT: gl.constexpr = accumulator_layout(BLOCK_N, BLOCK_M, num_warps)
+    tiles = ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M)
+    k_tiles = (a_desc.shape[1] + BLOCK_K - 1) // BLOCK_K
+
+    packed_slots = gl.allocate_shared_memory(packed_desc.dtype, [SLOTS, BLOCK_N, BLOCK_K // 2], packed_desc.layout)
+    a_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
+    w8_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_N, BLOCK_K], W8_LAYOUT)
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    converted = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(converted.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    PAIRS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if SILU_MUL else [2, 8]
+    pairs = gl.allocate_shared_memory(out_ptr.dtype.element_ty, PAIRS_SHAPE,
+                                      gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+
+    gl.warp_specialize([
+        # the wgmma waits for the converter; the activation the loader copied is visible to it through the
+        # converter's wait on ``ready`` and its arrive on ``converted``
+        (_mma_partition, (w8_slots, a_slots, converted, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr,
+                          out_ptr, acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS,
+                          ACC_LAYOUT, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC, SILU_MUL, num_warps)),
+        (_load_partition, (packed_desc, a_desc, packed_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N,
+                           SLOTS)),
+        (_convert_partition, (packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
+                              BLOCK_N, BLOCK_M, BLOCK_K, GROUP_SIZE, CLAMP, GROUP_N, SLOTS, CONVERT_WARPS)),
+    ], [1, CONVERT_WARPS], [24, CONVERT_REGS])
+
+
+def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
+    """``int8_gemm_ws.shared_memory_bytes`` with a slot's packed and int8 weight tiles: 1.5 bytes a weight."""
+    return int8_gemm_ws.shared_memory_bytes(config, out_bytes, silu_mul, weight_bytes=1.5)
+
+
+def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out,
+                        config, write_acc: bool, clamp: bool, silu_mul: bool) -> None:
+    """W4A8 on checked inputs (``w4a8_gemm``'s): ``a_codes`` int8 [M, K] and ``qweight`` uint8 [N, K / 2]
+    (packing.py) with 16-byte aligned rows, the fp16 ``group_ratio`` [N, K / group_size] for per-group weights;
+    ``config`` BLOCK_N, BLOCK_M, BLOCK_K (a multiple of 64), GROUP_N, num_warps, num_stages, WS (1: a program per
+    tile, 2: per SM), and optionally CONVERT_WARPS (4) and CONVERT_REGS (the converter's registers a thread, 80)."""
+    m, n = a_codes.shape[0], qweight.shape[0]
+    block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
+    packed_desc = TensorDescriptor.from_tensor(qweight, [block_n, block_k // 2],
+                                               gl.NVMMASharedLayout.get_default_for([block_n, block_k // 2], gl.uint8))
+    a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k],
+                                          gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8))
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    grid = (min(tiles, current_gpu().sm_count) if config["WS"] == 2 else tiles,)
+    ratio = group_ratio if group_size != -1 else channel_scale  # any pointer when per-channel
+    w4a8_gemm_ws_kernel[grid](packed_desc, a_desc, a_scale, channel_scale, ratio,
+                              bias if bias is not None else channel_scale, out, acc_out, m, n,
+                              a_codes.shape[1] // abs(group_size), out.stride(0),
+                              W8_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8),
+                              GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc,
+                              SILU_MUL=silu_mul, GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"],
+                              CONVERT_WARPS=config.get("CONVERT_WARPS", 4),
+                              CONVERT_REGS=config.get("CONVERT_REGS", 80), num_warps=config["num_warps"])
