@@ -43,13 +43,9 @@ def _unpack_x16(packed):
 
 
 @gluon.jit
-def _unpack_group(packed, ratio_row, group_low, group_high, CLAMP: gl.constexpr):
-    """Packed bytes [BLOCK_N, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, the ratios of the low and
-    high nibbles' groups read from ``ratio_row`` (the fp16 ratio rows of the tile's weight rows, [BLOCK_N])."""
-    r_low = gl.load(ratio_row + group_low)
-    r_high = gl.load(ratio_row + group_high)
-    pair_low = gl.convert_layout(_ratio_pair(r_low), gl.SliceLayout(1, packed.type.layout))[:, None]
-    pair_high = gl.convert_layout(_ratio_pair(r_high), gl.SliceLayout(1, packed.type.layout))[:, None]
+def _unpack_group(packed, pair_low, pair_high, CLAMP: gl.constexpr):
+    """Packed bytes [BLOCK_N, CHUNKS, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, with the ratio pairs
+    (``_ratio_pair``) of each chunk's low and high nibbles' groups, [BLOCK_N, CHUNKS, 1]."""
     ptx: gl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
     return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r",
                                      [packed, gl.broadcast(pair_low, packed)[0], gl.broadcast(pair_high, packed)[0]],
@@ -64,33 +60,46 @@ def _ratio_pair(r):
 
 
 @gluon.jit
+def _group_pairs(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr, layout: gl.constexpr):
+    """The ratio pairs of K step ``kt``'s chunks, [BLOCK_N, CHUNKS, 1] each for the low and the high nibbles
+    (``ratio_row``: [BLOCK_N, 1] pointers to the rows' ratios, in ``layout`` sliced at its last dimension, so that
+    a thread loads each of its rows' ratios once). A chunk past K (zero codes against zero activations) reads the
+    last group's ratios, not past the row."""
+    chunk = gl.arange(0, BLOCK_K // 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :]
+    column = kt * BLOCK_K + 64 * chunk
+    r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
+    r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
+    return _ratio_pair(r_low)[:, :, None], _ratio_pair(r_high)[:, :, None]
+
+
+@gluon.jit
 def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
                        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
                        CLAMP: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr):
-    # a thread converts 16 packed bytes of a 32-byte chunk row at a time
-    CHUNK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [CONVERT_WARPS, 1], [1, 0])
+    # A K step's whole packed tile is loaded, unpacked and stored at once: one load and one store a step, since
+    # the compiler puts a barrier of the converter's warps between any two stores into the int8 buffer (it does
+    # not tell the slices apart). A thread holds 16 packed bytes of a chunk row, [BLOCK_N, CHUNKS, 32] viewed.
+    CHUNKS: gl.constexpr = BLOCK_K // 64
+    PACKED_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 16], [16, 1, 2], [CONVERT_WARPS, 1, 1], [2, 1, 0])
     step = 0
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CHUNK_LAYOUT))
-        ratio_row = ratio_ptr + gl.minimum(rows, N - 1) * n_groups  # rows past N read row N - 1's ratios
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, PACKED_LAYOUT)))
+        ratio_row = (ratio_ptr + gl.minimum(rows, N - 1) * n_groups)[:, None]  # rows past N: row N - 1's
+        if GROUP_SIZE != -1:  # the ratios are loaded a K step ahead, off the unpacking's path
+            pair_low, pair_high = _group_pairs(ratio_row, 0, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
         for kt in range(k_tiles):
             slot = step % SLOTS
             mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
-            packed_slot = packed_slots.index(slot)
-            w8_slot = w8_slots.index(slot)
-            for chunk in gl.static_range(BLOCK_K // 64):
-                packed = packed_slot.slice(32 * chunk, 32, dim=1).load(CHUNK_LAYOUT)
-                if GROUP_SIZE == -1:
-                    low, high = _unpack_x16(packed)
-                else:
-                    # the chunk's halves' groups; a chunk past K (zero codes against zero activations) reads the
-                    # last group's ratios, not past the row
-                    column = kt * BLOCK_K + 64 * chunk
-                    low, high = _unpack_group(packed, ratio_row, gl.minimum(column // GROUP_SIZE, n_groups - 1),
-                                              gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1), CLAMP)
-                w8_slot.slice(64 * chunk, 32, dim=1).store(low)
-                w8_slot.slice(64 * chunk + 32, 32, dim=1).store(high)
+            packed = packed_slots.index(slot).reshape([BLOCK_N, CHUNKS, 32]).load(PACKED_LAYOUT)
+            if GROUP_SIZE == -1:
+                low, high = _unpack_x16(packed)
+            else:
+                low, high = _unpack_group(packed, pair_low, pair_high, CLAMP)
+                pair_low, pair_high = _group_pairs(ratio_row, kt + 1, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
+            # byte b of chunk c holds columns 64 c + b (low nibble) and 64 c + 32 + b (high)
+            w8 = gl.permute(gl.join(low, high), (0, 1, 3, 2)).reshape([BLOCK_N, BLOCK_K])
+            w8_slots.index(slot).store(w8)
             fence_async_shared()  # the stores, made by threads, are read by the wgmma (the async proxy)
             partition_barrier()  # every converter warp has stored before the one arrive
             mbarrier.arrive(converted.index(slot))
