@@ -1,6 +1,7 @@
-"""GPU probe (branch gluon-convert): the prototype Gluon fused W4A8 kernel (``qqq.kernels_triton.w4a8_gemm_ws``) against
-the shipped W4A8 kernel with its tuned config, the shipped W8A8 kernel and cuBLAS FP16, at M 16-1024 on the paper
-and Llama-2-7B shapes, per-channel and g128; ``tests/test_gpu_gluon_fused.py`` checks its numbers first.
+"""GPU probe: the fused Gluon W4A8 kernel (``qqq.kernels_triton.w4a8_gemm_ws``, path ``fused_ws``) at each of a list
+of configs against the shipped W4A8 kernel with its tuned config, the shipped W8A8 kernel and cuBLAS FP16, at M
+16-1024 on the paper and Llama-2-7B shapes, per-channel and g128; ``tests/test_gpu_gluon_fused.py`` checks its
+numbers first.
 
     python experiments/gluon_fused_probe.py OUT_DIR
 """

@@ -1,7 +1,7 @@
-"""GPU checks of the prototype Gluon fused W4A8 kernel (``w4a8_gemm_ws.py``, branch ``gluon-convert``; no launcher
-runs it yet): the exact int32 sums and the epilogue of the spec at odd shapes (rows past M and N, K not a multiple
-of the K step, several K steps and up to several tiles per program), per-channel and per-group, a program per tile
-and per SM, plain and with the SiLU*up epilogue. Not part of the GPU suite command until the kernel is wired in."""
+"""GPU checks of the fused Gluon W4A8 kernel (``w4a8_gemm_ws.py``, path ``fused_ws``) called directly: the exact int32
+sums and the epilogue of the spec at odd shapes (rows past M and N, K not a multiple of the K step, several K steps
+and up to several tiles per program), per-channel and per-group, a program per tile and per SM, plain and with the
+SiLU*up epilogue. ``test_gpu_kernels.py`` checks it through ``w4a8_gemm``'s launcher."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""Prototype (branch ``gluon-convert``, not wired into any launcher): the fused W4A8 GEMM (``w4a8_gemm``) as a
-warp-specialized Gluon kernel for Hopper with the int4 -> int8 conversion in a partition of its own, off the wgmma's
-path. Three partitions share a ring of shared-memory slots:
+"""The fused W4A8 GEMM (``w4a8_gemm``) as a warp-specialized Gluon kernel for Hopper, with the int4 -> int8
+conversion in a partition of its own, off the wgmma's path: a W4A8 config with ``WS`` and without ``DEQUANT`` (path
+``fused_ws``; ``w4a8_gemm.fused_ws_ready`` says where it runs). Three partitions share a ring of shared-memory slots:
 
 - the loader (1 warp) copies the packed weight tile [BLOCK_N, BLOCK_K / 2] and the activation tile
   [BLOCK_M, BLOCK_K] of a K step into a slot with the TMA unit (``int8_gemm_ws._load_partition``);
