@@ -3,11 +3,11 @@ of configs against the shipped W4A8 kernel with its tuned config, the shipped W8
 16-1024 on the paper and Llama-2-7B shapes, per-channel and g128; ``tests/test_gpu_gluon_fused.py`` checks its
 numbers first.
 
-    python experiments/gluon_fused_probe.py OUT_DIR
+    python experiments/gluon_fused_probe.py OUT_DIR [--shapes NAME ...] [--ms M ...] [--groups G ...]
 """
+import argparse
 import csv
 import os
-import sys
 import time
 
 import torch
@@ -41,19 +41,26 @@ def bench(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=100)
 
 
-def main(out_dir):
+def write_csv(rows, out_dir):
+    with open(os.path.join(out_dir, "gluon_fused_probe.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(out_dir, shapes, ms, groups):
     os.makedirs(out_dir, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     torch.manual_seed(0)
     t0 = time.time()
     rows = []
-    for name, n, k in SHAPES:
-        for group_size in (-1, 128):
+    for name, n, k in [shape for shape in SHAPES if shape[0] in shapes]:
+        for group_size in groups:
             codes, scale, ratio = numerics.random_quantized_weight(n, k, group_size, device="cuda")
             qweight = pack_int4(codes)
             weight8 = numerics.int8_weight(codes, ratio)
             kernel = "w4a8" if group_size == -1 else "w4a8_group"
-            for m in (16, 64, 128, 256, 1024):
+            for m in ms:
                 a_codes, a_scale = quantize_per_token(torch.randn(m, k, device="cuda").half())
                 x16 = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 w16 = torch.randn(n, k, dtype=torch.float16, device="cuda")
@@ -82,12 +89,16 @@ def main(out_dir):
                       f"{times['shipped']:8.1f} ({times['fp16'] / times['shipped']:.2f}x) | w8a8 {times['w8a8']:8.1f} "
                       f"({times['fp16'] / times['w8a8']:.2f}x) | gluon {best[0]:8.1f} ({times['fp16'] / best[0]:.2f}x, "
                       f"{best[1]})", flush=True)
-    with open(os.path.join(out_dir, "gluon_fused_probe.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+                write_csv(rows, out_dir)  # what a timeout leaves is kept
     print(f"done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--shapes", nargs="+", default=[name for name, _, _ in SHAPES],
+                        choices=[name for name, _, _ in SHAPES])
+    parser.add_argument("--ms", nargs="+", type=int, default=[16, 64, 128, 256, 1024])
+    parser.add_argument("--groups", nargs="+", type=int, default=[-1, 128], choices=[-1, 128])
+    args = parser.parse_args()
+    main(args.out_dir, args.shapes, args.ms, args.groups)
