@@ -28,7 +28,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
-                                             partition_barrier)
+                                             barrier_ring, partition_barrier, tile_counts)
 from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
 
 
@@ -116,19 +116,14 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     ACC_LAYOUT: gl.constexpr = accumulator_layout(BLOCK_N, BLOCK_M, num_warps)
-    tiles = ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M)
-    k_tiles = (a_desc.shape[1] + BLOCK_K - 1) // BLOCK_K
+    tiles, k_tiles = tile_counts(M, N, a_desc.shape[1], BLOCK_N, BLOCK_M, BLOCK_K)
 
     packed_slots = gl.allocate_shared_memory(packed_desc.dtype, [SLOTS, BLOCK_N, BLOCK_K // 2], packed_desc.layout)
     a_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
     w8_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_N, BLOCK_K], W8_LAYOUT)
-    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    converted = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(converted.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    ready = barrier_ring(SLOTS)
+    converted = barrier_ring(SLOTS)
+    empty = barrier_ring(SLOTS)
     PAIRS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if SILU_MUL else [2, 8]
     pairs = gl.allocate_shared_memory(out_ptr.dtype.element_ty, PAIRS_SHAPE,
                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
