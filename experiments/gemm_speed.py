@@ -335,11 +335,12 @@ def main():
         ms = [int(v) for v in args.tune_ms.split(",")]
         timings = []
         # a fused gate/up shape is timed with the SiLU*up epilogue the W4A8 and W8A8 MLPs run it with
-        problems = [(n, k, g, name.endswith("_gate_up")) for name, n, k in tune_shapes for g in (-1, 128)]
+        problems = [autotune.Shape(n, k, g, silu_mul=name.endswith("_gate_up"))
+                    for name, n, k in tune_shapes for g in (-1, 128)]
         autotune.tune(problems, ms, path=args.config_json, timings=timings)
         if args.tune_baselines:
             base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
-            autotune.tune([(n, k, -1, gate_up) for n, k, g, gate_up in problems if g == -1], base_ms,
+            autotune.tune([shape for shape in problems if shape.group_size == -1], base_ms,
                           kernels=("w8a8", "w4a16"),
                           path=args.config_json, timings=timings)
         with atomic_write(out_dir / "gemm_speed_tune_timings.csv") as f:

@@ -428,7 +428,7 @@ def linear_shape(text: str) -> tuple[int, int]:
 
 
 def cmd_tune(args) -> None:
-    from qqq.kernels_triton.autotune import tune
+    from qqq.kernels_triton.autotune import Shape, tune
 
     if not torch.cuda.is_available():
         sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")
@@ -440,7 +440,7 @@ def cmd_tune(args) -> None:
         gate_up = (2 * config["intermediate_size"], config["hidden_size"])  # timed with its SiLU*up epilogue
     if not shapes:
         sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
-    tune([(n, k, g, (n, k) == gate_up) for n, k in shapes for g in args.group_size])
+    tune([Shape(n, k, g, silu_mul=(n, k) == gate_up) for n, k in shapes for g in args.group_size])
 
 
 def cmd_export(args) -> None:

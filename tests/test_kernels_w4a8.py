@@ -199,6 +199,26 @@ def test_the_tuner_times_a_gate_up_shape_with_its_silu_mul_epilogue(kernel, grou
         assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
 
 
+
+def test_the_compile_worker_builds_each_problem_once_with_its_epilogue_flag(monkeypatch):
+    """``autotune.precompile``'s worker, on jobs in its order (6 fields, or 7 with ``silu_mul``): one problem per
+    (kernel, N, K, group, M, epilogue), built once with that epilogue, and every config run on it."""
+    built, ran = [], []
+
+    def problem(kernel, m, n, k, group_size, buffers, silu_mul=False):
+        built.append((kernel, n, k, group_size, m, silu_mul))
+        return lambda cfg, i: ran.append((built[-1], cfg["BLOCK_N"]))
+
+    monkeypatch.setattr(autotune, "_problem", problem)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    jobs = [("w4a8", 64, 128, -1, 16, {"BLOCK_N": 32}, True), ("w4a8", 64, 128, -1, 16, {"BLOCK_N": 64}),
+            ("w4a8", 64, 128, -1, 16, {"BLOCK_N": 64}, True), ("w8a8", 64, 128, -1, 16, {"BLOCK_N": 32}, False)]
+    jobs = sorted((autotune.CompileJob(*job) for job in jobs), key=autotune._problem_first)
+    assert autotune._compile_worker(jobs) == 0
+    assert built == [("w4a8", 64, 128, -1, 16, False), ("w4a8", 64, 128, -1, 16, True),
+                     ("w8a8", 64, 128, -1, 16, False)]
+    assert ran == [(built[0], 64), (built[1], 32), (built[1], 64), (built[2], 32)]
+
 def test_w4a8_silu_mul_needs_channel_pairs():
     codes, channel_scale, _ = make_layer(33, 128, -1)
     a_codes, a_scale = quantize_per_token(torch.randn(1, 128))

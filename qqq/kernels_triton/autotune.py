@@ -24,6 +24,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +35,26 @@ from qqq.kernels_triton.config_table import (CONFIG_KEYS, M_BUCKETS, cache_path,
                                              device_name, heuristic_config, m_bucket)
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton.packing import pack_int4
+
+
+class Shape(NamedTuple):
+    """A GEMM shape to tune: N (output features), K and the group size (-1: per-channel); ``silu_mul`` for a fused
+    gate/up shape, timed with the SiLU*up epilogue its MLP runs."""
+    n: int
+    k: int
+    group_size: int
+    silu_mul: bool = False
+
+
+class CompileJob(NamedTuple):
+    """One kernel config to compile: on the problem (kernel, N, K, group size, M), with the SiLU*up epilogue or not."""
+    kernel: str
+    n: int
+    k: int
+    group_size: int
+    m: int
+    config: dict
+    silu_mul: bool = False
 
 
 def time_cuda_graph(calls, repeats: int = 20, warmup: int = 3) -> float:
@@ -105,14 +126,19 @@ def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int,
     return run
 
 
+def _problem_first(job: CompileJob) -> tuple:
+    """The order of ``precompile``'s jobs: by problem, then by config, so a worker builds each problem once."""
+    return job[:5] + (job.silu_mul, json.dumps(job.config, sort_keys=True))
+
+
 def _compile_worker(jobs) -> int:
     run, problem, failed = None, None, 0
-    for kernel, n, k, group_size, m, cfg, *silu_mul in jobs:
-        if (kernel, n, k, group_size, m, silu_mul) != problem:  # jobs come sorted, so each problem is built once
-            problem = (kernel, n, k, group_size, m, silu_mul)
-            run = _problem(kernel, m, n, k, group_size, 1, silu_mul=bool(silu_mul and silu_mul[0]))
+    for job in jobs:
+        if job[:5] + job[6:] != problem:  # jobs come sorted, so each problem is built once
+            problem = job[:5] + job[6:]
+            run = _problem(job.kernel, job.m, job.n, job.k, job.group_size, 1, silu_mul=job.silu_mul)
         try:
-            run(cfg, 0)
+            run(job.config, 0)
             torch.cuda.synchronize()
         except Exception:
             failed += 1
@@ -120,10 +146,11 @@ def _compile_worker(jobs) -> int:
 
 
 def precompile(jobs, workers: int | None = None) -> int:
-    """Compile ``jobs`` (``(kernel, N, K, group_size, M, config)`` each, optionally ``silu_mul`` last) in parallel
-    processes into Triton's on-disk cache, so a timing loop or a test only loads them (the kernels do not
-    specialize on M, so one M serves all; fp16 outputs). Returns how many failed to compile or run."""
-    jobs = sorted(jobs, key=lambda job: job[:5] + (json.dumps(job[5], sort_keys=True),) + tuple(job[6:]))
+    """Compile ``jobs`` (``CompileJob`` fields each: ``(kernel, N, K, group_size, M, config)``, optionally
+    ``silu_mul`` last) in parallel processes into Triton's on-disk cache, so a timing loop or a test only loads them
+    (the kernels do not specialize on M, so one M serves all; fp16 outputs). Returns how many failed to compile or
+    run."""
+    jobs = sorted((CompileJob(*job) for job in jobs), key=_problem_first)
     if not jobs:
         return 0
     workers = max(1, min(workers or min(14, (os.cpu_count() or 2) - 2), len(jobs)))
@@ -159,9 +186,9 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
 
 def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
          timings: list | None = None) -> dict:
-    """Autotune W4A8 kernels for ``shapes`` (a list of ``(N, K, group_size)``; group_size -1 = per-channel;
-    ``(N, K, group_size, True)`` for a fused gate/up shape, timed with its SiLU*up epilogue) over the M buckets of
-    ``m_values`` and merge the winners into the JSON cache of the current GPU.
+    """Autotune W4A8 kernels for ``shapes`` (``Shape`` fields each: ``(N, K, group_size)``, group_size -1 =
+    per-channel; ``(N, K, group_size, True)`` for a fused gate/up shape, timed with its SiLU*up epilogue) over the M
+    buckets of ``m_values`` and merge the winners into the JSON cache of the current GPU.
 
     ``kernels`` defaults to the W4A8 kernel that matches each group size; pass e.g. ``("w8a8", "w4a16")`` to
     tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
@@ -173,8 +200,7 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     existing = config_table._read_config_file(path).get("configs", {}) if path.exists() else {}
     tuned = {}
     compiled = set()
-    for n, k, group_size, *gate_up in shapes:
-        silu_mul = bool(gate_up and gate_up[0])
+    for n, k, group_size, silu_mul in (Shape(*shape) for shape in shapes):
         names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))
         for kernel in names:
             if (kernel == "w4a8_group") != (group_size != -1):
@@ -189,7 +215,8 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
                         jobs[sig] = (bucket, cfg)
             if jobs:
                 t0 = time.time()
-                precompile([(kernel, n, k, group_size, bucket, cfg, epilogue) for bucket, cfg in jobs.values()])
+                precompile([CompileJob(kernel, n, k, group_size, bucket, cfg, epilogue)
+                            for bucket, cfg in jobs.values()])
                 if verbose:
                     print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
             for bucket in sorted({m_bucket(m) for m in m_values}):
