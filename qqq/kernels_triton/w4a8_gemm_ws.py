@@ -141,6 +141,10 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
     ], [1, CONVERT_WARPS], [24, CONVERT_REGS])
 
 
+# the converter's registers a thread, by its warps: 8 warps leave the wgmma partition of 8 warps its registers
+CONVERT_REGS = {4: 80, 8: 56}
+
+
 def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
     """``int8_gemm_ws.shared_memory_bytes`` with a slot's packed and int8 weight tiles: 1.5 bytes a weight."""
     return int8_gemm_ws.shared_memory_bytes(config, out_bytes, silu_mul, weight_bytes=1.5)
@@ -151,9 +155,11 @@ def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, b
     """W4A8 on checked inputs (``w4a8_gemm``'s): ``a_codes`` int8 [M, K] and ``qweight`` uint8 [N, K / 2]
     (packing.py) with 16-byte aligned rows, the fp16 ``group_ratio`` [N, K / group_size] for per-group weights;
     ``config`` BLOCK_N, BLOCK_M, BLOCK_K (a multiple of 64), GROUP_N, num_warps, num_stages, WS (1: a program per
-    tile, 2: per SM), and optionally CONVERT_WARPS (4) and CONVERT_REGS (the converter's registers a thread, 80)."""
+    tile, 2: per SM), and optionally CONVERT_WARPS (4 or 8) and CONVERT_REGS (the converter's registers a thread:
+    ``CONVERT_REGS`` by its warps)."""
     m, n = a_codes.shape[0], qweight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
+    convert_warps = config.get("CONVERT_WARPS", 4)
     packed_desc = TensorDescriptor.from_tensor(qweight, [block_n, block_k // 2],
                                                gl.NVMMASharedLayout.get_default_for([block_n, block_k // 2], gl.uint8))
     a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k],
@@ -167,5 +173,6 @@ def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, b
                               W8_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8),
                               GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc,
                               SILU_MUL=silu_mul, GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"],
-                              CONVERT_WARPS=config.get("CONVERT_WARPS", 4),
-                              CONVERT_REGS=config.get("CONVERT_REGS", 80), num_warps=config["num_warps"])
+                              CONVERT_WARPS=convert_warps,
+                              CONVERT_REGS=config.get("CONVERT_REGS", CONVERT_REGS[convert_warps]),
+                              num_warps=config["num_warps"])
