@@ -126,16 +126,21 @@ def _problem(kernel: str, m: int, n: int, k: int, group_size: int, buffers: int,
     return run
 
 
+def _problem_of(job: CompileJob) -> tuple:
+    """The problem a job compiles its config on: (kernel, N, K, group size, M, SiLU*up epilogue)."""
+    return job.kernel, job.n, job.k, job.group_size, job.m, job.silu_mul
+
+
 def _problem_first(job: CompileJob) -> tuple:
     """The order of ``precompile``'s jobs: by problem, then by config, so a worker builds each problem once."""
-    return job[:5] + (job.silu_mul, json.dumps(job.config, sort_keys=True))
+    return _problem_of(job) + (json.dumps(job.config, sort_keys=True),)
 
 
 def _compile_worker(jobs) -> int:
     run, problem, failed = None, None, 0
     for job in jobs:
-        if job[:5] + job[6:] != problem:  # jobs come sorted, so each problem is built once
-            problem = job[:5] + job[6:]
+        if _problem_of(job) != problem:  # jobs come sorted, so each problem is built once
+            problem = _problem_of(job)
             run = _problem(job.kernel, job.m, job.n, job.k, job.group_size, 1, silu_mul=job.silu_mul)
         try:
             run(job.config, 0)

@@ -162,6 +162,15 @@ def _auto_split_k(tiles: int, k_tiles: int) -> int:
     return split
 
 
+def _ws_candidates(tiles, bucket: int, **fields) -> list[dict]:
+    """A warp-specialized config per tile of ``tiles`` (BLOCK_N, BLOCK_M, BLOCK_K, warps, ring slots) that the M
+    bucket uses, with a program per tile (``WS=1``) and per SM (``WS=2``), plus ``fields``."""
+    return [dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8, num_warps=warps,
+                 num_stages=stages, **fields, WS=ws)
+            for (block_n, block_m, block_k, warps, stages), ws in itertools.product(tiles, (1, 2))
+            if block_m <= max(64, bucket)]
+
+
 def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int) -> list[dict]:
     """The pruned list of configs worth timing for one (kernel, M bucket, N, K, group size)."""
     raw = []
@@ -204,17 +213,12 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
                 raw.append(dict(base, DEQUANT=int(kernel != "w8a8"), TMA=1))
         if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
-            for (block_n, block_m, block_k, warps, stages), ws in itertools.product(WS_TILES, (1, 2)):
-                if block_m <= max(64, bucket):
-                    raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
-                                    num_warps=warps, num_stages=stages, DEQUANT=int(kernel != "w8a8"), WS=ws))
+            raw += _ws_candidates(WS_TILES, bucket, DEQUANT=int(kernel != "w8a8"))
     if kernel in ("w4a8", "w4a8_group") and bucket >= FUSED_WS_MIN_BUCKET and tma_available():
-        for (block_n, block_m, block_k, warps, stages), ws in itertools.product(FUSED_WS_TILES, (1, 2)):
-            if block_m <= max(64, bucket):
-                raw.append(dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=1, GROUP_N=8,
-                                num_warps=warps, num_stages=stages, WS=ws))
-                if ws == 2 and kernel == "w4a8_group":  # twice the warps for the per-group conversion's arithmetic
-                    raw.append(dict(raw[-1], CONVERT_WARPS=8))
+        fused = _ws_candidates(FUSED_WS_TILES, bucket)
+        raw += fused
+        if kernel == "w4a8_group":  # twice the warps for the per-group conversion's arithmetic
+            raw += [dict(cfg, CONVERT_WARPS=8) for cfg in fused if cfg["WS"] == 2]
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):
