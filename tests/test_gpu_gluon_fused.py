@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
                                 reason="the Gluon kernel runs on Hopper or later")
 CONFIGS = (dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, GROUP_N=8, num_warps=4, num_stages=4, WS=1),
            dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=3, WS=2),
-           dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2))
+           dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=256, GROUP_N=8, num_warps=4, num_stages=4, WS=2),
+           dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=4, WS=2, CONVERT_WARPS=8))
 
 
 def _launch(m, n, k, group_size, config, generator, silu_mul=False):
@@ -31,7 +32,8 @@ def _launch(m, n, k, group_size, config, generator, silu_mul=False):
     return a_codes, a_scale, numerics.int8_weight(codes, ratio), scale, bias, out, acc
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/WS{c['WS']}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/WS{c['WS']}"
+                                                          f"/c{c.get('CONVERT_WARPS', 4)}")
 @pytest.mark.parametrize("group_size,k", [(-1, 2048), (32, 2048), (128, 2048), (-1, 2112), (32, 2112)])
 def test_fused_gluon_w4a8_is_the_spec(config, group_size, k):
     generator = torch.Generator(device="cuda").manual_seed(11)

@@ -408,6 +408,16 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
                                 ("w8a8", dict(ws, BLOCK_K=256), "256 columns")]:
         with pytest.raises(ValueError, match="WS"):
             config_table.check_config(kernel, bad, 1024, 4096, 4096, -1)
+    # the fused Gluon kernel's converter: 4 or 8 warps; no other kernel has one
+    config_table.check_config("w4a8_group", dict(ws, CONVERT_WARPS=8), 1024, 4096, 4096, 128)
+    for kernel, bad in [("w8a8", dict(ws, CONVERT_WARPS=8)), ("w4a8_group", dict(ws, DEQUANT=1, CONVERT_WARPS=8)),
+                        ("w4a8", dict(ws, CONVERT_WARPS=6)), ("w4a8", dict(ws, WS=0, CONVERT_WARPS=8))]:
+        with pytest.raises(ValueError, match="CONVERT_WARPS"):
+            config_table.check_config(kernel, bad, 1024, 4096, 4096, 128 if kernel == "w4a8_group" else -1)
+    for kernel in ("w8a8", "w4a8", "w4a8_group"):
+        eight = [c for c in config_table.candidate_configs(kernel, 256, 4096, 4096, 128) if c["CONVERT_WARPS"] != 4]
+        assert bool(eight) == (kernel == "w4a8_group")
+        assert all(c["CONVERT_WARPS"] == 8 and c["WS"] == 2 and not c["DEQUANT"] for c in eight)
     for kernel in ("w8a8", "w4a8", "w4a8_group"):
         for option in ("TMA", "WS"):
             tma = [c for c in config_table.candidate_configs(kernel, 1024, 4096, 4096, 128) if c[option]]

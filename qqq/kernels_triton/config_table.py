@@ -38,8 +38,9 @@ SMALL_M_MAX = 64  # buckets up to this use the decode (split-K) candidate list
 KERNELS = ("w4a8", "w4a8_group", "w8a8", "w4a16")
 SHARED_MEMORY_RESERVE = 27 * 1024  # of the opt-in shared memory per block, what the pipelined tiles leave free
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K", "GROUP_N", "num_warps", "num_stages", "DEQUANT",
-               "PREFETCH", "GEMV", "TMA", "WS")
-OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0, "TMA": 0, "WS": 0}
+               "PREFETCH", "GEMV", "TMA", "WS", "CONVERT_WARPS")
+OPTIONAL_KEYS = {"DEQUANT": 0, "PREFETCH": 0, "GEMV": 0, "TMA": 0, "WS": 0, "CONVERT_WARPS": 4}
+CONVERT_WARPS = (4, 8)  # the fused Gluon kernel's converter partition (only its configs set anything but 4)
 TMA_MAX_BLOCK = (256, 128)  # a TMA copy's box: at most 256 rows, and (int8) 128 columns, the 128-byte swizzle's width
 TMA_MIN_BUCKET = 256  # the M buckets whose candidates include the TMA kernels (persistent and warp-specialized)
 # the warp-specialized kernel's candidate tiles (BLOCK_N, BLOCK_M, BLOCK_K, warps, ring slots), each with a program per
@@ -123,6 +124,10 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
         if max(config["BLOCK_N"], config["BLOCK_M"]) > TMA_MAX_BLOCK[0] or block_k > TMA_MAX_BLOCK[1]:
             raise ValueError(f"{option}={config[option]} copies tiles of at most {TMA_MAX_BLOCK[0]} rows and "
                              f"{TMA_MAX_BLOCK[1]} columns, got {config}")
+    fused_ws = kernel in ("w4a8", "w4a8_group") and config.get("WS", 0) and not config.get("DEQUANT", 0)
+    if config.get("CONVERT_WARPS", 4) not in (CONVERT_WARPS if fused_ws else (4,)):
+        raise ValueError(f"CONVERT_WARPS={config['CONVERT_WARPS']}: {' or '.join(map(str, CONVERT_WARPS))} converter "
+                         "warps, and only for a W4A8 WS config without DEQUANT (the fused Gluon kernel)")
     if config.get("WS", 0) not in (0, 1, 2):
         raise ValueError(f"WS={config['WS']}: 1 (a program per tile) or 2 (a program per SM)")
     if config.get("WS", 0) and config["BLOCK_N"] < 16 * config["num_warps"]:
@@ -210,7 +215,10 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
         if kernel != "w4a16" and bucket >= TMA_MIN_BUCKET and tma_available():
             raw += _ws_candidates(WS_TILES, bucket, DEQUANT=int(kernel != "w8a8"))
     if kernel in ("w4a8", "w4a8_group") and bucket >= FUSED_WS_MIN_BUCKET and tma_available():
-        raw += _ws_candidates(FUSED_WS_TILES, bucket)
+        fused = _ws_candidates(FUSED_WS_TILES, bucket)
+        raw += fused
+        if kernel == "w4a8_group":  # twice the warps for the per-group conversion's arithmetic
+            raw += [dict(cfg, CONVERT_WARPS=8) for cfg in fused if cfg["WS"] == 2]
     out, seen = [], set()
     for cfg in raw:
         if kernel in ("w8a8", "w4a16"):

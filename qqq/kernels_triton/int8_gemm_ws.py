@@ -57,6 +57,21 @@ def _tile_offsets(tile, M, N, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROU
 
 
 @gluon.jit
+def tile_counts(M, N, K, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The output tiles of an [M, N] product and the K steps of each."""
+    return ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M), (K + BLOCK_K - 1) // BLOCK_K
+
+
+@gluon.jit
+def barrier_ring(SLOTS: gl.constexpr):
+    """One mbarrier per slot of the ring, each completed by one arrive (or one TMA transaction count)."""
+    ring = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(ring.index(i), count=1)
+    return ring
+
+
+@gluon.jit
 def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N: gl.constexpr,
                     SLOTS: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -164,16 +179,12 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, bias_ptr
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     ACC_LAYOUT: gl.constexpr = accumulator_layout(BLOCK_N, BLOCK_M, num_warps)
-    tiles = ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M)
-    k_tiles = (w_desc.shape[1] + BLOCK_K - 1) // BLOCK_K
+    tiles, k_tiles = tile_counts(M, N, w_desc.shape[1], BLOCK_N, BLOCK_M, BLOCK_K)
 
     w_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_N, BLOCK_K], w_desc.layout)
     a_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    ready = barrier_ring(SLOTS)
+    empty = barrier_ring(SLOTS)
     PAIRS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if SILU_MUL else [2, 8]  # only SiLU*up reads its outputs back
     pairs = gl.allocate_shared_memory(out_ptr.dtype.element_ty, PAIRS_SHAPE,
                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))

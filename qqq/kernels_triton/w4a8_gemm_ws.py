@@ -28,7 +28,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
-                                             partition_barrier)
+                                             barrier_ring, partition_barrier, tile_counts)
 from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
 
 
@@ -43,13 +43,9 @@ def _unpack_x16(packed):
 
 
 @gluon.jit
-def _unpack_group(packed, ratio_row, group_low, group_high, CLAMP: gl.constexpr):
-    """Packed bytes [BLOCK_N, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, the ratios of the low and
-    high nibbles' groups read from ``ratio_row`` (the fp16 ratio rows of the tile's weight rows, [BLOCK_N])."""
-    r_low = gl.load(ratio_row + group_low)
-    r_high = gl.load(ratio_row + group_high)
-    pair_low = gl.convert_layout(_ratio_pair(r_low), gl.SliceLayout(1, packed.type.layout))[:, None]
-    pair_high = gl.convert_layout(_ratio_pair(r_high), gl.SliceLayout(1, packed.type.layout))[:, None]
+def _unpack_group(packed, pair_low, pair_high, CLAMP: gl.constexpr):
+    """Packed bytes [BLOCK_N, CHUNKS, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, with the ratio pairs
+    (``_ratio_pair``) of each chunk's low and high nibbles' groups, [BLOCK_N, CHUNKS, 1]."""
     ptx: gl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
     return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r",
                                      [packed, gl.broadcast(pair_low, packed)[0], gl.broadcast(pair_high, packed)[0]],
@@ -64,33 +60,46 @@ def _ratio_pair(r):
 
 
 @gluon.jit
+def _group_pairs(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr, layout: gl.constexpr):
+    """The ratio pairs of K step ``kt``'s chunks, [BLOCK_N, CHUNKS, 1] each for the low and the high nibbles
+    (``ratio_row``: [BLOCK_N, 1] pointers to the rows' ratios, in ``layout`` sliced at its last dimension, so that
+    a thread loads each of its rows' ratios once). A chunk past K (zero codes against zero activations) reads the
+    last group's ratios, not past the row."""
+    chunk = gl.arange(0, BLOCK_K // 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :]
+    column = kt * BLOCK_K + 64 * chunk
+    r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
+    r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
+    return _ratio_pair(r_low)[:, :, None], _ratio_pair(r_high)[:, :, None]
+
+
+@gluon.jit
 def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
                        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
                        CLAMP: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr):
-    # a thread converts 16 packed bytes of a 32-byte chunk row at a time
-    CHUNK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [CONVERT_WARPS, 1], [1, 0])
+    # A K step's whole packed tile is loaded, unpacked and stored at once: one load and one store a step, since
+    # the compiler puts a barrier of the converter's warps between any two stores into the int8 buffer (it does
+    # not tell the slices apart). A thread holds 16 packed bytes of a chunk row, [BLOCK_N, CHUNKS, 32] viewed.
+    CHUNKS: gl.constexpr = BLOCK_K // 64
+    PACKED_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 16], [16, 1, 2], [CONVERT_WARPS, 1, 1], [2, 1, 0])
     step = 0
     for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CHUNK_LAYOUT))
-        ratio_row = ratio_ptr + gl.minimum(rows, N - 1) * n_groups  # rows past N read row N - 1's ratios
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, PACKED_LAYOUT)))
+        ratio_row = (ratio_ptr + gl.minimum(rows, N - 1) * n_groups)[:, None]  # rows past N: row N - 1's
+        if GROUP_SIZE != -1:  # the ratios are loaded a K step ahead, off the unpacking's path
+            pair_low, pair_high = _group_pairs(ratio_row, 0, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
         for kt in range(k_tiles):
             slot = step % SLOTS
             mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
-            packed_slot = packed_slots.index(slot)
-            w8_slot = w8_slots.index(slot)
-            for chunk in gl.static_range(BLOCK_K // 64):
-                packed = packed_slot.slice(32 * chunk, 32, dim=1).load(CHUNK_LAYOUT)
-                if GROUP_SIZE == -1:
-                    low, high = _unpack_x16(packed)
-                else:
-                    # the chunk's halves' groups; a chunk past K (zero codes against zero activations) reads the
-                    # last group's ratios, not past the row
-                    column = kt * BLOCK_K + 64 * chunk
-                    low, high = _unpack_group(packed, ratio_row, gl.minimum(column // GROUP_SIZE, n_groups - 1),
-                                              gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1), CLAMP)
-                w8_slot.slice(64 * chunk, 32, dim=1).store(low)
-                w8_slot.slice(64 * chunk + 32, 32, dim=1).store(high)
+            packed = packed_slots.index(slot).reshape([BLOCK_N, CHUNKS, 32]).load(PACKED_LAYOUT)
+            if GROUP_SIZE == -1:
+                low, high = _unpack_x16(packed)
+            else:
+                low, high = _unpack_group(packed, pair_low, pair_high, CLAMP)
+                pair_low, pair_high = _group_pairs(ratio_row, kt + 1, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
+            # byte b of chunk c holds columns 64 c + b (low nibble) and 64 c + 32 + b (high)
+            w8 = gl.permute(gl.join(low, high), (0, 1, 3, 2)).reshape([BLOCK_N, BLOCK_K])
+            w8_slots.index(slot).store(w8)
             fence_async_shared()  # the stores, made by threads, are read by the wgmma (the async proxy)
             partition_barrier()  # every converter warp has stored before the one arrive
             mbarrier.arrive(converted.index(slot))
@@ -107,19 +116,14 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     ACC_LAYOUT: gl.constexpr = accumulator_layout(BLOCK_N, BLOCK_M, num_warps)
-    tiles = ((N + BLOCK_N - 1) // BLOCK_N) * ((M + BLOCK_M - 1) // BLOCK_M)
-    k_tiles = (a_desc.shape[1] + BLOCK_K - 1) // BLOCK_K
+    tiles, k_tiles = tile_counts(M, N, a_desc.shape[1], BLOCK_N, BLOCK_M, BLOCK_K)
 
     packed_slots = gl.allocate_shared_memory(packed_desc.dtype, [SLOTS, BLOCK_N, BLOCK_K // 2], packed_desc.layout)
     a_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
     w8_slots = gl.allocate_shared_memory(gl.int8, [SLOTS, BLOCK_N, BLOCK_K], W8_LAYOUT)
-    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    converted = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(SLOTS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(converted.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
+    ready = barrier_ring(SLOTS)
+    converted = barrier_ring(SLOTS)
+    empty = barrier_ring(SLOTS)
     PAIRS_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_M] if SILU_MUL else [2, 8]
     pairs = gl.allocate_shared_memory(out_ptr.dtype.element_ty, PAIRS_SHAPE,
                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
@@ -137,6 +141,10 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
     ], [1, CONVERT_WARPS], [24, CONVERT_REGS])
 
 
+# the converter's registers a thread, by its warps: 8 warps leave the wgmma partition of 8 warps its registers
+CONVERT_REGS = {4: 80, 8: 56}
+
+
 def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
     """``int8_gemm_ws.shared_memory_bytes`` with a slot's packed and int8 weight tiles: 1.5 bytes a weight."""
     return int8_gemm_ws.shared_memory_bytes(config, out_bytes, silu_mul, weight_bytes=1.5)
@@ -147,9 +155,11 @@ def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, b
     """W4A8 on checked inputs (``w4a8_gemm``'s): ``a_codes`` int8 [M, K] and ``qweight`` uint8 [N, K / 2]
     (packing.py) with 16-byte aligned rows, the fp16 ``group_ratio`` [N, K / group_size] for per-group weights;
     ``config`` BLOCK_N, BLOCK_M, BLOCK_K (a multiple of 64), GROUP_N, num_warps, num_stages, WS (1: a program per
-    tile, 2: per SM), and optionally CONVERT_WARPS (4) and CONVERT_REGS (the converter's registers a thread, 80)."""
+    tile, 2: per SM), and optionally CONVERT_WARPS (4 or 8) and CONVERT_REGS (the converter's registers a thread:
+    ``CONVERT_REGS`` by its warps)."""
     m, n = a_codes.shape[0], qweight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
+    convert_warps = config.get("CONVERT_WARPS", 4)
     packed_desc = TensorDescriptor.from_tensor(qweight, [block_n, block_k // 2],
                                                gl.NVMMASharedLayout.get_default_for([block_n, block_k // 2], gl.uint8))
     a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k],
@@ -163,5 +173,6 @@ def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, b
                               W8_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8),
                               GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc,
                               SILU_MUL=silu_mul, GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"],
-                              CONVERT_WARPS=config.get("CONVERT_WARPS", 4),
-                              CONVERT_REGS=config.get("CONVERT_REGS", 80), num_warps=config["num_warps"])
+                              CONVERT_WARPS=convert_warps,
+                              CONVERT_REGS=config.get("CONVERT_REGS", CONVERT_REGS[convert_warps]),
+                              num_warps=config["num_warps"])
