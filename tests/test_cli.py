@@ -60,7 +60,6 @@ def test_tune_needs_a_gpu_here(tiny_model_dir):
         main(["tune", str(tiny_model_dir)])
 
 
-
 def test_tune_times_the_models_fused_gate_up_shape_with_its_epilogue(tiny_model_dir, monkeypatch):
     from qqq.kernels_triton import autotune
 
@@ -71,6 +70,7 @@ def test_tune_times_the_models_fused_gate_up_shape_with_its_epilogue(tiny_model_
     assert {(s.n, s.k) for s in asked if s.silu_mul} == {(256, 64)}
     assert len(asked) == 2 * 5  # the five linear shapes above, per-channel and g128
     assert {s.group_size for s in asked} == {-1, 128}
+
 
 def test_eval_zeroshot_scores_a_checkpoint_as_the_library_does(tiny_model_dir, tmp_path, capsys, reference_backend):
     zeroshot = pytest.importorskip("qqq.zeroshot")

@@ -199,7 +199,6 @@ def test_the_tuner_times_a_gate_up_shape_with_its_silu_mul_epilogue(kernel, grou
         assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
 
 
-
 def test_the_compile_worker_builds_each_problem_once_with_its_epilogue_flag(monkeypatch):
     """``autotune.precompile``'s worker, on jobs in its order (6 fields, or 7 with ``silu_mul``): one problem per
     (kernel, N, K, group, M, epilogue), built once with that epilogue, and every config run on it."""
@@ -218,6 +217,7 @@ def test_the_compile_worker_builds_each_problem_once_with_its_epilogue_flag(monk
     assert built == [("w4a8", 64, 128, -1, 16, False), ("w4a8", 64, 128, -1, 16, True),
                      ("w8a8", 64, 128, -1, 16, False)]
     assert ran == [(built[0], 64), (built[1], 32), (built[1], 64), (built[2], 32)]
+
 
 def test_w4a8_silu_mul_needs_channel_pairs():
     codes, channel_scale, _ = make_layer(33, 128, -1)
