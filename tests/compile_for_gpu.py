@@ -10,6 +10,8 @@ interpreter or compiler when a kernel is defined.
 
 ``--gemv-loop N K GROUP`` instead prints the SASS opcode counts of the streaming kernel's K loop at M = 1 with a
 shipped config (instructions per weight word, without a GPU: ``kernels_triton/NOTES.md``).
+``--split-k-fences`` prints the memory fences and atomics in the SASS of the split-K kernels (how their partial
+sums meet).
 ``--registers N K M`` prints the registers per thread and local (spill) bytes (``cuobjdump -res-usage``) of the W4A8
 kernels a shipped per-channel config runs at (N, K, M), plain and with the SiLU*up epilogue (occupancy without a
 GPU).
@@ -180,6 +182,33 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
             "per_word": round(len(body) / words, 2), "opcodes": dict(collections.Counter(body).most_common())}
 
 
+def split_k_fences() -> dict:
+    """Per split-K launch branch of the GPU suite (tensor-core and streaming, per-channel and g128): the GPU-wide
+    fences (``MEMBAR``) and global atomics (``RED`` without a result, ``ATOM`` with one) in its kernel's SASS."""
+    import test_gpu_kernels as cases
+
+    from qqq import numerics
+    from qqq.kernels_triton import w4a8_gemm
+    from qqq.kernels_triton.packing import pack_int4
+
+    w4a8_gemm.use_inline_asm = lambda t: True
+    report = {}
+    for path in ("split_k", "streaming_split_k"):
+        for group_size in (-1, 128):
+            codes, scale, ratio = numerics.random_quantized_weight(128, 1024, group_size)
+            last_compiled.clear()
+            w4a8_gemm.w4a8_linear(torch.randn(1, 1024).half(), pack_int4(codes), scale, ratio, None, group_size,
+                                  config=cases.GEMM_PATH_CONFIGS[path](group_size), ratios_fit_int8=group_size != -1)
+            name, kernel = next((name, kernel) for name, kernel in last_compiled.items() if "w4a8" in name)
+            opcodes = [text.split()[0] for _, text in _disassemble(kernel)
+                       for text in [re.sub(r"^@!?U?P\w+\s+", "", text)]]
+            report[f"{path}/g{group_size}"] = {
+                "kernel": name, "gpu_fences": sum(op.startswith("MEMBAR") and op.endswith((".GPU", ".SYS"))
+                                                  for op in opcodes),
+                **{kind: sum(op.startswith(kind) for op in opcodes) for kind in ("REDG", "ATOMG")}}
+    return report
+
+
 def _registers(kernel) -> dict:
     text = _cuobjdump(kernel, "-res-usage")
     return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
@@ -216,6 +245,8 @@ def main() -> None:
                         help="print the SASS opcode counts of the streaming kernel's K loop instead")
     parser.add_argument("--registers", nargs=3, type=int, metavar=("N", "K", "M"),
                         help="print the registers per thread of the W4A8 kernels of that per-channel config instead")
+    parser.add_argument("--split-k-fences", action="store_true",
+                        help="print the fences and atomics of the split-K kernels' SASS instead")
     parser.add_argument("--configs", default="NVIDIA_H200",
                         help="the shipped config file (GPU name) for --gemv-loop and --registers")
     args = parser.parse_args()
@@ -226,6 +257,9 @@ def main() -> None:
         return
     if args.registers:
         print(json.dumps(registers(*args.registers, args.configs)))
+        return
+    if args.split_k_fences:
+        print(json.dumps(split_k_fences()))
         return
     from qqq.kernels_triton import branches
 

@@ -61,3 +61,19 @@ def test_registers_of_a_shipped_config_without_and_with_the_silu_mul_epilogue():
     # 8 warps: the epilogue's launch is capped at two programs per SM (Triton 3.6 took it to 149 uncapped), unspilled
     assert report["config"]["num_warps"] == 8 and gated["maxnreg"] == 128
     assert gated["registers"] <= 128 and gated["local_bytes"] == 0
+
+
+def test_split_k_partial_sums_are_relaxed_atomics_behind_one_fenced_ticket():
+    """A split-K program adds its partial sums with relaxed reductions (``RED``) and fences only around its tile's
+    ticket (take and reset): with the default acq_rel each element's atomic had a GPU-wide fence of its own, 18 in the
+    16-token kernel's epilogue, one after another."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    done = subprocess.run([sys.executable, str(script), "--split-k-fences"], capture_output=True, text=True,
+                          timeout=600, cwd=script.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == {f"{path}/g{g}" for path in ("split_k", "streaming_split_k") for g in (-1, 128)}
+    for branch, counts in report.items():
+        assert counts["REDG"] >= 1, branch
+        assert counts["gpu_fences"] <= 2, (branch, counts)

@@ -138,12 +138,15 @@ def split_k_sum(partial, tile, split_k, workspace_ptr, tickets_ptr, offs_n, offs
     ticket counter), which reads the exact int32 total back and leaves the workspace and the counter zeroed."""
     mask = n_mask[:, None] & m_mask[None, :]
     ws_ptrs = workspace_ptr + offs_m[None, :] * N + offs_n[:, None]
-    tl.atomic_add(ws_ptrs, partial, mask=mask)
+    # relaxed: the default acq_rel puts a GPU-wide fence and an L1 invalidation around every element's atomic, one
+    # after another; the barrier and the ticket's acq_rel order the sums (the order of CUTLASS's semaphores)
+    tl.atomic_add(ws_ptrs, partial, mask=mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's sums are in before the ticket
     ticket = tl.atomic_add(tickets_ptr + tile, 1)
     last = ticket == split_k - 1  # every partial sum of the tile is in the workspace
     total = partial
     if last:
-        total = tl.atomic_xchg(ws_ptrs, 0, mask=mask)
+        total = tl.atomic_xchg(ws_ptrs, 0, mask=mask, sem="relaxed")
         tl.atomic_xchg(tickets_ptr + tile, 0)
     return total, last
 
