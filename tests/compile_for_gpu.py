@@ -156,6 +156,11 @@ def _disassemble(kernel) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
 
 
+def _opcode(instruction: str) -> str:
+    """The opcode of a SASS instruction, without its predicate (``@P0``, ``@!UP1``)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
+
+
 def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
     """The SASS of the streaming kernel's K loop for M = 1 with ``device``'s shipped config for (N, K, group):
     opcode counts, and the weight words each thread converts per iteration."""
@@ -176,7 +181,7 @@ def gemv_loop(n: int, k: int, group_size: int, device: str) -> dict:
     loops = [(int(m.group(1), 16), offset) for offset, text in sass
              if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < offset]
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    body = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for offset, text in sass if start <= offset <= end]
+    body = [_opcode(text) for offset, text in sass if start <= offset <= end]
     words = config["BLOCK_N"] * config["BLOCK_K"] // 8 // (32 * config["num_warps"])
     return {"config": config, "words_per_thread": words, "instructions": len(body),
             "per_word": round(len(body) / words, 2), "opcodes": dict(collections.Counter(body).most_common())}
@@ -200,8 +205,7 @@ def split_k_fences() -> dict:
             w4a8_gemm.w4a8_linear(torch.randn(1, 1024).half(), pack_int4(codes), scale, ratio, None, group_size,
                                   config=cases.GEMM_PATH_CONFIGS[path](group_size), ratios_fit_int8=group_size != -1)
             name, kernel = next((name, kernel) for name, kernel in last_compiled.items() if "w4a8" in name)
-            opcodes = [text.split()[0] for _, text in _disassemble(kernel)
-                       for text in [re.sub(r"^@!?U?P\w+\s+", "", text)]]
+            opcodes = [_opcode(text) for _, text in _disassemble(kernel)]
             report[f"{path}/g{group_size}"] = {
                 "kernel": name, "gpu_fences": sum(op.startswith("MEMBAR") and op.endswith((".GPU", ".SYS"))
                                                   for op in opcodes),
