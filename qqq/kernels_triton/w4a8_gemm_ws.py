@@ -29,7 +29,7 @@ from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
                                              barrier_ring, partition_barrier, tile_counts)
-from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
+from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED, ratio_pair
 
 
 @gluon.jit
@@ -45,18 +45,12 @@ def _unpack_x16(packed):
 @gluon.jit
 def _unpack_group(packed, pair_low, pair_high, CLAMP: gl.constexpr):
     """Packed bytes [BLOCK_N, CHUNKS, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, with the ratio pairs
-    (``_ratio_pair``) of each chunk's low and high nibbles' groups, [BLOCK_N, CHUNKS, 1]."""
+    (``unpack.ratio_pair``, a Triton helper that Gluon code can call) of each chunk's low and high nibbles' groups,
+    [BLOCK_N, CHUNKS, 1]."""
     ptx: gl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
     return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r",
                                      [packed, gl.broadcast(pair_low, packed)[0], gl.broadcast(pair_high, packed)[0]],
                                      dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-
-
-@gluon.jit
-def _ratio_pair(r):
-    """fp16 ratios -> int32 words holding the ratio twice (``unpack.ratio_pair``)."""
-    bits = r.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return bits | (bits << 16)
 
 
 @gluon.jit
@@ -69,7 +63,7 @@ def _group_pairs(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.
     column = kt * BLOCK_K + 64 * chunk
     r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
     r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
-    return _ratio_pair(r_low)[:, :, None], _ratio_pair(r_high)[:, :, None]
+    return ratio_pair(r_low)[:, :, None], ratio_pair(r_high)[:, :, None]
 
 
 @gluon.jit
