@@ -299,6 +299,9 @@ def main():
     parser.add_argument("--tune-ms", default=",".join(map(str, config_table.M_BUCKETS)))
     parser.add_argument("--tune-baseline-ms", default=None, help="M buckets for --tune-baselines (default --tune-ms)")
     parser.add_argument("--tune-shapes", default="", help="comma-separated shape names (default: --shapes)")
+    parser.add_argument("--tune-shipped", action="store_true",
+                        help="time only the configs this chip's files hold for each problem (this and the "
+                             "neighbouring M buckets; every candidate where none): a quick tune for a new GPU")
     parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
     parser.add_argument("--ms", default=",".join(map(str, M_VALUES)))
@@ -337,12 +340,12 @@ def main():
         # a fused gate/up shape is timed with the SiLU*up epilogue the W4A8 and W8A8 MLPs run it with
         problems = [autotune.Shape(n, k, g, silu_mul=name.endswith("_gate_up"))
                     for name, n, k in tune_shapes for g in (-1, 128)]
-        autotune.tune(problems, ms, path=args.config_json, timings=timings)
+        autotune.tune(problems, ms, path=args.config_json, timings=timings, shipped_only=args.tune_shipped)
         if args.tune_baselines:
             base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
             autotune.tune([shape for shape in problems if shape.group_size == -1], base_ms,
-                          kernels=("w8a8", "w4a16"),
-                          path=args.config_json, timings=timings)
+                          kernels=("w8a8", "w4a16"), path=args.config_json, timings=timings,
+                          shipped_only=args.tune_shipped)
         with atomic_write(out_dir / "gemm_speed_tune_timings.csv") as f:
             f.write("".join(f"# {key}: {value}\n" for key, value in meta.items()))
             writer = csv.writer(f)

@@ -440,7 +440,8 @@ def cmd_tune(args) -> None:
         gate_up = (2 * config["intermediate_size"], config["hidden_size"])  # timed with its SiLU*up epilogue
     if not shapes:
         sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
-    tune([Shape(n, k, g, silu_mul=(n, k) == gate_up) for n, k in shapes for g in args.group_size])
+    tune([Shape(n, k, g, silu_mul=(n, k) == gate_up) for n, k in shapes for g in args.group_size],
+         shipped_only=args.quick)
 
 
 def cmd_export(args) -> None:
@@ -534,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an extra N x K shape, e.g. 8192x21760 (repeat for more)")
     tune.add_argument("--group-size", type=int, nargs="+", default=[-1, 128], choices=SUPPORTED_GROUP_SIZES,
                       help="group sizes to tune, -1 = per-channel")
+    tune.add_argument("--quick", action="store_true",
+                      help="time only the configs shipped for a GPU of the same chip (this and the neighbouring M "
+                           "buckets; every candidate where none is shipped): a handful a problem, not about 80")
     tune.set_defaults(run=cmd_tune)
     return parser
 

@@ -63,13 +63,16 @@ def test_tune_needs_a_gpu_here(tiny_model_dir):
 def test_tune_times_the_models_fused_gate_up_shape_with_its_epilogue(tiny_model_dir, monkeypatch):
     from qqq.kernels_triton import autotune
 
-    asked = []
+    asked, quick = [], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(autotune, "tune", lambda shapes: asked.extend(shapes))
+    monkeypatch.setattr(autotune, "tune",
+                        lambda shapes, shipped_only: (asked.extend(shapes), quick.append(shipped_only)))
     main(["tune", str(tiny_model_dir), "--group-size", "-1", "128"])
     assert {(s.n, s.k) for s in asked if s.silu_mul} == {(256, 64)}
     assert len(asked) == 2 * 5  # the five linear shapes above, per-channel and g128
     assert {s.group_size for s in asked} == {-1, 128}
+    main(["tune", str(tiny_model_dir), "--quick"])  # only the configs shipped for this chip are timed
+    assert quick == [False, True]
 
 
 def test_eval_zeroshot_scores_a_checkpoint_as_the_library_does(tiny_model_dir, tmp_path, capsys, reference_backend):

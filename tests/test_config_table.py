@@ -81,3 +81,49 @@ def test_split_k_and_pipelining_follow_the_gpu(monkeypatch):
     assert not config_table._fits("w4a8", deep)  # over what an A100-class block may use
     monkeypatch.setattr(config_table, "current_gpu", lambda: H100)
     assert config_table._fits("w4a8", deep)
+
+
+def _key(cfg: dict) -> tuple:
+    return tuple(cfg[key] for key in config_table.CONFIG_KEYS)
+
+
+def test_a_quick_tune_times_the_configs_shipped_for_the_problem_and_its_neighbouring_buckets(on_gpu, tmp_path):
+    on_gpu(H200)
+    at_16 = config_table.candidate_configs("w4a8", 16, 4096, 4096, -1)
+    at_32 = [cfg for cfg in config_table.candidate_configs("w4a8", 32, 4096, 4096, -1) if cfg["BLOCK_M"] == 32]
+    far = config_table.candidate_configs("w4a8", 128, 4096, 4096, -1)[-1]  # bucket 128: not a neighbour of 16
+    stale = dict(at_16[0], num_stages=5)  # no longer a candidate
+    key = lambda bucket: config_table.config_key("w4a8", 4096, 4096, -1, bucket)  # noqa: E731
+    write(tmp_path, H100, {key(16): at_16[3], key(32): at_32[-1], key(128): far, key(2): stale})
+    write(tmp_path, H200, {key(16): at_16[5]})
+    quick = config_table.shipped_candidates("w4a8", 16, 4096, 4096, -1)
+    # bucket 32's config comes in the BLOCK_M that bucket 16 takes (16)
+    assert {_key(cfg) for cfg in quick} == {_key(at_16[3]), _key(at_16[5]), _key(dict(at_32[-1], BLOCK_M=16))}
+    assert all(cfg in at_16 for cfg in quick)
+    assert config_table.shipped_candidates("w4a8", 16, 4096, 11008, -1) == []  # no file has this problem
+
+
+def test_the_quick_tuner_falls_back_to_every_candidate_where_nothing_is_shipped(on_gpu, tmp_path, monkeypatch):
+    import torch
+
+    from qqq.kernels_triton import autotune
+
+    on_gpu(H200)
+    monkeypatch.setattr(autotune, "current_gpu", lambda: H200)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    shipped = config_table.candidate_configs("w4a8", 16, 4096, 4096, -1)[2]
+    write(tmp_path, H100, {config_table.config_key("w4a8", 4096, 4096, -1, 16): shipped})
+    compiled, timed = [], {}
+    monkeypatch.setattr(autotune, "precompile", lambda jobs: compiled.extend(jobs))
+
+    def fake_tune_problem(kernel, m, n, k, group_size, candidates, **_):
+        timed[(n, k, m)] = candidates
+        return candidates[0], 1.0
+    monkeypatch.setattr(autotune, "tune_problem", fake_tune_problem)
+    tuned = autotune.tune([(4096, 4096, -1), (4096, 11008, -1)], [16], verbose=False, shipped_only=True)
+    assert [_key(cfg) for cfg in timed[(4096, 4096, 16)]] == [_key(shipped)]
+    assert timed[(4096, 11008, 16)] == config_table.candidate_configs("w4a8", 16, 4096, 11008, -1)
+    # each config is compiled once (the kernels do not specialize on N or K): the union of what is timed
+    every_timed = {_key(cfg) for configs in timed.values() for cfg in configs}
+    assert sorted(_key(job.config) for job in compiled) == sorted(every_timed)
+    assert json.loads((tmp_path / f"{H200.file_name}.json").read_text())["configs"].keys() == tuned.keys()

@@ -32,7 +32,7 @@ import triton
 from qqq.kernels_triton import baselines, config_table, w4a8_gemm
 from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.config_table import (CONFIG_KEYS, M_BUCKETS, cache_path, candidate_configs, config_key,
-                                             device_name, heuristic_config, m_bucket)
+                                             device_name, heuristic_config, m_bucket, shipped_candidates)
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton.packing import pack_int4
 
@@ -166,11 +166,13 @@ def precompile(jobs, workers: int | None = None) -> int:
 
 
 def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: int = 10,
-                 timings: list | None = None, silu_mul: bool = False) -> tuple[dict, float]:
-    """Time every candidate config of one problem; return the best and its time (us). Every timing is
-    appended to ``timings`` as ``(config, us)`` when given."""
+                 timings: list | None = None, silu_mul: bool = False,
+                 candidates: list[dict] | None = None) -> tuple[dict, float]:
+    """Time every config of ``candidates`` (default: ``candidate_configs``) on one problem; return the best and its
+    time (us). Every timing is appended to ``timings`` as ``(config, us)`` when given."""
     bucket = m_bucket(m)
-    candidates = candidate_configs(kernel, bucket, n, k, group_size)
+    if candidates is None:
+        candidates = candidate_configs(kernel, bucket, n, k, group_size)
     if not candidates:
         return heuristic_config(kernel, m, n, k, group_size), float("nan")
     buffers = rotation_count(int(n * k * config_table._weight_bytes_per_element(kernel)))
@@ -190,14 +192,16 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
 
 
 def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
-         timings: list | None = None) -> dict:
+         timings: list | None = None, shipped_only: bool = False) -> dict:
     """Autotune W4A8 kernels for ``shapes`` (``Shape`` fields each: ``(N, K, group_size)``, group_size -1 =
     per-channel; ``(N, K, group_size, True)`` for a fused gate/up shape, timed with its SiLU*up epilogue) over the M
     buckets of ``m_values`` and merge the winners into the JSON cache of the current GPU.
 
     ``kernels`` defaults to the W4A8 kernel that matches each group size; pass e.g. ``("w8a8", "w4a16")`` to
     tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
-    collects every measured ``(kernel, N, K, group_size, bucket, config, us)``. Returns {key: config}."""
+    collects every measured ``(kernel, N, K, group_size, bucket, config, us)``. ``shipped_only``: time only the
+    configs this chip's files already hold for each problem (``config_table.shipped_candidates``), all candidates
+    where they hold none. Returns {key: config}."""
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
     device = device_name()
@@ -205,6 +209,11 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     existing = config_table._read_config_file(path).get("configs", {}) if path.exists() else {}
     tuned = {}
     compiled = set()
+
+    def candidates(kernel, bucket, n, k, group_size):
+        every = candidate_configs(kernel, bucket, n, k, group_size)
+        return (shipped_candidates(kernel, bucket, n, k, group_size) or every) if shipped_only else every
+
     for n, k, group_size, silu_mul in (Shape(*shape) for shape in shapes):
         names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))
         for kernel in names:
@@ -212,8 +221,10 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
                 continue
             epilogue = silu_mul and kernel != "w4a16"  # the FP16-activation MLPs keep the SiLU*up producer
             jobs = {}
-            for bucket in sorted({m_bucket(m) for m in m_values}):
-                for cfg in candidate_configs(kernel, bucket, n, k, group_size):
+            chosen = {bucket: candidates(kernel, bucket, n, k, group_size)
+                      for bucket in sorted({m_bucket(m) for m in m_values})}
+            for bucket, configs in chosen.items():
+                for cfg in configs:
                     sig = (kernel, group_size, epilogue) + tuple(cfg.get(c, 0) for c in CONFIG_KEYS)
                     if sig not in compiled:
                         compiled.add(sig)
@@ -224,17 +235,19 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
                             for bucket, cfg in jobs.values()])
                 if verbose:
                     print(f"compiled {len(jobs)} {kernel} configs in {time.time() - t0:.0f} s", flush=True)
-            for bucket in sorted({m_bucket(m) for m in m_values}):
+            for bucket, configs in chosen.items():
                 t0 = time.time()
                 measured = []
-                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured, silu_mul=epilogue)
+                cfg, us = tune_problem(kernel, bucket, n, k, group_size, timings=measured, silu_mul=epilogue,
+                                       candidates=configs)
                 if timings is not None:
                     timings.extend((kernel, n, k, group_size, bucket, c, t) for c, t in measured)
                 key = config_key(kernel, n, k, group_size, bucket)
                 tuned[key] = dict(cfg, time_us=round(us, 2))
                 if verbose:
                     timed = " (SiLU*up epilogue)" if epilogue else ""
-                    print(f"tuned {key}{timed}: {us:.1f} us {cfg} ({time.time() - t0:.0f} s)", flush=True)
+                    print(f"tuned {key}{timed}: {us:.1f} us {cfg} ({len(configs)} configs, {time.time() - t0:.0f} s)",
+                          flush=True)
             _save(path, existing, tuned)  # after every shape, so an interrupted run keeps what it tuned
     _save(path, existing, tuned)
     return tuned

@@ -241,6 +241,26 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
     return out
 
 
+def shipped_candidates(kernel: str, bucket: int, n: int, k: int, group_size: int) -> list[dict]:
+    """The configs of ``candidate_configs`` that a config file of this chip (``config_sources``) holds for this problem
+    at ``bucket`` or a neighbouring M bucket, in any BLOCK_M the bucket's list has: a quick tune for a new GPU of a
+    tuned chip, a handful of configs where the full list has one or two hundred. Empty when no file has the problem
+    (or its configs are no longer candidates)."""
+    i = M_BUCKETS.index(bucket)
+    shipped = set()
+    for path in config_sources():
+        configs = _read_config_file(path).get("configs", {})
+        for near in M_BUCKETS[max(0, i - 1):i + 2]:
+            cfg = configs.get(config_key(kernel, n, k, group_size, near))
+            if cfg is not None:
+                shipped.add(_without_block_m({**OPTIONAL_KEYS, **cfg}))
+    return [cfg for cfg in candidate_configs(kernel, bucket, n, k, group_size) if _without_block_m(cfg) in shipped]
+
+
+def _without_block_m(cfg: dict) -> tuple:
+    return tuple(cfg[key] for key in CONFIG_KEYS if key != "BLOCK_M")
+
+
 def tma_available() -> bool:
     """Whether this GPU (Hopper or later) and this Triton (host tensor descriptors) run ``TMA=1`` configs."""
     try:
