@@ -9,8 +9,9 @@
 # gemm   experiments/gemm_speed.py at M 1 to 4096 on the 13 shapes -> OUT/gemm
 # e2e    experiments/e2e_speed.py, Llama-2-7B: fp16, w8a8, w4a8_rtn, w4a8_rtn_g128 at batch 1 / 16 / 64, KV 16 and 8
 #        -> OUT/e2e
-# Each stage logs to OUT/<stage>.log. A failing stage stops the script, so no table is measured after a suite that
-# failed in the same run.
+# SHAPES (comma-separated names of gemm_speed.py, default all) and TUNE_MS (M buckets, default all) narrow tune and
+# gemm, e.g. to split a tune over several runs. Each stage logs to OUT/<stage>.log. A failing stage stops the script,
+# so no table is measured after a suite that failed in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash scripts/gpu_tables.sh OUT [tune] [suite] [gemm] [e2e]" >&2; exit 2; }
@@ -36,7 +37,8 @@ for stage in "$@"; do
     case "$stage" in
         tune)
             quick=$([ "${FULL_TUNE:-0}" = 1 ] || echo --tune-shipped)
-            logged tune python3 experiments/gemm_speed.py --tune $quick --shapes all --no-bench --out "$OUT/tune"
+            logged tune python3 experiments/gemm_speed.py --tune $quick --shapes "${SHAPES:-all}" \
+                ${TUNE_MS:+--tune-ms "$TUNE_MS"} --no-bench --out "$OUT/tune"
             device=$(python3 -c "from qqq.kernels_triton.config_table import device_name; print(device_name())")
             cp "qqq/kernels_triton/configs/$device.json" "$OUT/" ;;
         suite)
@@ -44,7 +46,8 @@ for stage in "$@"; do
             logged suite python3 -m pytest -q $workers -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu.py \
                 tests/test_gpu_fast.py tests/test_gpu_model.py tests/test_gpu_gluon_fused.py ;;
         gemm)
-            logged gemm python3 experiments/gemm_speed.py --shapes all --ms 1,16,64,256,1024,4096 --out "$OUT/gemm" ;;
+            logged gemm python3 experiments/gemm_speed.py --shapes "${SHAPES:-all}" --ms 1,16,64,256,1024,4096 \
+                --out "$OUT/gemm" ;;
         e2e)
             logged e2e python3 experiments/e2e_speed.py --models llama-2-7b --methods fp16 w8a8 w4a8_rtn \
                 w4a8_rtn_g128 --batches 1 16 64 --repeats 2 --kv-bits 16 8 --profile-batches 1 64 --out "$OUT/e2e" ;;
