@@ -211,8 +211,8 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     compiled = set()
 
     def candidates(kernel, bucket, n, k, group_size):
-        every = candidate_configs(kernel, bucket, n, k, group_size)
-        return (shipped_candidates(kernel, bucket, n, k, group_size) or every) if shipped_only else every
+        shipped = shipped_candidates(kernel, bucket, n, k, group_size) if shipped_only else []
+        return shipped or candidate_configs(kernel, bucket, n, k, group_size)
 
     for n, k, group_size, silu_mul in (Shape(*shape) for shape in shapes):
         names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))
