@@ -26,7 +26,7 @@ from qqq.kernels_triton import branches
 from qqq.kernels_triton.activation_quant import (FEW_ROWS, ROW_CHUNKS, int8_codes, int8_codes_and_scale,
                                                   int8_scale)
 from qqq.kernels_triton.gpu import programmatic_launch, wait_for_previous_then_let_next_start
-from qqq.kernels_triton.int8_gemm import silu_times_up
+from qqq.kernels_triton.swiglu import silu_times_up
 
 MAX_ROW = 32768
 CACHE_ROWS_PER_PROGRAM = 32  # (sequence, kv head, position) rows of an 8-bit cache that one dequantizing program takes

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qqq.kernels_triton.gpu import compiled_for_hopper, current_gpu
+from qqq.kernels_triton.swiglu import silu_times_up
 
 try:
     from qqq.kernels_triton.int8_gemm_ws import launch_int8_gemm_ws, shared_memory_bytes
@@ -53,14 +54,6 @@ def tile_coordinates(pid, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GR
     first_pid_n = (pid // pids_per_group) * GROUP_N
     group_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
     return first_pid_n + (pid % pids_per_group) % group_n, (pid % pids_per_group) // group_n
-
-
-@triton.jit
-def silu_times_up(gate, up):
-    """Llama's ``SiLU(gate) * up`` on 16-bit values, rounded where PyTorch rounds (after the SiLU, after the
-    product)."""
-    silu = (gate.to(tl.float32) / (1.0 + tl.exp(-gate.to(tl.float32)))).to(gate.dtype)
-    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 def silu_mul_register_cap(num_warps: int, silu_mul: bool) -> int | None:

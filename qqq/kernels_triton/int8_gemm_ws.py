@@ -23,6 +23,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qqq.kernels_triton.gpu import current_gpu
+from qqq.kernels_triton.swiglu import silu_times_up
 
 # renamed after Triton 3.6 (the GPU machine's), same arguments: the TMA copy into shared memory, the barrier of
 # the partition's warps
@@ -93,14 +94,6 @@ def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles,
 
 
 @gluon.jit
-def _silu_times_up(gate, up):
-    """``int8_gemm.silu_times_up``: Llama's ``SiLU(gate) * up`` on 16-bit values, rounded after the SiLU and the
-    product."""
-    silu = (gate.to(gl.float32) / (1.0 + gl.exp(-gate.to(gl.float32)))).to(gate.dtype)
-    return (silu.to(gl.float32) * up.to(gl.float32)).to(gate.dtype)
-
-
-@gluon.jit
 def _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, stride_om, off_n,
               off_m, ACC_LAYOUT: gl.constexpr, X16: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr,
               SILU_MUL: gl.constexpr, NUM_WARPS: gl.constexpr):
@@ -139,7 +132,7 @@ def _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc
         up = rows.slice(BLOCK_M, BLOCK_M, dim=1).load(PAIR_LAYOUT)
         offs_j = off_n // 2 + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, PAIR_LAYOUT))
         offs_t = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, PAIR_LAYOUT))
-        gl.store(out_ptr + offs_t[None, :] * stride_om + offs_j[:, None], _silu_times_up(gate, up),
+        gl.store(out_ptr + offs_t[None, :] * stride_om + offs_j[:, None], silu_times_up(gate, up),
                  mask=(offs_j < N // 2)[:, None] & (offs_t < M)[None, :])
     else:
         gl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], y, mask=mask)
