@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Downloads into .whl/ the wheels the GPU test suite needs beyond torch / triton / transformers, for a GPU machine
-# without internet (copy .whl there, then: python3 -m pip install --no-index --find-links .whl pytest pytest-xdist
-# exllamav2==0.3.2). exllamav2 is installed without its dependencies: only its calibration text is read.
+# without internet. Copy .whl there, then:
+#   python3 -m pip install --no-index --find-links .whl pytest pytest-xdist
+#   python3 -m pip install --no-index --find-links .whl --no-deps exllamav2==0.3.2
+# exllamav2 goes in without its dependencies (their wheels are not here): only its calibration text is read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY_VERSION:-3.12}
