@@ -402,7 +402,8 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
     config_table.check_config("w8a8", ws, 1024, 4096, 4096, -1)
     config_table.check_config("w4a8_group", dict(ws, DEQUANT=1, WS=1), 1024, 4096, 4096, 128)
     config_table.check_config("w4a8", ws, 1024, 4096, 4096, -1)  # without DEQUANT: the fused Gluon kernel
-    for kernel, bad, reason in [("w4a16", ws, "not a W4A8 or int8 GEMM"), ("w4a8", dict(ws, SPLIT_K=2), "split-K"),
+    config_table.check_config("w4a8", dict(ws, SPLIT_K=2), 1024, 4096, 4096, -1)  # which has split-K work units
+    for kernel, bad, reason in [("w4a16", ws, "not a W4A8 or int8 GEMM"), ("w8a8", dict(ws, SPLIT_K=2), "split-K"),
                                 ("w8a8", dict(ws, WS=3), "no such kernel"),
                                 ("w8a8", dict(ws, BLOCK_N=64, num_warps=8), "16 rows a warp"),
                                 ("w8a8", dict(ws, BLOCK_K=256), "256 columns")]:
