@@ -302,12 +302,18 @@ def main():
     parser.add_argument("--tune-shipped", action="store_true",
                         help="time only the configs this chip's files hold for each problem (this and the "
                              "neighbouring M buckets; every candidate where none): a quick tune for a new GPU")
+    parser.add_argument("--tune-paths", default="",
+                        help="with --tune-shipped: also every W4A8 candidate of these comma-separated launch paths "
+                             "(w4a8_gemm.launch_path, e.g. fused_ws_split_k): a kernel path newer than the files")
     parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
     parser.add_argument("--ms", default=",".join(map(str, M_VALUES)))
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>/gemm_speed.png from the csv")
     args = parser.parse_args()
+    new_paths = tuple(filter(None, args.tune_paths.split(",")))
+    if new_paths and not args.tune_shipped:
+        parser.error("--tune-paths adds candidates to --tune-shipped (a full tune times every path already)")
     try:
         shapes = SHAPES if args.shapes == "all" else shapes_named(args.shapes)
         tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes
@@ -340,7 +346,8 @@ def main():
         # a fused gate/up shape is timed with the SiLU*up epilogue the W4A8 and W8A8 MLPs run it with
         problems = [autotune.Shape(n, k, g, silu_mul=name.endswith("_gate_up"))
                     for name, n, k in tune_shapes for g in (-1, 128)]
-        autotune.tune(problems, ms, path=args.config_json, timings=timings, shipped_only=args.tune_shipped)
+        autotune.tune(problems, ms, path=args.config_json, timings=timings, shipped_only=args.tune_shipped,
+                      new_paths=new_paths)
         if args.tune_baselines:
             base_ms = [int(v) for v in args.tune_baseline_ms.split(",")] if args.tune_baseline_ms else ms
             autotune.tune([shape for shape in problems if shape.group_size == -1], base_ms,

@@ -127,3 +127,56 @@ def test_the_quick_tuner_falls_back_to_every_candidate_where_nothing_is_shipped(
     every_timed = {_key(cfg) for configs in timed.values() for cfg in configs}
     assert sorted(_key(job.config) for job in compiled) == sorted(every_timed)
     assert json.loads((tmp_path / f"{H200.file_name}.json").read_text())["configs"].keys() == tuned.keys()
+
+
+def test_the_fused_gluon_kernel_splits_k_where_its_tiles_leave_sms_idle(monkeypatch):
+    monkeypatch.setattr(config_table, "current_gpu", lambda: H100)
+    monkeypatch.setattr(config_table, "tma_available", lambda: True)
+
+    def splits(kernel, n, k, group_size, bucket=64):
+        return {(cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["SPLIT_K"])
+                for cfg in config_table.candidate_configs(kernel, bucket, n, k, group_size)
+                if cfg["WS"] and cfg["SPLIT_K"] > 1}
+
+    # Llama-2-7B o at 64 tokens: 32 tiles of 128 x 64 for 132 SMs -> 4 parts (128 units) and 8 (256)
+    assert {(128, 64, 4), (128, 64, 8)} <= splits("w4a8_group", 4096, 4096, 128)
+    assert all(split in (2, 4, 8) for *_, split in splits("w4a8", 4096, 4096, -1))
+    assert splits("w4a8", 22016, 4096, -1) == set()  # 172 tiles already fill the SMs
+    assert splits("w4a8", 4096, 256, -1) == set()  # at most 4 K steps: no two parts of 4 steps or more
+    # every split candidate is a valid config, on the path of the fused Gluon kernel with work units
+    from qqq.kernels_triton.w4a8_gemm import launch_path
+    config = dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, GROUP_N=8, num_warps=4, num_stages=4, WS=2)
+    config_table.check_config("w4a8_group", config, 64, 4096, 4096, 128)
+    assert launch_path(config, 128) == "fused_ws_split_k"
+    for not_fused in (dict(config, DEQUANT=1), dict(config, WS=0, TMA=1)):  # the int8 GEMMs have no split-K
+        with pytest.raises(ValueError, match="without split-K"):
+            config_table.check_config("w4a8_group", not_fused, 64, 4096, 4096, 128)
+    with pytest.raises(ValueError, match="without split-K"):
+        config_table.check_config("w8a8", dict(config, SPLIT_K=2), 64, 4096, 4096, -1)
+
+
+def test_a_quick_tune_adds_every_candidate_of_a_newer_path(on_gpu, tmp_path, monkeypatch):
+    import torch
+
+    from qqq.kernels_triton import autotune
+    from qqq.kernels_triton.w4a8_gemm import launch_path
+
+    on_gpu(H200)
+    monkeypatch.setattr(config_table, "tma_available", lambda: True)
+    monkeypatch.setattr(autotune, "current_gpu", lambda: H200)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    every = config_table.candidate_configs("w4a8_group", 64, 4096, 4096, 128)
+    shipped = next(cfg for cfg in every if launch_path(cfg, 128) == "fused")
+    write(tmp_path, H200, {config_table.config_key("w4a8_group", 4096, 4096, 128, 64): shipped})
+    timed = []
+    monkeypatch.setattr(autotune, "precompile", lambda jobs: None)
+
+    def fake_tune_problem(kernel, m, n, k, group_size, candidates, **_):
+        timed.extend(candidates)
+        return candidates[0], 1.0
+    monkeypatch.setattr(autotune, "tune_problem", fake_tune_problem)
+    autotune.tune([(4096, 4096, 128)], [64], verbose=False, shipped_only=True, new_paths=("fused_ws_split_k",))
+    quick = config_table.shipped_candidates("w4a8_group", 64, 4096, 4096, 128)  # the shipped tile, any BLOCK_M
+    split = [cfg for cfg in every if launch_path(cfg, 128) == "fused_ws_split_k"]
+    assert _key(shipped) in map(_key, quick) and split
+    assert [_key(cfg) for cfg in timed] == [_key(cfg) for cfg in quick + split]

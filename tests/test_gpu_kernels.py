@@ -63,6 +63,9 @@ GEMM_PATH_CONFIGS = {
     # the fused Gluon kernel: 128-column K steps (64 for groups of 32, as the fallback's tiles need), per SM
     "fused_ws": lambda g: dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=min(128, _narrow_block_k(g)), SPLIT_K=1, GROUP_N=8,
                                num_warps=4, num_stages=4, WS=2),
+    # its work units: 3 parts, so that they differ in length and a program's units cross tiles
+    "fused_ws_split_k": lambda g: dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=min(128, _narrow_block_k(g)), SPLIT_K=3,
+                                       GROUP_N=8, num_warps=4, num_stages=4, WS=2),
 }
 # the persistent TMA-fed int8 GEMM (W8A8 and W4A8's dequant_tma), and the token counts that make it loop: at 2100
 # tokens a 1000-row weight is 8 x 33 tiles of 128 x 64, twice the 132 programs of an H200
@@ -99,7 +102,7 @@ GEMM_CASES = _gemm_cases()
 
 def _gemm_path_ms(path):
     """Token counts a path is checked at: decode to prefill, the streaming kernel up to its 16 tokens."""
-    return (1, 2, 16) if path.startswith("streaming") else TMA_MS if path.endswith(("_tma", "_ws")) else (1, 33, 300)
+    return (1, 2, 16) if path.startswith("streaming") else TMA_MS if "_tma" in path or "_ws" in path else (1, 33, 300)
 
 # the SiLU*up epilogue: each path's kernel, per-channel and g128 (unclamped, as a layer runs it)
 SILU_MUL_CASES = sorted({(path, g) for path, g, clamp in GEMM_CASES if g in (-1, 128) and (g == -1 or not clamp)})
@@ -137,13 +140,13 @@ def all_launch_branches() -> set[tuple[str, str]]:
 
 def test_every_launch_branch_has_a_gpu_case():
     """Runs everywhere: a branch added to a launcher without a case in this file fails here, on the CPU too."""
-    from qqq.kernels_triton.w4a8_gemm import _launch_path
+    from qqq.kernels_triton.w4a8_gemm import launch_path
 
     assert all_launch_branches() - covered_branches() == set()
     assert covered_branches() - all_launch_branches() == set()
     for path, g, _ in GEMM_CASES:  # each forcing config takes the path it is meant to, and is a valid config
         config = GEMM_PATH_CONFIGS[path](g)
-        assert _launch_path(config, g) == path
+        assert launch_path(config, g) == path
         config_table.check_config("w4a8" if g == -1 else "w4a8_group", config, _gemm_path_ms(path)[-1], 1000, 8192,
                                   g)
 

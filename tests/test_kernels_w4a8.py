@@ -11,7 +11,7 @@ from qqq.kernels_triton.activation_quant import quantize_per_token
 from qqq.kernels_triton.baselines import w4a16_linear, w8a8_gemm, w8a8_linear
 from qqq.kernels_triton.packing import pack_int4, unpack_int4
 from qqq.kernels_triton.fused_producers import silu_mul_quantize
-from qqq.kernels_triton.w4a8_gemm import _launch_path, w4a8_gemm, w4a8_linear
+from qqq.kernels_triton.w4a8_gemm import launch_path, w4a8_gemm, w4a8_linear
 from qqq.linear import QQQLinear
 
 pytestmark = interpreted_kernels
@@ -174,7 +174,7 @@ def test_w4a8_silu_mul_epilogue_is_the_producer_on_the_outputs(m, n, k, group_si
         gated = w4a8_gemm(*args, config=cfg, ratios_fit_int8=group_size != -1, silu_mul=True)
     expected = silu_mul_quantize(halves_of_alternating_channels(outputs), quantize=False)
     assert gated.shape == (m, n // 2) and torch.equal(gated, expected)
-    assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
+    assert ("w4a8_gemm", f"silu_mul/{launch_path(cfg, group_size)}") in taken
 
 
 @pytest.mark.parametrize("kernel,group_size,cfg", [
@@ -196,7 +196,7 @@ def test_the_tuner_times_a_gate_up_shape_with_its_silu_mul_epilogue(kernel, grou
     assert gated.shape == (33, 24)
     assert torch.equal(gated, silu_mul_quantize(halves_of_alternating_channels(plain), quantize=False))
     if kernel != "w8a8":
-        assert ("w4a8_gemm", f"silu_mul/{_launch_path(cfg, group_size)}") in taken
+        assert ("w4a8_gemm", f"silu_mul/{launch_path(cfg, group_size)}") in taken
 
 
 def test_the_compile_worker_builds_each_problem_once_with_its_epilogue_flag(monkeypatch):
@@ -402,7 +402,8 @@ def test_tma_configs_are_int8_gemms_of_copyable_tiles():
     config_table.check_config("w8a8", ws, 1024, 4096, 4096, -1)
     config_table.check_config("w4a8_group", dict(ws, DEQUANT=1, WS=1), 1024, 4096, 4096, 128)
     config_table.check_config("w4a8", ws, 1024, 4096, 4096, -1)  # without DEQUANT: the fused Gluon kernel
-    for kernel, bad, reason in [("w4a16", ws, "not a W4A8 or int8 GEMM"), ("w4a8", dict(ws, SPLIT_K=2), "split-K"),
+    config_table.check_config("w4a8", dict(ws, SPLIT_K=2), 1024, 4096, 4096, -1)  # which has split-K work units
+    for kernel, bad, reason in [("w4a16", ws, "not a W4A8 or int8 GEMM"), ("w8a8", dict(ws, SPLIT_K=2), "split-K"),
                                 ("w8a8", dict(ws, WS=3), "no such kernel"),
                                 ("w8a8", dict(ws, BLOCK_N=64, num_warps=8), "16 rows a warp"),
                                 ("w8a8", dict(ws, BLOCK_K=256), "256 columns")]:

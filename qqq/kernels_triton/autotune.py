@@ -192,7 +192,7 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
 
 
 def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
-         timings: list | None = None, shipped_only: bool = False) -> dict:
+         timings: list | None = None, shipped_only: bool = False, new_paths: tuple[str, ...] = ()) -> dict:
     """Autotune W4A8 kernels for ``shapes`` (``Shape`` fields each: ``(N, K, group_size)``, group_size -1 =
     per-channel; ``(N, K, group_size, True)`` for a fused gate/up shape, timed with its SiLU*up epilogue) over the M
     buckets of ``m_values`` and merge the winners into the JSON cache of the current GPU.
@@ -201,7 +201,8 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     tune the baselines of per-channel shapes too. ``path`` overrides the JSON file; ``timings`` (a list)
     collects every measured ``(kernel, N, K, group_size, bucket, config, us)``. ``shipped_only``: time only the
     configs this chip's files already hold for each problem (``config_table.shipped_candidates``), all candidates
-    where they hold none. Returns {key: config}."""
+    where they hold none; ``new_paths`` adds every candidate of these ``w4a8_gemm.launch_path`` paths (a kernel path
+    newer than the files). Returns {key: config}."""
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
     device = device_name()
@@ -211,8 +212,12 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     compiled = set()
 
     def candidates(kernel, bucket, n, k, group_size):
+        every = candidate_configs(kernel, bucket, n, k, group_size)
         shipped = shipped_candidates(kernel, bucket, n, k, group_size) if shipped_only else []
-        return shipped or candidate_configs(kernel, bucket, n, k, group_size)
+        if not shipped or kernel not in ("w4a8", "w4a8_group"):
+            return shipped or every
+        return shipped + [cfg for cfg in every if cfg not in shipped
+                          and w4a8_gemm.launch_path(cfg, group_size) in new_paths]
 
     for n, k, group_size, silu_mul in (Shape(*shape) for shape in shapes):
         names = kernels or (("w4a8",) if group_size == -1 else ("w4a8_group",))

@@ -117,10 +117,11 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
         if not config.get(option, 0):
             continue
         int8_gemm = kernel == "w8a8" or config.get("DEQUANT", 0)
-        fused_ws = option == "WS" and kernel in ("w4a8", "w4a8_group") and not config.get("GEMV", 0)
-        if not (int8_gemm or fused_ws) or config["SPLIT_K"] != 1:
-            raise ValueError(f"{option}={config[option]} runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) or, WS "
-                             "only, the fused W4A8 kernel, without split-K")
+        fused_ws = option == "WS" and kernel in ("w4a8", "w4a8_group") and not config.get("GEMV", 0) \
+            and not int8_gemm
+        if not (int8_gemm or fused_ws) or (config["SPLIT_K"] != 1 and not fused_ws):
+            raise ValueError(f"{option}={config[option]} runs the int8 GEMM (W8A8, or W4A8 with DEQUANT=1) without "
+                             "split-K or, WS only, the fused W4A8 kernel")
         if max(config["BLOCK_N"], config["BLOCK_M"]) > TMA_MAX_BLOCK[0] or block_k > TMA_MAX_BLOCK[1]:
             raise ValueError(f"{option}={config[option]} copies tiles of at most {TMA_MAX_BLOCK[0]} rows and "
                              f"{TMA_MAX_BLOCK[1]} columns, got {config}")
@@ -160,6 +161,19 @@ def _auto_split_k(tiles: int, k_tiles: int) -> int:
     while split < 16 and tiles * split * 2 <= target_programs and k_tiles // (split * 2) >= 2:
         split *= 2
     return split
+
+
+def _fused_ws_splits(tiles: int, k_tiles: int) -> tuple[int, ...]:
+    """Split-K for a fused Gluon tile (``WS=2``) whose tiles leave SMs idle: the fewest parts, a power of two, that
+    give 90% of the SMs a work unit, and twice that (a second wave of smaller units), each part at least 4 K
+    steps; none where the tiles fill the SMs."""
+    sm_count = current_gpu().sm_count
+    split = 1
+    while tiles * split < 0.9 * sm_count and k_tiles // (2 * split) >= 4:
+        split *= 2
+    if split == 1:
+        return ()
+    return (split, 2 * split) if k_tiles // (2 * split) >= 4 else (split,)
 
 
 def _ws_candidates(tiles, bucket: int, **fields) -> list[dict]:
@@ -216,6 +230,9 @@ def candidate_configs(kernel: str, bucket: int, n: int, k: int, group_size: int)
             raw += _ws_candidates(WS_TILES, bucket, DEQUANT=int(kernel != "w8a8"))
     if kernel in ("w4a8", "w4a8_group") and bucket >= FUSED_WS_MIN_BUCKET and tma_available():
         fused = _ws_candidates(FUSED_WS_TILES, bucket)
+        fused += [dict(cfg, SPLIT_K=split) for cfg in fused if cfg["WS"] == 2
+                  for split in _fused_ws_splits(math.ceil(n / cfg["BLOCK_N"]) * math.ceil(bucket / cfg["BLOCK_M"]),
+                                                k // cfg["BLOCK_K"])]
         raw += fused
         if kernel == "w4a8_group":  # twice the warps for the per-group conversion's arithmetic
             raw += [dict(cfg, CONVERT_WARPS=8) for cfg in fused if cfg["WS"] == 2]

@@ -64,6 +64,43 @@ def tile_counts(M, N, K, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: 
 
 
 @gluon.jit
+def work_unit(unit, k_tiles, SPLIT_K: gl.constexpr):
+    """Work unit ``unit`` of a grid over ``tiles * SPLIT_K`` units: its output tile and its K steps
+    ``[first, end)``, the tile's steps in ``SPLIT_K`` parts that differ by at most one step (none empty while
+    ``SPLIT_K <= k_tiles``). The parts of a tile are consecutive units, so they run side by side."""
+    part = unit % SPLIT_K
+    return unit // SPLIT_K, part * k_tiles // SPLIT_K, (part + 1) * k_tiles // SPLIT_K
+
+
+@gluon.jit
+def split_k_sum(acc, tile, workspace_ptr, tickets_ptr, off_n, off_m, M, N, ACC_LAYOUT: gl.constexpr,
+                SPLIT_K: gl.constexpr):
+    """``int8_gemm.split_k_sum`` in Gluon: the unit's int32 sums go into the zeroed workspace [M, N]; returns
+    ``(total, last)``, ``last`` for the tile's last unit to take its ticket, whose ``total`` is the whole sum and
+    which leaves the workspace and the ticket zeroed. Gluon has no scalar atomics: the tile's first element takes the
+    ticket, and a reduction hands it to every thread of the partition."""
+    BLOCK_N: gl.constexpr = acc.shape[0]
+    BLOCK_M: gl.constexpr = acc.shape[1]
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))[:, None]
+    columns = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))[None, :]
+    mask = (off_n + rows < N) & (off_m + columns < M)
+    sums = workspace_ptr + (off_m + columns) * N + off_n + rows
+    # relaxed, as in int8_gemm.split_k_sum: the barrier and the ticket's acq_rel order the sums
+    gl.atomic_add(sums, acc, mask=mask, sem="relaxed")
+    partition_barrier()  # every thread's sums are in before the ticket
+    first = (rows == 0) & (columns == 0)
+    ticket_ptrs = tickets_ptr + tile + rows * 0 + columns * 0
+    taken = gl.atomic_add(ticket_ptrs, gl.full_like(acc, 1), mask=first)
+    ticket = gl.max(gl.max(gl.where(first, taken, -1), axis=1), axis=0)
+    last = ticket == SPLIT_K - 1
+    total = acc
+    if last:
+        total = gl.atomic_xchg(sums, gl.zeros_like(acc), mask=mask, sem="relaxed")
+        gl.atomic_xchg(ticket_ptrs, gl.zeros_like(acc), mask=first)
+    return total, last
+
+
+@gluon.jit
 def barrier_ring(SLOTS: gl.constexpr):
     """One mbarrier per slot of the ring, each completed by one arrive (or one TMA transaction count)."""
     ring = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
@@ -74,16 +111,17 @@ def barrier_ring(SLOTS: gl.constexpr):
 
 @gluon.jit
 def _load_partition(w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N: gl.constexpr,
-                    SLOTS: gl.constexpr):
+                    SLOTS: gl.constexpr, SPLIT_K: gl.constexpr):
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     # each copy steps by its own block's width: a packed int4 weight block is half the activation block's
     W_STEP: gl.constexpr = w_desc.block_type.shape[1]
     A_STEP: gl.constexpr = a_desc.block_type.shape[1]
-    step = 0  # over every K step of every tile of this program: the ring runs on across tiles
-    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+    step = 0  # over every K step of every work unit of this program: the ring runs on across units
+    for unit in range(gl.program_id(0), tiles * SPLIT_K, gl.num_programs(0)):
+        tile, first_kt, end_kt = work_unit(unit, k_tiles, SPLIT_K)
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
-        for kt in range(k_tiles):
+        for kt in range(first_kt, end_kt):
             slot = step % SLOTS
             # the first pass over the ring finds every slot free (parity 1 of a fresh barrier counts as completed)
             mbarrier.wait(empty.index(slot), ((step // SLOTS) & 1) ^ 1)
@@ -140,25 +178,34 @@ def _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc
 
 @gluon.jit
 def _mma_partition(w_slots, a_slots, ready, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                   acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                   GROUP_N: gl.constexpr, SLOTS: gl.constexpr, ACC_LAYOUT: gl.constexpr, X16: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr, NUM_WARPS: gl.constexpr):
+                   acc_out_ptr, workspace_ptr, tickets_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N: gl.constexpr,
+                   BLOCK_M: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, ACC_LAYOUT: gl.constexpr,
+                   X16: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr,
+                   NUM_WARPS: gl.constexpr, SPLIT_K: gl.constexpr):
     step = 0
-    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+    for unit in range(gl.program_id(0), tiles * SPLIT_K, gl.num_programs(0)):
+        tile, first_kt, end_kt = work_unit(unit, k_tiles, SPLIT_K)
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=ACC_LAYOUT)
-        for kt in range(k_tiles):
+        for kt in range(first_kt, end_kt):
             slot = step % SLOTS
             mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
             acc = warpgroup_mma(w_slots.index(slot), a_slots.index(slot).permute((1, 0)), acc, is_async=True)
             # at most this wgmma in flight: the previous one has read its slot, which goes back to the producer
             acc = warpgroup_mma_wait(1, deps=(acc, ))
-            mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS), pred=kt > 0)
+            mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS), pred=kt > first_kt)
             step += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS))  # the tile's last slot: the producer runs ahead
-        _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, stride_om,
-                  off_n, off_m, ACC_LAYOUT, X16, HAS_BIAS, WRITE_ACC, SILU_MUL, NUM_WARPS)
+        mbarrier.arrive(empty.index((step + SLOTS - 1) % SLOTS))  # the unit's last slot: the producer runs ahead
+        if SPLIT_K == 1:
+            _epilogue(acc, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N, stride_om,
+                      off_n, off_m, ACC_LAYOUT, X16, HAS_BIAS, WRITE_ACC, SILU_MUL, NUM_WARPS)
+        else:
+            total, last = split_k_sum(acc, tile, workspace_ptr, tickets_ptr, off_n, off_m, M, N, ACC_LAYOUT,
+                                      SPLIT_K)
+            if last:
+                _epilogue(total, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr, acc_out_ptr, M, N,
+                          stride_om, off_n, off_m, ACC_LAYOUT, X16, HAS_BIAS, WRITE_ACC, SILU_MUL, NUM_WARPS)
 
 
 @gluon.jit
@@ -184,9 +231,10 @@ def int8_gemm_ws_kernel(w_desc, a_desc, a_scale_ptr, channel_scale_ptr, bias_ptr
 
     gl.warp_specialize([
         (_mma_partition, (w_slots, a_slots, ready, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr, out_ptr,
-                          acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS, ACC_LAYOUT,
-                          X16, HAS_BIAS, WRITE_ACC, SILU_MUL, num_warps)),
-        (_load_partition, (w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N, SLOTS)),
+                          acc_out_ptr, acc_out_ptr, acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N, BLOCK_M,
+                          GROUP_N, SLOTS, ACC_LAYOUT, X16, HAS_BIAS, WRITE_ACC, SILU_MUL, num_warps, 1)),
+        (_load_partition, (w_desc, a_desc, w_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N, SLOTS,
+                           1)),
     ], [1], [24])
 
 

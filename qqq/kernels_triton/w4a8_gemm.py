@@ -60,10 +60,10 @@ assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance o
 
 
 def _gemm_paths(group_size: int) -> tuple[str, ...]:
-    """The launch paths of ``w4a8_gemm`` for one weight format (see ``_launch_path``)."""
+    """The launch paths of ``w4a8_gemm`` for one weight format (see ``launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
-    return ("fused", "fused_ws", "split_k", "dequant", "dequant_tma", "dequant_ws", "streaming",
+    return ("fused", "fused_ws", "fused_ws_split_k", "split_k", "dequant", "dequant_tma", "dequant_ws", "streaming",
             "streaming_split_k") + per_group + wide
 
 
@@ -298,14 +298,14 @@ def fused_ws_ready(a_codes: torch.Tensor, qweight: torch.Tensor, config: dict, o
                                                                  a_codes, qweight)
 
 
-def _launch_path(config: dict, group_size: int) -> str:
+def launch_path(config: dict, group_size: int) -> str:
     """The path ``config`` asks for (``dequant_ws`` runs as ``dequant_tma`` where the Gluon kernel cannot run, and
     that as ``dequant`` where the operands do not suit TMA: ``int8_gemm.launch_int8_gemm``; ``fused_ws`` runs as the
     path of the same tiles without ``WS`` where the fused Gluon kernel cannot: ``fused_ws_ready``)."""
     if config.get("DEQUANT", 0):
         return "dequant_ws" if config.get("WS", 0) else "dequant_tma" if config.get("TMA", 0) else "dequant"
     if config.get("WS", 0):
-        return "fused_ws"
+        return "fused_ws_split_k" if config["SPLIT_K"] > 1 else "fused_ws"
     if config.get("GEMV", 0):
         return "streaming_split_k" if config["SPLIT_K"] > 1 else "streaming"
     if config["SPLIT_K"] > 1:
@@ -358,12 +358,14 @@ def w4a8_gemm(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group
         return (out, acc_out) if return_acc else out
     if config.get("WS", 0):
         if fused_ws_ready(a_codes, qweight, config, out.element_size(), silu_mul):
+            tiles = triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(m, config["BLOCK_M"])
+            buffers = split_k_workspace(a_codes.device, m * n, tiles) if config["SPLIT_K"] > 1 else None
             launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out,
-                                acc_out, config, return_acc, clamp, silu_mul)
-            _record(group_size, clamp, silu_mul, "fused_ws")
+                                acc_out, config, return_acc, clamp, silu_mul, split_k_buffers=buffers)
+            _record(group_size, clamp, silu_mul, launch_path(config, group_size))
             return (out, acc_out) if return_acc else out
         config = dict(config, WS=0)  # the same tiles on this module's kernels
-    _record(group_size, clamp, silu_mul, _launch_path(config, group_size))
+    _record(group_size, clamp, silu_mul, launch_path(config, group_size))
     if config.get("GEMV", 0):  # decode: the streaming CUDA-core kernel
         block_n, split_k = config["BLOCK_N"], config["SPLIT_K"]
         workspace, tickets = split_k_workspace(a_codes.device, m * n, triton.cdiv(n, block_n)) \

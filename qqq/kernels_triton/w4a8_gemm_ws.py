@@ -12,7 +12,10 @@ conversion in a partition of its own, off the wgmma's path: a W4A8 config with `
   epilogue, exactly ``int8_gemm_ws``'s (``_mma_partition``), waiting for the converter instead of the loader.
 
 Each slot passes loader -> converter -> wgmma -> loader through three mbarriers (ready, converted, empty), so the
-packed buffer is refilled only after its int8 buffer has been read. The register-operand design of branch
+packed buffer is refilled only after its int8 buffer has been read. With ``SPLIT_K`` each tile's K steps are split
+into that many work units (``int8_gemm_ws.work_unit``), whose int32 sums meet in the split-K workspace
+(``int8_gemm_ws.split_k_sum``; the last unit runs the epilogue): for the shapes whose tiles leave SMs idle at small
+M (Llama-2-7B's o and down have 32 tiles of 128 rows for 132 SMs), where the conversion sets the pace. The register-operand design of branch
 ``gluon-fused`` kept the unpacking in series with the wgmma (a wait after every chunk: Triton 3.6 cannot list 8-bit
 register operands among a wait's dependencies); here the wgmma reads both operands from shared memory.
 """
@@ -28,7 +31,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
-                                             barrier_ring, partition_barrier, tile_counts)
+                                             barrier_ring, partition_barrier, tile_counts, work_unit)
 from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED, ratio_pair
 
 
@@ -69,20 +72,22 @@ def _group_pairs(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.
 @gluon.jit
 def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
                        BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                       CLAMP: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr):
+                       CLAMP: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr,
+                       SPLIT_K: gl.constexpr):
     # A K step's whole packed tile is loaded, unpacked and stored at once: one load and one store a step, since
     # the compiler puts a barrier of the converter's warps between any two stores into the int8 buffer (it does
     # not tell the slices apart). A thread holds 16 packed bytes of a chunk row, [BLOCK_N, CHUNKS, 32] viewed.
     CHUNKS: gl.constexpr = BLOCK_K // 64
     PACKED_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 16], [16, 1, 2], [CONVERT_WARPS, 1, 1], [2, 1, 0])
     step = 0
-    for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+    for unit in range(gl.program_id(0), tiles * SPLIT_K, gl.num_programs(0)):
+        tile, first_kt, end_kt = work_unit(unit, k_tiles, SPLIT_K)
         off_n, off_m = _tile_offsets(tile, M, N, BLOCK_N, BLOCK_M, GROUP_N)
         rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, PACKED_LAYOUT)))
         ratio_row = (ratio_ptr + gl.minimum(rows, N - 1) * n_groups)[:, None]  # rows past N: row N - 1's
         if GROUP_SIZE != -1:  # the ratios are loaded a K step ahead, off the unpacking's path
-            pair_low, pair_high = _group_pairs(ratio_row, 0, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
-        for kt in range(k_tiles):
+            pair_low, pair_high = _group_pairs(ratio_row, first_kt, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
+        for kt in range(first_kt, end_kt):
             slot = step % SLOTS
             mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
             packed = packed_slots.index(slot).reshape([BLOCK_N, CHUNKS, 32]).load(PACKED_LAYOUT)
@@ -102,10 +107,11 @@ def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N
 
 @gluon.jit
 def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, ratio_ptr, bias_ptr, out_ptr,
-                        acc_out_ptr, M, N, n_groups, stride_om, W8_LAYOUT: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                        CLAMP: gl.constexpr, HAS_BIAS: gl.constexpr, WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr,
-                        GROUP_N: gl.constexpr, SLOTS: gl.constexpr, CONVERT_WARPS: gl.constexpr,
-                        CONVERT_REGS: gl.constexpr, num_warps: gl.constexpr):
+                        acc_out_ptr, workspace_ptr, tickets_ptr, M, N, n_groups, stride_om, W8_LAYOUT: gl.constexpr,
+                        GROUP_SIZE: gl.constexpr, CLAMP: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        WRITE_ACC: gl.constexpr, SILU_MUL: gl.constexpr, GROUP_N: gl.constexpr, SLOTS: gl.constexpr,
+                        SPLIT_K: gl.constexpr, CONVERT_WARPS: gl.constexpr, CONVERT_REGS: gl.constexpr,
+                        num_warps: gl.constexpr):
     BLOCK_N: gl.constexpr = packed_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -126,12 +132,13 @@ def w4a8_gemm_ws_kernel(packed_desc, a_desc, a_scale_ptr, channel_scale_ptr, rat
         # the wgmma waits for the converter; the activation the loader copied is visible to it through the
         # converter's wait on ``ready`` and its arrive on ``converted``
         (_mma_partition, (w8_slots, a_slots, converted, empty, pairs, a_scale_ptr, channel_scale_ptr, bias_ptr,
-                          out_ptr, acc_out_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N, BLOCK_M, GROUP_N, SLOTS,
-                          ACC_LAYOUT, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC, SILU_MUL, num_warps)),
+                          out_ptr, acc_out_ptr, workspace_ptr, tickets_ptr, M, N, stride_om, tiles, k_tiles, BLOCK_N,
+                          BLOCK_M, GROUP_N, SLOTS, ACC_LAYOUT, GROUP_SIZE == -1, HAS_BIAS, WRITE_ACC, SILU_MUL,
+                          num_warps, SPLIT_K)),
         (_load_partition, (packed_desc, a_desc, packed_slots, a_slots, ready, empty, M, N, tiles, k_tiles, GROUP_N,
-                           SLOTS)),
+                           SLOTS, SPLIT_K)),
         (_convert_partition, (packed_slots, w8_slots, ready, converted, ratio_ptr, M, N, n_groups, tiles, k_tiles,
-                              BLOCK_N, BLOCK_M, BLOCK_K, GROUP_SIZE, CLAMP, GROUP_N, SLOTS, CONVERT_WARPS)),
+                              BLOCK_N, BLOCK_M, BLOCK_K, GROUP_SIZE, CLAMP, GROUP_N, SLOTS, CONVERT_WARPS, SPLIT_K)),
     ], [1, CONVERT_WARPS], [24, CONVERT_REGS])
 
 
@@ -145,12 +152,13 @@ def shared_memory_bytes(config: dict, out_bytes: int, silu_mul: bool) -> int:
 
 
 def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, bias, group_size, out, acc_out,
-                        config, write_acc: bool, clamp: bool, silu_mul: bool) -> None:
+                        config, write_acc: bool, clamp: bool, silu_mul: bool, split_k_buffers=None) -> None:
     """W4A8 on checked inputs (``w4a8_gemm``'s): ``a_codes`` int8 [M, K] and ``qweight`` uint8 [N, K / 2]
     (packing.py) with 16-byte aligned rows, the fp16 ``group_ratio`` [N, K / group_size] for per-group weights;
     ``config`` BLOCK_N, BLOCK_M, BLOCK_K (a multiple of 64), GROUP_N, num_warps, num_stages, WS (1: a program per
-    tile, 2: per SM), and optionally CONVERT_WARPS (4 or 8) and CONVERT_REGS (the converter's registers a thread:
-    ``CONVERT_REGS`` by its warps)."""
+    work unit, 2: per SM), and optionally SPLIT_K (each tile's K steps in that many work units, capped at the
+    steps; ``split_k_buffers`` then holds ``w4a8_gemm.split_k_workspace``'s zeroed workspace and tickets),
+    CONVERT_WARPS (4 or 8) and CONVERT_REGS (the converter's registers a thread: ``CONVERT_REGS`` by its warps)."""
     m, n = a_codes.shape[0], qweight.shape[0]
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
     convert_warps = config.get("CONVERT_WARPS", 4)
@@ -159,14 +167,19 @@ def launch_w4a8_gemm_ws(a_codes, a_scale, qweight, channel_scale, group_ratio, b
     a_desc = TensorDescriptor.from_tensor(a_codes, [block_m, block_k],
                                           gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.int8))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    grid = (min(tiles, current_gpu().sm_count) if config["WS"] == 2 else tiles,)
+    split_k = min(config.get("SPLIT_K", 1), triton.cdiv(a_codes.shape[1], block_k))
+    if split_k > 1 and split_k_buffers is None:
+        raise ValueError(f"SPLIT_K={split_k} needs the split-K workspace and tickets")
+    workspace, tickets = split_k_buffers if split_k > 1 else (acc_out, acc_out)  # unused without split-K
+    units = tiles * split_k
+    grid = (min(units, current_gpu().sm_count) if config["WS"] == 2 else units,)
     ratio = group_ratio if group_size != -1 else channel_scale  # any pointer when per-channel
     w4a8_gemm_ws_kernel[grid](packed_desc, a_desc, a_scale, channel_scale, ratio,
-                              bias if bias is not None else channel_scale, out, acc_out, m, n,
+                              bias if bias is not None else channel_scale, out, acc_out, workspace, tickets, m, n,
                               a_codes.shape[1] // abs(group_size), out.stride(0),
                               W8_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.int8),
                               GROUP_SIZE=group_size, CLAMP=clamp, HAS_BIAS=bias is not None, WRITE_ACC=write_acc,
                               SILU_MUL=silu_mul, GROUP_N=config["GROUP_N"], SLOTS=config["num_stages"],
-                              CONVERT_WARPS=convert_warps,
+                              SPLIT_K=split_k, CONVERT_WARPS=convert_warps,
                               CONVERT_REGS=config.get("CONVERT_REGS", CONVERT_REGS[convert_warps]),
                               num_warps=config["num_warps"])
