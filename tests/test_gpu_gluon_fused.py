@@ -40,18 +40,24 @@ def _launch(m, n, k, group_size, config, generator, silu_mul=False):
     return a_codes, a_scale, numerics.int8_weight(codes, ratio), scale, bias, out, acc
 
 
+def _assert_is_the_spec(m, k, group_size, config, generator):
+    """One launch of 1000 output channels against the spec: the exact int32 sums, and the outputs within the fp16
+    epilogue's tolerance."""
+    a_codes, a_scale, weight8, scale, bias, out, acc = _launch(m, 1000, k, group_size, config, generator)
+    expected_acc = numerics.int8_matmul_exact(a_codes, weight8)
+    assert torch.equal(acc.double(), expected_acc), f"M={m}: {(acc.double() != expected_acc).sum()} sums differ"
+    expected = numerics.int8_linear_reference(a_codes, a_scale, weight8, scale, bias, torch.float16)
+    tolerance = numerics.output_tolerance(expected, expected_acc, a_scale[:, None], scale)
+    assert bool(((out.float() - expected.float()).abs() <= tolerance).all()), f"M={m}"
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/WS{c['WS']}"
                                                           f"/c{c.get('CONVERT_WARPS', 4)}")
 @pytest.mark.parametrize("group_size,k", [(-1, 2048), (32, 2048), (128, 2048), (-1, 2112), (32, 2112)])
 def test_fused_gluon_w4a8_is_the_spec(config, group_size, k):
     generator = torch.Generator(device="cuda").manual_seed(11)
     for m in (1, 33, 300, 2100):
-        a_codes, a_scale, weight8, scale, bias, out, acc = _launch(m, 1000, k, group_size, config, generator)
-        expected_acc = numerics.int8_matmul_exact(a_codes, weight8)
-        assert torch.equal(acc.double(), expected_acc), f"M={m}: {(acc.double() != expected_acc).sum()} sums differ"
-        expected = numerics.int8_linear_reference(a_codes, a_scale, weight8, scale, bias, torch.float16)
-        tolerance = numerics.output_tolerance(expected, expected_acc, a_scale[:, None], scale)
-        assert bool(((out.float() - expected.float()).abs() <= tolerance).all()), f"M={m}"
+        _assert_is_the_spec(m, k, group_size, config, generator)
 
 
 @pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=lambda c: f"{c['BLOCK_N']}x{c['BLOCK_M']}/WS{c['WS']}"
@@ -64,13 +70,9 @@ def test_fused_gluon_w4a8_work_units_sum_exactly(config, group_size, k):
 
     generator = torch.Generator(device="cuda").manual_seed(5)
     for m in (1, 33, 300, 2100):
-        a_codes, a_scale, weight8, scale, bias, out, acc = _launch(m, 1000, k, group_size, config, generator)
-        expected_acc = numerics.int8_matmul_exact(a_codes, weight8)
-        assert torch.equal(acc.double(), expected_acc), f"M={m}: {(acc.double() != expected_acc).sum()} sums differ"
-        expected = numerics.int8_linear_reference(a_codes, a_scale, weight8, scale, bias, torch.float16)
-        tolerance = numerics.output_tolerance(expected, expected_acc, a_scale[:, None], scale)
-        assert bool(((out.float() - expected.float()).abs() <= tolerance).all()), f"M={m}"
-        workspace, tickets = split_k_workspace(out.device, 0, 0)
+        _assert_is_the_spec(m, k, group_size, config, generator)
+        # the launch's device as a tensor names it (with its index), the key of the workspace cache
+        workspace, tickets = split_k_workspace(torch.device("cuda", torch.cuda.current_device()), 0, 0)
         assert not workspace.any() and not tickets.any(), f"M={m}: the workspace was left dirty"
 
 
