@@ -31,7 +31,7 @@ from qqq import numerics  # noqa: E402
 from qqq.kernels_triton import autotune, baselines, config_table  # noqa: E402
 from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
-from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
+from qqq.kernels_triton.w4a8_gemm import launch_paths, w4a8_linear  # noqa: E402
 from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
 from qqq.provenance import atomic_write, provenance  # noqa: E402
 
@@ -302,18 +302,22 @@ def main():
     parser.add_argument("--tune-shipped", action="store_true",
                         help="time only the configs this chip's files hold for each problem (this and the "
                              "neighbouring M buckets; every candidate where none): a quick tune for a new GPU")
-    parser.add_argument("--tune-paths", default="",
+    parser.add_argument("--tune-paths", default=None,
                         help="with --tune-shipped: also every W4A8 candidate of these comma-separated launch paths "
-                             "(w4a8_gemm.launch_path, e.g. fused_ws_split_k): a kernel path newer than the files")
+                             "(w4a8_gemm.launch_path; default: the paths newer than some shipped files, as `qqq tune "
+                             "--quick`; '' for none)")
     parser.add_argument("--config-json", default=None, help="config cache to write (default: the package's)")
     parser.add_argument("--shapes", default="all", help="comma-separated shape names, or all")
     parser.add_argument("--ms", default=",".join(map(str, M_VALUES)))
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="redraw <out>/gemm_speed.png from the csv")
     args = parser.parse_args()
-    new_paths = tuple(filter(None, args.tune_paths.split(",")))
-    if new_paths and not args.tune_shipped:
+    if args.tune_paths is not None and not args.tune_shipped:
         parser.error("--tune-paths adds candidates to --tune-shipped (a full tune times every path already)")
+    new_paths = () if not args.tune_shipped else config_table.QUICK_TUNE_NEW_PATHS if args.tune_paths is None \
+        else tuple(filter(None, args.tune_paths.split(",")))
+    if set(new_paths) - set(launch_paths(-1) + launch_paths(128)):
+        parser.error(f"--tune-paths: W4A8 launch paths are {', '.join(sorted(set(launch_paths(128))))}")
     try:
         shapes = SHAPES if args.shapes == "all" else shapes_named(args.shapes)
         tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes

@@ -429,6 +429,7 @@ def linear_shape(text: str) -> tuple[int, int]:
 
 def cmd_tune(args) -> None:
     from qqq.kernels_triton.autotune import Shape, tune
+    from qqq.kernels_triton.config_table import QUICK_TUNE_NEW_PATHS
 
     if not torch.cuda.is_available():
         sys.exit("qqq: error: tuning times the kernels on a CUDA GPU; none is available")
@@ -441,7 +442,7 @@ def cmd_tune(args) -> None:
     if not shapes:
         sys.exit("qqq: error: give a MODEL or at least one --shape NxK")
     tune([Shape(n, k, g, silu_mul=(n, k) == gate_up) for n, k in shapes for g in args.group_size],
-         shipped_only=args.quick)
+         shipped_only=args.quick, new_paths=QUICK_TUNE_NEW_PATHS if args.quick else ())
 
 
 def cmd_export(args) -> None:
@@ -537,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="group sizes to tune, -1 = per-channel")
     tune.add_argument("--quick", action="store_true",
                       help="time only the configs shipped for a GPU of the same chip (this and the neighbouring M "
-                           "buckets; every candidate where none is shipped): a handful a problem, not about 80")
+                           "buckets; every candidate where none is shipped), plus every candidate of a kernel path "
+                           "newer than the shipped files (split-K in the fused Gluon kernel): a handful a problem, "
+                           "not about 80")
     tune.set_defaults(run=cmd_tune)
     return parser
 

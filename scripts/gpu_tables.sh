@@ -2,9 +2,9 @@
 # On a CUDA GPU: tune the W4A8 kernels for it, check them, then measure them.
 #   bash scripts/gpu_tables.sh OUT [STAGE...]      stages, in this order by default: tune suite gemm e2e
 # tune   the quick tune of every M bucket of the 13 shapes of experiments/gemm_speed.py (`--tune-shipped`: the configs
-#        shipped for this chip, plus `--tune-paths fused_ws_split_k`: every split-K candidate of the fused Gluon
-#        kernel, a path most shipped entries predate), into this GPU's file under qqq/kernels_triton/configs/ (saved
-#        after each shape; a copy goes to OUT); FULL_TUNE=1 times every candidate instead (about 80 a problem)
+#        shipped for this chip, plus every candidate of the paths newer than some shipped files, the fused Gluon
+#        kernel's split-K), into this GPU's file under qqq/kernels_triton/configs/ (saved after each shape; a copy
+#        goes to OUT); FULL_TUNE=1 times every candidate instead (about 80 a problem)
 # suite  the GPU test suite on the configs as they are now (with -n 8 where pytest-xdist is installed; its CLI test
 #        reads exllamav2's text: scripts/gpu_wheels.sh)
 # gemm   experiments/gemm_speed.py at M 1 to 4096 on the 13 shapes -> OUT/gemm
@@ -37,7 +37,7 @@ for stage in "$@"; do
     echo "== $stage $(date -u '+%F %T UTC')"
     case "$stage" in
         tune)
-            quick=$([ "${FULL_TUNE:-0}" = 1 ] || echo --tune-shipped --tune-paths fused_ws_split_k)
+            quick=$([ "${FULL_TUNE:-0}" = 1 ] || echo --tune-shipped)
             logged tune python3 experiments/gemm_speed.py --tune $quick --shapes "${SHAPES:-all}" \
                 ${TUNE_MS:+--tune-ms "$TUNE_MS"} --no-bench --out "$OUT/tune"
             device=$(python3 -c "from qqq.kernels_triton.config_table import device_name; print(device_name())")

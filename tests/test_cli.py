@@ -65,14 +65,15 @@ def test_tune_times_the_models_fused_gate_up_shape_with_its_epilogue(tiny_model_
 
     asked, quick = [], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(autotune, "tune",
-                        lambda shapes, shipped_only: (asked.extend(shapes), quick.append(shipped_only)))
+    monkeypatch.setattr(autotune, "tune", lambda shapes, shipped_only, new_paths: (
+        asked.extend(shapes), quick.append((shipped_only, new_paths))))
     main(["tune", str(tiny_model_dir), "--group-size", "-1", "128"])
     assert {(s.n, s.k) for s in asked if s.silu_mul} == {(256, 64)}
     assert len(asked) == 2 * 5  # the five linear shapes above, per-channel and g128
     assert {s.group_size for s in asked} == {-1, 128}
-    main(["tune", str(tiny_model_dir), "--quick"])  # only the configs shipped for this chip are timed
-    assert quick == [False, True]
+    # only the configs shipped for this chip, and those of the paths newer than the shipped files
+    main(["tune", str(tiny_model_dir), "--quick"])
+    assert quick == [(False, ()), (True, ("fused_ws_split_k",))]
 
 
 def test_eval_zeroshot_scores_a_checkpoint_as_the_library_does(tiny_model_dir, tmp_path, capsys, reference_backend):

@@ -180,3 +180,5 @@ def test_a_quick_tune_adds_every_candidate_of_a_newer_path(on_gpu, tmp_path, mon
     split = [cfg for cfg in every if launch_path(cfg, 128) == "fused_ws_split_k"]
     assert _key(shipped) in map(_key, quick) and split
     assert [_key(cfg) for cfg in timed] == [_key(cfg) for cfg in quick + split]
+    with pytest.raises(ValueError, match="no W4A8 launch path named"):
+        autotune.tune([(4096, 4096, 128)], [64], shipped_only=True, new_paths=("fused_split",))

@@ -44,3 +44,16 @@ def test_plot_only_without_the_csv_stops_in_one_line(gemm_speed, monkeypatch, ca
     assert stop.value.code == 2
     assert f"--plot-only: {tmp_path / 'out' / 'gemm_speed.csv'} not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tune", "--tune-paths", "fused_ws_split_k"], "--tune-paths adds candidates to --tune-shipped"),
+    (["--tune", "--tune-shipped", "--tune-paths", "fused_split"], "--tune-paths: W4A8 launch paths are"),
+])
+def test_the_quick_tunes_extra_paths_are_checked_before_anything_runs(gemm_speed, monkeypatch, capsys, tmp_path,
+                                                                      args, message):
+    monkeypatch.setattr(sys, "argv", ["gemm_speed.py", *args, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        gemm_speed.main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

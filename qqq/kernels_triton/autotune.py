@@ -203,6 +203,9 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     configs this chip's files already hold for each problem (``config_table.shipped_candidates``), all candidates
     where they hold none; ``new_paths`` adds every candidate of these ``w4a8_gemm.launch_path`` paths (a kernel path
     newer than the files). Returns {key: config}."""
+    unknown = set(new_paths) - set(w4a8_gemm.launch_paths(-1) + w4a8_gemm.launch_paths(128))
+    if unknown:
+        raise ValueError(f"new_paths: no W4A8 launch path named {sorted(unknown)}")
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
     device = device_name()

@@ -59,7 +59,7 @@ except ImportError:  # a Triton without Gluon runs WS configs on the fused Trito
 assert PACK_HALF_K == 32, "the kernels hard-code the 32-column nibble distance of packing.py"
 
 
-def _gemm_paths(group_size: int) -> tuple[str, ...]:
+def launch_paths(group_size: int) -> tuple[str, ...]:
     """The launch paths of ``w4a8_gemm`` for one weight format (see ``launch_path``)."""
     per_group = ("prefetch",) if group_size != -1 else ()
     wide = ("wide_groups",) if group_size >= 64 else ()
@@ -84,9 +84,9 @@ def _branch(path: str, group_size: int, clamp: bool) -> str:
 
 # the SiLU*up epilogue is its own variant of each path's kernel (checked per path, per-channel and g128)
 LAUNCH_BRANCHES = {"w4a8_gemm": tuple(_branch(path, group, clamp) for group in numerics.SUPPORTED_GROUP_SIZES
-                                      for path in _gemm_paths(group)
+                                      for path in launch_paths(group)
                                       for clamp in ((True,) if group == -1 else (True, False)))
-                   + tuple(f"silu_mul/{path}" for path in _gemm_paths(128))}
+                   + tuple(f"silu_mul/{path}" for path in launch_paths(128))}
 
 
 @triton.jit
