@@ -31,7 +31,7 @@ from qqq import numerics  # noqa: E402
 from qqq.kernels_triton import autotune, baselines, config_table  # noqa: E402
 from qqq.kernels_triton.activation_quant import quantize_per_token  # noqa: E402
 from qqq.kernels_triton.packing import pack_int4  # noqa: E402
-from qqq.kernels_triton.w4a8_gemm import launch_paths, w4a8_linear  # noqa: E402
+from qqq.kernels_triton.w4a8_gemm import w4a8_linear  # noqa: E402
 from qqq.plots import plot_gemm_speedup, read_results_csv  # noqa: E402
 from qqq.provenance import atomic_write, provenance  # noqa: E402
 
@@ -316,8 +316,10 @@ def main():
         parser.error("--tune-paths adds candidates to --tune-shipped (a full tune times every path already)")
     new_paths = () if not args.tune_shipped else config_table.QUICK_TUNE_NEW_PATHS if args.tune_paths is None \
         else tuple(filter(None, args.tune_paths.split(",")))
-    if set(new_paths) - set(launch_paths(-1) + launch_paths(128)):
-        parser.error(f"--tune-paths: W4A8 launch paths are {', '.join(sorted(set(launch_paths(128))))}")
+    try:
+        autotune.check_launch_paths(new_paths)
+    except ValueError as err:
+        parser.error(f"--tune-paths: {err}")
     try:
         shapes = SHAPES if args.shapes == "all" else shapes_named(args.shapes)
         tune_shapes = shapes_named(args.tune_shapes) if args.tune_shapes else shapes

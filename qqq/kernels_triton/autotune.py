@@ -191,6 +191,14 @@ def tune_problem(kernel: str, m: int, n: int, k: int, group_size: int, repeats: 
     return best or heuristic_config(kernel, m, n, k, group_size), best_us
 
 
+def check_launch_paths(paths) -> None:
+    """``tune``'s ``new_paths``: each must name a launch path of ``w4a8_gemm`` (``ValueError`` otherwise)."""
+    known = sorted(set(w4a8_gemm.launch_paths(-1) + w4a8_gemm.launch_paths(128)))
+    unknown = sorted(set(paths) - set(known))
+    if unknown:
+        raise ValueError(f"W4A8 launch paths are {', '.join(known)}; no W4A8 launch path named {unknown}")
+
+
 def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = None, verbose: bool = True,
          timings: list | None = None, shipped_only: bool = False, new_paths: tuple[str, ...] = ()) -> dict:
     """Autotune W4A8 kernels for ``shapes`` (``Shape`` fields each: ``(N, K, group_size)``, group_size -1 =
@@ -203,9 +211,7 @@ def tune(shapes, m_values=M_BUCKETS, kernels=None, path: str | Path | None = Non
     configs this chip's files already hold for each problem (``config_table.shipped_candidates``), all candidates
     where they hold none; ``new_paths`` adds every candidate of these ``w4a8_gemm.launch_path`` paths (a kernel path
     newer than the files). Returns {key: config}."""
-    unknown = set(new_paths) - set(w4a8_gemm.launch_paths(-1) + w4a8_gemm.launch_paths(128))
-    if unknown:
-        raise ValueError(f"new_paths: no W4A8 launch path named {sorted(unknown)}")
+    check_launch_paths(new_paths)
     if not torch.cuda.is_available():
         raise RuntimeError("tune() needs a CUDA GPU")
     device = device_name()

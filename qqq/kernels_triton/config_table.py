@@ -50,11 +50,11 @@ WS_TILES = ((128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3),
 # the fused Gluon W4A8 kernel's candidate tiles (same fields), from M = 64: per slot a packed, an int8 and an
 # activation tile; the 64-column ones for groups of 32
 FUSED_WS_MIN_BUCKET = 64
+FUSED_WS_TILES = ((128, 64, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
+                  (128, 128, 64, 8, 6), (128, 64, 64, 4, 6))
 # launch paths (w4a8_gemm.launch_path) newer than some shipped config files: a quick tune times every candidate of
 # these besides the shipped configs (the H200 file predates the fused Gluon kernel's split-K work units)
 QUICK_TUNE_NEW_PATHS = ("fused_ws_split_k",)
-FUSED_WS_TILES = ((128, 64, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 128, 8, 3),
-                  (128, 128, 64, 8, 6), (128, 64, 64, 4, 6))
 # (name, N, K): the paper's shape and the linear layers of Llama-2-7B, Llama-2-13B, Llama-3-70B (q/k/v and
 # gate/up fused); what the shipped configs are tuned for, the GPU suite checks and the speed tables measure
 LLAMA_GEMM_SHAPES = (
