@@ -314,6 +314,9 @@ def test_w4a8_rejects_bad_inputs():
         w4a8_linear(x, packed, channel_scale, ratio, torch.zeros(31), 64)
     with pytest.raises(ValueError, match="BLOCK_K"):
         w4a8_linear(x, packed, channel_scale, ratio, None, 64, config=config(block_k=192))
+    codes, channel_scale, ratio = make_layer(32, 384, 64)  # 192 divides K, but no kernel tiles 192 columns
+    with pytest.raises(ValueError, match="BLOCK_K=192 must be a power of two"):
+        w4a8_linear(torch.randn(2, 384), pack_int4(codes), channel_scale, ratio, None, 64, config=config(block_k=192))
 
 
 def test_qqq_linear_forward_runs_the_kernels():

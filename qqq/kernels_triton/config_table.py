@@ -102,14 +102,13 @@ def check_config(kernel: str, config: dict, m: int, n: int, k: int, group_size: 
     if missing:
         raise ValueError(f"config {config} lacks {missing}")
     block_k = config["BLOCK_K"]
-    if block_k % 64 or k % block_k:
-        raise ValueError(f"BLOCK_K={block_k} must be a multiple of 64 that divides K={k}")
+    # every kernel's tiles are power-of-two aranges, and a per-group tile then covers whole groups or lies in one
+    if block_k < 64 or block_k & (block_k - 1) or k % block_k:
+        raise ValueError(f"BLOCK_K={block_k} must be a power of two of at least 64 that divides K={k}")
     limit = max_block_k(kernel, group_size)
     if config.get("GEMV", 0):
         if kernel not in ("w4a8", "w4a8_group") or config.get("DEQUANT", 0) or m > GEMV_MAX_M:
             raise ValueError(f"GEMV=1 is the streaming W4A8 kernel for at most {GEMV_MAX_M} tokens")
-        if block_k & (block_k - 1):
-            raise ValueError(f"BLOCK_K={block_k} of a GEMV config must be a power of two")
         limit = None  # it reads any number of groups per step
     if config.get("DEQUANT", 0):
         if kernel not in ("w4a8", "w4a8_group") or config["SPLIT_K"] != 1:
