@@ -98,18 +98,14 @@ def run_ptx(text: str, inputs: dict[str, np.ndarray], outputs: int) -> list[np.n
     return [registers[f"${i}"].astype(np.uint32) for i in range(outputs)]
 
 
-def _spec_words(words: np.ndarray, ratio_low: np.ndarray, ratio_high: np.ndarray, clamp: bool = True):
+def _spec_words(words: np.ndarray, ratio_low: np.ndarray, ratio_high: np.ndarray):
     """The int8 words of the low and the high nibbles of each word, ``round((q - 8) * ratio)`` per lane, with the
     low nibbles' and the high nibbles' ratios."""
     lanes_at = np.arange(4, dtype=np.uint32) * 8
 
     def weights(shift, ratio):
         codes = torch.from_numpy(((words[:, None] >> (lanes_at + shift)) & 0xF).astype(np.uint8))
-        ratio = torch.from_numpy(ratio)[:, None]
-        if clamp:
-            lanes = numerics.int8_weight_from_groups(codes, ratio)
-        else:  # the products fit: no clamp to apply
-            lanes = torch.round((codes.float() - 8) * ratio.float()).to(torch.int8)
+        lanes = numerics.int8_weight_from_groups(codes, torch.from_numpy(ratio)[:, None])
         return (lanes.numpy().view(np.uint8).astype(np.uint32) << lanes_at).sum(1)
     return weights(0, ratio_low), weights(4, ratio_high)
 
@@ -152,12 +148,14 @@ def test_fused_dequant_quant_ptx_gives_the_spec_weights(kind):
     32 have them) = the spec: clamped, and unclamped where every product fits."""
     words, ratio_low, ratio_high = _random_words_and_ratios(kind)
     operands = {"$2": words, "$3": _ratio_pair(ratio_low), "$4": _ratio_pair(ratio_high)}
-    variants = [(unpack.FUSED_DEQUANT_QUANT_WORDS, True)]
-    if kind == "typical":
-        variants.append((unpack.FUSED_DEQUANT_QUANT_WORDS_UNCLAMPED, False))
-    for ptx, clamp in variants:
+    expected_low, expected_high = _spec_words(words, ratio_low, ratio_high)
+    variants = [unpack.FUSED_DEQUANT_QUANT_WORDS]
+    if kind == "typical":  # every product fits int8: the variant without the clamp must give the same words
+        variants.append(unpack.FUSED_DEQUANT_QUANT_WORDS_UNCLAMPED)
+        assert numerics.group_products_fit_int8(torch.arange(16).repeat(2, 1),
+                                                torch.from_numpy(np.stack([ratio_low, ratio_high]).max(1))[:, None])
+    for ptx in variants:
         low, high = run_ptx(ptx.value, operands, outputs=2)
-        expected_low, expected_high = _spec_words(words, ratio_low, ratio_high, clamp)
         np.testing.assert_array_equal(low, expected_low)
         np.testing.assert_array_equal(high, expected_high)
 
