@@ -311,6 +311,39 @@ def test_prmt_lookup_ptx_matches_its_plain_formulation():
     assert torch.equal(outputs[0], outputs[1])
 
 
+def _int8_edge_weights(n, k, group_size, generator):
+    """Codes and fp16 ratios at the int8 edge, row by row: ratios past it (clamped by the spec), ratios rounding
+    every weight to 0, and codes without 0 under a ratio only their own products fit."""
+    codes = torch.randint(0, 16, (n, k), device="cuda", generator=generator).to(torch.uint8)
+    ratio = torch.tensor([[127 / 8], [15.9], [17.0], [1 / 3], [1 / 64], [0.0], [2.5], [18.0]], device="cuda")
+    ratio = ratio.repeat(n // 8, k // group_size).half()
+    codes[7::8] = codes[7::8].clamp(min=1)  # the rows of ratio 18: 7 * 18 fits int8, 8 * 18 does not
+    return codes, ratio
+
+
+@compiled_kernels
+@pytest.mark.parametrize("path", ["fused", "split_k", "prefetch", "fused_ws", "fused_ws_split_k"])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_tensor_core_per_group_lookup_at_the_int8_edge(path, group_size):
+    """The tensor-core paths with groups of 64 or more (the Gluon converter looks the codes up in group tables, the
+    fused Triton kernel converts by FusedDequantQuant), on the weights of ``_int8_edge_weights``, clamped as the spec
+    clamps: the int32 sums exactly."""
+    from qqq.kernels_triton.w4a8_gemm import w4a8_linear
+
+    generator = torch.Generator(device="cuda").manual_seed(13)
+    n, k = 1024, 2048
+    codes, ratio = _int8_edge_weights(n, k, group_size, generator)
+    weight8 = numerics.int8_weight(codes, ratio)
+    for m in _gemm_path_ms(path):
+        x = _random_rows(m, k, torch.float16, generator)
+        with branches.recording() as taken:
+            _, acc = w4a8_linear(x, pack_int4(codes), torch.rand(n, device="cuda") + 0.5, ratio, None, group_size,
+                                 config=GEMM_PATH_CONFIGS[path](group_size), return_acc=True)
+        _assert_branch(taken, "w4a8_gemm", _gemm_branch(path, group_size, True))
+        expected = numerics.int8_matmul_exact(numerics.quantize_per_token(x)[0], weight8)
+        assert torch.equal(acc.double(), expected), f"M={m}: {(acc.double() != expected).sum()} sums differ"
+
+
 @compiled_kernels
 @pytest.mark.parametrize("group_size", [64, 128, 256])
 def test_streaming_per_group_lookup_at_the_int8_edge_on_the_gpu(group_size):
@@ -320,10 +353,7 @@ def test_streaming_per_group_lookup_at_the_int8_edge_on_the_gpu(group_size):
 
     generator = torch.Generator(device="cuda").manual_seed(12)
     n, k = 4096, 4096
-    codes = torch.randint(0, 16, (n, k), device="cuda", generator=generator).to(torch.uint8)
-    ratio = torch.tensor([[127 / 8], [15.9], [17.0], [1 / 3], [1 / 64], [0.0], [2.5], [18.0]], device="cuda")
-    ratio = ratio.repeat(n // 8, k // group_size).half()
-    codes[7::8] = codes[7::8].clamp(min=1)  # the rows of ratio 18: 7 * 18 fits int8, 8 * 18 does not
+    codes, ratio = _int8_edge_weights(n, k, group_size, generator)
     x = _random_rows(2, k, torch.float16, generator)
     x_codes, _ = numerics.quantize_per_token(x)
     expected = numerics.int8_matmul_exact(x_codes, numerics.int8_weight(codes, ratio))

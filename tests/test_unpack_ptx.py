@@ -1,5 +1,6 @@
-"""The per-group unpack PTX of ``qqq.kernels_triton.unpack`` (QQQ's FusedDequantQuant, the group tables) run on the
-CPU, through a small emulator of the opcodes it uses, against the spec (``numerics.int8_weight_from_groups``).
+"""The per-group unpack PTX of ``qqq.kernels_triton.unpack`` (QQQ's FusedDequantQuant, the group tables and the
+lookup in them) run on the CPU, through a small emulator of the opcodes it uses, against the spec
+(``numerics.int8_weight_from_groups``).
 
 The interpreter runs the plain Triton formulation, never the PTX, and the GPU suite needs a GPU: without this, a
 wrong selector or lop3 table in the PTX text would pass the CPU suite. The emulator implements each opcode as PTX
@@ -140,6 +141,19 @@ def test_group_tables_ptx_holds_the_spec_magnitudes(kind):
     negative, positive = table_bytes[:, :2].reshape(-1, 8), table_bytes[:, 2:].reshape(-1, 8)
     np.testing.assert_array_equal(negative, -weights[:, :8])
     np.testing.assert_array_equal(positive, weights[:, 8:])
+
+
+@pytest.mark.parametrize("kind", sorted(RATIOS))
+def test_group_lookup_ptx_gives_the_spec_weights(kind):
+    """``GROUP_TABLES`` then ``GROUP_LOOKUP_BYTES`` (operands as the byte form numbers them) = the clamped spec."""
+    words, ratio, _ = _random_words_and_ratios(kind)
+    tables = run_ptx(unpack.GROUP_TABLES.value, {"$4": _ratio_pair(ratio)}, outputs=4)
+    low, high = run_ptx(unpack.GROUP_LOOKUP_BYTES.value,
+                        {"$2": words, "$3": tables[0], "$7": tables[1], "$11": tables[2], "$15": tables[3]},
+                        outputs=2)
+    expected_low, expected_high = _spec_words(words, ratio, ratio)
+    np.testing.assert_array_equal(low, expected_low)
+    np.testing.assert_array_equal(high, expected_high)
 
 
 @pytest.mark.parametrize("kind", sorted(RATIOS))

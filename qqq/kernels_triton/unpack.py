@@ -205,6 +205,33 @@ _GROUP_TABLES_PTX = """{
         }"""
 GROUP_TABLES = tl.constexpr(_GROUP_TABLES_PTX)
 
+# A packed word's signed int8 words (low nibbles, high nibbles: FusedDequantQuant's outputs) from its group's tables
+# (``group_tables``) in 13 instructions, the clamp included, against 19 / 27 for the fp16 arithmetic: the four
+# lookups of ``int8_words_from_group_tables`` (a, b: the codes of the low / high 16 bits in nibble order), then per
+# byte ``(0x80 - negative) ^ 0x80 | positive``, which is ``positive - negative`` (one of the two is 0, and a
+# magnitude <= 127 never borrows from 0x80), then the lanes gathered back into the low and the high nibbles' words.
+_GROUP_LOOKUP_PTX = """{
+        .reg .b32 x, f, xh, fh, na, nb, pa, pb, k80;
+        mov.b32 k80, 0x80808080;
+        mov.b32 x, PACKED;
+        xor.b32 f, x, 0x88888888;
+        shr.u32 xh, x, 16;
+        shr.u32 fh, f, 16;
+        prmt.b32 na, NEG_LOW, NEG_HIGH, x;
+        prmt.b32 nb, NEG_LOW, NEG_HIGH, xh;
+        prmt.b32 pa, POS_LOW, POS_HIGH, f;
+        prmt.b32 pb, POS_LOW, POS_HIGH, fh;
+        sub.u32 na, k80, na;
+        sub.u32 nb, k80, nb;
+        lop3.b32 na, na, k80, pa, 0xBE;
+        lop3.b32 nb, nb, k80, pb, 0xBE;
+        prmt.b32 $0, na, nb, 0x6420;
+        prmt.b32 $1, na, nb, 0x7531;
+        }"""
+# int8 tensors with pack=4: the word is $2, each int32 table operand comes as 4 registers (the first is used)
+GROUP_LOOKUP_BYTES = tl.constexpr(_GROUP_LOOKUP_PTX.replace("PACKED", "$2").replace("NEG_LOW", "$3")
+                                  .replace("NEG_HIGH", "$7").replace("POS_LOW", "$11").replace("POS_HIGH", "$15"))
+
 
 @triton.jit
 def _magnitude(m: tl.constexpr, ratio):

@@ -5,9 +5,10 @@ conversion in a partition of its own, off the wgmma's path: a W4A8 config with `
 - the loader (1 warp) copies the packed weight tile [BLOCK_N, BLOCK_K / 2] and the activation tile
   [BLOCK_M, BLOCK_K] of a K step into a slot with the TMA unit (``int8_gemm_ws._load_partition``);
 - the converter (``CONVERT_WARPS`` warps) reads the packed tile, unpacks it (per-channel: ``16 * code`` lanes;
-  per-group: QQQ's FusedDequantQuant with the group ratios of each 64-column chunk's halves) and stores the int8
-  weight tile [BLOCK_N, BLOCK_K] into the slot's third buffer, in the wgmma's shared-memory layout
-  (``packing.py``: byte b of a 64-column chunk holds columns b and b + 32);
+  per-group: a lookup in the group's tables where each 64-column chunk lies in one group, else QQQ's
+  FusedDequantQuant with the group ratios of each chunk's halves) and stores the int8 weight tile [BLOCK_N, BLOCK_K]
+  into the slot's third buffer, in the wgmma's shared-memory layout (``packing.py``: byte b of a 64-column chunk
+  holds columns b and b + 32);
 - the default partition issues the asynchronous wgmma on the int8 weight and activation buffers and runs the
   epilogue, exactly ``int8_gemm_ws``'s (``_mma_partition``), waiting for the converter instead of the loader.
 
@@ -32,7 +33,8 @@ from qqq.kernels_triton.gpu import current_gpu
 from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
                                              barrier_ring, partition_barrier, tile_counts, work_unit)
-from qqq.kernels_triton.unpack import FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED, ratio_pair
+from qqq.kernels_triton.unpack import (FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED,
+                                      GROUP_LOOKUP_BYTES, GROUP_TABLES, ratio_pair)
 
 
 @gluon.jit
@@ -46,27 +48,48 @@ def _unpack_x16(packed):
 
 
 @gluon.jit
-def _unpack_group(packed, pair_low, pair_high, CLAMP: gl.constexpr):
-    """Packed bytes [BLOCK_N, CHUNKS, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)``, with the ratio pairs
-    (``unpack.ratio_pair``, a Triton helper that Gluon code can call) of each chunk's low and high nibbles' groups,
-    [BLOCK_N, CHUNKS, 1]."""
+def _unpack_group(packed, r_low, r_high, CLAMP: gl.constexpr):
+    """Packed bytes [BLOCK_N, CHUNKS, 32] -> (low, high) int8 lanes ``round((q - 8) * ratio)`` by QQQ's
+    FusedDequantQuant, with the fp16 ratios of each chunk's low and high nibbles' groups, [BLOCK_N, CHUNKS, 1]
+    (their f16x2 pairs from ``unpack.ratio_pair``, a Triton helper that Gluon code can call)."""
     ptx: gl.constexpr = FUSED_DEQUANT_QUANT_BYTES if CLAMP else FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED
-    return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r",
-                                     [packed, gl.broadcast(pair_low, packed)[0], gl.broadcast(pair_high, packed)[0]],
+    pair_low = gl.broadcast(ratio_pair(r_low), packed)[0]
+    pair_high = gl.broadcast(ratio_pair(r_high), packed)[0]
+    return gl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r,r,r,r,r", [packed, pair_low, pair_high],
                                      dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
 
 
 @gluon.jit
-def _group_pairs(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr, layout: gl.constexpr):
-    """The ratio pairs of K step ``kt``'s chunks, [BLOCK_N, CHUNKS, 1] each for the low and the high nibbles
+def _unpack_group_tables(packed, ratio):
+    """Packed bytes [BLOCK_N, CHUNKS, 32] whose chunks each lie in one group, of fp16 ``ratio`` [BLOCK_N, CHUNKS,
+    1] or [BLOCK_N, 1, 1] -> the lanes of ``_unpack_group`` with the clamp, through the group's tables
+    (``unpack.group_tables``, built once for each ratio): 13 instructions for 8 weights."""
+    negative_low, negative_high, positive_low, positive_high = gl.inline_asm_elementwise(
+        GROUP_TABLES, "=r,=r,=r,=r,r", [ratio_pair(ratio)], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
+        is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(GROUP_LOOKUP_BYTES, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                     [packed, gl.broadcast(negative_low, packed)[0],
+                                      gl.broadcast(negative_high, packed)[0], gl.broadcast(positive_low, packed)[0],
+                                      gl.broadcast(positive_high, packed)[0]],
+                                     dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+
+@gluon.jit
+def _group_ratios(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl.constexpr, layout: gl.constexpr):
+    """The fp16 ratios of K step ``kt``'s chunks, [BLOCK_N, CHUNKS, 1] each for the low and the high nibbles
     (``ratio_row``: [BLOCK_N, 1] pointers to the rows' ratios, in ``layout`` sliced at its last dimension, so that
     a thread loads each of its rows' ratios once). A chunk past K (zero codes against zero activations) reads the
-    last group's ratios, not past the row."""
-    chunk = gl.arange(0, BLOCK_K // 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :]
-    column = kt * BLOCK_K + 64 * chunk
-    r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
-    r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
-    return ratio_pair(r_low)[:, :, None], ratio_pair(r_high)[:, :, None]
+    last group's ratios, not past the row. Where a group spans the K step, [BLOCK_N, 1, 1]: one ratio a row (and
+    one table set a row in ``_unpack_group_tables``)."""
+    if GROUP_SIZE >= BLOCK_K:
+        r = gl.load(ratio_row + gl.minimum(kt * BLOCK_K // GROUP_SIZE, n_groups - 1))
+        return r[:, :, None], r[:, :, None]
+    else:
+        chunk = gl.arange(0, BLOCK_K // 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :]
+        column = kt * BLOCK_K + 64 * chunk
+        r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
+        r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
+        return r_low[:, :, None], r_high[:, :, None]
 
 
 @gluon.jit
@@ -86,7 +109,7 @@ def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N
         rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, PACKED_LAYOUT)))
         ratio_row = (ratio_ptr + gl.minimum(rows, N - 1) * n_groups)[:, None]  # rows past N: row N - 1's
         if GROUP_SIZE != -1:  # the ratios are loaded a K step ahead, off the unpacking's path
-            pair_low, pair_high = _group_pairs(ratio_row, first_kt, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
+            r_low, r_high = _group_ratios(ratio_row, first_kt, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
         for kt in range(first_kt, end_kt):
             slot = step % SLOTS
             mbarrier.wait(ready.index(slot), (step // SLOTS) & 1)
@@ -94,8 +117,11 @@ def _convert_partition(packed_slots, w8_slots, ready, converted, ratio_ptr, M, N
             if GROUP_SIZE == -1:
                 low, high = _unpack_x16(packed)
             else:
-                low, high = _unpack_group(packed, pair_low, pair_high, CLAMP)
-                pair_low, pair_high = _group_pairs(ratio_row, kt + 1, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
+                if GROUP_SIZE >= 64:  # a chunk lies in one group (r_low is r_high)
+                    low, high = _unpack_group_tables(packed, r_low)
+                else:
+                    low, high = _unpack_group(packed, r_low, r_high, CLAMP)
+                r_low, r_high = _group_ratios(ratio_row, kt + 1, n_groups, BLOCK_K, GROUP_SIZE, PACKED_LAYOUT)
             # byte b of chunk c holds columns 64 c + b (low nibble) and 64 c + 32 + b (high)
             w8 = gl.permute(gl.join(low, high), (0, 1, 3, 2)).reshape([BLOCK_N, BLOCK_K])
             w8_slots.index(slot).store(w8)
