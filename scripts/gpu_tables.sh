@@ -11,7 +11,8 @@
 # e2e    experiments/e2e_speed.py, Llama-2-7B: fp16, w8a8, w4a8_rtn, w4a8_rtn_g128 at batch 1 / 16 / 64, KV 16 and 8
 #        -> OUT/e2e
 # SHAPES (comma-separated names of gemm_speed.py, default all) and TUNE_MS (M buckets, default all) narrow tune and
-# gemm, e.g. to split a tune over several runs. Each stage logs to OUT/<stage>.log. A failing stage stops the script,
+# gemm, e.g. to split a tune over several runs; TUNE_PATHS (launch paths, e.g. fused_ws,fused_ws_split_k) replaces the
+# quick tune's default newer paths. Each stage logs to OUT/<stage>.log. A failing stage stops the script,
 # so no table is measured after a suite that failed in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for stage in "$@"; do
         tune)
             quick=$([ "${FULL_TUNE:-0}" = 1 ] || echo --tune-shipped)
             logged tune python3 experiments/gemm_speed.py --tune $quick --shapes "${SHAPES:-all}" \
-                ${TUNE_MS:+--tune-ms "$TUNE_MS"} --no-bench --out "$OUT/tune"
+                ${TUNE_MS:+--tune-ms "$TUNE_MS"} ${TUNE_PATHS:+--tune-paths "$TUNE_PATHS"} --no-bench --out "$OUT/tune"
             device=$(python3 -c "from qqq.kernels_triton.config_table import device_name; print(device_name())")
             cp "qqq/kernels_triton/configs/$device.json" "$OUT/" ;;
         suite)
