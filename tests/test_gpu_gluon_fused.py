@@ -53,7 +53,7 @@ def _assert_is_the_spec(m, k, group_size, config, generator):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['BLOCK_N']}x{c['BLOCK_M']}x{c['BLOCK_K']}/WS{c['WS']}"
                                                           f"/c{c.get('CONVERT_WARPS', 4)}")
-@pytest.mark.parametrize("group_size,k", [(-1, 2048), (32, 2048), (128, 2048), (-1, 2112), (32, 2112)])
+@pytest.mark.parametrize("group_size,k", [(-1, 2048), (32, 2048), (64, 2048), (128, 2048), (-1, 2112), (32, 2112)])
 def test_fused_gluon_w4a8_is_the_spec(config, group_size, k):
     generator = torch.Generator(device="cuda").manual_seed(11)
     for m in (1, 33, 300, 2100):

@@ -88,7 +88,10 @@ def _group_ratios(ratio_row, kt, n_groups, BLOCK_K: gl.constexpr, GROUP_SIZE: gl
         chunk = gl.arange(0, BLOCK_K // 64, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :]
         column = kt * BLOCK_K + 64 * chunk
         r_low = gl.load(ratio_row + gl.minimum(column // GROUP_SIZE, n_groups - 1))
-        r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
+        if GROUP_SIZE >= 64:  # a 64-column chunk lies in one group
+            r_high = r_low
+        else:
+            r_high = gl.load(ratio_row + gl.minimum((column + 32) // GROUP_SIZE, n_groups - 1))
         return r_low[:, :, None], r_high[:, :, None]
 
 
