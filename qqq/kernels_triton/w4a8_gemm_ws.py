@@ -34,7 +34,7 @@ from qqq.kernels_triton import int8_gemm_ws
 from qqq.kernels_triton.int8_gemm_ws import (_load_partition, _mma_partition, _tile_offsets, accumulator_layout,
                                              barrier_ring, partition_barrier, tile_counts, work_unit)
 from qqq.kernels_triton.unpack import (FUSED_DEQUANT_QUANT_BYTES, FUSED_DEQUANT_QUANT_BYTES_UNCLAMPED,
-                                      GROUP_LOOKUP_BYTES, GROUP_TABLES, ratio_pair)
+                                      GROUP_LOOKUP_BYTES, group_tables, ratio_pair)
 
 
 @gluon.jit
@@ -64,9 +64,7 @@ def _unpack_group_tables(packed, ratio):
     """Packed bytes [BLOCK_N, CHUNKS, 32] whose chunks each lie in one group, of fp16 ``ratio`` [BLOCK_N, CHUNKS,
     1] or [BLOCK_N, 1, 1] -> the lanes of ``_unpack_group`` with the clamp, through the group's tables
     (``unpack.group_tables``, built once for each ratio): 13 instructions for 8 weights."""
-    negative_low, negative_high, positive_low, positive_high = gl.inline_asm_elementwise(
-        GROUP_TABLES, "=r,=r,=r,=r,r", [ratio_pair(ratio)], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
-        is_pure=True, pack=1)
+    negative_low, negative_high, positive_low, positive_high = group_tables(ratio, True)
     return gl.inline_asm_elementwise(GROUP_LOOKUP_BYTES, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                                      [packed, gl.broadcast(negative_low, packed)[0],
                                       gl.broadcast(negative_high, packed)[0], gl.broadcast(positive_low, packed)[0],
