@@ -8,8 +8,8 @@
 # suite  the GPU test suite on the configs as they are now (with -n 8 where pytest-xdist is installed; its CLI test
 #        reads exllamav2's text: scripts/gpu_wheels.sh)
 # gemm   experiments/gemm_speed.py at M 1 to 4096 on the 13 shapes -> OUT/gemm
-# e2e    experiments/e2e_speed.py, Llama-2-7B: fp16, w8a8, w4a8_rtn, w4a8_rtn_g128 at batch 1 / 16 / 64, KV 16 and 8
-#        -> OUT/e2e
+# e2e    experiments/e2e_speed.py, Llama-2-7B (MODELS, space-separated, e.g. "llama-2-13b"): fp16, w8a8, w4a8_rtn,
+#        w4a8_rtn_g128 at batch 1 / 16 / 64, KV 16 and 8, step profiles at batch 1 and 64 -> OUT/e2e
 # SHAPES (comma-separated names of gemm_speed.py, default all) and TUNE_MS (M buckets, default all) narrow tune and
 # gemm, e.g. to split a tune over several runs; TUNE_PATHS (launch paths, e.g. fused_ws,fused_ws_split_k) replaces the
 # quick tune's default newer paths. Each stage logs to OUT/<stage>.log. A failing stage stops the script,
@@ -51,7 +51,7 @@ for stage in "$@"; do
             logged gemm python3 experiments/gemm_speed.py --shapes "${SHAPES:-all}" --ms 1,16,64,256,1024,4096 \
                 --out "$OUT/gemm" ;;
         e2e)
-            logged e2e python3 experiments/e2e_speed.py --models llama-2-7b --methods fp16 w8a8 w4a8_rtn \
+            logged e2e python3 experiments/e2e_speed.py --models ${MODELS:-llama-2-7b} --methods fp16 w8a8 w4a8_rtn \
                 w4a8_rtn_g128 --batches 1 16 64 --repeats 2 --kv-bits 16 8 --profile-batches 1 64 --out "$OUT/e2e" ;;
     esac
 done
